@@ -1,0 +1,5 @@
+"""`python -m tltool` (also what torchrun launches)."""
+
+from tltool.cli import main
+
+main()

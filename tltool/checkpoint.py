@@ -1,0 +1,164 @@
+"""Checkpoints: one `.pt` file that `torch.load(weights_only=True)` reads, written atomically.
+
+Only tensors, lists, dicts, str/int/float/bool/None go in, so loading never runs code; every file that
+tltool reads with torch.load (checkpoints, weights files, the torch hub cache) goes through `safe_load`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tltool import __version__
+from tltool.errors import CheckpointError
+
+FORMAT_VERSION = 1
+TEMP_MARKER = ".tmp-"
+
+
+def is_tltool_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and {"format_version", "model", "arch", "class_names"} <= set(obj)
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # an unreadable file has no list to give; the caller reports it as invalid
+        return []
+
+
+def safe_load(path: str | Path, what: str = "checkpoint") -> Any:
+    """torch.load with weights_only=True, turning every failure into a one-line CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{what} {path} does not exist", "check the path")
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} is not a file", "give the path of a .pt file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is not a valid {what}: the file is empty", "use an intact copy")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise CheckpointError(
+                f"reading {path} needs the safetensors package", "pip install safetensors"
+            ) from None
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{path} is not a valid safetensors file: {exc}", "use an intact copy") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        names = _unsafe_globals(path)
+        if names or "global" in str(exc).lower():
+            listed = ", ".join(names) if names else str(exc).splitlines()[0]
+            raise CheckpointError(
+                f"{path} refused: its pickle needs globals that could run code ({listed})",
+                "only load files from people you trust, and re-save them as plain tensors (state_dict)",
+            ) from None
+        raise CheckpointError(f"{path} is not a valid {what} ({exc})", "use an intact copy") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path} is not a valid {what} (truncated or not a PyTorch file: {first})", "use an intact copy"
+        ) from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A tltool checkpoint, safely loaded and checked for the keys eval/export/predict need."""
+    obj = safe_load(path, "tltool checkpoint")
+    if not is_tltool_checkpoint(obj):
+        raise CheckpointError(
+            f"{path} is not a valid tltool checkpoint (no format_version/arch/model/class_names)",
+            "give a checkpoints/last.pt or best.pt written by tltool finetune",
+        )
+    if obj["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {obj['format_version']}, newer than this tltool reads ({FORMAT_VERSION})",
+            "upgrade tltool",
+        )
+    return obj
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """Write `obj` to a temp file beside `path`, fsync it, then rename it over `path`.
+
+    A crash at any point leaves either the old file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
+    try:
+        with open(temp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"cannot write {path}: {exc.strerror or exc}",
+            "free disk space or fix permissions; the previous checkpoint is untouched",
+        ) from None
+
+
+def clean_stale_temps(directory: str | Path) -> list[Path]:
+    """Remove temp files that a killed save left behind."""
+    directory = Path(directory)
+    removed = []
+    if directory.is_dir():
+        for entry in directory.iterdir():
+            if entry.name.startswith(".") and TEMP_MARKER in entry.name:
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
+
+
+# --- RNG state, as plain tensors and lists ----------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def versions() -> dict[str, str]:
+    return {"tltool_version": __version__, "torch_version": str(torch.__version__)}

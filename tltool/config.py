@@ -1,0 +1,394 @@
+"""The config: a tree of frozen, validated pydantic models, loaded from YAML plus dotted overrides.
+
+Every field has a default that works and a docstring; the docstrings are the reference that
+`tltool config init`, `tltool config show` and the README print. All problems of a config are
+reported at once, each with its dotted key, the bad value and an example of a valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from tltool.errors import ConfigError
+
+WEIGHTS_FILE_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+        validate_default=True,
+        coerce_numbers_to_str=True,
+    )
+
+
+class RunConfig(_Section):
+    name: str = Field("tltool-run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", examples=["flowers-resnet18"])
+    """Name of the run; its files go to `runs/<name>/` unless `run.output_dir` is set."""
+    output_dir: str | None = Field(None, examples=["runs/flowers-v2"])
+    """Run directory (overrides `runs/<name>`); a second run never silently overwrites a first."""
+    seed: int = Field(0, ge=0, examples=[42])
+    """Seed for every random choice (split, shuffling, augmentation, head init): same seed, same run."""
+    device: str = Field("auto", examples=["cuda:0"])
+    """auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+
+class DataConfig(_Section):
+    train: str | None = Field(None, examples=["data/flowers/train"])
+    """Folder of training images, one sub-folder per class (ImageFolder layout). Required."""
+    val: str | None = Field(None, examples=["data/flowers/val"])
+    """Folder of validation images with the same classes; when empty, `data.val_split` of train is held out."""
+    val_split: float = Field(0.2, gt=0.0, lt=1.0, examples=[0.2])
+    """Fraction of each class of `data.train` held out for validation when `data.val` is not set (stratified)."""
+    image_size: int | None = Field(None, ge=8, le=4096, examples=[224])
+    """Side of the square crop fed to the network; default: the pretrained weights' own crop size (often 224)."""
+    resize_size: int | None = Field(None, ge=8, le=4096, examples=[256])
+    """Shorter side is resized to this before the centre crop (eval); default: weights' preset, or image_size."""
+    mean: tuple[float, float, float] | None = Field(None, examples=[[0.485, 0.456, 0.406]])
+    """Per-channel normalization mean (RGB, 0-1 scale); default: the weights' preset (ImageNet)."""
+    std: tuple[float, float, float] | None = Field(None, examples=[[0.229, 0.224, 0.225]])
+    """Per-channel normalization std (RGB, 0-1 scale); default: the weights' preset (ImageNet)."""
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = Field(None, examples=["bilinear"])
+    """Resize interpolation; default: the weights' preset."""
+    batch_size: int = Field(32, ge=1, le=65536, examples=[64])
+    """Images per training step (per process under torchrun)."""
+    num_workers: int = Field(2, ge=0, le=256, examples=[4])
+    """DataLoader worker processes that decode images (0 = in the main process)."""
+    augment: Literal["none", "light", "standard"] = Field("light", examples=["none"])
+    """Train augmentation: none (eval transform), light (random crop 60-100% + flip), standard (+ colour)."""
+    on_bad_image: Literal["skip", "error"] = Field("skip", examples=["error"])
+    """An unreadable image is skipped with a warning (skip) or stops the run before training (error)."""
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, examples=[0.05])
+    """Stop before training when more than this fraction of the images is unreadable."""
+
+
+class ModelConfig(_Section):
+    backbone: str = Field("resnet18", examples=["mobilenet_v3_small"])
+    """Any torchvision classification model name (`torchvision.models.list_models()`)."""
+    weights: str = Field("DEFAULT", examples=["IMAGENET1K_V1"])
+    """none, a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a state_dict file, or a tltool checkpoint."""
+    head_dropout: float = Field(0.0, ge=0.0, lt=1.0, examples=[0.2])
+    """Dropout before the new classification head."""
+
+    @field_validator("backbone")
+    @classmethod
+    def _backbone(cls, value: str) -> str:
+        names = backbone_names()
+        if value not in names:
+            close = difflib.get_close_matches(value, names, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else "see `tltool models` or torchvision docs"
+            raise ValueError(f"unknown torchvision classification model; {hint}")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: str, info: ValidationInfo) -> str:
+        backbone = info.data.get("backbone")
+        if backbone is None or weights_is_file(value) or value.lower() == "none":
+            return value
+        names = weights_names(backbone)
+        if value not in names:
+            raise ValueError(
+                f"not a weights name of {backbone}; valid: none, {', '.join(names)}, "
+                "or a path to a .pt/.pth/.safetensors file"
+            )
+        return value
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1, le=100000, examples=[20])
+    """Number of passes over the training set."""
+    freeze: str | list[str] = Field("backbone", examples=["backbone"])
+    """backbone (train only the new head), none (train everything), or a list of module-name prefixes."""
+    optimizer: Literal["sgd", "adam", "adamw"] = Field("adamw", examples=["sgd"])
+    """Optimizer of the trainable parameters."""
+    lr: float = Field(1e-3, gt=0.0, le=100.0, examples=[3e-4])
+    """Peak learning rate (after warmup)."""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, examples=[0.9])
+    """Momentum of sgd (beta1 is not changed for adam/adamw)."""
+    weight_decay: float = Field(1e-4, ge=0.0, le=10.0, examples=[0.01])
+    """Weight decay (decoupled for adamw)."""
+    scheduler: Literal["none", "cosine", "step", "onecycle"] = Field("cosine", examples=["step"])
+    """LR schedule after warmup, stepped every optimizer step: none, cosine, step, onecycle."""
+    step_size: int = Field(10, ge=1, examples=[5])
+    """Epochs between LR decays (scheduler: step)."""
+    step_gamma: float = Field(0.1, gt=0.0, le=1.0, examples=[0.5])
+    """LR factor at each decay (scheduler: step)."""
+    warmup_epochs: float = Field(0.0, ge=0.0, examples=[1])
+    """Linear LR warmup from 0, in epochs (fractions allowed)."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, examples=[0.1])
+    """Label smoothing of the cross-entropy loss."""
+    grad_clip_norm: float | None = Field(None, gt=0.0, examples=[1.0])
+    """Clip the global gradient norm to this value (off when empty)."""
+    accumulate_steps: int = Field(1, ge=1, le=4096, examples=[4])
+    """Accumulate gradients over this many batches before each optimizer step."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", examples=["bf16"])
+    """auto (bf16 on CUDA where supported, else fp16 on CUDA; fp32 on CPU), fp32, bf16, fp16 (CUDA only)."""
+    early_stopping_patience: int | None = Field(None, ge=1, examples=[5])
+    """Stop after this many epochs without improvement of `checkpoint.monitor` (off when empty)."""
+
+    @field_validator("freeze")
+    @classmethod
+    def _freeze(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str) and value not in ("backbone", "none"):
+            raise ValueError("must be backbone, none, or a list of module-name prefixes")
+        if isinstance(value, list) and not all(value):
+            raise ValueError("module-name prefixes must not be empty")
+        return value
+
+
+class CheckpointConfig(_Section):
+    monitor: Literal["val_acc1", "val_acc5", "val_loss"] = Field("val_acc1", examples=["val_loss"])
+    """Metric that picks `best.pt` and drives early stopping (accuracies: higher is better; loss: lower)."""
+    save_best: bool = Field(True, examples=[False])
+    """Keep `checkpoints/best.pt`, the epoch with the best monitored metric."""
+
+
+class LogConfig(_Section):
+    progress: bool = Field(True, examples=[False])
+    """Show a progress bar per epoch (never when the output is not a terminal, or with --quiet)."""
+
+
+class Config(_Section):
+    """A whole tltool run."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    """Name, directory, seed and device of the run."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Where the images are and how they are preprocessed."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """The backbone, its pretrained weights and the new head."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """The training loop."""
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """What is kept of the run."""
+    log: LogConfig = Field(default_factory=LogConfig)
+    """What is shown while training."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML/JSON-safe dict with every default filled in."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --- helpers about models that the validators need (kept here to avoid an import cycle) ---------------
+
+
+def backbone_names() -> list[str]:
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def weights_names(backbone: str) -> list[str]:
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(backbone)
+    return ["DEFAULT", *(w.name for w in enum)]
+
+
+def weights_is_file(weights: str) -> bool:
+    """True when `model.weights` names a file rather than `none` or a torchvision weights name."""
+    return weights.lower().endswith(WEIGHTS_FILE_SUFFIXES) or "/" in weights or "\\" in weights
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+
+def iter_fields(model: type[BaseModel] = Config, prefix: str = "") -> Iterator[tuple[str, Any, str, Any]]:
+    """Yield (dotted key, default, docstring, example) for every leaf field of the config."""
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from iter_fields(annotation, key + ".")
+        else:
+            example = info.examples[0] if info.examples else None
+            yield key, info.get_default(call_default_factory=True), info.description or "", example
+
+
+def all_keys() -> list[str]:
+    return [key for key, *_ in iter_fields()]
+
+
+def _field_info(loc: Sequence[Any]):
+    """The FieldInfo of a (section, field) location, or None."""
+    model: type[BaseModel] = Config
+    info = None
+    for part in loc:
+        if not isinstance(part, str) or part not in model.model_fields:
+            return info
+        info = model.model_fields[part]
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    return info
+
+
+def _did_you_mean(loc: Sequence[Any]) -> str:
+    """Suggestion for an unknown key at `loc` (same section first, then the same leaf name elsewhere)."""
+    keys = all_keys()
+    dotted = ".".join(str(p) for p in loc)
+    if len(loc) == 1:
+        candidates = list(Config.model_fields)
+    else:
+        parent = ".".join(str(p) for p in loc[:-1]) + "."
+        candidates = [k for k in keys if k.startswith(parent)]
+    close = difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.6)
+    if not close:
+        leaf = str(loc[-1])
+        close = [k for k in keys if k.endswith("." + leaf)] or difflib.get_close_matches(
+            dotted, keys, n=1, cutoff=0.6
+        )
+    return f"did you mean '{close[0]}'?" if close else "see `tltool config init` for every key"
+
+
+def _format_errors(error: ValidationError) -> list[str]:
+    lines = []
+    for item in error.errors():
+        loc = [p for p in item["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function")))]
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{dotted}: unknown key; {_did_you_mean(loc)}")
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        info = _field_info(loc)
+        example = ""
+        if info is not None and info.examples:
+            example = f"; e.g. {loc[-1]}: {yaml.safe_dump(info.examples[0], default_flow_style=True).strip()}"
+            example = example.removesuffix("\n...").removesuffix(" ...")
+        got = item.get("input")
+        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{dotted}: {message}{got_text}{example}")
+    return lines
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """Turn `a.b=value` strings into a nested dict; values are read as YAML (`3`, `1e-4`, `[a, b]`, `null`)."""
+    known = set(all_keys())
+    tree: dict[str, Any] = {}
+    problems = []
+    for text in overrides:
+        key, sep, raw = text.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"{text!r}: an override is KEY=VALUE, e.g. train.epochs=3")
+            continue
+        if key not in known:
+            problems.append(f"{key}: unknown key; {_did_you_mean(key.split('.'))}")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    if problems:
+        raise ConfigError(
+            f"{len(problems)} bad override(s)", "fix them and run again", details=problems
+        )
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config file with `yaml.safe_load` (python tags are refused, never executed)."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {path} {what}", "give the path of a YAML file (see `tltool config init`)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(
+            f"{path}{where}: {exc.problem}",
+            "tltool configs are plain YAML; python tags (!!python/...) are refused",
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where} is not valid YAML: {problem}", "fix the YAML syntax") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}", "check the file") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path} holds a {type(data).__name__}, not a mapping of sections",
+            "start from `tltool config init`",
+        )
+    return data
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate a plain dict into a Config, reporting every problem at once."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = _format_errors(exc)
+        raise ConfigError(
+            f"{source} has {len(lines)} problem{'s' if len(lines) > 1 else ''}",
+            "fix them and run again",
+            details=lines,
+        ) from None
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML file (or only defaults when `path` is None), apply dotted overrides and validate."""
+    data = read_yaml(path) if path is not None else {}
+    data = _merge(data, parse_overrides(overrides))
+    return build_config(data, source=str(path) if path is not None else "config")
+
+
+def starter_yaml() -> str:
+    """A commented config with every key at its default (`tltool config init`)."""
+    lines = [
+        "# tltool config: every key with its default and what it means.",
+        "# Run it with: tltool finetune this.yaml   (override any key: train.epochs=3)",
+    ]
+    section = None
+    for key, default, doc, _example in iter_fields():
+        sec, name = key.split(".", 1)
+        if sec != section:
+            section = sec
+            lines += ["", f"{sec}:"]
+        if key == "data.train":
+            default = "path/to/train"
+        value = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...").strip()
+        value = value.removesuffix("...").strip()
+        lines.append(f"  # {doc}")
+        lines.append(f"  {name}: {value}")
+    return "\n".join(lines) + "\n"

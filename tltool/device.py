@@ -1,0 +1,57 @@
+"""Where and in which precision a run computes: device resolution and autocast."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from tltool.errors import ConfigError
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`run.device` to a torch.device; asking for a device that is not there is a config error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"run.device={name} but no CUDA device is available", "set run.device=cpu or auto")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"run.device={name} but only {torch.cuda.device_count()} CUDA device(s) exist",
+                f"use cuda:0 ... cuda:{torch.cuda.device_count() - 1}",
+            )
+        return torch.device("cuda", index)
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("run.device=mps but MPS is not available", "set run.device=cpu or auto")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`train.precision` to fp32 / bf16 / fp16 for this device."""
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+        if name == "auto":
+            return "bf16" if bf16 else "fp16"
+        if name == "bf16" and not bf16:
+            raise ConfigError("this GPU does not support bf16", "set train.precision=fp16 or auto")
+        return name
+    if name == "auto":
+        return "fp32"
+    if name == "fp16":
+        raise ConfigError(f"train.precision=fp16 needs CUDA (device is {device.type})", "use bf16 or fp32")
+    return name
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])

@@ -1,0 +1,481 @@
+"""`tltool finetune`: the training loop, top to bottom.
+
+finetune() sets up (data first, so a wrong path fails before any weights are read), then per epoch:
+train_one_epoch(), evaluate(), one line of metrics.jsonl, checkpoints/last.pt (and best.pt). Every
+epoch's randomness is a function of (run.seed, epoch), and the full state is in last.pt, so a resumed
+run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from tltool.checkpoint import FORMAT_VERSION, clean_stale_temps, load_checkpoint, restore_rng, rng_state, save_atomic, versions
+from tltool.config import Config, TrainConfig, build_config
+from tltool.data import make_loader, scan_data, set_loader_epoch, train_transform, eval_transform
+from tltool.device import autocast, resolve_device, resolve_precision
+from tltool.errors import CheckpointError, ConfigError, TrainingError
+from tltool.evaluate import evaluate
+from tltool.models import build_model, built_from_checkpoint, count_parameters, freeze_modules, parameter_groups, set_train_mode
+
+# Config keys that may change when a run is resumed (everything else must match the checkpoint).
+RESUMABLE_CHANGES = ("train.epochs", "run.device", "data.num_workers", "log.progress")
+
+
+@dataclass
+class TrainState:
+    """What the loop carries from epoch to epoch (and into the checkpoint)."""
+
+    epoch: int = 0  # completed epochs
+    global_step: int = 0  # optimizer steps taken
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0  # epochs since the monitored metric last improved
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """Data paths made absolute, so the checkpoint's config still finds them from another directory."""
+    data = cfg.to_dict()
+    for key in ("train", "val"):
+        if data["data"][key]:
+            data["data"][key] = os.path.abspath(data["data"][key])
+    return build_config(data)
+
+
+def run_directory(cfg: Config) -> Path:
+    return Path(cfg.run.output_dir) if cfg.run.output_dir else Path("runs") / cfg.run.name
+
+
+def make_optimizer(cfg: TrainConfig, groups: dict[str, list[nn.Parameter]]) -> torch.optim.Optimizer:
+    param_groups = [{"params": params, "name": name, "lr": cfg.lr} for name, params in groups.items()]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int):
+    """LR multiplier as a function of the optimizer step: linear warmup, then the schedule."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if cfg.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if cfg.scheduler == "step":
+            return cfg.step_gamma ** ((step // steps_per_epoch) // cfg.step_size)
+        if cfg.scheduler == "onecycle":  # cosine up from 1/25 over 30% of the steps, then down to 1/1e4
+            if progress < 0.3:
+                return 1 / 25 + (1 - 1 / 25) * 0.5 * (1 - math.cos(math.pi * progress / 0.3))
+            return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * (progress - 0.3) / 0.7))
+        return 1.0
+
+    return factor
+
+
+def _config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        dotted = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_differences(a, b, dotted + ".")
+        elif a != b and dotted not in RESUMABLE_CHANGES:
+            out.append(f"{dotted}: {a!r} in the checkpoint, {b!r} now")
+    return out
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, path)
+
+
+def _improved(monitor: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if monitor.endswith("loss") else value > best
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    cfg: TrainConfig,
+    state: TrainState,
+    frozen: list[str],
+    device: torch.device,
+    precision: str,
+    progress: tqdm | None,
+) -> dict[str, float]:
+    """One pass over the training set: forward, loss, backward, (clip), step, schedule."""
+    set_train_mode(model, frozen)  # frozen modules stay in eval mode: batch-norm statistics never move
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    accumulate = cfg.accumulate_steps
+    num_batches = len(loader)
+    total_loss, correct, seen = 0.0, 0, 0
+    data_seconds = 0.0
+    start = tick = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for index, batch in enumerate(loader):
+        data_seconds += time.perf_counter() - tick
+        if batch is None:  # every image of this batch failed to decode (each was reported)
+            tick = time.perf_counter()
+            continue
+        images, labels = batch
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        # The last group of an epoch may hold fewer batches: divide by its real size.
+        group_start = index - index % accumulate
+        group_size = min(accumulate, num_batches - group_start)
+        with autocast(device, precision):
+            logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss.item()} at epoch {state.epoch + 1}, batch {index + 1}",
+                "lower train.lr or set train.grad_clip_norm (the last finite checkpoint is kept)",
+            )
+        scaler.scale(loss / group_size).backward()
+        if index - group_start + 1 == group_size:
+            if cfg.grad_clip_norm is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state.global_step += 1
+        batch_size = labels.numel()
+        total_loss += loss.item() * batch_size
+        correct += (logits.argmax(dim=1) == labels).sum().item()
+        seen += batch_size
+        if progress is not None:
+            elapsed = time.perf_counter() - start
+            progress.set_postfix(loss=f"{total_loss / seen:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}")
+            progress.update(1)
+        tick = time.perf_counter()
+    seconds = time.perf_counter() - start
+    if seen == 0:
+        raise TrainingError("no training image of this epoch could be read", "check the dataset")
+    return {
+        "train_loss": total_loss / seen,
+        "train_acc": correct / seen,
+        "train_images": seen,
+        "train_seconds": seconds,
+        "data_seconds": data_seconds,
+        "images_per_second": seen / max(seconds, 1e-9),
+    }
+
+
+def _checkpoint_payload(
+    cfg: Config,
+    built: Any,
+    class_names: list[str],
+    frozen: list[str],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    state: TrainState,
+) -> dict[str, Any]:
+    model = built.model
+    return {
+        "format_version": FORMAT_VERSION,
+        **versions(),
+        "config": cfg.to_dict(),
+        "class_names": list(class_names),
+        "preprocess": built.preprocess.to_dict(),
+        "arch": built.arch,
+        "weights_source": built.weights_source,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "trainable": [name for name, p in model.named_parameters() if p.requires_grad],
+        "frozen_modules": list(frozen),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": state.epoch,
+        "global_step": state.global_step,
+        "best_metric": state.best_metric,
+        "best_epoch": state.best_epoch,
+        "early_stopping": {"bad_epochs": state.bad_epochs},
+        "metrics": state.history[-1] if state.history else {},
+        "rng": rng_state(),
+    }
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(text, flush=True)
+
+
+def _epoch_line(record: dict[str, Any], epochs: int, is_best: bool) -> str:
+    return (
+        f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  "
+        f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.1%}  "
+        f"val loss {record['val_loss']:.4f} acc1 {record['val_acc1']:.1%} acc5 {record['val_acc5']:.1%}  "
+        f"lr {record['lr']:.2e}  {record['images_per_second']:.0f} img/s  {record['epoch_seconds']:.1f} s"
+        + ("  *best" if is_best else "")
+    )
+
+
+def describe(built: Any, split: Any, cfg: Config, device: torch.device, precision: str, steps: int) -> str:
+    """The --dry-run summary: model, parameters per group, data, steps."""
+    counts = count_parameters(built.model)
+    pre = built.preprocess
+    lines = [
+        f"model      {cfg.model.backbone}  weights: {built.weights_source}",
+        *(f"           {note}" for note in built.notes),
+        f"parameters {'group':<9} {'total':>12} {'trainable':>12}",
+    ]
+    for group, c in counts.items():
+        lines.append(f"           {group:<9} {c['total']:>12,} {c['trainable']:>12,}")
+    total = sum(c["total"] for c in counts.values())
+    trainable = sum(c["trainable"] for c in counts.values())
+    lines.append(f"           {'all':<9} {total:>12,} {trainable:>12,}")
+    lines += [
+        f"freeze     {cfg.train.freeze}",
+        f"classes    {len(split.class_names)}: {', '.join(split.class_names[:10])}"
+        + (" ..." if len(split.class_names) > 10 else ""),
+        f"images     train {len(split.train)}, val {len(split.val)}"
+        + (f", skipped {len(split.bad)} unreadable" if split.bad else ""),
+        f"input      {pre.image_size}px crop of {pre.resize_size}px resize, {pre.interpolation}, "
+        f"mean {list(pre.mean)}, std {list(pre.std)}",
+        f"training   {cfg.train.epochs} epochs x {steps} steps (batch {cfg.data.batch_size}"
+        + (f" x {cfg.train.accumulate_steps} accumulated" if cfg.train.accumulate_steps > 1 else "")
+        + f"), {cfg.train.optimizer} lr {cfg.train.lr:g}, scheduler {cfg.train.scheduler}",
+        f"device     {device}  precision {precision}",
+    ]
+    return "\n".join(lines)
+
+
+def finetune(
+    cfg: Config,
+    resume: str | None = None,
+    dry_run: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune `cfg.model` on `cfg.data`; returns the run summary (also written to summary.json)."""
+    wall_start = time.perf_counter()
+    cfg = with_absolute_paths(cfg)
+    # Data first: a wrong path or class layout fails before any weights are read.
+    split = scan_data(cfg.data, cfg.run.seed)
+    device = resolve_device(cfg.run.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    run_dir = run_directory(cfg)
+    checkpoint_dir = run_dir / "checkpoints"
+
+    resumed: dict[str, Any] | None = None
+    if resume:
+        path = checkpoint_dir / "last.pt" if resume == "auto" else Path(resume)
+        if resume == "auto" and not path.exists():
+            raise CheckpointError(f"--resume auto: no checkpoint at {path}", "start the run without --resume")
+        resumed = load_checkpoint(path)
+        differences = _config_differences(resumed["config"], cfg.to_dict())
+        if differences:
+            raise ConfigError(
+                f"the config differs from the checkpoint's in {len(differences)} key(s); only "
+                f"{', '.join(RESUMABLE_CHANGES)} may change on resume",
+                "resume with the original config, or start a new run (run.name)",
+                details=differences,
+            )
+        if list(resumed["class_names"]) != split.class_names:
+            raise CheckpointError(
+                f"the dataset's classes {split.class_names} differ from the checkpoint's {resumed['class_names']}",
+                "resume with the same dataset",
+            )
+        if resumed["epoch"] >= cfg.train.epochs:
+            print(
+                f"{path}: the run already finished {resumed['epoch']} of {cfg.train.epochs} epochs; nothing to do"
+                f" — raise train.epochs to train longer",
+                flush=True,
+            )
+            return {"finished": True, "epochs_completed": resumed["epoch"], "run_dir": str(run_dir)}
+    elif not dry_run and ((checkpoint_dir / "last.pt").exists() or (run_dir / "metrics.jsonl").exists()):
+        raise ConfigError(
+            f"{run_dir} already holds a run",
+            "continue it with --resume auto, or set run.name (or run.output_dir) for a new one",
+        )
+
+    seed_everything(cfg.run.seed)
+    if resumed is not None:
+        built = built_from_checkpoint(resumed)
+    else:
+        built = build_model(cfg.model, cfg.data, len(split.class_names), split.class_names)
+    model = built.model
+    frozen = freeze_modules(model, cfg.train.freeze)
+    groups = parameter_groups(model)
+    if not groups:
+        raise ConfigError("train.freeze leaves no parameter to train", "freeze less (e.g. train.freeze=backbone)")
+    model.to(device)
+
+    pin = device.type == "cuda"
+    train_loader = make_loader(
+        split.train,
+        train_transform(built.preprocess, cfg.data.augment),
+        cfg.data.batch_size,
+        cfg.data.num_workers,
+        cfg.run.seed,
+        shuffle=True,
+        pin_memory=pin,
+    )
+    val_loader = make_loader(
+        split.val, eval_transform(built.preprocess), cfg.data.batch_size, cfg.data.num_workers, cfg.run.seed,
+        shuffle=False, pin_memory=pin,
+    )
+    steps = math.ceil(len(train_loader) / cfg.train.accumulate_steps)
+    optimizer = make_optimizer(cfg.train, groups)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.train, steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    if dry_run:
+        print(describe(built, split, cfg, device, precision, steps))
+        print("dry run: nothing trained, nothing written")
+        return {"dry_run": True}
+
+    state = TrainState()
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        scaler.load_state_dict(resumed["scaler"])
+        state = TrainState(
+            epoch=resumed["epoch"],
+            global_step=resumed["global_step"],
+            best_metric=resumed["best_metric"],
+            best_epoch=resumed["best_epoch"],
+            bad_epochs=resumed["early_stopping"]["bad_epochs"],
+        )
+        restore_rng(resumed["rng"])
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(checkpoint_dir)
+    _write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
+    _write_text_atomic(run_dir / "classes.json", json.dumps(split.class_names, indent=2) + "\n")
+    metrics_path = run_dir / "metrics.jsonl"
+    if resumed is not None and metrics_path.exists():
+        # Lines of epochs after the checkpoint (written before a crash) are dropped: they are re-run.
+        kept = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        state.history = [r for r in kept if r["epoch"] <= state.epoch]
+        _write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in state.history))
+
+    _say(quiet, f"run {run_dir}: {cfg.model.backbone} ({built.weights_source}), {len(split.class_names)} classes, "
+         f"{len(split.train)} train / {len(split.val)} val images, {device} {precision}"
+         + (f", resumed after epoch {state.epoch}" if resumed is not None else ""))
+    show_bars = not quiet and cfg.log.progress
+    stopped_early = False
+    try:
+        for epoch in range(state.epoch, cfg.train.epochs):
+            epoch_start = time.perf_counter()
+            # This epoch's randomness (order, augmentation, dropout) depends on (seed, epoch) only.
+            torch.manual_seed(cfg.run.seed * 1_000_003 + epoch)
+            set_loader_epoch(train_loader, cfg.run.seed, epoch)
+            bar = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
+                       disable=None if show_bars else True, file=sys.stderr)
+            try:
+                train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, cfg.train, state,
+                                              frozen, device, precision, bar)
+            finally:
+                bar.close()
+            val = evaluate(model, val_loader, device, precision, len(split.class_names))
+            if not math.isfinite(val["loss"]):
+                raise TrainingError(
+                    f"the validation loss became {val['loss']} at epoch {epoch + 1}",
+                    "lower train.lr or set train.grad_clip_norm (the last finite checkpoint is kept)",
+                )
+            state.epoch = epoch + 1
+            record = {
+                "epoch": state.epoch,
+                "lr": optimizer.param_groups[-1]["lr"],
+                "train_loss": train_stats["train_loss"],
+                "train_acc": train_stats["train_acc"],
+                "val_loss": val["loss"],
+                "val_acc1": val["acc1"],
+                "val_acc5": val["acc5"],
+                "epoch_seconds": time.perf_counter() - epoch_start,
+                "images_per_second": train_stats["images_per_second"],
+                "data_seconds": train_stats["data_seconds"],
+                "global_step": state.global_step,
+            }
+            value = record[cfg.checkpoint.monitor]
+            is_best = _improved(cfg.checkpoint.monitor, value, state.best_metric)
+            if is_best:
+                state.best_metric, state.best_epoch, state.bad_epochs = value, state.epoch, 0
+            else:
+                state.bad_epochs += 1
+            state.history.append(record)
+            # metrics first, then the checkpoint: a crash in between re-runs this epoch and rewrites its line.
+            with open(metrics_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+            payload = _checkpoint_payload(cfg, built, split.class_names, frozen, optimizer, scheduler, scaler, state)
+            save_atomic(payload, checkpoint_dir / "last.pt")
+            if is_best and cfg.checkpoint.save_best:
+                save_atomic(payload, checkpoint_dir / "best.pt")
+            _say(quiet, _epoch_line(record, cfg.train.epochs, is_best))
+            patience = cfg.train.early_stopping_patience
+            if patience is not None and state.bad_epochs >= patience and state.epoch < cfg.train.epochs:
+                _say(quiet, f"early stopping: {cfg.checkpoint.monitor} did not improve for {patience} epochs")
+                stopped_early = True
+                break
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; {checkpoint_dir / 'last.pt'} holds epoch {state.epoch} — continue with: "
+            f"tltool finetune <config> --resume auto",
+            file=sys.stderr,
+        )
+        raise
+
+    last = state.history[-1] if state.history else {}
+    summary = {
+        "run_dir": str(run_dir),
+        "backbone": cfg.model.backbone,
+        "weights": built.weights_source,
+        "method": "frozen backbone" if cfg.train.freeze == "backbone" else (
+            "full fine-tune" if cfg.train.freeze == "none" else f"partial fine-tune (frozen: {frozen})"),
+        "epochs_completed": state.epoch,
+        "stopped_early": stopped_early,
+        "monitor": cfg.checkpoint.monitor,
+        "best_metric": state.best_metric,
+        "best_epoch": state.best_epoch,
+        "final": last,
+        "num_classes": len(split.class_names),
+        "train_images": len(split.train),
+        "val_images": len(split.val),
+        "skipped_images": len(split.bad),
+        "device": str(device),
+        "precision": precision,
+        "wall_seconds": time.perf_counter() - wall_start,
+        "checkpoints": {
+            "last": str(checkpoint_dir / "last.pt"),
+            "best": str(checkpoint_dir / "best.pt") if cfg.checkpoint.save_best else None,
+        },
+    }
+    _write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
