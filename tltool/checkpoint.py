@@ -47,9 +47,7 @@ def safe_load(path: str | Path, what: str = "checkpoint") -> Any:
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise CheckpointError(
-                f"reading {path} needs the safetensors package", "pip install safetensors"
-            ) from None
+            raise CheckpointError(f"reading {path} needs the safetensors package", "pip install safetensors") from None
         try:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types

@@ -30,8 +30,9 @@ app.add_typer(config_app, name="config")
 ConfigPath = Annotated[str, typer.Argument(help="YAML config file.", show_default=False)]
 Overrides = Annotated[
     list[str] | None,
-    typer.Argument(help="KEY=VALUE overrides of config keys, e.g. train.epochs=3 model.backbone=resnet50.",
-                   show_default=False),
+    typer.Argument(
+        help="KEY=VALUE overrides of config keys, e.g. train.epochs=3 model.backbone=resnet50.", show_default=False
+    ),
 ]
 CheckpointPath = Annotated[str, typer.Argument(help="A tltool checkpoint (runs/<name>/checkpoints/best.pt).")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
@@ -67,9 +68,7 @@ def _main(
     """Transfer learning for image classification with torchvision backbones."""
 
 
-@app.command(
-    epilog="Example: tltool finetune configs/mobilenet_v2_frozen.yaml data.train=data/flowers train.epochs=5"
-)
+@app.command(epilog="Example: tltool finetune configs/mobilenet_v2_frozen.yaml data.train=data/flowers train.epochs=5")
 def finetune(
     config: ConfigPath,
     overrides: Overrides = None,
@@ -159,6 +158,14 @@ def config_init() -> None:
     typer.echo(starter_yaml(), nl=False)
 
 
+@config_app.command("keys", epilog="Example: tltool config keys")
+def config_keys() -> None:
+    """Print every config key with its default and meaning (a Markdown table)."""
+    from tltool.config import reference_markdown
+
+    typer.echo(reference_markdown(), nl=False)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
@@ -170,5 +177,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-

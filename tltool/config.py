@@ -255,9 +255,7 @@ def _did_you_mean(loc: Sequence[Any]) -> str:
     close = difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.6)
     if not close:
         leaf = str(loc[-1])
-        close = [k for k in keys if k.endswith("." + leaf)] or difflib.get_close_matches(
-            dotted, keys, n=1, cutoff=0.6
-        )
+        close = [k for k in keys if k.endswith("." + leaf)] or difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
     return f"did you mean '{close[0]}'?" if close else "see `tltool config init` for every key"
 
 
@@ -305,9 +303,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     if problems:
-        raise ConfigError(
-            f"{len(problems)} bad override(s)", "fix them and run again", details=problems
-        )
+        raise ConfigError(f"{len(problems)} bad override(s)", "fix them and run again", details=problems)
     return tree
 
 
@@ -392,3 +388,12 @@ def starter_yaml() -> str:
         lines.append(f"  # {doc}")
         lines.append(f"  {name}: {value}")
     return "\n".join(lines) + "\n"
+
+
+def reference_markdown() -> str:
+    """The config reference as a Markdown table (`tltool config keys`; the README holds the same)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, doc, _example in iter_fields():
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        rows.append(f"| `{key}` | `{shown}` | {doc.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"

@@ -274,7 +274,9 @@ def scan_data(cfg: DataConfig, seed: int) -> DataSplit:
     if bad:
         shown = "; ".join(f"{p}: {why}" for p, why in bad[:3]) + ("; ..." if len(bad) > 3 else "")
         if cfg.on_bad_image == "error":
-            raise DataError(f"{len(bad)} unreadable image(s): {shown}", "fix or remove them, or set data.on_bad_image=skip")
+            raise DataError(
+                f"{len(bad)} unreadable image(s): {shown}", "fix or remove them, or set data.on_bad_image=skip"
+            )
         if len(bad) / total > cfg.max_bad_fraction:
             raise DataError(
                 f"{len(bad)} of {total} images are unreadable ({len(bad) / total:.1%} > data.max_bad_fraction "

@@ -90,7 +90,8 @@ def format_report(metrics: dict[str, Any], class_names: list[str]) -> str:
     lines.append(f"{'class':<{width}}  precision  recall      f1  support")
     for row in metrics["per_class"]:
         lines.append(
-            f"{row['class']:<{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  {row['f1']:6.3f}  {row['support']:7d}"
+            f"{row['class']:<{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  "
+            f"{row['f1']:6.3f}  {row['support']:7d}"
         )
     if len(class_names) <= 20:
         lines += ["", "confusion matrix (rows: true class, columns: predicted)"]

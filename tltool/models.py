@@ -176,7 +176,9 @@ def _torchvision_state_dict(weights) -> dict[str, torch.Tensor]:
 
 def _densenet_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # Old DenseNet files name layers 'norm.1' where the modules are now 'norm1' (as torchvision fixes it).
-    pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    pattern = re.compile(
+        r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+    )
     return {(m.group(1) + m.group(2) if (m := pattern.match(k)) else k): v for k, v in state_dict.items()}
 
 
@@ -186,7 +188,8 @@ def _load_into(net: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
     if skip_prefix:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(skip_prefix)}
     expected = {k: v for k, v in net.state_dict().items() if not (skip_prefix and k.startswith(skip_prefix))}
-    missing = sorted(set(expected) - set(state_dict))
+    # Files saved before batch norm counted its batches lack num_batches_tracked; torch fills it in.
+    missing = sorted(k for k in set(expected) - set(state_dict) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(state_dict) - set(expected))
     wrong_shape = sorted(
         k for k in set(expected) & set(state_dict) if tuple(expected[k].shape) != tuple(state_dict[k].shape)
@@ -280,6 +283,7 @@ def build_model(
     in_features = _in_features(_get_slot(net, slot_path))
     _set_slot(net, slot_path, nn.Identity())
     model = TransferModel(net, make_head(in_features, num_classes, cfg.head_dropout))
+    check_input_size(model, backbone, preprocess.image_size)
 
     if source_ckpt is not None:
         backbone_state = {
@@ -302,6 +306,23 @@ def build_model(
         "in_features": in_features,
     }
     return BuiltModel(model, arch, preprocess, weights_source, notes)
+
+
+def check_input_size(model: TransferModel, backbone: str, image_size: int) -> None:
+    """One eval-mode forward of a blank image: a too-small input fails here with a clear message."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size))
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"{backbone} cannot take {image_size}px inputs ({first})",
+            "raise data.image_size (e.g. 64 for alexnet, 75 for inception_v3, 224 for maxvit_t)",
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 def model_from_arch(arch: dict[str, Any]) -> TransferModel:

@@ -22,13 +22,28 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from tltool.checkpoint import FORMAT_VERSION, clean_stale_temps, load_checkpoint, restore_rng, rng_state, save_atomic, versions
+from tltool.checkpoint import (
+    FORMAT_VERSION,
+    clean_stale_temps,
+    load_checkpoint,
+    restore_rng,
+    rng_state,
+    save_atomic,
+    versions,
+)
 from tltool.config import Config, TrainConfig, build_config
-from tltool.data import make_loader, scan_data, set_loader_epoch, train_transform, eval_transform
+from tltool.data import eval_transform, make_loader, scan_data, set_loader_epoch, train_transform
 from tltool.device import autocast, resolve_device, resolve_precision
 from tltool.errors import CheckpointError, ConfigError, TrainingError
 from tltool.evaluate import evaluate
-from tltool.models import build_model, built_from_checkpoint, count_parameters, freeze_modules, parameter_groups, set_train_mode
+from tltool.models import (
+    build_model,
+    built_from_checkpoint,
+    count_parameters,
+    freeze_modules,
+    parameter_groups,
+    set_train_mode,
+)
 
 # Config keys that may change when a run is resumed (everything else must match the checkpoint).
 RESUMABLE_CHANGES = ("train.epochs", "run.device", "data.num_workers", "log.progress")
@@ -348,8 +363,13 @@ def finetune(
         pin_memory=pin,
     )
     val_loader = make_loader(
-        split.val, eval_transform(built.preprocess), cfg.data.batch_size, cfg.data.num_workers, cfg.run.seed,
-        shuffle=False, pin_memory=pin,
+        split.val,
+        eval_transform(built.preprocess),
+        cfg.data.batch_size,
+        cfg.data.num_workers,
+        cfg.run.seed,
+        shuffle=False,
+        pin_memory=pin,
     )
     steps = math.ceil(len(train_loader) / cfg.train.accumulate_steps)
     optimizer = make_optimizer(cfg.train, groups)
@@ -386,9 +406,12 @@ def finetune(
         state.history = [r for r in kept if r["epoch"] <= state.epoch]
         _write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in state.history))
 
-    _say(quiet, f"run {run_dir}: {cfg.model.backbone} ({built.weights_source}), {len(split.class_names)} classes, "
-         f"{len(split.train)} train / {len(split.val)} val images, {device} {precision}"
-         + (f", resumed after epoch {state.epoch}" if resumed is not None else ""))
+    _say(
+        quiet,
+        f"run {run_dir}: {cfg.model.backbone} ({built.weights_source}), {len(split.class_names)} classes, "
+        f"{len(split.train)} train / {len(split.val)} val images, {device} {precision}"
+        + (f", resumed after epoch {state.epoch}" if resumed is not None else ""),
+    )
     show_bars = not quiet and cfg.log.progress
     stopped_early = False
     try:
@@ -397,11 +420,17 @@ def finetune(
             # This epoch's randomness (order, augmentation, dropout) depends on (seed, epoch) only.
             torch.manual_seed(cfg.run.seed * 1_000_003 + epoch)
             set_loader_epoch(train_loader, cfg.run.seed, epoch)
-            bar = tqdm(total=len(train_loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
-                       disable=None if show_bars else True, file=sys.stderr)
+            bar = tqdm(
+                total=len(train_loader),
+                desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                leave=False,
+                disable=None if show_bars else True,
+                file=sys.stderr,
+            )
             try:
-                train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, cfg.train, state,
-                                              frozen, device, precision, bar)
+                train_stats = train_one_epoch(
+                    model, train_loader, optimizer, scheduler, scaler, cfg.train, state, frozen, device, precision, bar
+                )
             finally:
                 bar.close()
             val = evaluate(model, val_loader, device, precision, len(split.class_names))
@@ -457,8 +486,9 @@ def finetune(
         "run_dir": str(run_dir),
         "backbone": cfg.model.backbone,
         "weights": built.weights_source,
-        "method": "frozen backbone" if cfg.train.freeze == "backbone" else (
-            "full fine-tune" if cfg.train.freeze == "none" else f"partial fine-tune (frozen: {frozen})"),
+        "method": "frozen backbone"
+        if cfg.train.freeze == "backbone"
+        else ("full fine-tune" if cfg.train.freeze == "none" else f"partial fine-tune (frozen: {frozen})"),
         "epochs_completed": state.epoch,
         "stopped_early": stopped_early,
         "monitor": cfg.checkpoint.monitor,

