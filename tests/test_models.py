@@ -210,3 +210,15 @@ def test_real_imagenet_mobilenet_v2_weights_load() -> None:
     built = build("mobilenet_v2", "IMAGENET1K_V1", classes=10, size=64)
     state = torch.load(real, weights_only=True)
     torch.testing.assert_close(built.model.backbone.features[0][0].weight, state["features.0.0.weight"])
+
+
+def test_safetensors_weights_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    net = torchvision.models.mobilenet_v3_small(weights=None)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    built = build("mobilenet_v3_small", str(tmp_path / "w.safetensors"), classes=2)
+    torch.testing.assert_close(built.model.backbone.features[0][0].weight, net.features[0][0].weight)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(CheckpointError, match="not a valid safetensors"):
+        build("mobilenet_v3_small", str(tmp_path / "bad.safetensors"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,25 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         temp.unlink(missing_ok=True)
         raise CheckpointError(
             f"cannot write {path}: {exc.strerror or exc}",
+            "free disk space or fix permissions; the previous checkpoint is untouched",
+        ) from None
+
+
+def copy_atomic(source: str | Path, target: str | Path) -> None:
+    """Copy a written checkpoint to another name with the same guarantees as `save_atomic`."""
+    source, target = Path(source), Path(target)
+    temp = target.with_name(f".{target.name}{TEMP_MARKER}{os.getpid()}")
+    try:
+        with open(source, "rb") as reader, open(temp, "wb") as writer:
+            shutil.copyfileobj(reader, writer, length=16 * 2**20)
+            writer.flush()
+            os.fsync(writer.fileno())
+        os.replace(temp, target)
+        _fsync_dir(target.parent)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"cannot write {target}: {exc.strerror or exc}",
             "free disk space or fix permissions; the previous checkpoint is untouched",
         ) from None
 

@@ -86,7 +86,7 @@ def finetune(
         from tltool.train import finetune as run_finetune
 
         cfg = load_config(config, overrides or [])
-        summary = run_finetune(cfg, resume=resume, dry_run=dry_run, quiet=quiet)
+        summary = run_finetune(cfg, resume=resume, dry_run=dry_run, quiet=quiet, config_path=config)
         if summary.get("dry_run") or summary.get("finished"):
             return
         best = summary["checkpoints"]["best"] or summary["checkpoints"]["last"]

@@ -158,6 +158,8 @@ class CheckpointConfig(_Section):
     """Metric that picks `best.pt` and drives early stopping (accuracies: higher is better; loss: lower)."""
     save_best: bool = Field(True, examples=[False])
     """Keep `checkpoints/best.pt`, the epoch with the best monitored metric."""
+    every_n_steps: int | None = Field(None, ge=1, examples=[500])
+    """Also save `last.pt` every this many optimizer steps within an epoch (a resume continues from that batch)."""
 
 
 class LogConfig(_Section):
@@ -397,3 +399,34 @@ def reference_markdown() -> str:
         shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
         rows.append(f"| `{key}` | `{shown}` | {doc.replace('|', '/')} |")
     return "\n".join(rows) + "\n"
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a config file (`tltool config schema`, `configs/schema.json`), for editors.
+
+    Pydantic's schema with the field docstrings as descriptions and `additionalProperties: false`
+    everywhere (a typo is flagged as it is typed), tidied: a `$schema`/title header, and without the
+    auto-generated per-field titles ("Val Split") that editors would show instead of the description.
+    """
+
+    def tidy(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                if key == "title" and isinstance(value, str):
+                    continue
+                # "properties" maps field names to schemas: a field may itself be called "title".
+                out[key] = {k: tidy(v) for k, v in value.items()} if key in ("properties", "$defs") else tidy(value)
+            return out
+        if isinstance(node, list):
+            return [tidy(item) for item in node]
+        return node
+
+    schema = tidy(Config.model_json_schema())
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "tltool config",
+        "description": "A tltool run: `tltool finetune CONFIG.yaml`. Every key is optional; "
+        "`tltool config keys` lists them with their defaults.",
+        **{key: value for key, value in schema.items() if key != "description"},
+    }

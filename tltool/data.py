@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import sys
 import warnings
 from collections import Counter
@@ -376,25 +377,33 @@ def collate_skip_bad(batch: list[Any]):
 
 
 class EpochSampler(Sampler[int]):
-    """A shuffled order that is a function of (seed, epoch) alone, so a resumed run sees the same order."""
+    """A shuffled order that is a function of (seed, epoch) alone, so a resumed run sees the same order.
+
+    `skip` leaves out the first samples of the epoch's order: a run resumed mid-epoch continues there.
+    """
 
     def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
-        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+        self.size, self.seed, self.shuffle, self.epoch, self.skip = size, seed, shuffle, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.size))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        return iter(self.order()[self.skip :])
 
     def __len__(self) -> int:
-        return self.size
+        return max(0, self.size - self.skip)
 
 
-def _seed_worker(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
+    # Ctrl-C is the main process's to handle (it saves and exits); workers must not die of it first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # torch seeds python's `random` and torch in each worker from the loader's generator; numpy too.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
@@ -418,16 +427,19 @@ def make_loader(
         num_workers=num_workers,
         collate_fn=collate_skip_bad,
         pin_memory=pin_memory,
-        worker_init_fn=_seed_worker if num_workers else None,
+        worker_init_fn=_init_worker if num_workers else None,
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,
     )
 
 
-def set_loader_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
-    """Make the order and the workers' random streams of this epoch depend on (seed, epoch) only."""
+def set_loader_epoch(loader: DataLoader, seed: int, epoch: int, skip_batches: int = 0) -> None:
+    """Make the order and the workers' random streams of this epoch depend on (seed, epoch) only.
+
+    `skip_batches` starts the epoch after that many batches (a run resumed from a mid-epoch checkpoint).
+    """
     if hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch, skip=skip_batches * loader.batch_size)
     if loader.generator is not None:
         loader.generator.manual_seed(seed * 1_000_003 + epoch)
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from tqdm import tqdm
 from tltool.checkpoint import (
     FORMAT_VERSION,
     clean_stale_temps,
+    copy_atomic,
     load_checkpoint,
     restore_rng,
     rng_state,
@@ -50,6 +53,21 @@ RESUMABLE_CHANGES = ("train.epochs", "run.device", "data.num_workers", "log.prog
 
 
 @dataclass
+class EpochProgress:
+    """Running sums of the epoch in progress; saved in mid-epoch checkpoints so a resumed epoch reports the same."""
+
+    batches_done: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    data_seconds: float = 0.0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+@dataclass
 class TrainState:
     """What the loop carries from epoch to epoch (and into the checkpoint)."""
 
@@ -59,6 +77,7 @@ class TrainState:
     best_epoch: int | None = None
     bad_epochs: int = 0  # epochs since the monitored metric last improved
     history: list[dict[str, Any]] = field(default_factory=list)
+    in_epoch: EpochProgress | None = None  # the unfinished epoch of a mid-epoch checkpoint
 
 
 def seed_everything(seed: int) -> None:
@@ -69,6 +88,10 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def with_absolute_paths(cfg: Config) -> Config:
@@ -139,6 +162,25 @@ def _improved(monitor: str, value: float, best: float | None) -> bool:
     return value < best if monitor.endswith("loss") else value > best
 
 
+class StopRequest:
+    """Set by the first Ctrl-C (SIGINT): the loop stops at the next optimizer step, saves, and exits 130."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to stop at once) ...", file=sys.stderr, flush=True)
+
+
+class Interrupted(TrainingError):
+    """Training stopped on request; the state is saved."""
+
+    exit_code = 130
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Any,
@@ -151,36 +193,45 @@ def train_one_epoch(
     device: torch.device,
     precision: str,
     progress: tqdm | None,
+    epoch_progress: EpochProgress,
+    num_batches: int,
+    save_mid_epoch: Any = None,
+    every_n_steps: int | None = None,
+    stop: StopRequest | None = None,
 ) -> dict[str, float]:
-    """One pass over the training set: forward, loss, backward, (clip), step, schedule."""
+    """One pass over the training set: forward, loss, backward, (clip), step, schedule.
+
+    `loader` yields the batches from `epoch_progress.batches_done` on (a resumed epoch starts mid-way);
+    `save_mid_epoch()` is called every `every_n_steps` optimizer steps and when a stop is requested.
+    """
     set_train_mode(model, frozen)  # frozen modules stay in eval mode: batch-norm statistics never move
     trainable = [p for p in model.parameters() if p.requires_grad]
     accumulate = cfg.accumulate_steps
-    num_batches = len(loader)
-    total_loss, correct, seen = 0.0, 0, 0
-    data_seconds = 0.0
-    start = tick = time.perf_counter()
+    sums = epoch_progress
+    start = tick = time.perf_counter() - sums.seconds
     optimizer.zero_grad(set_to_none=True)
-    for index, batch in enumerate(loader):
-        data_seconds += time.perf_counter() - tick
-        if batch is None:  # every image of this batch failed to decode (each was reported)
-            tick = time.perf_counter()
-            continue
-        images, labels = batch
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
+    for index, batch in enumerate(loader, start=sums.batches_done):
+        sums.data_seconds += time.perf_counter() - tick
         # The last group of an epoch may hold fewer batches: divide by its real size.
         group_start = index - index % accumulate
         group_size = min(accumulate, num_batches - group_start)
-        with autocast(device, precision):
-            logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"the loss became {loss.item()} at epoch {state.epoch + 1}, batch {index + 1}",
-                "lower train.lr or set train.grad_clip_norm (the last finite checkpoint is kept)",
-            )
-        scaler.scale(loss / group_size).backward()
+        if batch is not None:  # None: every image of this batch failed to decode (each was reported)
+            images, labels = batch
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with autocast(device, precision):
+                logits = model(images)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"the loss became {loss.item()} at epoch {state.epoch + 1}, batch {index + 1}",
+                    "lower train.lr or set train.grad_clip_norm (the last finite checkpoint is kept)",
+                )
+            scaler.scale(loss / group_size).backward()
+            sums.loss_sum += loss.item() * labels.numel()
+            sums.correct += (logits.argmax(dim=1) == labels).sum().item()
+            sums.seen += labels.numel()
+        sums.batches_done = index + 1
         if index - group_start + 1 == group_size:
             if cfg.grad_clip_norm is not None:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
@@ -190,25 +241,30 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             state.global_step += 1
-        batch_size = labels.numel()
-        total_loss += loss.item() * batch_size
-        correct += (logits.argmax(dim=1) == labels).sum().item()
-        seen += batch_size
+            # Between optimizer steps the state is whole (no half-accumulated gradients): save here.
+            last_batch = sums.batches_done == num_batches
+            wants_save = every_n_steps is not None and state.global_step % every_n_steps == 0
+            if save_mid_epoch is not None and not last_batch and (wants_save or (stop and stop.requested)):
+                sums.seconds = time.perf_counter() - start
+                save_mid_epoch()
+            if stop is not None and stop.requested and not last_batch:
+                raise Interrupted(f"stopped at epoch {state.epoch + 1}, batch {sums.batches_done}", "")
         if progress is not None:
             elapsed = time.perf_counter() - start
-            progress.set_postfix(loss=f"{total_loss / seen:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}")
+            running = sums.loss_sum / max(sums.seen, 1)
+            progress.set_postfix(loss=f"{running:.4f}", img_s=f"{sums.seen / max(elapsed, 1e-9):.0f}")
             progress.update(1)
         tick = time.perf_counter()
-    seconds = time.perf_counter() - start
-    if seen == 0:
+    sums.seconds = time.perf_counter() - start
+    if sums.seen == 0:
         raise TrainingError("no training image of this epoch could be read", "check the dataset")
     return {
-        "train_loss": total_loss / seen,
-        "train_acc": correct / seen,
-        "train_images": seen,
-        "train_seconds": seconds,
-        "data_seconds": data_seconds,
-        "images_per_second": seen / max(seconds, 1e-9),
+        "train_loss": sums.loss_sum / sums.seen,
+        "train_acc": sums.correct / sums.seen,
+        "train_images": sums.seen,
+        "train_seconds": sums.seconds,
+        "data_seconds": sums.data_seconds,
+        "images_per_second": sums.seen / max(sums.seconds, 1e-9),
     }
 
 
@@ -242,6 +298,7 @@ def _checkpoint_payload(
         "best_metric": state.best_metric,
         "best_epoch": state.best_epoch,
         "early_stopping": {"bad_epochs": state.bad_epochs},
+        "epoch_progress": state.in_epoch.to_dict() if state.in_epoch is not None else None,
         "metrics": state.history[-1] if state.history else {},
         "rng": rng_state(),
     }
@@ -297,8 +354,12 @@ def finetune(
     resume: str | None = None,
     dry_run: bool = False,
     quiet: bool = False,
+    config_path: str = "<config>",
 ) -> dict[str, Any]:
-    """Fine-tune `cfg.model` on `cfg.data`; returns the run summary (also written to summary.json)."""
+    """Fine-tune `cfg.model` on `cfg.data`; returns the run summary (also written to summary.json).
+
+    `config_path` only appears in messages (the command that resumes the run).
+    """
     wall_start = time.perf_counter()
     cfg = with_absolute_paths(cfg)
     # Data first: a wrong path or class layout fails before any weights are read.
@@ -393,6 +454,8 @@ def finetune(
             best_epoch=resumed["best_epoch"],
             bad_epochs=resumed["early_stopping"]["bad_epochs"],
         )
+        if resumed.get("epoch_progress"):
+            state.in_epoch = EpochProgress(**resumed["epoch_progress"])
         restore_rng(resumed["rng"])
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -410,18 +473,33 @@ def finetune(
         quiet,
         f"run {run_dir}: {cfg.model.backbone} ({built.weights_source}), {len(split.class_names)} classes, "
         f"{len(split.train)} train / {len(split.val)} val images, {device} {precision}"
-        + (f", resumed after epoch {state.epoch}" if resumed is not None else ""),
+        + (f", resumed at epoch {state.epoch + 1}" if resumed is not None else "")
+        + (f" batch {state.in_epoch.batches_done + 1}" if state.in_epoch is not None else ""),
     )
     show_bars = not quiet and cfg.log.progress
     stopped_early = False
+    num_batches = math.ceil(len(split.train) / cfg.data.batch_size)
+
+    def save_last() -> None:
+        save_atomic(
+            _checkpoint_payload(cfg, built, split.class_names, frozen, optimizer, scheduler, scaler, state),
+            checkpoint_dir / "last.pt",
+        )
+
+    stop = StopRequest()
+    previous_handler = signal.signal(signal.SIGINT, stop.handler) if _main_thread() else None
     try:
         for epoch in range(state.epoch, cfg.train.epochs):
             epoch_start = time.perf_counter()
-            # This epoch's randomness (order, augmentation, dropout) depends on (seed, epoch) only.
-            torch.manual_seed(cfg.run.seed * 1_000_003 + epoch)
-            set_loader_epoch(train_loader, cfg.run.seed, epoch)
+            if state.in_epoch is None:
+                # This epoch's randomness (order, augmentation, dropout) depends on (seed, epoch) only.
+                torch.manual_seed(cfg.run.seed * 1_000_003 + epoch)
+                state.in_epoch = EpochProgress()
+            # (A resumed epoch continues from its checkpoint's batch, with the RNG state saved there.)
+            set_loader_epoch(train_loader, cfg.run.seed, epoch, skip_batches=state.in_epoch.batches_done)
             bar = tqdm(
-                total=len(train_loader),
+                total=num_batches,
+                initial=state.in_epoch.batches_done,
                 desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                 leave=False,
                 disable=None if show_bars else True,
@@ -429,8 +507,9 @@ def finetune(
             )
             try:
                 train_stats = train_one_epoch(
-                    model, train_loader, optimizer, scheduler, scaler, cfg.train, state, frozen, device, precision, bar
-                )
+                    model, train_loader, optimizer, scheduler, scaler, cfg.train, state, frozen, device, precision,
+                    bar, state.in_epoch, num_batches, save_last, cfg.checkpoint.every_n_steps, stop,
+                )  # fmt: skip
             finally:
                 bar.close()
             val = evaluate(model, val_loader, device, precision, len(split.class_names))
@@ -439,7 +518,7 @@ def finetune(
                     f"the validation loss became {val['loss']} at epoch {epoch + 1}",
                     "lower train.lr or set train.grad_clip_norm (the last finite checkpoint is kept)",
                 )
-            state.epoch = epoch + 1
+            state.epoch, state.in_epoch = epoch + 1, None
             record = {
                 "epoch": state.epoch,
                 "lr": optimizer.param_groups[-1]["lr"],
@@ -463,23 +542,25 @@ def finetune(
             # metrics first, then the checkpoint: a crash in between re-runs this epoch and rewrites its line.
             with open(metrics_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
-            payload = _checkpoint_payload(cfg, built, split.class_names, frozen, optimizer, scheduler, scaler, state)
-            save_atomic(payload, checkpoint_dir / "last.pt")
+            save_last()
             if is_best and cfg.checkpoint.save_best:
-                save_atomic(payload, checkpoint_dir / "best.pt")
+                copy_atomic(checkpoint_dir / "last.pt", checkpoint_dir / "best.pt")
             _say(quiet, _epoch_line(record, cfg.train.epochs, is_best))
             patience = cfg.train.early_stopping_patience
             if patience is not None and state.bad_epochs >= patience and state.epoch < cfg.train.epochs:
                 _say(quiet, f"early stopping: {cfg.checkpoint.monitor} did not improve for {patience} epochs")
                 stopped_early = True
                 break
-    except KeyboardInterrupt:
-        print(
-            f"\ninterrupted; {checkpoint_dir / 'last.pt'} holds epoch {state.epoch} — continue with: "
-            f"tltool finetune <config> --resume auto",
-            file=sys.stderr,
-        )
-        raise
+            if stop.requested and state.epoch < cfg.train.epochs:
+                raise Interrupted(f"stopped after epoch {state.epoch}", "")
+    except Interrupted as exc:
+        raise Interrupted(
+            f"{exc.what}; {checkpoint_dir / 'last.pt'} holds the state",
+            f"continue with: tltool finetune {config_path} --resume auto",
+        ) from None
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
 
     last = state.history[-1] if state.history else {}
     summary = {
