@@ -142,6 +142,18 @@ class TrainConfig(_Section):
     """auto (bf16 on CUDA where supported, else fp16 on CUDA; fp32 on CPU), fp32, bf16, fp16 (CUDA only)."""
     early_stopping_patience: int | None = Field(None, ge=1, examples=[5])
     """Stop after this many epochs without improvement of `checkpoint.monitor` (off when empty)."""
+    feature_cache: Literal["auto", "on", "off"] = Field("auto", examples=["off"])
+    """Frozen backbone: compute its features once and train the head on them (auto: on when augment is none)."""
+    feature_cache_views: int = Field(1, ge=1, le=1000, examples=[5])
+    """With augmentation, cache this many augmented views per image and cycle them over the epochs."""
+    feature_cache_memory_mb: int = Field(4096, ge=0, examples=[1024])
+    """Cached features larger than this go to the run directory (memory-mapped) instead of RAM."""
+
+    @field_validator("feature_cache", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as a boolean.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("freeze")
     @classmethod

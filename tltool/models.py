@@ -58,9 +58,16 @@ class TransferModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        # Set by freeze_modules: a frozen backbone needs no autograd graph (less memory and time).
+        self.frozen_backbone = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+        if self.frozen_backbone:
+            with torch.no_grad():
+                features = self.backbone(images)
+        else:
+            features = self.backbone(images)
+        return self.head(features)
 
 
 @dataclass
@@ -383,6 +390,7 @@ def freeze_modules(model: TransferModel, freeze: str | list[str]) -> list[str]:
         )
     for prefix in prefixes:
         names[prefix].requires_grad_(False)
+    model.frozen_backbone = not any(p.requires_grad for p in model.backbone.parameters())
     return prefixes
 
 

@@ -39,6 +39,7 @@ from tltool.data import eval_transform, make_loader, scan_data, set_loader_epoch
 from tltool.device import autocast, resolve_device, resolve_precision
 from tltool.errors import CheckpointError, ConfigError, TrainingError
 from tltool.evaluate import evaluate
+from tltool.features import build_cache, cache_applies
 from tltool.models import (
     build_model,
     built_from_checkpoint,
@@ -198,12 +199,15 @@ def train_one_epoch(
     save_mid_epoch: Any = None,
     every_n_steps: int | None = None,
     stop: StopRequest | None = None,
+    forward: nn.Module | None = None,
 ) -> dict[str, float]:
     """One pass over the training set: forward, loss, backward, (clip), step, schedule.
 
     `loader` yields the batches from `epoch_progress.batches_done` on (a resumed epoch starts mid-way);
     `save_mid_epoch()` is called every `every_n_steps` optimizer steps and when a stop is requested.
+    `forward` is what the batches go through: the whole model, or only its head on cached features.
     """
+    forward = forward if forward is not None else model
     set_train_mode(model, frozen)  # frozen modules stay in eval mode: batch-norm statistics never move
     trainable = [p for p in model.parameters() if p.requires_grad]
     accumulate = cfg.accumulate_steps
@@ -220,7 +224,7 @@ def train_one_epoch(
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             with autocast(device, precision):
-                logits = model(images)
+                logits = forward(images)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
                 raise TrainingError(
@@ -345,6 +349,12 @@ def describe(built: Any, split: Any, cfg: Config, device: torch.device, precisio
         + (f" x {cfg.train.accumulate_steps} accumulated" if cfg.train.accumulate_steps > 1 else "")
         + f"), {cfg.train.optimizer} lr {cfg.train.lr:g}, scheduler {cfg.train.scheduler}",
         f"device     {device}  precision {precision}",
+        "cache      "
+        + (
+            "frozen backbone features computed once, epochs train the head"
+            if cache_applies(cfg)
+            else f"off (train.feature_cache={cfg.train.feature_cache})"
+        ),
     ]
     return "\n".join(lines)
 
@@ -469,6 +479,15 @@ def finetune(
         state.history = [r for r in kept if r["epoch"] <= state.epoch]
         _write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in state.history))
 
+    cache = None
+    if cache_applies(cfg):
+        cache = build_cache(cfg, model, built.weights_source, built.preprocess, split.train, split.val, device,
+                            precision, run_dir / "feature_cache")  # fmt: skip
+        _say(
+            quiet,
+            f"feature cache: {len(cache.train)} train x {cache.train.features.shape[0]} view(s) + {len(cache.val)} val "
+            f"backbone outputs in {cache.extract_seconds:.1f} s ({cache.location}); epochs train the head only",
+        )
     _say(
         quiet,
         f"run {run_dir}: {cfg.model.backbone} ({built.weights_source}), {len(split.class_names)} classes, "
@@ -478,7 +497,11 @@ def finetune(
     )
     show_bars = not quiet and cfg.log.progress
     stopped_early = False
-    num_batches = math.ceil(len(split.train) / cfg.data.batch_size)
+    num_batches = math.ceil((len(cache.train) if cache else len(split.train)) / cfg.data.batch_size)
+    # With the cache, batches are backbone features and only the head runs; else images through it all.
+    loader, val_batches, forward = (
+        (cache.train_loader, cache.val_loader, model.head) if cache else (train_loader, val_loader, model)
+    )
 
     def save_last() -> None:
         save_atomic(
@@ -496,7 +519,9 @@ def finetune(
                 torch.manual_seed(cfg.run.seed * 1_000_003 + epoch)
                 state.in_epoch = EpochProgress()
             # (A resumed epoch continues from its checkpoint's batch, with the RNG state saved there.)
-            set_loader_epoch(train_loader, cfg.run.seed, epoch, skip_batches=state.in_epoch.batches_done)
+            if cache is not None:
+                cache.set_epoch(epoch)
+            set_loader_epoch(loader, cfg.run.seed, epoch, skip_batches=state.in_epoch.batches_done)
             bar = tqdm(
                 total=num_batches,
                 initial=state.in_epoch.batches_done,
@@ -507,12 +532,12 @@ def finetune(
             )
             try:
                 train_stats = train_one_epoch(
-                    model, train_loader, optimizer, scheduler, scaler, cfg.train, state, frozen, device, precision,
-                    bar, state.in_epoch, num_batches, save_last, cfg.checkpoint.every_n_steps, stop,
+                    model, loader, optimizer, scheduler, scaler, cfg.train, state, frozen, device, precision,
+                    bar, state.in_epoch, num_batches, save_last, cfg.checkpoint.every_n_steps, stop, forward,
                 )  # fmt: skip
             finally:
                 bar.close()
-            val = evaluate(model, val_loader, device, precision, len(split.class_names))
+            val = evaluate(forward, val_batches, device, precision, len(split.class_names))
             if not math.isfinite(val["loss"]):
                 raise TrainingError(
                     f"the validation loss became {val['loss']} at epoch {epoch + 1}",
@@ -580,6 +605,7 @@ def finetune(
         "train_images": len(split.train),
         "val_images": len(split.val),
         "skipped_images": len(split.bad),
+        "feature_cache": {"extract_seconds": cache.extract_seconds, "location": cache.location} if cache else None,
         "device": str(device),
         "precision": precision,
         "wall_seconds": time.perf_counter() - wall_start,

@@ -1,0 +1,230 @@
+"""The frozen-feature cache: a frozen backbone's output never changes, so compute it once.
+
+The textbook loop recomputes the backbone every epoch; with the backbone frozen and a deterministic
+train transform (`data.augment: none`), one forward pass per image is enough and every epoch after the
+first trains only the head. With augmentation, `train.feature_cache_views: K` caches K augmented views
+of each image and epoch e trains on view e mod K. Features stay in memory, or go to the run directory
+(memory-mapped) past `train.feature_cache_memory_mb`, under a key that hashes everything they depend on,
+so a stale cache is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from tltool import __version__
+from tltool.checkpoint import safe_load, save_atomic
+from tltool.config import Config
+from tltool.data import EpochSampler, Preprocess, Sample, eval_transform, make_loader, train_transform
+from tltool.device import autocast
+
+
+def cache_applies(cfg: Config) -> bool:
+    """Whether `train.feature_cache` turns the cache on for this run."""
+    mode = cfg.train.feature_cache
+    if mode == "off" or cfg.train.freeze != "backbone":
+        return False
+    if mode == "on":
+        return True
+    return cfg.data.augment == "none" or cfg.train.feature_cache_views > 1  # auto
+
+
+def views_for(cfg: Config) -> int:
+    """Deterministic transforms give one view; augmented ones K."""
+    return 1 if cfg.data.augment == "none" else cfg.train.feature_cache_views
+
+
+def cache_key(cfg: Config, weights_source: str, preprocess: Preprocess, samples: Sequence[Sample], kind: str) -> str:
+    """A hash of everything the cached features depend on (files by path, size and mtime)."""
+    digest = hashlib.sha256()
+    files = []
+    for path, label in samples:
+        stat = os.stat(path)
+        files.append((path, label, stat.st_size, stat.st_mtime_ns))
+    weights_file = cfg.model.weights
+    weights_stat = list(os.stat(weights_file)[6:9]) if os.path.isfile(weights_file) else None
+    recipe = {
+        "kind": kind,
+        "backbone": cfg.model.backbone,
+        "weights": cfg.model.weights,
+        "weights_source": weights_source,
+        "weights_stat": weights_stat,
+        "preprocess": preprocess.to_dict(),
+        "augment": cfg.data.augment if kind == "train" else "none",
+        "views": views_for(cfg) if kind == "train" else 1,
+        "seed": cfg.run.seed,
+        "precision": cfg.train.precision,
+        "tltool": __version__,
+        "torch": str(torch.__version__),
+    }
+    digest.update(json.dumps(recipe, sort_keys=True).encode())
+    digest.update(json.dumps(files).encode())
+    return digest.hexdigest()[:24]
+
+
+class FeatureDataset(Dataset):
+    """(features, label) of one view of the cache; `view` selects which one an epoch uses."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.features, self.labels, self.view = features, labels, 0
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features[self.view, index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        # One indexing op per batch instead of one per sample: the head trains at memory speed.
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return self.features[self.view, index], self.labels[index]
+
+
+def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The collate of a FeatureDataset batch: `__getitems__` already returns it whole."""
+    return batch
+
+
+@dataclass
+class FeatureCache:
+    """Cached backbone outputs of the train (K views) and val sets, with loaders over them."""
+
+    train: FeatureDataset
+    val: FeatureDataset
+    train_loader: DataLoader
+    val_loader: DataLoader
+    extract_seconds: float
+    location: str
+
+    def set_epoch(self, epoch: int) -> None:
+        self.train.view = epoch % self.train.features.shape[0]
+
+
+@torch.inference_mode()
+def extract(
+    backbone: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features (float32, on CPU) and labels of every image of `loader`, in order.
+
+    A batch whose images all failed to decode is skipped, so `labels` may be shorter than the dataset.
+    """
+    backbone.eval()
+    features, labels = [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        images, targets = batch
+        with autocast(device, precision):
+            out = backbone(images.to(device, non_blocking=True))
+        features.append(out.float().cpu())
+        labels.append(targets)
+    if not features:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(features), torch.cat(labels)
+
+
+def _extract_views(
+    backbone: nn.Module,
+    samples: Sequence[Sample],
+    transform: Any,
+    views: int,
+    cfg: Config,
+    device: torch.device,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K views of every sample: (views, N, D) features and (N,) labels; undecodable images are dropped."""
+    all_features, labels = [], None
+    kept = None
+    for view in range(views):
+        # Each view's augmentation draws from its own seeded stream, never from the training RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.run.seed * 7_919 + view)
+            loader = make_loader(
+                samples,
+                transform,
+                max(cfg.data.batch_size, 64),
+                cfg.data.num_workers,
+                seed=cfg.run.seed * 7_919 + view,
+                shuffle=False,
+                pin_memory=device.type == "cuda",
+            )
+            features, view_labels = extract(backbone, loader, device, precision)
+        if kept is None:
+            kept, labels = len(view_labels), view_labels
+        elif len(view_labels) != kept:  # an image that decoded once but not twice: be strict
+            raise RuntimeError("images changed while their features were extracted")
+        all_features.append(features)
+    return torch.stack(all_features), labels
+
+
+def _store(tensors: dict[str, torch.Tensor], directory: Path, key: str, budget_mb: int) -> tuple[dict, str]:
+    """Keep the features in memory, or on disk (memory-mapped) when they exceed the budget."""
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    if size <= budget_mb * 2**20:
+        return tensors, "memory"
+    path = directory / f"{key}.pt"
+    save_atomic(tensors, path)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True), str(path)
+
+
+def _load_stored(directory: Path, key: str) -> dict | None:
+    path = directory / f"{key}.pt"
+    if not path.is_file():
+        return None
+    return safe_load(path, what="feature cache")
+
+
+def build_cache(
+    cfg: Config,
+    model: nn.Module,
+    weights_source: str,
+    preprocess: Preprocess,
+    train_samples: Sequence[Sample],
+    val_samples: Sequence[Sample],
+    device: torch.device,
+    precision: str,
+    cache_dir: Path,
+) -> FeatureCache:
+    """Extract (or reuse from `cache_dir`) the train and val features and wrap them in loaders."""
+    start = time.perf_counter()
+    views = views_for(cfg)
+    parts = {}
+    location = "memory"
+    for kind, samples, transform, count in (
+        ("train", train_samples, train_transform(preprocess, cfg.data.augment), views),
+        ("val", val_samples, eval_transform(preprocess), 1),
+    ):
+        key = cache_key(cfg, weights_source, preprocess, samples, kind)
+        stored = _load_stored(cache_dir, key)
+        if stored is None:
+            features, labels = _extract_views(model.backbone, samples, transform, count, cfg, device, precision)
+            stored, where = _store({"features": features, "labels": labels}, cache_dir, key,
+                                   cfg.train.feature_cache_memory_mb)  # fmt: skip
+        else:
+            where = str(cache_dir / f"{key}.pt")
+        if where != "memory":
+            location = str(cache_dir)
+        parts[kind] = FeatureDataset(stored["features"], stored["labels"])
+    train_loader = DataLoader(
+        parts["train"],
+        batch_size=cfg.data.batch_size,
+        sampler=EpochSampler(len(parts["train"]), cfg.run.seed, shuffle=True),
+        collate_fn=_as_batch,
+        generator=torch.Generator().manual_seed(cfg.run.seed),
+    )
+    val_loader = DataLoader(parts["val"], batch_size=max(cfg.data.batch_size, 256), shuffle=False, collate_fn=_as_batch)
+    return FeatureCache(parts["train"], parts["val"], train_loader, val_loader, time.perf_counter() - start, location)
