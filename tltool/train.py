@@ -36,7 +36,7 @@ from tltool.checkpoint import (
 )
 from tltool.config import Config, TrainConfig, build_config
 from tltool.data import eval_transform, make_loader, scan_data, set_loader_epoch, train_transform
-from tltool.device import autocast, resolve_device, resolve_precision
+from tltool.device import autocast, resolve_device, resolve_precision, use_channels_last
 from tltool.errors import CheckpointError, ConfigError, TrainingError
 from tltool.evaluate import evaluate
 from tltool.features import build_cache, cache_applies
@@ -50,7 +50,7 @@ from tltool.models import (
 )
 
 # Config keys that may change when a run is resumed (everything else must match the checkpoint).
-RESUMABLE_CHANGES = ("train.epochs", "run.device", "data.num_workers", "log.progress")
+RESUMABLE_CHANGES = ("train.epochs", "run.device", "data.num_workers", "log.progress", "log.tensorboard", "log.report")
 
 
 @dataclass
@@ -308,6 +308,64 @@ def _checkpoint_payload(
     }
 
 
+def open_tensorboard(cfg: Config, run_dir: Path, start_epoch: int) -> Any:
+    """A SummaryWriter for `log.tensorboard` (events after `start_epoch` of an earlier try are purged)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "log.tensorboard needs the tensorboard package", "pip install 'tltool[tensorboard]'"
+        ) from None
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_epoch + 1 if start_epoch else None)
+
+
+def log_tensorboard(writer: Any, record: dict[str, Any]) -> None:
+    """One epoch's scalars, grouped as TensorBoard shows them (loss/, accuracy/, lr, speed)."""
+    epoch = record["epoch"]
+    writer.add_scalar("loss/train", record["train_loss"], epoch)
+    writer.add_scalar("loss/val", record["val_loss"], epoch)
+    writer.add_scalar("accuracy/train", record["train_acc"], epoch)
+    writer.add_scalar("accuracy/val_top1", record["val_acc1"], epoch)
+    writer.add_scalar("accuracy/val_top5", record["val_acc5"], epoch)
+    writer.add_scalar("lr", record["lr"], epoch)
+    writer.add_scalar("speed/images_per_second", record["images_per_second"], epoch)
+    writer.flush()
+
+
+def _hparams(cfg: Config) -> dict[str, Any]:
+    """The config as flat scalar hyper-parameters (TensorBoard's HPARAMS tab)."""
+    flat = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            if isinstance(value, int | float | str | bool):
+                flat[f"{section}.{key}"] = value
+            elif value is not None:
+                flat[f"{section}.{key}"] = str(value)
+    return flat
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The end-of-run table: best epoch and metric, time, speed, where the files are, what to run next."""
+    best = summary["checkpoints"]["best"] or summary["checkpoints"]["last"]
+    final = {"val_acc1": float("nan"), "val_acc5": float("nan"), "val_loss": float("nan"), **(summary["final"] or {})}
+    metric = f"{summary['best_metric']:.4f}" if summary["best_metric"] is not None else "n/a"
+    cache = summary.get("feature_cache")
+    lines = [
+        f"best epoch   {summary['best_epoch']} of {summary['epochs_completed']}"
+        f" ({summary['monitor']} {metric})" + ("  [stopped early]" if summary["stopped_early"] else ""),
+        f"last epoch   val top-1 {final['val_acc1']:.1%}, top-5 {final['val_acc5']:.1%}, "
+        f"val loss {final['val_loss']:.4f}",
+        f"time         {summary['wall_seconds']:.1f} s on {summary['device']} ({summary['precision']})"
+        + (f", features extracted once in {cache['extract_seconds']:.1f} s" if cache else ""),
+        f"speed        {final.get('images_per_second', 0):.0f} train images/s (last epoch)",
+        f"files        {summary['run_dir']}/  config.yaml metrics.jsonl summary.json checkpoints/",
+        f"next         tltool eval {best}",
+        f"             tltool export {best} --format onnx",
+        f"             tltool report {summary['run_dir']}",
+    ]
+    return "\n".join(lines)
+
+
 def _say(quiet: bool, text: str) -> None:
     if not quiet:
         print(text, flush=True)
@@ -422,6 +480,9 @@ def finetune(
     if not groups:
         raise ConfigError("train.freeze leaves no parameter to train", "freeze less (e.g. train.freeze=backbone)")
     model.to(device)
+    if use_channels_last(cfg.train.channels_last, model):
+        # Weights in NHWC; convolutions then run NHWC (the input is converted by the first one).
+        model.to(memory_format=torch.channels_last)
 
     pin = device.type == "cuda"
     train_loader = make_loader(
@@ -509,6 +570,11 @@ def finetune(
             checkpoint_dir / "last.pt",
         )
 
+    writer = open_tensorboard(cfg, run_dir, state.epoch) if cfg.log.tensorboard else None
+    if cfg.log.report:
+        from tltool.report import require_matplotlib
+
+        require_matplotlib()  # fail now, not after hours of training
     stop = StopRequest()
     previous_handler = signal.signal(signal.SIGINT, stop.handler) if _main_thread() else None
     try:
@@ -564,6 +630,8 @@ def finetune(
             else:
                 state.bad_epochs += 1
             state.history.append(record)
+            if writer is not None:
+                log_tensorboard(writer, record)
             # metrics first, then the checkpoint: a crash in between re-runs this epoch and rewrites its line.
             with open(metrics_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
@@ -586,6 +654,8 @@ def finetune(
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
+        if writer is not None:
+            writer.close()
 
     last = state.history[-1] if state.history else {}
     summary = {
@@ -615,4 +685,13 @@ def finetune(
         },
     }
     _write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if writer is not None and last:
+        with open_tensorboard(cfg, run_dir, 0) as hparams_writer:
+            final = {f"hparam/{k}": last[k] for k in ("val_acc1", "val_acc5", "val_loss", "train_loss")}
+            hparams_writer.add_hparams(_hparams(cfg), final, run_name="hparams")
+    if cfg.log.report:
+        from tltool.report import write_report
+
+        summary["report"] = str(write_report(run_dir, device=cfg.run.device))
+        _say(quiet, f"report written to {summary['report']}")
     return summary

@@ -1,0 +1,326 @@
+"""tltool's training loop against a plain, textbook PyTorch loop, measured in the same process.
+
+    python benchmarks/bench_train.py            # the full table (make bench)
+    python benchmarks/bench_train.py --quick    # a reduced version, under a minute
+
+(a) throughput: images/s of a plain loop (forward, loss, zero_grad, backward, step; frozen case with the
+    backbone in eval mode and requires_grad off) and of tltool's `train_one_epoch`, on the same batches
+    held in memory, for mobilenet_v3_small and resnet18 at 64 and 128 px, batch 32, frozen and full
+    fine-tune. "same" runs tltool at the plain loop's precision and layout (fp32, NCHW); "auto" runs
+    tltool's defaults (train.precision auto, train.channels_last auto).
+(b) a whole 10-epoch frozen run on generated images (plain loop with a DataLoader vs `tltool finetune`
+    with its feature cache), each in its own process so that its peak RSS is its own.
+
+It ends with one machine-readable line:
+    bench: full_ratio=... full_auto_ratio=... frozen10_speedup=... peak_rss_mb=...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tltool.config import load_config  # noqa: E402
+from tltool.data import Preprocess  # noqa: E402
+from tltool.device import use_channels_last  # noqa: E402
+from tltool.models import build_model, freeze_modules, parameter_groups  # noqa: E402
+from tltool.train import EpochProgress, TrainState, finetune, lr_factor, make_optimizer, train_one_epoch  # noqa: E402
+
+
+def make_images(root: Path, classes: int, per_class: int, size: int, seed: int = 0) -> Path:
+    """An ImageFolder of noisy images with a colour per class (learnable, as the tests' data)."""
+    colours = np.random.default_rng(1234).integers(30, 225, (classes, 3))  # the same classes in every split
+    rng = np.random.default_rng(seed)
+    for index in range(classes):
+        folder = root / f"class_{index}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = colours[index] + rng.normal(0, 30, (size, size, 3))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.jpg", quality=90)
+    return root
+
+
+def build(backbone: str, size: int, frozen: bool, channels_last: bool):
+    cfg = load_config(
+        None,
+        [
+            f"model.backbone={backbone}",
+            "model.weights=none",
+            f"data.image_size={size}",
+            f"data.resize_size={size}",
+            "train.freeze=" + ("backbone" if frozen else "none"),
+        ],
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.data, 10).model
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return cfg, model
+
+
+def batches(size: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(32, 3, size, size, generator=generator), torch.randint(0, 10, (32,), generator=generator))
+        for _ in range(count)
+    ]
+
+
+def plain_loop(backbone: str, size: int, frozen: bool, data: list) -> float:
+    """The textbook loop; returns images/s over `data` after two warm-up steps."""
+    _, model = build(backbone, size, frozen, channels_last=False)
+    model.train()
+    if frozen:
+        model.backbone.requires_grad_(False)
+        model.backbone.eval()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    for images, labels in data[:2]:
+        step(images, labels)
+    start = time.perf_counter()
+    for images, labels in data:
+        step(images, labels)
+    return len(data) * 32 / (time.perf_counter() - start)
+
+
+def tltool_loop(backbone: str, size: int, frozen: bool, data: list, defaults: bool) -> float:
+    """tltool's train_one_epoch on the same batches (its defaults, or the plain loop's fp32 NCHW)."""
+    cfg, model = build(backbone, size, frozen, channels_last=False)
+    frozen_names = freeze_modules(model, cfg.train.freeze)
+    if defaults and use_channels_last(cfg.train.channels_last, model):
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg.train, parameter_groups(model))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.train, len(data)))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    device, precision = torch.device("cpu"), "fp32"
+
+    def epoch(items: list) -> float:
+        start = time.perf_counter()
+        train_one_epoch(
+            model,
+            items,
+            optimizer,
+            scheduler,
+            scaler,
+            cfg.train,
+            TrainState(),
+            frozen_names,
+            device,
+            precision,
+            None,
+            EpochProgress(),
+            len(items),
+        )
+        return time.perf_counter() - start
+
+    epoch(data[:2])
+    return len(data) * 32 / epoch(data)
+
+
+def throughput_table(quick: bool) -> list[dict]:
+    rows = []
+    models = ["mobilenet_v3_small", "resnet18"]
+    sizes = [64] if quick else [64, 128]
+    for backbone in models:
+        for size in sizes:
+            for frozen in (True, False):
+                count = (4 if quick else 8) if not frozen else (6 if quick else 12)
+                data = batches(size, count)
+                best = {"plain": 0.0, "same": 0.0, "auto": 0.0}
+                for _ in range(1 if quick else 2):  # interleaved repeats: noise hits all three alike
+                    best["plain"] = max(best["plain"], plain_loop(backbone, size, frozen, data))
+                    best["same"] = max(best["same"], tltool_loop(backbone, size, frozen, data, defaults=False))
+                    best["auto"] = max(best["auto"], tltool_loop(backbone, size, frozen, data, defaults=True))
+                row = {
+                    "model": backbone,
+                    "px": size,
+                    "mode": "frozen" if frozen else "full",
+                    **best,
+                    "ratio_same": best["same"] / best["plain"],
+                    "ratio_auto": best["auto"] / best["plain"],
+                }
+                print(
+                    f"{backbone:<20} {size:>4} {row['mode']:<7} plain {best['plain']:8.1f}  tltool {best['same']:8.1f}"
+                    f" ({row['ratio_same']:.2f}x)  tltool defaults {best['auto']:8.1f} ({row['ratio_auto']:.2f}x)",
+                    flush=True,
+                )
+                rows.append(row)
+    return rows
+
+
+# --- 10-epoch frozen runs, one process each ---------------------------------------------------------
+
+
+def frozen_plain_run(data: Path, backbone: str, size: int, epochs: int) -> dict:
+    """The textbook frozen run: ImageFolder + DataLoader, backbone recomputed every epoch, val each epoch."""
+    from torchvision import datasets
+
+    from tltool.data import eval_transform
+
+    start = time.perf_counter()
+    transform = eval_transform(Preprocess(size, size))
+    train = datasets.ImageFolder(str(data / "train"), transform=transform)
+    val = datasets.ImageFolder(str(data / "val"), transform=transform)
+    torch.manual_seed(0)
+    _, model = build(backbone, size, frozen=True, channels_last=False)
+    model.backbone.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-3)
+    train_loader = torch.utils.data.DataLoader(train, batch_size=32, shuffle=True, num_workers=2)
+    val_loader = torch.utils.data.DataLoader(val, batch_size=32, num_workers=2)
+    accuracy = 0.0
+    for _ in range(epochs):
+        model.train()
+        model.backbone.eval()
+        for images, labels in train_loader:
+            loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for images, labels in val_loader:
+                correct += (model(images).argmax(1) == labels).sum().item()
+        accuracy = correct / len(val)
+    return {"seconds": time.perf_counter() - start, "val_acc1": accuracy}
+
+
+def frozen_tltool_run(data: Path, backbone: str, size: int, epochs: int, run_dir: Path) -> dict:
+    start = time.perf_counter()
+    cfg = load_config(
+        None,
+        [
+            f"data.train={data / 'train'}",
+            f"data.val={data / 'val'}",
+            f"model.backbone={backbone}",
+            "model.weights=none",
+            f"data.image_size={size}",
+            f"data.resize_size={size}",
+            "data.augment=none",
+            f"train.epochs={epochs}",
+            "run.device=cpu",
+            "data.batch_size=32",
+            f"run.output_dir={run_dir}",
+            "train.scheduler=none",
+            "log.progress=false",
+        ],
+    )
+    summary = finetune(cfg, quiet=True)
+    return {"seconds": time.perf_counter() - start, "val_acc1": summary["final"]["val_acc1"]}
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    data = Path(args.data)
+    if args.worker == "plain":
+        result = frozen_plain_run(data, args.model, args.size, args.epochs)
+    else:
+        result = frozen_tltool_run(data, args.model, args.size, args.epochs, Path(args.run_dir))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def frozen10(quick: bool) -> list[dict]:
+    rows = []
+    per_class = 20 if quick else 60
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_images(root / "data" / "train", 10, per_class, 80, seed=0)
+        make_images(root / "data" / "val", 10, per_class // 4, 80, seed=1)
+        for backbone in ("mobilenet_v3_small", "resnet18"):
+            results = {}
+            for worker in ("plain", "tltool"):
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    worker,
+                    "--data",
+                    str(root / "data"),
+                    "--model",
+                    backbone,
+                    "--size",
+                    "64",
+                    "--epochs",
+                    "10",
+                    "--run-dir",
+                    str(root / f"run-{backbone}"),
+                ]
+                done = subprocess.run(command, capture_output=True, text=True, check=True)
+                results[worker] = json.loads(done.stdout.strip().splitlines()[-1])
+            speedup = results["plain"]["seconds"] / results["tltool"]["seconds"]
+            row = {
+                "model": backbone,
+                "images": per_class * 10,
+                **{f"{k}_{m}": v for k, r in results.items() for m, v in r.items()},
+                "speedup": speedup,
+            }
+            print(
+                f"{backbone:<20} 10 epochs frozen, {per_class * 10} images 64px: plain {results['plain']['seconds']:6.1f} s"
+                f" (val {results['plain']['val_acc1']:.3f}, {results['plain']['peak_rss_mb']:.0f} MB)  tltool "
+                f"{results['tltool']['seconds']:6.1f} s (val {results['tltool']['val_acc1']:.3f}, "
+                f"{results['tltool']['peak_rss_mb']:.0f} MB)  speed-up {speedup:.1f}x",
+                flush=True,
+            )
+            rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a reduced version (under a minute)")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--worker", choices=["plain", "tltool"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        run_worker(args)
+        return
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print("training images/s, batch 32 (best of interleaved repeats):")
+    rows = throughput_table(args.quick)
+    print("whole frozen runs:")
+    runs = frozen10(args.quick)
+    full = [r for r in rows if r["mode"] == "full"]
+    resnet_full = [r for r in full if r["model"] == "resnet18"]
+    peak = max(max(r["plain_peak_rss_mb"], r["tltool_peak_rss_mb"]) for r in runs)
+    line = (
+        f"bench: full_ratio={min(r['ratio_same'] for r in full):.2f} "
+        f"full_auto_ratio={min(r['ratio_auto'] for r in resnet_full):.2f} "
+        f"frozen10_speedup={min(r['speedup'] for r in runs):.1f} peak_rss_mb={peak:.0f}"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"throughput": rows, "frozen10": runs, "line": line}, indent=2))
+    print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,576 @@
+"""`tltool report RUN_DIR`: plots of a finished run and one self-contained HTML file to send to a colleague.
+
+It reads the run directory (metrics.jsonl, summary.json, config.yaml, classes.json and the best checkpoint),
+evaluates the checkpoint once on the run's val split (or `--data`), and writes `RUN_DIR/report/`:
+`curves.png`, `confusion_matrix.png`, `per_class.png`, `errors.png` and `report.html`, which embeds them
+as data URIs (no external file, script or font). Plots are drawn with matplotlib's Agg canvas and the
+object API (no pyplot state, no display needed); matplotlib is the `plots` extra: `pip install tltool[plots]`.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+
+from tltool import __version__
+from tltool.checkpoint import load_checkpoint
+from tltool.config import DataConfig, RunConfig
+from tltool.data import Preprocess, eval_transform, load_image, make_loader, scan_data, scan_eval_folder
+from tltool.device import resolve_device
+from tltool.errors import CheckpointError, ConfigError, DataError, TltoolError
+from tltool.evaluate import per_class
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+PLOTS = ("curves.png", "confusion_matrix.png", "per_class.png", "errors.png")
+MAX_ERRORS = 16  # images in errors.png (a 4 x 4 grid)
+CELL_NUMBERS_UP_TO = 30  # classes; above that the confusion matrix shows colour only
+DPI = 100
+
+
+class ReportError(TltoolError):
+    """The run directory cannot be reported on (missing, not a run, unreadable files, no matplotlib)."""
+
+
+@dataclass
+class RunFiles:
+    """What a run directory holds that the report needs."""
+
+    run_dir: Path
+    records: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+    config_text: str
+    class_names: list[str] | None
+    checkpoint_path: Path
+
+
+@dataclass
+class Evaluation:
+    """One pass of the checkpoint over the evaluation images: metrics as `tltool eval` has them, plus errors."""
+
+    source: str
+    metrics: dict[str, Any]
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --- reading the run ---------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"cannot read {path}: {exc}", "the run directory is damaged; re-run or restore it") from None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of metrics.jsonl (blank lines skipped; a torn last line is an error)."""
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportError(f"cannot read {path}: {exc}", "the run directory is damaged; re-run or restore it") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise ReportError(f"{path} line {number} is not JSON", "the run directory is damaged") from None
+        if isinstance(record, dict) and "epoch" in record:
+            records.append(record)
+    return records
+
+
+def read_run(run_dir: str | Path) -> RunFiles:
+    """The files of a run directory, checked: a one-line ReportError/CheckpointError says what is missing."""
+    run_dir = Path(run_dir)
+    fix = "give the directory of a tltool finetune run (runs/<name>)"
+    if not run_dir.exists():
+        raise ReportError(f"run directory {run_dir} does not exist", fix)
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir} is not a folder", fix)
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise ReportError(f"{run_dir} is not a tltool run (no metrics.jsonl)", fix)
+    records = read_metrics(metrics_path)
+    if not records:
+        raise ReportError(f"{metrics_path} has no epoch yet", "report on the run after its first epoch")
+    checkpoint_path = next(
+        (p for p in (run_dir / "checkpoints" / "best.pt", run_dir / "checkpoints" / "last.pt") if p.is_file()), None
+    )
+    if checkpoint_path is None:
+        raise CheckpointError(f"{run_dir / 'checkpoints'} has neither best.pt nor last.pt", fix)
+    summary = _read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else None
+    config_path = run_dir / "config.yaml"
+    try:
+        config_text = config_path.read_text(encoding="utf-8") if config_path.is_file() else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportError(f"cannot read {config_path}: {exc}", "the run directory is damaged") from None
+    classes_path = run_dir / "classes.json"
+    class_names = _read_json(classes_path) if classes_path.is_file() else None
+    return RunFiles(run_dir, records, summary, config_text, class_names, checkpoint_path)
+
+
+# --- evaluating the checkpoint -----------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def evaluate_samples(
+    checkpoint: dict[str, Any],
+    samples: Sequence[tuple[str, int]],
+    class_names: list[str],
+    device: torch.device,
+    batch_size: int,
+    num_workers: int,
+    max_errors: int = MAX_ERRORS,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Metrics (loss, top-1/5, confusion, per class) and the most confidently wrong images, in one pass.
+
+    The loader is given (path, sample index) pairs, so each output row is tied to its file even when an
+    image fails to decode and is dropped from its batch. The numbers are computed as `evaluate()` does
+    (fp32, plain cross-entropy, the run's eval transform), so they equal `tltool eval`'s.
+    """
+    from tltool.models import load_trained_model
+
+    model = load_trained_model(checkpoint).to(device)
+    preprocess = Preprocess.from_dict(checkpoint["preprocess"])
+    indexed = [(path, index) for index, (path, _label) in enumerate(samples)]
+    loader = make_loader(
+        indexed, eval_transform(preprocess), batch_size, num_workers, seed=0, shuffle=False, pin_memory=False
+    )
+    num_classes = len(class_names)
+    k = min(5, num_classes)
+    all_labels = torch.tensor([label for _, label in samples], dtype=torch.long)
+    total_loss, correct5 = 0.0, 0
+    seen, predicted, confidence = [], [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        images, indices = batch
+        labels = all_labels[indices]
+        logits = model(images.to(device)).float().cpu()
+        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        top = logits.topk(k, dim=1).indices
+        correct5 += (top == labels[:, None]).any(dim=1).sum().item()
+        probabilities = logits.softmax(dim=1)
+        seen.append(indices)
+        predicted.append(top[:, 0])
+        confidence.append(probabilities.gather(1, top[:, :1])[:, 0])
+    if not seen:
+        raise DataError("no image of the evaluation set could be read", "check the dataset")
+    indices, predicted_t, confidence_t = torch.cat(seen), torch.cat(predicted), torch.cat(confidence)
+    labels = all_labels[indices]
+    count = len(indices)
+    confusion = torch.bincount(labels * num_classes + predicted_t, minlength=num_classes**2)
+    confusion_list = confusion.view(num_classes, num_classes).tolist()
+    metrics = {
+        "loss": total_loss / count,
+        "acc1": (predicted_t == labels).sum().item() / count,
+        "acc5": correct5 / count,
+        "num_images": count,
+        "confusion_matrix": confusion_list,
+        "per_class": per_class(confusion_list, class_names),
+        "class_names": list(class_names),
+    }
+    wrong = (predicted_t != labels).nonzero()[:, 0]
+    order = wrong[confidence_t[wrong].argsort(descending=True)][:max_errors]
+    errors = [
+        {
+            "path": samples[int(indices[i])][0],
+            "true": class_names[int(labels[i])],
+            "predicted": class_names[int(predicted_t[i])],
+            "confidence": float(confidence_t[i]),
+        }
+        for i in order.tolist()
+    ]
+    return metrics, errors
+
+
+def evaluate_run(
+    run: RunFiles,
+    data: str | None = None,
+    device_name: str = "auto",
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+) -> Evaluation:
+    """The run's checkpoint on `data`, or on the val split the run used (found as `tltool eval` finds it)."""
+    try:
+        RunConfig(device=device_name)
+    except ValidationError:
+        raise ConfigError(f"--device {device_name!r} is not a device", "use auto, cpu, cuda, cuda:N or mps") from None
+    checkpoint = load_checkpoint(run.checkpoint_path)
+    class_names = list(checkpoint["class_names"])
+    data_cfg = DataConfig.model_validate(checkpoint["config"]["data"])
+    if data:
+        samples = scan_eval_folder(data, class_names)
+        source = data
+    else:
+        split = scan_data(data_cfg, int(checkpoint["config"]["run"]["seed"]))
+        if split.class_names != class_names:
+            raise DataError(
+                "the dataset recorded in the run no longer has the checkpoint's classes",
+                "give the images to evaluate with --data DIR",
+            )
+        samples = split.val
+        source = f"val split of {data_cfg.val or data_cfg.train}"
+    if not samples:
+        raise DataError(f"no images to evaluate in {source}", "give a folder of class sub-folders with --data")
+    metrics, errors = evaluate_samples(
+        checkpoint,
+        samples,
+        class_names,
+        resolve_device(device_name),
+        batch_size or data_cfg.batch_size,
+        data_cfg.num_workers if num_workers is None else num_workers,
+    )
+    metrics["checkpoint"] = str(run.checkpoint_path)
+    metrics["checkpoint_epoch"] = checkpoint.get("epoch")
+    metrics["data"] = source
+    return Evaluation(source, metrics, errors)
+
+
+# --- figures -----------------------------------------------------------------------------------------
+
+
+def require_matplotlib() -> None:
+    """Fail now, with the install line, when matplotlib is missing (call it before a long run that reports)."""
+    _figure(1, 1)
+
+
+def _figure(width: float, height: float) -> Figure:
+    """A matplotlib Figure on an Agg canvas (no pyplot, no display); a clear error without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ReportError("tltool report needs matplotlib", "pip install 'tltool[plots]'") from None
+    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _short(name: str, limit: int = 24) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def curves_figure(records: Sequence[dict[str, Any]], best_epoch: int | None = None) -> Figure:
+    """Loss, accuracy and learning rate per epoch; a dashed line where `phase` changes, a dotted one at best."""
+    from matplotlib.ticker import MaxNLocator
+
+    figure = _figure(15, 4.2)
+    axes = figure.subplots(1, 3)
+    epochs = [r["epoch"] for r in records]
+    marker = "o" if len(records) <= 30 else None
+
+    def plot(ax: Any, key: str, label: str, style: str = "-") -> None:
+        points = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), int | float)]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, marker=marker, markersize=3, label=label)
+
+    plot(axes[0], "train_loss", "train")
+    plot(axes[0], "val_loss", "val")
+    axes[0].set_title("loss")
+    plot(axes[1], "train_acc", "train")
+    plot(axes[1], "val_acc1", "val top-1")
+    plot(axes[1], "val_acc5", "val top-5", "--")
+    axes[1].set_title("accuracy")
+    axes[1].set_ylim(-0.02, 1.02)
+    plot(axes[2], "lr", "lr")
+    axes[2].set_title("learning rate (end of epoch)")
+    rates = [r["lr"] for r in records if isinstance(r.get("lr"), int | float)]
+    if rates and min(rates) > 0 and max(rates) / min(rates) > 20:
+        axes[2].set_yscale("log")
+    phases = [(r["epoch"], r["phase"]) for r in records if r.get("phase") is not None]
+    boundaries = [(b[0], b[1]) for a, b in zip(phases, phases[1:], strict=False) if a[1] != b[1]]
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if epochs:
+            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        for epoch, phase in boundaries:
+            ax.axvline(epoch - 0.5, color="tab:purple", linestyle="--", linewidth=1.2, gid="phase-boundary")
+            ax.annotate(
+                str(phase),
+                (epoch - 0.5, 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(3, -12),
+                textcoords="offset points",
+                color="tab:purple",
+                fontsize=8,
+            )
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="grey", linestyle=":", linewidth=1, gid="best-epoch")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    notes = []
+    if phases:
+        notes.append(f"phases: {' → '.join(dict.fromkeys(str(p) for _, p in phases))} (dashed)")
+    if best_epoch is not None:
+        notes.append(f"best epoch {best_epoch} (dotted)")
+    if notes:
+        figure.suptitle("   ".join(notes), fontsize=10)
+    return figure
+
+
+def confusion_figure(confusion: Sequence[Sequence[int]], class_names: Sequence[str]) -> Figure:
+    """The row-normalized confusion matrix (each row: where the images of one true class went).
+
+    The figure and its fonts grow with the class count so 100 names stay legible; above
+    CELL_NUMBERS_UP_TO classes the cells carry colour only.
+    """
+    n = len(class_names)
+    matrix = torch.tensor(confusion, dtype=torch.float64)
+    rows = matrix.sum(dim=1, keepdim=True)
+    normalized = torch.where(rows > 0, matrix / rows.clamp(min=1), torch.zeros_like(matrix))
+    side = min(34.0, max(6.0, 3.0 + 0.3 * n))
+    figure = _figure(side + 1.2, side)
+    ax = figure.subplots()
+    image = ax.imshow(normalized.numpy(), cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    figure.colorbar(image, ax=ax, shrink=0.6, label="fraction of the true class")
+    cell_points = side * 72 * 0.8 / max(n, 1)  # the axes take about 80% of the side
+    tick_size = min(10.0, max(6.0, 0.45 * cell_points))
+    names = [_short(c) for c in class_names]
+    ax.set_xticks(range(n), names, rotation=90, fontsize=tick_size)
+    ax.set_yticks(range(n), names, fontsize=tick_size)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"confusion matrix, normalized per true class ({int(matrix.sum())} images)")
+    if n <= CELL_NUMBERS_UP_TO:
+        cell_size = 9 if n <= 12 else 7
+        for i in range(n):
+            for j in range(n):
+                value = float(normalized[i, j])
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.2f}" if value else "0",
+                    ha="center",
+                    va="center",
+                    fontsize=cell_size,
+                    color="white" if value > 0.55 else "black",
+                )
+    return figure
+
+
+def per_class_figure(rows: Sequence[dict[str, Any]]) -> Figure:
+    """Precision, recall and F1 bars per class, worst F1 at the top, with each class's support."""
+    ordered = sorted(rows, key=lambda r: (r["f1"], r["class"]))
+    n = len(ordered)
+    figure = _figure(10, min(40.0, max(3.5, 1.5 + 0.36 * n)))
+    ax = figure.subplots()
+    height = 0.26
+    tick_size = 9 if n <= 40 else 7
+    for offset, (key, colour) in enumerate((("precision", "tab:blue"), ("recall", "tab:orange"), ("f1", "tab:green"))):
+        positions = [i + (offset - 1) * height for i in range(n)]
+        ax.barh(positions, [r[key] for r in ordered], height=height, color=colour, label=key)
+    ax.set_yticks(range(n), [_short(r["class"]) for r in ordered], fontsize=tick_size)
+    for i, row in enumerate(ordered):
+        ax.text(1.02, i, f"n={row['support']}", va="center", fontsize=tick_size - 1, color="dimgray")
+    ax.set_xlim(0, 1.12)
+    ax.set_ylim(n - 0.5, -0.5)  # worst class on top
+    ax.set_xlabel("score")
+    ax.set_title("per class, sorted by F1 (worst first)")
+    ax.grid(axis="x", alpha=0.3)
+    figure.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8)
+    return figure
+
+
+def errors_figure(errors: Sequence[dict[str, Any]], columns: int = 4) -> Figure:
+    """A grid of the most confidently wrong images, each titled with its true and predicted class."""
+    if not errors:
+        figure = _figure(6, 1.5)
+        ax = figure.subplots()
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center", fontsize=12)
+        return figure
+    columns = min(columns, len(errors))
+    rows = math.ceil(len(errors) / columns)
+    figure = _figure(3.2 * columns, 3.5 * rows)
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, error in zip(axes.flat, errors, strict=False):
+        try:
+            image = load_image(error["path"])
+            image.thumbnail((256, 256))
+            ax.imshow(image)
+        except (OSError, SyntaxError, ValueError):
+            ax.text(0.5, 0.5, "cannot read", ha="center", va="center")
+        ax.set_title(
+            f"true: {_short(error['true'], 20)}\npred: {_short(error['predicted'], 20)} ({error['confidence']:.0%})",
+            fontsize=9,
+            color="tab:red",
+        )
+    figure.suptitle("most confidently wrong images", fontsize=11)
+    return figure
+
+
+def figure_png(figure: Figure) -> bytes:
+    """The figure as PNG bytes."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
+
+
+# --- HTML --------------------------------------------------------------------------------------------
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if value is None:
+        return "–"
+    return str(value)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out += _flatten(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None) -> str:
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_format(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1200px;
+       padding: 0 1rem; color: #222; }
+h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2rem; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 0.9rem; margin: 0.5rem 0; }
+td, th { border: 1px solid #ddd; padding: 0.2rem 0.6rem; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; } img { max-width: 100%; height: auto; border: 1px solid #eee; }
+pre { background: #f6f6f6; padding: 0.8rem; overflow-x: auto; font-size: 0.85rem; }
+.muted { color: #777; }
+"""
+
+
+def report_html(run: RunFiles, evaluation: Evaluation, images: dict[str, bytes]) -> str:
+    """One HTML page with the summary, the evaluation, every plot embedded, the worst errors and the config."""
+    metrics = evaluation.metrics
+    summary = run.summary
+    name = run.run_dir.resolve().name
+    headline = []
+    if summary:
+        headline.append(f"{summary.get('backbone', '?')} ({summary.get('weights', '?')}), {summary.get('method', '')}")
+    checkpoint = Path(metrics["checkpoint"]).name
+    epoch = metrics.get("checkpoint_epoch")
+    evaluated = f"{checkpoint}" + (f" (epoch {epoch})" if epoch is not None else "")
+    summary_html = (
+        _table([(key, value) for key, value in _flatten(summary)])
+        if summary
+        else '<p class="muted">no summary.json: the run has not finished (or was interrupted)</p>'
+    )
+    eval_rows = [
+        ("checkpoint", evaluated),
+        ("images", evaluation.source),
+        ("number of images", metrics["num_images"]),
+        ("top-1 accuracy", f"{metrics['acc1']:.2%}"),
+        ("top-5 accuracy", f"{metrics['acc5']:.2%}"),
+        ("loss", metrics["loss"]),
+    ]
+    classes = run.class_names or metrics["class_names"]
+    classes_html = f"<p>{len(classes)} classes: {html.escape(', '.join(classes))}</p>"
+    class_rows = [
+        (r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"])
+        for r in metrics["per_class"]
+    ]
+    error_rows = [(e["path"], e["true"], e["predicted"], f"{e['confidence']:.1%}") for e in evaluation.errors]
+    written = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>tltool report: {html.escape(name)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{html.escape(name)}</h1>",
+        f'<p class="muted">{html.escape(" ".join(headline))}</p>' if headline else "",
+        f"<h2>Evaluation of {html.escape(evaluated)}</h2>",
+        _table(eval_rows),
+        "<h2>Training curves</h2>",
+        _img(images["curves.png"], "loss, accuracy and learning rate per epoch"),
+        "<h2>Confusion matrix</h2>",
+        _img(images["confusion_matrix.png"], "normalized confusion matrix"),
+        "<h2>Per class</h2>",
+        _img(images["per_class.png"], "precision, recall and F1 per class"),
+        classes_html,
+        _table(class_rows, ["class", "precision", "recall", "F1", "support"]),
+        "<h2>Most confidently wrong images</h2>",
+        _img(images["errors.png"], "most confidently wrong images"),
+        _table(error_rows, ["file", "true", "predicted", "confidence"]) if error_rows else "",
+        "<h2>Summary</h2>",
+        summary_html,
+        "<h2>Config</h2>",
+        f"<pre>{html.escape(run.config_text or '(no config.yaml)')}</pre>",
+        f'<p class="muted">written by tltool {html.escape(__version__)} on {html.escape(written)} '
+        f"from {html.escape(str(run.run_dir))}</p>",
+        "</body></html>",
+    ]
+    return "\n".join(part for part in parts if part) + "\n"
+
+
+# --- the command -------------------------------------------------------------------------------------
+
+
+def write_report(
+    run_dir: str | Path,
+    data: str | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+) -> Path:
+    """Write RUN_DIR/report/ (four PNGs and report.html) for a run; returns the path of report.html.
+
+    Works on any run with at least one finished epoch and a checkpoint (best.pt, else last.pt), so
+    `finetune` can call it at the end of a run and `tltool report` on an old one.
+    """
+    run = read_run(run_dir)
+    require_matplotlib()  # before the (slow) evaluation
+    evaluation = evaluate_run(run, data, device, batch_size, num_workers)
+    class_names = evaluation.metrics["class_names"]
+    best_epoch = run.summary.get("best_epoch") if run.summary else evaluation.metrics.get("checkpoint_epoch")
+    figures = {
+        "curves.png": curves_figure(run.records, best_epoch),
+        "confusion_matrix.png": confusion_figure(evaluation.metrics["confusion_matrix"], class_names),
+        "per_class.png": per_class_figure(evaluation.metrics["per_class"]),
+        "errors.png": errors_figure(evaluation.errors),
+    }
+    out = run.run_dir / "report"
+    try:
+        out.mkdir(exist_ok=True)
+        images = {}
+        for name, figure in figures.items():
+            images[name] = figure_png(figure)
+            (out / name).write_bytes(images[name])
+        page = out / "report.html"
+        page.write_text(report_html(run, evaluation, images), encoding="utf-8")
+    except OSError as exc:
+        raise ReportError(
+            f"cannot write {out}: {exc.strerror or exc}", "check the permissions and free space"
+        ) from None
+    return page
