@@ -89,13 +89,9 @@ def finetune(
         summary = run_finetune(cfg, resume=resume, dry_run=dry_run, quiet=quiet, config_path=config)
         if summary.get("dry_run") or summary.get("finished"):
             return
-        best = summary["checkpoints"]["best"] or summary["checkpoints"]["last"]
-        best_text = f"{summary['best_metric']:.4f}" if summary["best_metric"] is not None else "n/a"
-        typer.echo(
-            f"done: {summary['epochs_completed']} epochs in {summary['wall_seconds']:.1f} s; best "
-            f"{summary['monitor']} {best_text} at epoch {summary['best_epoch']}; run in {summary['run_dir']}\n"
-            f"next: tltool eval {best}   |   tltool export {best} --format onnx"
-        )
+        from tltool.train import format_summary
+
+        typer.echo(format_summary(summary))
 
 
 @app.command("eval", epilog="Example: tltool eval runs/flowers/checkpoints/best.pt --data data/flowers/test")
@@ -111,10 +107,8 @@ def eval_command(
 ) -> None:
     """Measure a checkpoint: loss, top-1/top-5, per-class precision/recall/F1, confusion matrix."""
     with user_errors():
-        from tltool.config import RunConfig
         from tltool.evaluate import format_report, run_eval
 
-        RunConfig(device=device)  # validates the device name like the config does
         metrics = run_eval(checkpoint, data, json_path, device, batch_size, num_workers)
         typer.echo(f"{checkpoint} on {metrics['data']}")
         typer.echo(format_report(metrics, metrics["class_names"]))
@@ -122,23 +116,113 @@ def eval_command(
             typer.echo(f"metrics written to {json_path}")
 
 
-@app.command(epilog="Example: tltool export runs/flowers/checkpoints/best.pt --format onnx --output flowers.onnx")
+@app.command(
+    epilog="Example: tltool export runs/flowers/checkpoints/best.pt --format all --benchmark   |   "
+    "tltool export runs/flowers/checkpoints/best.pt -f onnx --include-preprocessing --softmax -o flowers.onnx"
+)
 def export(
     checkpoint: CheckpointPath,
-    format: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript.")] = "onnx",
+    format: Annotated[
+        str, typer.Option("--format", "-f", help="onnx, torchscript, exported-program (.pt2), safetensors or all.")
+    ] = "onnx",
     output: Annotated[
-        str | None, typer.Option("--output", "-o", help="Output file; default: beside the checkpoint.")
+        str | None,
+        typer.Option(
+            "--output", "-o", help="Output file (with --format all: the shared stem); default: beside the checkpoint."
+        ),
     ] = None,
     data: Annotated[
         str | None, typer.Option("--data", help="Images for the parity check; default: the run's val split.")
     ] = None,
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check outputs against PyTorch.")] = True,
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Check every file against PyTorch before naming it.")
+    ] = True,
+    include_preprocessing: Annotated[
+        bool,
+        typer.Option(
+            "--include-preprocessing",
+            help="The graph takes uint8 RGB pixels (resized and cropped by the caller) and normalizes them itself.",
+        ),
+    ] = False,
+    input_layout: Annotated[
+        str | None,
+        typer.Option("--input-layout", help="With --include-preprocessing: nhwc (N x H x W x 3, default) or nchw."),
+    ] = None,
+    softmax: Annotated[bool, typer.Option("--softmax", help="Output probabilities instead of logits.")] = False,
+    dynamic_size: Annotated[
+        bool, typer.Option("--dynamic-size", help="ONNX / ExportedProgram accept any height and width.")
+    ] = False,
+    benchmark: Annotated[
+        bool, typer.Option("--benchmark", help="Print batch-1 latency and batch-32 throughput vs eager PyTorch.")
+    ] = False,
+    device: Annotated[
+        str, typer.Option("--device", help="Device for --benchmark: auto, cpu, cuda, cuda:N, mps.")
+    ] = "auto",
 ) -> None:
-    """Write a deployable model (ONNX or TorchScript) with classes and preprocessing embedded, parity-checked."""
+    """Write deployable files (ONNX, TorchScript, ExportedProgram, safetensors) with classes and preprocessing inside.
+
+    Each file is checked against PyTorch on real images at two batch sizes before it gets its name.
+    """
     with user_errors():
         from tltool.export import run_export
 
-        run_export(checkpoint, format, output, data, verify, echo=typer.echo)
+        run_export(
+            checkpoint,
+            format,
+            output,
+            data,
+            verify,
+            echo=typer.echo,
+            include_preprocessing=include_preprocessing,
+            input_layout=input_layout,
+            softmax=softmax,
+            dynamic_size=dynamic_size,
+            benchmark=benchmark,
+            device=device,
+        )
+
+
+@app.command(
+    epilog="Example: tltool predict runs/flowers/checkpoints/best.onnx photos/ --topk 3   |   "
+    "tltool predict best.pt 'photos/**/*.jpg' --json > predictions.json"
+)
+def predict(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A tltool checkpoint (.pt) or a file tltool export wrote (.onnx .torchscript.pt .pt2 .safetensors).",
+            show_default=False,
+        ),
+    ],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Image files, folders (searched recursively) or globs ('photos/**/*.jpg').", show_default=False
+        ),
+    ],
+    topk: Annotated[int, typer.Option("--topk", "-k", min=1, help="How many labels per image.")] = 3,
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of the table.")] = False,
+    csv_path: Annotated[
+        str | None, typer.Option("--csv", help="Also write rows file,rank,label,probability to this file.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 32,
+    device: Device = "auto",
+) -> None:
+    """Label images with a checkpoint or an exported model: a table of the top-k labels and probabilities.
+
+    Unreadable images are reported on stderr and skipped; exit code 2 when none could be read.
+    """
+    with user_errors():
+        from tltool.predict import check_some_readable, format_table, run_predict, to_json, write_csv
+
+        results = run_predict(model, inputs, topk, batch_size, device, echo=lambda text: typer.echo(text, err=True))
+        table = to_json(results) if json_output else format_table(results)
+        if table:
+            typer.echo(table)
+        if csv_path:
+            write_csv(results, csv_path)
+            typer.echo(f"wrote {csv_path}", err=True)
+        check_some_readable(results)
 
 
 @config_app.command("show", epilog="Example: tltool config show configs/resnet50_full.yaml train.lr=1e-4")
@@ -164,6 +248,110 @@ def config_keys() -> None:
     from tltool.config import reference_markdown
 
     typer.echo(reference_markdown(), nl=False)
+
+
+@config_app.command("schema", epilog="Example: tltool config schema > configs/schema.json")
+def config_schema() -> None:
+    """Print the JSON Schema of a config, for editors to complete and check keys (configs/schema.json)."""
+    import json
+
+    from tltool.config import json_schema
+
+    typer.echo(json.dumps(json_schema(), indent=2))
+
+
+@app.command(epilog="Example: tltool doctor data/flowers   |   tltool doctor data/flowers --json > doctor.json")
+def doctor(
+    data_dir: Annotated[
+        str, typer.Argument(help="The dataset: a folder of class sub-folders, or one with train/ and val/ inside.")
+    ],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the findings as JSON (for scripts).")] = False,
+) -> None:
+    """Check a dataset before training: layout, images per class, unreadable files, duplicates, sizes.
+
+    Exit code 2 (after the report) when something would break training; warnings alone keep exit code 0.
+    """
+    with user_errors():
+        from tltool.doctor import diagnose, format_diagnosis
+
+        diagnosis = diagnose(data_dir)
+    if json_output:
+        import json
+
+        typer.echo(json.dumps(diagnosis.to_dict(), indent=2))
+    else:
+        typer.echo(format_diagnosis(diagnosis))
+    if diagnosis.problems:
+        count = len(diagnosis.problems)
+        typer.echo(
+            f"error: {count} problem{'s' if count > 1 else ''} in {data_dir} would break training — "
+            "fix them and run tltool doctor again",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+
+@app.command(epilog="Example: tltool report runs/flowers   (then open runs/flowers/report/report.html)")
+def report(
+    run_dir: Annotated[str, typer.Argument(help="A run directory (runs/<name>) written by tltool finetune.")],
+    data: Annotated[
+        str | None, typer.Option("--data", help="Folder of class sub-folders; default: the run's val split.")
+    ] = None,
+    device: Device = "auto",
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Default: the run's.")] = None,
+    num_workers: Annotated[int | None, typer.Option("--num-workers", min=0, help="Default: the run's.")] = None,
+) -> None:
+    """Write report/ into a run: curves, confusion matrix, per-class bars, worst errors, and one HTML file."""
+    with user_errors():
+        from tltool.report import write_report
+
+        path = write_report(run_dir, data=data, device=device, batch_size=batch_size, num_workers=num_workers)
+        typer.echo(f"report written to {path}")
+
+
+@app.command(
+    epilog="Example: tltool baseline configs/mobilenet_v2_frozen.yaml data.train=data/flowers --json baseline.json"
+)
+def baseline(
+    config: ConfigPath,
+    overrides: Overrides = None,
+    json_path: Annotated[str | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or features line.")] = False,
+) -> None:
+    """Linear probe, kNN and nearest class mean on the frozen backbone's features: what fine-tuning must beat.
+
+    The L2 penalty and k are chosen on 20% of the train images held out; val is only scored. Writes no run.
+    """
+    with user_errors():
+        from tltool.baseline import format_baseline, run_baseline
+        from tltool.config import load_config
+
+        cfg = load_config(config, overrides or [])
+        result = run_baseline(cfg, json_path=json_path, quiet=quiet, echo=typer.echo)
+        typer.echo(format_baseline(result))
+        if json_path:
+            typer.echo(f"results written to {json_path}")
+
+
+@app.command(epilog="Example: tltool models 'resnet*'   |   tltool models mobilenet --json > models.json")
+def models(
+    pattern: Annotated[
+        str | None,
+        typer.Argument(help="A glob ('resnet*', 'vit_?_16') or substring ('mobilenet') of names.", show_default=False),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of the table.")] = False,
+) -> None:
+    """List torchvision backbones and their weights: parameters, GFLOPS, ImageNet top-1, what tltool supports."""
+    with user_errors():
+        from tltool.catalog import catalog, format_catalog
+
+        entries = catalog(pattern)
+    if json_output:
+        import json
+
+        typer.echo(json.dumps([entry.to_dict() for entry in entries], indent=2))
+    else:
+        typer.echo(format_catalog(entries))
 
 
 def main() -> None:

@@ -1,0 +1,186 @@
+"""The parity check: every exported file against the PyTorch model, on real images, before it gets its name.
+
+The images are the run's val split (or `--data`), interleaved over classes, decoded and resized/cropped
+exactly as `tltool eval` does; each file gets batch 1 and a larger batch (and, with `--dynamic-size`,
+that batch again at another, non-square size). A file fails beyond PARITY_TOLERANCE max abs diff of its
+output or below PARITY_MIN_AGREEMENT top-1 agreement, and the export then writes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+
+from tltool.config import DataConfig
+from tltool.data import Preprocess, Sample, load_image, scan_data, scan_eval_folder
+from tltool.errors import DataError, ExportError
+from tltool.export.spec import Echo, ExportSpec, Runner, first_line, normalize, uint8_transform
+
+# A parity check fails beyond this max abs diff of the outputs, or below this top-1 agreement.
+PARITY_TOLERANCE = 1e-4
+PARITY_MIN_AGREEMENT = 1.0
+PARITY_MAX_BATCH = 8
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """Exported vs PyTorch outputs on one batch."""
+
+    batch_size: int
+    max_abs_diff: float
+    agreement: float
+
+    def passed(self) -> bool:
+        """Within the tolerance and agreeing; `<=` rather than `>` so that a NaN diff fails."""
+        return self.max_abs_diff <= PARITY_TOLERANCE and self.agreement >= PARITY_MIN_AGREEMENT
+
+
+@dataclass(frozen=True)
+class ParityImages:
+    """The uint8 N x 3 x H x W batches every format is checked on, and what they are (for the report)."""
+
+    batches: list[torch.Tensor]
+    kind: str
+    preprocess: Preprocess
+
+
+# --- images --------------------------------------------------------------------------------------------
+
+
+def _interleave_classes(samples: Sequence[Sample]) -> list[Sample]:
+    """Samples reordered round-robin over classes, so the first few cover as many classes as possible."""
+    by_class: dict[int, list[Sample]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    queues = [by_class[label] for label in sorted(by_class)]
+    longest = max((len(q) for q in queues), default=0)
+    return [q[i] for i in range(longest) for q in queues if i < len(q)]
+
+
+def _parity_samples(checkpoint: dict[str, Any], data: str | None, echo: Echo) -> tuple[list[Sample], str]:
+    """The candidate images: `data` if given (errors are the user's to fix), else the run's val split.
+
+    The recorded dataset may be gone (exporting on another machine); then there are simply no images.
+    """
+    class_names = list(checkpoint["class_names"])
+    if data:
+        return scan_eval_folder(data, class_names), data
+    try:
+        data_cfg = DataConfig.model_validate(checkpoint["config"]["data"])
+        split = scan_data(data_cfg, int(checkpoint["config"]["run"]["seed"]))
+    except (DataError, KeyError, ValueError) as exc:
+        reason = exc.what if isinstance(exc, DataError) else first_line(exc)
+        echo(f"note: the run's val split is not readable here ({reason})")
+        return [], "the run's val split"
+    return split.val, f"val split of {data_cfg.val or data_cfg.train}"
+
+
+def _load_images(samples: Sequence[Sample], preprocess: Preprocess, count: int) -> list[torch.Tensor]:
+    """Up to `count` images as uint8 3 x H x W crops, skipping any that fail to decode."""
+    transform = uint8_transform(preprocess)
+    images = []
+    for path, _ in _interleave_classes(samples):
+        if len(images) == count:
+            break
+        try:
+            images.append(transform(load_image(path)))
+        except (OSError, SyntaxError, ValueError):
+            continue
+    return images
+
+
+def other_size(preprocess: Preprocess) -> tuple[int, int]:
+    """A non-square (height, width) unlike the image size: where a dynamic-size file is checked too."""
+    size = preprocess.image_size
+    return size + size // 2, size + size // 4
+
+
+def parity_images(
+    checkpoint: dict[str, Any], preprocess: Preprocess, data: str | None, dynamic_size: bool, echo: Echo
+) -> ParityImages:
+    """Batch 1 and batch up-to-PARITY_MAX_BATCH of real images (random pixels if none are readable)."""
+    samples, source = _parity_samples(checkpoint, data, echo)
+    images = _load_images(samples, preprocess, PARITY_MAX_BATCH)
+    kind = "image"
+    if not images:
+        echo(f"note: no readable images in {source} for the parity check; using random pixels")
+        generator = torch.Generator().manual_seed(0)
+        size = preprocess.image_size
+        images = list(torch.randint(0, 256, (PARITY_MAX_BATCH, 3, size, size), generator=generator, dtype=torch.uint8))
+        kind = "random image"
+    large = max(2, len(images))  # a single image is repeated: the second batch must still be > 1
+    batch = torch.stack([images[i % len(images)] for i in range(large)])
+    batches = [batch[:1], batch]
+    if dynamic_size:
+        batches.append(TF.resize(batch, list(other_size(preprocess)), antialias=True))
+    return ParityImages(batches, kind, preprocess)
+
+
+# --- comparing -----------------------------------------------------------------------------------------
+
+
+def compare(reference: torch.Tensor, exported: torch.Tensor) -> ParityResult:
+    """Max abs diff and top-1 agreement of exported vs reference outputs.
+
+    A different arg-max counts as agreement only when the reference scores both classes within the
+    tolerance of each other (a tie that float rounding may break either way).
+    """
+    exported = exported.float()
+    if exported.shape != reference.shape:
+        return ParityResult(reference.shape[0], float("inf"), 0.0)
+    diff = (exported - reference).abs().max().item()
+    chosen = exported.argmax(dim=1)
+    best = reference.max(dim=1).values
+    tie = reference.gather(1, chosen[:, None]).squeeze(1) >= best - PARITY_TOLERANCE
+    agreement = ((chosen == reference.argmax(dim=1)) | tie).float().mean().item()
+    return ParityResult(reference.shape[0], diff, agreement)
+
+
+def reference_logits(model: nn.Module, images: ParityImages) -> list[torch.Tensor]:
+    """What the PyTorch model says for each parity batch: computed once, shared by every format checked."""
+    with torch.inference_mode():
+        return [model(normalize(batch, images.preprocess)).float() for batch in images.batches]
+
+
+def check_parity(
+    references: Sequence[torch.Tensor], run_exported: Runner, images: ParityImages, spec: ExportSpec, echo: Echo
+) -> list[ParityResult]:
+    """Run every batch through the exported file, print one line per batch, raise ExportError on any failure.
+
+    `references` are the PyTorch logits of each batch (`reference_logits`); a file that outputs
+    probabilities is compared with their softmax.
+    """
+    results = []
+    for batch, logits in zip(images.batches, references, strict=True):
+        reference = logits.softmax(dim=1) if spec.softmax else logits
+        height, width = batch.shape[-2:]
+        at = "" if (height, width) == (spec.preprocess.image_size,) * 2 else f" at {height}x{width}"
+        try:
+            exported = run_exported(spec.model_input(batch))
+        except Exception as exc:  # a runtime error here (e.g. an axis that is not dynamic) is a failure
+            raise ExportError(
+                f"the exported {spec.format} model fails at batch {batch.shape[0]}{at}: {first_line(exc)}",
+                "nothing was written; report this with the backbone name",
+            ) from None
+        result = compare(reference, exported)
+        plural = "s" if result.batch_size != 1 else ""
+        echo(
+            f"parity {spec.format} batch {result.batch_size}{at}: max abs diff {result.max_abs_diff:.1e} "
+            f"({spec.output_name}), top-1 agreement {result.agreement:.1%} ({result.batch_size} {images.kind}{plural})"
+        )
+        results.append(result)
+    failed = [r for r in results if not r.passed()]
+    if failed:
+        first = failed[0]
+        raise ExportError(
+            f"{spec.format} parity check failed at batch {first.batch_size}: max abs diff {first.max_abs_diff:.1e} "
+            f"(limit {PARITY_TOLERANCE:.0e}), top-1 agreement {first.agreement:.1%} "
+            f"(needed {PARITY_MIN_AGREEMENT:.0%})",
+            "nothing was written; --no-verify writes the files unchecked",
+        )
+    return results

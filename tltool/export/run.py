@@ -1,0 +1,276 @@
+"""`tltool export`: write the files, prove each matches PyTorch, then (and only then) give them their names.
+
+Every file is written to a temp name beside its output, loaded back the way a deployment would load it,
+and checked against the PyTorch model (`parity.py`); only when every requested format has passed are
+they renamed into place with their `<file>.json` sidecars. So a failure leaves nothing under a final
+name and never destroys a file that was there, and `--format all` succeeds or fails as a whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tltool.checkpoint import TEMP_MARKER, load_checkpoint
+from tltool.data import Preprocess
+from tltool.errors import ExportError
+from tltool.export.formats import EXPORTERS
+from tltool.export.parity import ParityImages, check_parity, parity_images, reference_logits
+from tltool.export.spec import LAYOUTS, Echo, Exporter, ExportJob, ExportSpec, require
+from tltool.models import load_trained_model
+
+
+def sidecar_path(path: Path) -> Path:
+    """`<output>.json`: the metadata beside the exported file, for runtimes that cannot read it inside."""
+    return path.with_name(path.name + ".json")
+
+
+def _temp_path(path: Path) -> Path:
+    """A hidden name beside `path` that keeps its suffix (torch.export.load insists on `.pt2`)."""
+    return path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}{path.suffix}")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _size_text(num_bytes: int) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as file managers show them)."""
+    if num_bytes < 1000:
+        return f"{num_bytes} B"
+    value = float(num_bytes)
+    for unit in ("KB", "MB", "GB"):
+        value /= 1000
+        if value < 1000 or unit == "GB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+# --- options -------------------------------------------------------------------------------------------
+
+
+def formats_of(format: str) -> list[str]:
+    """`--format` to the list of format names (`all` is every one, in the documented order)."""
+    if format == "all":
+        return list(EXPORTERS)
+    if format not in EXPORTERS:
+        raise ExportError(f"unknown export format {format!r}", f"valid formats: {', '.join(EXPORTERS)}, all")
+    return [format]
+
+
+def _check_options(
+    formats: Sequence[str], include_preprocessing: bool, input_layout: str | None, softmax: bool, dynamic_size: bool
+) -> str:
+    """The input layout to use; ExportError for options that contradict each other."""
+    if input_layout is not None and input_layout not in LAYOUTS:
+        raise ExportError(f"unknown --input-layout {input_layout!r}", f"use one of: {', '.join(LAYOUTS)}")
+    if input_layout is not None and not include_preprocessing:
+        raise ExportError(
+            "--input-layout applies to uint8 inputs only", "add --include-preprocessing (float inputs are NCHW)"
+        )
+    graph_options = [
+        flag
+        for flag, given in (
+            ("--include-preprocessing", include_preprocessing),
+            ("--softmax", softmax),
+            ("--dynamic-size", dynamic_size),
+        )
+        if given
+    ]
+    if formats == ["safetensors"] and graph_options:
+        raise ExportError(
+            f"safetensors holds weights only, so {', '.join(graph_options)} cannot apply",
+            "use them with --format onnx, torchscript or exported-program",
+        )
+    return (input_layout or "nhwc") if include_preprocessing else "nchw"
+
+
+def default_output(checkpoint_path: Path, format: str) -> Path:
+    """Beside the checkpoint: runs/x/checkpoints/best.pt -> best.onnx / best.torchscript.pt / best.pt2 ..."""
+    return checkpoint_path.with_name(checkpoint_path.stem + EXPORTERS[format].suffix)
+
+
+def _strip_suffix(path: Path) -> Path:
+    for exporter in EXPORTERS.values():
+        if path.name.endswith(exporter.suffix):
+            return path.with_name(path.name[: -len(exporter.suffix)])
+    return path
+
+
+def resolve_outputs(checkpoint_path: Path, formats: Sequence[str], output: str | None) -> dict[str, Path]:
+    """The file of each format: `--output` for one format; for several, `--output` is the shared stem."""
+    if len(formats) == 1:
+        paths = {formats[0]: Path(output) if output else default_output(checkpoint_path, formats[0])}
+        if paths[formats[0]].is_dir():
+            suffix = EXPORTERS[formats[0]].suffix
+            raise ExportError(
+                f"--output {output} is a folder", f"give a file path, e.g. {Path(output or '.') / ('model' + suffix)}"
+            )
+    else:
+        if output and Path(output).is_dir():
+            stem = Path(output) / checkpoint_path.stem
+        elif output:
+            stem = _strip_suffix(Path(output))
+        else:
+            stem = checkpoint_path.with_name(checkpoint_path.stem)
+        paths = {f: stem.with_name(stem.name + EXPORTERS[f].suffix) for f in formats}
+    for path in paths.values():
+        if path.resolve() == checkpoint_path.resolve():
+            raise ExportError(f"--output {path} is the checkpoint itself", "give another file name")
+    return paths
+
+
+# --- writing -------------------------------------------------------------------------------------------
+
+
+def _write_checked(
+    job: ExportJob,
+    spec: ExportSpec,
+    exporter: Exporter,
+    temp: Path,
+    images: ParityImages | None,
+    references: list[torch.Tensor],
+    echo: Echo,
+) -> None:
+    """Write one format to `temp` and check its parity there (ExportError on failure)."""
+    exporter.write(job, spec, temp, echo)
+    if images is None:
+        echo(f"parity check of {spec.format} skipped (--no-verify)")
+        return
+    loaded = exporter.load(temp, torch.device("cpu"), echo)
+    check_parity(references, loaded.run, images, spec, echo)
+
+
+def _write_all(
+    job: ExportJob,
+    specs: dict[str, ExportSpec],
+    paths: dict[str, Path],
+    images: ParityImages | None,
+    echo: Echo,
+) -> None:
+    """Every format to temp files, every parity check, then every rename: all or nothing."""
+    temps: list[Path] = []
+    references = reference_logits(job.model, images) if images is not None else []
+    try:
+        for format, spec in specs.items():
+            path = paths[format]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temp, sidecar_temp = _temp_path(path), _temp_path(sidecar_path(path))
+            temps += [temp, sidecar_temp]
+            _write_checked(job, spec, EXPORTERS[format], temp, images, references, echo)
+            sidecar_temp.write_text(json.dumps(spec.metadata(), indent=2) + "\n", encoding="utf-8")
+        for temp in temps:
+            _fsync(temp)
+        for format in specs:
+            os.replace(_temp_path(paths[format]), paths[format])
+            os.replace(_temp_path(sidecar_path(paths[format])), sidecar_path(paths[format]))
+    except OSError as exc:
+        raise ExportError(
+            f"cannot write {exc.filename or 'the export'}: {exc.strerror or exc}", "free disk space or fix permissions"
+        ) from None
+    finally:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+
+
+def _predict_images(checkpoint: dict[str, Any], data: str | None) -> str:
+    """What the printed `tltool predict` command runs on: --data, else the run's images if still there."""
+    if data:
+        return shlex.quote(data)
+    data_cfg = checkpoint.get("config", {}).get("data", {})
+    for key in ("val", "train"):
+        folder = data_cfg.get(key)
+        if folder and Path(folder).is_dir():
+            return shlex.quote(str(folder))
+    return "IMAGES..."
+
+
+# --- the command ---------------------------------------------------------------------------------------
+
+
+def run_export(
+    checkpoint: str | Path,
+    format: str = "onnx",
+    output: str | Path | None = None,
+    data: str | None = None,
+    verify: bool = True,
+    echo: Echo = print,
+    *,
+    include_preprocessing: bool = False,
+    input_layout: str | None = None,
+    softmax: bool = False,
+    dynamic_size: bool = False,
+    benchmark: bool = False,
+    device: str = "auto",
+) -> list[Path]:
+    """`tltool export`: write the checkpoint's model in `format` (or `all`), parity-checked unless not `verify`.
+
+    Returns the paths written, in format order. On any failure nothing is left under a final name, and a
+    file that was there before is untouched (the exports live in temp files until all have passed).
+    """
+    formats = formats_of(format)
+    layout = _check_options(formats, include_preprocessing, input_layout, softmax, dynamic_size)
+    for name in formats:
+        exporter = EXPORTERS[name]
+        install = "pip install safetensors" if name == "safetensors" else "pip install 'tltool[onnx]'"
+        require(exporter.needs + (exporter.run_needs if verify or benchmark else ()), f"{name} export", install)
+    bench_device = None
+    if benchmark:
+        from tltool.predict import resolve_device_option
+
+        bench_device = resolve_device_option(device)
+    checkpoint_path = Path(checkpoint)
+    ckpt = load_checkpoint(checkpoint_path)
+    model = load_trained_model(ckpt)
+    preprocess = Preprocess.from_dict(ckpt["preprocess"])
+    base = ExportSpec(
+        format=formats[0],
+        class_names=tuple(ckpt["class_names"]),
+        preprocess=preprocess,
+        backbone=str(ckpt["arch"]["backbone"]),
+        include_preprocessing=include_preprocessing,
+        input_layout=layout,
+        softmax=softmax,
+        dynamic_size=dynamic_size,
+    )
+    specs = {}
+    for name in formats:
+        if EXPORTERS[name].is_graph:
+            specs[name] = dataclasses.replace(base, format=name)
+        else:  # weights only: the file describes the plain model that predict rebuilds from it
+            specs[name] = ExportSpec(name, base.class_names, preprocess, base.backbone)
+    weights_only = [name for name in formats if not EXPORTERS[name].is_graph]
+    if len(formats) > 1 and weights_only and (include_preprocessing or softmax or dynamic_size):
+        echo(f"note: {', '.join(weights_only)} holds weights only; the graph options apply to the other formats")
+    paths = resolve_outputs(checkpoint_path, formats, str(output) if output else None)
+    job = ExportJob(model, base, dict(ckpt["arch"]), dict(ckpt.get("config", {})))
+    images = parity_images(ckpt, preprocess, data, dynamic_size, echo) if verify else None
+    options = (
+        (include_preprocessing, f"uint8 {layout.upper()} input"),
+        (softmax, "softmax"),
+        (dynamic_size, "any size"),
+    )
+    extras = [text for given, text in options if given]
+    echo(
+        f"exporting {checkpoint_path} ({base.backbone}, {len(base.class_names)} classes) to {', '.join(formats)}"
+        + (f" with {', '.join(extras)}" if extras else "")
+    )
+    _write_all(job, specs, paths, images, echo)
+    for name in formats:
+        echo(f"wrote {paths[name]} ({_size_text(paths[name].stat().st_size)}) and {sidecar_path(paths[name]).name}")
+    if bench_device is not None:
+        from tltool.export.benchmark import run_benchmark
+
+        run_benchmark(model, [(specs[n], EXPORTERS[n], paths[n]) for n in formats], bench_device, echo)
+    images_arg = _predict_images(ckpt, data)
+    for name in formats:
+        echo(f"next: tltool predict {shlex.quote(str(paths[name]))} {images_arg}")
+    return [paths[name] for name in formats]

@@ -1,0 +1,329 @@
+"""`tltool predict`: top-k labels for images, from a tltool checkpoint or any file `tltool export` wrote.
+
+The model file says how to feed it: a checkpoint its `preprocess`, an export its tltool metadata (ONNX
+metadata_props, TorchScript / ExportedProgram extra files, safetensors header; the `<file>.json`
+sidecar when a file lacks it). Images are decoded and resized/cropped exactly as in training and
+`tltool eval` (`tltool.data.load_image` + the eval transform), then normalized here, or handed over as
+uint8 pixels to a file exported with `--include-preprocessing`. An image that cannot be read is
+reported and skipped; the others are still predicted.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import sys
+import time
+import zipfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from tltool.checkpoint import load_checkpoint
+from tltool.data import IMAGE_EXTENSIONS, Preprocess, _image_files, image_problem, load_image
+from tltool.errors import CheckpointError, ConfigError, DataError
+from tltool.export.formats import EXPORTERS
+from tltool.export.run import sidecar_path
+from tltool.export.spec import Echo, ExportSpec, Runner, require, uint8_transform
+
+CHECKPOINT = "checkpoint"
+GLOB_CHARACTERS = "*?["
+# What a failed decode raises (DecompressionBombError is not an OSError; load_image turns the warning into one).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One of the top-k answers for an image."""
+
+    label: str
+    index: int
+    probability: float
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """The answers for one input file, or why it could not be read."""
+
+    file: str
+    predictions: tuple[Prediction, ...] = ()
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: {"file", "predictions": [{"label", "index", "probability"}]} or {"file", "error"}."""
+        if self.error is not None:
+            return {"file": self.file, "error": self.error}
+        return {"file": self.file, "predictions": [asdict(p) for p in self.predictions]}
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A model file ready to label images: how to feed it (spec) and the callable that runs it."""
+
+    path: Path
+    kind: str
+    spec: ExportSpec
+    run: Runner
+    device: str
+
+    def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 N x 3 x H x W (resized and cropped) -> N x classes probabilities."""
+        output = self.run(self.spec.model_input(pixels)).float()
+        return output if self.spec.softmax else output.softmax(dim=1)
+
+
+# --- the model file ------------------------------------------------------------------------------------
+
+
+def resolve_device_option(name: str) -> torch.device:
+    """`--device` to a torch.device, with the same names as `run.device` (a bad one is a ConfigError)."""
+    from tltool.device import resolve_device
+
+    if name not in ("auto", "cpu", "mps") and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
+        raise ConfigError(f"--device {name!r} is not a device", "use auto, cpu, cuda, cuda:N or mps")
+    try:
+        return resolve_device(name)
+    except ConfigError as exc:  # its message names the config key; here the user typed a flag
+        what = exc.what.replace(f"run.device={name}", f"--device {name}")
+        raise ConfigError(what, exc.fix.replace("set run.device=", "use --device ")) from None
+
+
+def model_kind(path: Path) -> str:
+    """`checkpoint` or an export format name, from the suffix and, for zip archives, the entries inside.
+
+    TorchScript files and checkpoints both end in `.pt`: a TorchScript archive holds `code/` and
+    `constants.pkl`, an ExportedProgram `archive_format`, a torch.save file just `data.pkl`.
+    """
+    if not path.exists():
+        raise CheckpointError(f"model {path} does not exist", "check the path")
+    if not path.is_file():
+        raise CheckpointError(f"model {path} is not a file", "give a checkpoint (.pt) or an exported file")
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return "onnx"
+    if suffix == ".safetensors":
+        return "safetensors"
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            names = []
+        if any(name.endswith("/archive_format") for name in names):
+            return "exported-program"
+        if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
+            return "torchscript"
+        if any(name.endswith("data.pkl") for name in names):
+            return CHECKPOINT
+        raise CheckpointError(
+            f"{path} is neither a tltool checkpoint nor an exported model",
+            "give a checkpoint (.pt) or a file written by tltool export (.onnx, .torchscript.pt, .pt2, .safetensors)",
+        )
+    if suffix == ".pt2":
+        return "exported-program"
+    return CHECKPOINT  # an old-style torch.save file or garbage: load_checkpoint says which, in one line
+
+
+def _checkpoint_predictor(path: Path, device: torch.device) -> Predictor:
+    """A tltool checkpoint (weights_only load) as a Predictor in eager PyTorch."""
+    from tltool.models import load_trained_model
+
+    checkpoint = load_checkpoint(path)
+    model = load_trained_model(checkpoint).to(device)
+    spec = ExportSpec(
+        CHECKPOINT,
+        tuple(checkpoint["class_names"]),
+        Preprocess.from_dict(checkpoint["preprocess"]),
+        str(checkpoint["arch"]["backbone"]),
+    )
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(images.to(device)).cpu()
+
+    return Predictor(path, CHECKPOINT, spec, run, str(device))
+
+
+def _sidecar_metadata(path: Path) -> dict[str, Any] | None:
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
+        return None
+    try:
+        return json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{sidecar} is not valid JSON ({exc})", "re-export the model") from None
+
+
+def open_model(path: str | Path, device: torch.device, echo: Echo) -> Predictor:
+    """Load MODEL (a checkpoint or an export) to run on `device`, with what it needs to be fed."""
+    path = Path(path)
+    kind = model_kind(path)
+    if kind == CHECKPOINT:
+        return _checkpoint_predictor(path, device)
+    exporter = EXPORTERS[kind]
+    install = "pip install safetensors" if kind == "safetensors" else "pip install 'tltool[onnx]'"
+    require(exporter.run_needs, f"running a {kind} file", install)
+    loaded = exporter.load(path, device, echo)
+    metadata = loaded.metadata or _sidecar_metadata(path)
+    if metadata is None:
+        raise CheckpointError(
+            f"{path} carries no tltool metadata and has no {sidecar_path(path).name} beside it",
+            "export it with tltool export, or put its .json sidecar back beside it",
+        )
+    return Predictor(path, kind, ExportSpec.from_metadata(metadata), loaded.run, loaded.device)
+
+
+# --- the inputs ----------------------------------------------------------------------------------------
+
+
+def _expand(item: str) -> list[str]:
+    """One INPUT: a file as given, a folder's images (recursive, hidden entries skipped), or a glob's matches."""
+    path = Path(item)
+    if path.is_file():
+        return [item]
+    if path.is_dir():
+        return [str(p) for p in _image_files(path)]
+    if any(c in item for c in GLOB_CHARACTERS):
+        found: list[str] = []
+        for match in sorted(glob.glob(item, recursive=True)):
+            if Path(match).is_dir():
+                found += [str(p) for p in _image_files(Path(match))]
+            elif Path(match).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(match)
+        return found
+    return []
+
+
+def collect_inputs(inputs: Sequence[str]) -> list[str]:
+    """Every image file the INPUTs name, in order, each once; an INPUT that matches nothing is a DataError."""
+    if not inputs:
+        raise DataError("no INPUT given", "give image files, folders or globs, e.g. tltool predict model.onnx photos/")
+    files: dict[str, None] = {}
+    for item in inputs:
+        found = _expand(item)
+        if not found:
+            what = "is an empty folder or has no images" if Path(item).is_dir() else "matches no file"
+            raise DataError(f"INPUT {item} {what}", f"image extensions read: {' '.join(IMAGE_EXTENSIONS)}")
+        files.update(dict.fromkeys(found))
+    return list(files)
+
+
+def predict_files(
+    predictor: Predictor, files: Sequence[str], topk: int, batch_size: int, echo: Echo
+) -> list[ImageResult]:
+    """Top-k predictions of every file (in input order); an unreadable one is reported and gets an `error`."""
+    transform = uint8_transform(predictor.spec.preprocess)
+    names = predictor.spec.class_names
+    k = min(topk, len(names))
+    results: dict[str, ImageResult] = {}
+    batch: list[tuple[str, torch.Tensor]] = []
+    progress = _progress(len(files))
+
+    def run_batch() -> None:
+        # After resize + center crop every image is image_size x image_size, so a batch always stacks.
+        probabilities = predictor.probabilities(torch.stack([pixels for _, pixels in batch]))
+        values, indices = probabilities.topk(k, dim=1)
+        for (file, _), row_values, row_indices in zip(batch, values.tolist(), indices.tolist(), strict=True):
+            answers = tuple(Prediction(names[i], i, p) for p, i in zip(row_values, row_indices, strict=True))
+            results[file] = ImageResult(file, answers)
+        progress.update(len(batch))
+        batch.clear()
+
+    for file in files:
+        try:
+            batch.append((file, transform(load_image(file))))
+        except DECODE_ERRORS as exc:
+            reason = image_problem(file) or f"cannot decode ({exc})"
+            echo(f"warning: cannot read {file}: {reason}")
+            results[file] = ImageResult(file, error=reason)
+            progress.update(1)
+        if len(batch) == batch_size:
+            run_batch()
+    if batch:
+        run_batch()
+    progress.close()
+    return [results[file] for file in files]
+
+
+def _progress(total: int) -> Any:
+    """A tqdm bar on stderr for long runs at a terminal; silent otherwise (DESIGN: quiet when not a TTY)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", disable=total < 64 or not sys.stderr.isatty(), file=sys.stderr, leave=False)
+
+
+# --- output --------------------------------------------------------------------------------------------
+
+
+def format_table(results: Sequence[ImageResult]) -> str:
+    """file, then `label (prob%)` for each of the top-k; unreadable files are left out (they were reported)."""
+    rows = [r for r in results if r.error is None]
+    if not rows:
+        return ""
+    k = max(len(r.predictions) for r in rows)
+    cells = [[r.file, *(f"{p.label} ({p.probability:.1%})" for p in r.predictions)] for r in rows]
+    header = ["file", *(f"top-{i + 1}" for i in range(k))]
+    widths = [max(len(row[i]) for row in [header, *cells] if i < len(row)) for i in range(k + 1)]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in [header, *cells]]
+    return "\n".join(lines)
+
+
+def to_json(results: Sequence[ImageResult]) -> str:
+    """The JSON list `--json` prints: one object per input file, failures with an `error`."""
+    return json.dumps([r.to_dict() for r in results], indent=2)
+
+
+def write_csv(results: Sequence[ImageResult], path: str | Path) -> None:
+    """Rows file, rank, label, probability (one per answer; unreadable files have none)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["file", "rank", "label", "probability"])
+            for result in results:
+                for rank, prediction in enumerate(result.predictions, start=1):
+                    writer.writerow([result.file, rank, prediction.label, f"{prediction.probability:.6f}"])
+    except OSError as exc:
+        raise DataError(f"cannot write --csv {path}: {exc.strerror or exc}", "pick a writable path") from None
+
+
+# --- the command ---------------------------------------------------------------------------------------
+
+
+def run_predict(
+    model: str | Path,
+    inputs: Sequence[str],
+    topk: int = 3,
+    batch_size: int = 32,
+    device: str = "auto",
+    echo: Echo = print,
+) -> list[ImageResult]:
+    """`tltool predict`: the top-k predictions of MODEL for every image INPUTS name.
+
+    `echo` gets the per-file warnings and the summary (the CLI sends them to stderr, keeping stdout for
+    the table or JSON). All inputs unreadable is a DataError, raised after each has been reported.
+    """
+    if topk < 1 or batch_size < 1:
+        raise ConfigError("--topk and --batch-size must be at least 1", "e.g. --topk 3 --batch-size 32")
+    files = collect_inputs(inputs)  # before loading the model: a typo fails in a moment
+    predictor = open_model(model, resolve_device_option(device), echo)
+    started = time.perf_counter()
+    results = predict_files(predictor, files, topk, batch_size, echo)
+    failed = sum(r.error is not None for r in results)
+    echo(
+        f"{len(results) - failed} image(s) predicted by {predictor.path} ({predictor.kind} on {predictor.device}) "
+        f"in {time.perf_counter() - started:.1f} s" + (f"; {failed} unreadable" if failed else "")
+    )
+    return results
+
+
+def check_some_readable(results: Sequence[ImageResult]) -> None:
+    """DataError when no input could be read (after the output was printed: exit code 2)."""
+    if results and all(r.error is not None for r in results):
+        raise DataError(f"none of the {len(results)} input image(s) could be read", "check the files listed above")
