@@ -205,7 +205,7 @@ def test_cli_report_and_one_line_errors(run_dir: Path, tmp_path: Path) -> None:
     assert "does not exist" in one_line(["report", str(tmp_path / "missing")])
     (tmp_path / "empty").mkdir()
     assert "not a tltool run" in one_line(["report", str(tmp_path / "empty")])
-    assert "not a device" in one_line(["report", str(copy), "--device", "gpu"])
+    assert "unknown device" in one_line(["report", str(copy), "--device", "gpu"])
     (copy / "checkpoints" / "last.pt").unlink()
     assert "neither best.pt nor last.pt" in one_line(["report", str(copy)])
     with pytest.raises(CheckpointError):

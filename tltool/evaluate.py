@@ -16,7 +16,7 @@ from torch import nn
 
 from tltool.checkpoint import load_checkpoint
 from tltool.config import DataConfig
-from tltool.data import Preprocess, eval_transform, make_loader, scan_data, scan_eval_folder
+from tltool.data import Preprocess, Sample, eval_transform, make_loader, scan_data, scan_eval_folder
 from tltool.device import autocast, resolve_device, resolve_precision
 from tltool.errors import DataError
 from tltool.models import load_trained_model
@@ -105,6 +105,28 @@ def format_report(metrics: dict[str, Any], class_names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def evaluation_samples(checkpoint: dict[str, Any], data: str | None) -> tuple[list[Sample], str]:
+    """The images to evaluate a checkpoint on: `data` if given, else its run's val split (recomputed).
+
+    Returns the samples, labelled with the checkpoint's class indices, and a description of where they are.
+    """
+    class_names = list(checkpoint["class_names"])
+    if data:
+        samples, source = scan_eval_folder(data, class_names), data
+    else:
+        data_cfg = DataConfig.model_validate(checkpoint["config"]["data"])
+        split = scan_data(data_cfg, int(checkpoint["config"]["run"]["seed"]))
+        if split.class_names != class_names:
+            raise DataError(
+                "the dataset recorded in the checkpoint no longer has the checkpoint's classes",
+                "give the images to evaluate with --data DIR",
+            )
+        samples, source = split.val, f"val split of {data_cfg.val or data_cfg.train}"
+    if not samples:
+        raise DataError(f"no images to evaluate in {source}", "give a folder of class sub-folders with --data")
+    return samples, source
+
+
 def run_eval(
     checkpoint_path: str | Path,
     data: str | None = None,
@@ -117,20 +139,7 @@ def run_eval(
     checkpoint = load_checkpoint(checkpoint_path)
     class_names = list(checkpoint["class_names"])
     data_cfg = DataConfig.model_validate(checkpoint["config"]["data"])
-    if data:
-        samples = scan_eval_folder(data, class_names)
-        source = data
-    else:
-        split = scan_data(data_cfg, int(checkpoint["config"]["run"]["seed"]))
-        if split.class_names != class_names:
-            raise DataError(
-                "the dataset recorded in the checkpoint no longer has the checkpoint's classes",
-                "give the images to evaluate with --data DIR",
-            )
-        samples = split.val
-        source = f"val split of {data_cfg.val or data_cfg.train}"
-    if not samples:
-        raise DataError(f"no images to evaluate in {source}", "give a folder of class sub-folders with --data")
+    samples, source = evaluation_samples(checkpoint, data)
     device = resolve_device(device_name)
     precision = resolve_precision("fp32", device)
     model = load_trained_model(checkpoint).to(device)

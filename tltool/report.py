@@ -22,15 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
 
 from tltool import __version__
 from tltool.checkpoint import load_checkpoint
-from tltool.config import DataConfig, RunConfig
-from tltool.data import Preprocess, eval_transform, load_image, make_loader, scan_data, scan_eval_folder
+from tltool.config import DataConfig
+from tltool.data import Preprocess, eval_transform, load_image, make_loader
 from tltool.device import resolve_device
-from tltool.errors import CheckpointError, ConfigError, DataError, TltoolError
-from tltool.evaluate import per_class
+from tltool.errors import CheckpointError, DataError, TltoolError
+from tltool.evaluate import evaluation_samples, per_class
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -208,32 +207,16 @@ def evaluate_run(
     num_workers: int | None = None,
 ) -> Evaluation:
     """The run's checkpoint on `data`, or on the val split the run used (found as `tltool eval` finds it)."""
-    try:
-        RunConfig(device=device_name)
-    except ValidationError:
-        raise ConfigError(f"--device {device_name!r} is not a device", "use auto, cpu, cuda, cuda:N or mps") from None
+    device = resolve_device(device_name)
     checkpoint = load_checkpoint(run.checkpoint_path)
     class_names = list(checkpoint["class_names"])
     data_cfg = DataConfig.model_validate(checkpoint["config"]["data"])
-    if data:
-        samples = scan_eval_folder(data, class_names)
-        source = data
-    else:
-        split = scan_data(data_cfg, int(checkpoint["config"]["run"]["seed"]))
-        if split.class_names != class_names:
-            raise DataError(
-                "the dataset recorded in the run no longer has the checkpoint's classes",
-                "give the images to evaluate with --data DIR",
-            )
-        samples = split.val
-        source = f"val split of {data_cfg.val or data_cfg.train}"
-    if not samples:
-        raise DataError(f"no images to evaluate in {source}", "give a folder of class sub-folders with --data")
+    samples, source = evaluation_samples(checkpoint, data)
     metrics, errors = evaluate_samples(
         checkpoint,
         samples,
         class_names,
-        resolve_device(device_name),
+        device,
         batch_size or data_cfg.batch_size,
         data_cfg.num_workers if num_workers is None else num_workers,
     )
