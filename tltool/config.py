@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tltool.errors import ConfigError
 
@@ -76,6 +76,8 @@ class DataConfig(_Section):
     """An unreadable image is skipped with a warning (skip) or stops the run before training (error)."""
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, examples=[0.05])
     """Stop before training when more than this fraction of the images is unreadable."""
+    sampler: Literal["shuffle", "balanced"] = Field("shuffle", examples=["balanced"])
+    """Training order: shuffle (each image once an epoch), balanced (drawn with replacement, classes equally often)."""
 
 
 class ModelConfig(_Section):
@@ -150,6 +152,26 @@ class TrainConfig(_Section):
     """With augmentation, cache this many augmented views per image and cycle them over the epochs."""
     feature_cache_memory_mb: int = Field(4096, ge=0, examples=[1024])
     """Cached features larger than this go to the run directory (memory-mapped) instead of RAM."""
+    unfreeze_at_epoch: int | None = Field(None, ge=1, examples=[4])
+    """Two-phase: epochs before N train the head only (train.freeze: backbone), from epoch N on the whole backbone."""
+    unfreeze_schedule: dict[int, int | Literal["all"]] | None = Field(None, examples=[{3: 1, 5: 2, 7: "all"}])
+    """Gradual unfreezing, {epoch: N or all}: from that epoch on, the last N stages of the backbone (or all) train."""
+    unfreeze_warmup_epochs: float | None = Field(None, ge=0.0, examples=[1])
+    """Linear LR warmup of each part of the backbone from the epoch it opens (empty: train.warmup_epochs)."""
+    bn_policy: Literal["train", "frozen"] = Field("train", examples=["frozen"])
+    """Batch norm of a training backbone: train (statistics update), frozen (eval mode; its affine weights learn)."""
+    backbone_lr_mult: float = Field(1.0, gt=0.0, le=100.0, examples=[0.1])
+    """Discriminative LR: the backbone trains at train.lr x this (the head at train.lr)."""
+    layer_lr_decay: float = Field(1.0, gt=0.0, le=1.0, examples=[0.7])
+    """Layer-wise LR decay: each backbone stage further from the head trains at the LR of the one above x this."""
+    regularization: Literal["none", "l2sp"] = Field("none", examples=["l2sp"])
+    """none (weight decay), or l2sp: alpha/2 sum (w - w0)^2 on the backbone + beta/2 sum w^2 on the head, no decay."""
+    l2sp_alpha: float = Field(0.1, ge=0.0, le=100.0, examples=[0.01])
+    """L2-SP strength pulling the backbone toward its starting (pretrained) weights w0."""
+    l2sp_beta: float = Field(0.01, ge=0.0, le=100.0, examples=[0.001])
+    """L2-SP plain L2 strength on the new head."""
+    class_weights: Literal["none", "balanced"] | list[float] = Field("none", examples=["balanced"])
+    """Loss weight per class: none, balanced (n_images / (n_classes x images of the class)), or one number per class."""
 
     @field_validator("feature_cache", "channels_last", mode="before")
     @classmethod
@@ -165,6 +187,56 @@ class TrainConfig(_Section):
         if isinstance(value, list) and not all(value):
             raise ValueError("module-name prefixes must not be empty")
         return value
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _class_weights_words(cls, value: Any) -> Any:
+        if value is None:  # YAML `null`
+            return "none"
+        if isinstance(value, str) and value not in ("none", "balanced"):
+            raise ValueError("must be none, balanced, or a list of one weight per class")
+        return value
+
+    @field_validator("class_weights")
+    @classmethod
+    def _class_weights(cls, value: str | list[float]) -> str | list[float]:
+        if isinstance(value, list) and (not value or not all(w > 0 and w < float("inf") for w in value)):
+            raise ValueError("a list of class weights needs one positive number per class")
+        return value
+
+    @field_validator("unfreeze_schedule")
+    @classmethod
+    def _unfreeze_schedule(cls, value: dict[int, int | str] | None) -> dict[int, int | str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("give at least one epoch: stages entry, or leave it empty (null)")
+        epochs = sorted(value)
+        if epochs[0] < 1:
+            raise ValueError("epochs count from 1")
+        counts = [value[e] for e in epochs]
+        if "all" in counts[:-1]:
+            raise ValueError("'all' can only be the stages of the last epoch")
+        numbers = [c for c in counts if c != "all"]
+        if any(n < 1 for n in numbers) or any(b <= a for a, b in zip(numbers, numbers[1:], strict=False)):
+            raise ValueError("stages must be at least 1 and grow from epoch to epoch (each entry opens more)")
+        return {e: value[e] for e in epochs}
+
+    @model_validator(mode="after")
+    def _unfreeze_plan(self) -> TrainConfig:
+        plan = "train.unfreeze_at_epoch" if self.unfreeze_at_epoch is not None else None
+        if self.unfreeze_schedule is not None:
+            if plan:
+                raise ValueError("set train.unfreeze_at_epoch or train.unfreeze_schedule, not both")
+            plan = "train.unfreeze_schedule"
+        if plan is None:
+            return self
+        if self.freeze != "backbone":
+            raise ValueError(f"{plan} opens a frozen backbone: it needs train.freeze: backbone (got {self.freeze!r})")
+        last = self.unfreeze_at_epoch if self.unfreeze_at_epoch is not None else max(self.unfreeze_schedule or [0])
+        if last > self.epochs:
+            raise ValueError(f"{plan} opens at epoch {last}, after the last epoch (train.epochs {self.epochs})")
+        return self
 
 
 class CheckpointConfig(_Section):

@@ -401,6 +401,25 @@ class EpochSampler(Sampler[int]):
         return max(0, self.size - self.skip)
 
 
+class BalancedSampler(EpochSampler):
+    """`data.sampler: balanced`: each epoch draws as many samples as there are, with replacement, every class
+    equally likely (torch's WeightedRandomSampler with weights 1 / class count).
+
+    As EpochSampler, the draw is a function of (seed, epoch) alone and `skip` resumes it mid-epoch.
+    """
+
+    def __init__(self, labels: Sequence[int], seed: int) -> None:
+        super().__init__(len(labels), seed, shuffle=True)
+        counts = Counter(labels)
+        self.weights = torch.tensor([1.0 / counts[label] for label in labels], dtype=torch.float64)
+
+    def order(self) -> list[int]:
+        if self.size == 0:
+            return []
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.multinomial(self.weights, self.size, replacement=True, generator=generator).tolist()
+
+
 def _init_worker(worker_id: int) -> None:
     # Ctrl-C is the main process's to handle (it saves and exits); workers must not die of it first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -418,8 +437,13 @@ def make_loader(
     seed: int,
     shuffle: bool,
     pin_memory: bool = False,
+    balanced: bool = False,
 ) -> DataLoader:
-    sampler = EpochSampler(len(samples), seed, shuffle=shuffle)
+    """A loader whose order is a function of (seed, epoch); `balanced` draws classes equally often."""
+    if balanced:
+        sampler: EpochSampler = BalancedSampler([label for _, label in samples], seed)
+    else:
+        sampler = EpochSampler(len(samples), seed, shuffle=shuffle)
     return DataLoader(
         ImageDataset(samples, transform),
         batch_size=batch_size,

@@ -8,6 +8,7 @@ run ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from tltool.checkpoint import (
@@ -35,18 +37,19 @@ from tltool.checkpoint import (
     versions,
 )
 from tltool.config import Config, TrainConfig, build_config
-from tltool.data import eval_transform, make_loader, scan_data, set_loader_epoch, train_transform
+from tltool.data import BalancedSampler, eval_transform, make_loader, scan_data, set_loader_epoch, train_transform
 from tltool.device import autocast, resolve_device, resolve_precision, use_channels_last
 from tltool.errors import CheckpointError, ConfigError, TrainingError
 from tltool.evaluate import evaluate
 from tltool.features import build_cache, cache_applies
-from tltool.models import (
-    build_model,
-    built_from_checkpoint,
-    count_parameters,
-    freeze_modules,
-    parameter_groups,
-    set_train_mode,
+from tltool.models import build_model, built_from_checkpoint, count_parameters, freeze_modules, set_train_mode
+from tltool.transfer import (
+    UnfreezePlan,
+    class_weight_tensor,
+    describe_method,
+    l2sp_penalty,
+    l2sp_reference,
+    transfer_summary,
 )
 
 # Config keys that may change when a run is resumed (everything else must match the checkpoint).
@@ -108,24 +111,40 @@ def run_directory(cfg: Config) -> Path:
     return Path(cfg.run.output_dir) if cfg.run.output_dir else Path("runs") / cfg.run.name
 
 
-def make_optimizer(cfg: TrainConfig, groups: dict[str, list[nn.Parameter]]) -> torch.optim.Optimizer:
-    param_groups = [{"params": params, "name": name, "lr": cfg.lr} for name, params in groups.items()]
+def make_optimizer(
+    cfg: TrainConfig, groups: list[dict[str, Any]] | dict[str, list[nn.Parameter]]
+) -> torch.optim.Optimizer:
+    """The optimizer over named groups (dicts with params, name, lr, ...; or name -> params at train.lr)."""
+    if isinstance(groups, dict):
+        groups = [{"params": params, "name": name, "lr": cfg.lr} for name, params in groups.items()]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def lr_factor(cfg: TrainConfig, steps_per_epoch: int):
-    """LR multiplier as a function of the optimizer step: linear warmup, then the schedule."""
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int, opened_at: int | None = None):
+    """LR multiplier as a function of the optimizer step: linear warmup, then the schedule.
+
+    A group that opened at step `opened_at` (a part of the backbone an unfreeze plan opened) has its
+    own warmup from there, `train.unfreeze_warmup_epochs` long, times the run's schedule.
+    """
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    rewarm = cfg.warmup_epochs if cfg.unfreeze_warmup_epochs is None else cfg.unfreeze_warmup_epochs
+    ramp = round(rewarm * steps_per_epoch)
 
     def factor(step: int) -> float:
+        if opened_at is not None:
+            since = step - opened_at
+            return schedule(step) * (min(1.0, max(0.0, (since + 1) / ramp)) if ramp else 1.0)
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return schedule(step)
+
+    def schedule(step: int) -> float:
+        progress = min(1.0, max(0, step - warmup) / max(1, total - warmup))
         if cfg.scheduler == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         if cfg.scheduler == "step":
@@ -137,6 +156,22 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int):
         return 1.0
 
     return factor
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    steps_per_epoch: int,
+    opened: dict[str, int] | None = None,
+    step: int = 0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule of every group (`opened`: group name -> step it opened), positioned at `step`.
+
+    Rebuilt when a plan adds groups: from then on, step `step`'s LRs are as if it had always had them.
+    """
+    opened = opened or {}
+    lambdas = [lr_factor(cfg, steps_per_epoch, opened.get(group.get("name"))) for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas, last_epoch=step - 1)
 
 
 def _config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -155,6 +190,11 @@ def _write_text_atomic(path: Path, text: str) -> None:
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     temp.write_text(text, encoding="utf-8")
     os.replace(temp, path)
+
+
+def _head_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The head's current LR (the LR of metrics.jsonl); the last group's when the head is frozen."""
+    return next((g["lr"] for g in optimizer.param_groups if g.get("name") == "head"), optimizer.param_groups[-1]["lr"])
 
 
 def _improved(monitor: str, value: float, best: float | None) -> bool:
@@ -200,12 +240,16 @@ def train_one_epoch(
     every_n_steps: int | None = None,
     stop: StopRequest | None = None,
     forward: nn.Module | None = None,
+    class_weight: torch.Tensor | None = None,
+    penalty: Any = None,
 ) -> dict[str, float]:
     """One pass over the training set: forward, loss, backward, (clip), step, schedule.
 
     `loader` yields the batches from `epoch_progress.batches_done` on (a resumed epoch starts mid-way);
     `save_mid_epoch()` is called every `every_n_steps` optimizer steps and when a stop is requested.
     `forward` is what the batches go through: the whole model, or only its head on cached features.
+    `class_weight` weights the cross-entropy per class; `penalty()` (L2-SP) is added to the loss that is
+    minimized, not to the reported one.
     """
     forward = forward if forward is not None else model
     set_train_mode(model, frozen)  # frozen modules stay in eval mode: batch-norm statistics never move
@@ -225,13 +269,14 @@ def train_one_epoch(
             labels = labels.to(device, non_blocking=True)
             with autocast(device, precision):
                 logits = forward(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-            if not torch.isfinite(loss):
+                loss = F.cross_entropy(logits.float(), labels, weight=class_weight, label_smoothing=cfg.label_smoothing)
+            objective = loss + penalty() if penalty is not None else loss
+            if not torch.isfinite(objective):
                 raise TrainingError(
-                    f"the loss became {loss.item()} at epoch {state.epoch + 1}, batch {index + 1}",
+                    f"the loss became {objective.item()} at epoch {state.epoch + 1}, batch {index + 1}",
                     "lower train.lr or set train.grad_clip_norm (the last finite checkpoint is kept)",
                 )
-            scaler.scale(loss / group_size).backward()
+            scaler.scale(objective / group_size).backward()
             sums.loss_sum += loss.item() * labels.numel()
             sums.correct += (logits.argmax(dim=1) == labels).sum().item()
             sums.seen += labels.numel()
@@ -281,6 +326,8 @@ def _checkpoint_payload(
     scheduler: Any,
     scaler: torch.amp.GradScaler,
     state: TrainState,
+    plan: UnfreezePlan,
+    reference: dict[str, torch.Tensor] | None,
 ) -> dict[str, Any]:
     model = built.model
     return {
@@ -305,6 +352,8 @@ def _checkpoint_payload(
         "epoch_progress": state.in_epoch.to_dict() if state.in_epoch is not None else None,
         "metrics": state.history[-1] if state.history else {},
         "rng": rng_state(),
+        "transfer": plan.state_dict(),  # which parts of the backbone opened, at which step
+        "l2sp_reference": {k: v.detach().cpu() for k, v in reference.items()} if reference is not None else None,
     }
 
 
@@ -381,8 +430,10 @@ def _epoch_line(record: dict[str, Any], epochs: int, is_best: bool) -> str:
     )
 
 
-def describe(built: Any, split: Any, cfg: Config, device: torch.device, precision: str, steps: int) -> str:
-    """The --dry-run summary: model, parameters per group, data, steps."""
+def describe(
+    built: Any, split: Any, cfg: Config, device: torch.device, precision: str, steps: int, plan: UnfreezePlan
+) -> str:
+    """The --dry-run summary: model, parameters per group, method and optimizer groups, data, steps."""
     counts = count_parameters(built.model)
     pre = built.preprocess
     lines = [
@@ -397,6 +448,8 @@ def describe(built: Any, split: Any, cfg: Config, device: torch.device, precisio
     lines.append(f"           {'all':<9} {total:>12,} {trainable:>12,}")
     lines += [
         f"freeze     {cfg.train.freeze}",
+        f"method     {describe_method(cfg, plan.base_frozen)}",
+        *plan.group_table(),
         f"classes    {len(split.class_names)}: {', '.join(split.class_names[:10])}"
         + (" ..." if len(split.class_names) > 10 else ""),
         f"images     train {len(split.train)}, val {len(split.val)}"
@@ -410,6 +463,9 @@ def describe(built: Any, split: Any, cfg: Config, device: torch.device, precisio
         "cache      "
         + (
             "frozen backbone features computed once, epochs train the head"
+            + (f" (until the backbone opens at epoch {min(plan.opens_at().values())})" if plan.entries else "")
+            if cache_applies(cfg) and plan.head_only(0)
+            else "off (the backbone trains from epoch 1)"
             if cache_applies(cfg)
             else f"off (train.feature_cache={cfg.train.feature_cache})"
         ),
@@ -476,13 +532,18 @@ def finetune(
         built = build_model(cfg.model, cfg.data, len(split.class_names), split.class_names)
     model = built.model
     frozen = freeze_modules(model, cfg.train.freeze)
-    groups = parameter_groups(model)
+    # The parts of the backbone as optimizer groups, and the plan that opens them (transfer.py).
+    plan = UnfreezePlan(cfg.train, model, frozen, cfg.model.backbone)
+    groups = plan.initial_groups()
     if not groups:
         raise ConfigError("train.freeze leaves no parameter to train", "freeze less (e.g. train.freeze=backbone)")
     model.to(device)
     if use_channels_last(cfg.train.channels_last, model):
         # Weights in NHWC; convolutions then run NHWC (the input is converted by the first one).
         model.to(memory_format=torch.channels_last)
+    labels = [label for _, label in split.train]
+    class_weight = class_weight_tensor(cfg.train.class_weights, split.class_names, labels)
+    class_weight = class_weight.to(device) if class_weight is not None else None
 
     pin = device.type == "cuda"
     train_loader = make_loader(
@@ -493,6 +554,7 @@ def finetune(
         cfg.run.seed,
         shuffle=True,
         pin_memory=pin,
+        balanced=cfg.data.sampler == "balanced",
     )
     val_loader = make_loader(
         split.val,
@@ -505,11 +567,26 @@ def finetune(
     )
     steps = math.ceil(len(train_loader) / cfg.train.accumulate_steps)
     optimizer = make_optimizer(cfg.train, groups)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.train, steps))
+    if resumed is not None:
+        # The same groups in the same order as when the checkpoint was written, before its state loads.
+        plan.restore(resumed.get("transfer"), optimizer)
+        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        if trainable != list(resumed["trainable"]):
+            raise CheckpointError(
+                "the checkpoint's trainable parameters differ from what its config and unfreeze record give",
+                "resume with the original config and tltool version",
+            )
+    scheduler = make_scheduler(optimizer, cfg.train, steps, plan.opened_steps())
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    frozen = plan.frozen_modules()
+    reference, penalty = None, None  # L2-SP: w0 (the backbone at the start of training) and the loss term
+    if cfg.train.regularization == "l2sp":
+        saved = resumed.get("l2sp_reference") if resumed is not None else None
+        reference = {k: v.to(device) for k, v in saved.items()} if saved else l2sp_reference(model)
+        penalty = functools.partial(l2sp_penalty, model, reference, cfg.train.l2sp_alpha, cfg.train.l2sp_beta)
 
     if dry_run:
-        print(describe(built, split, cfg, device, precision, steps))
+        print(describe(built, split, cfg, device, precision, steps, plan))
         print("dry run: nothing trained, nothing written")
         return {"dry_run": True}
 
@@ -541,9 +618,13 @@ def finetune(
         _write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in state.history))
 
     cache = None
-    if cache_applies(cfg):
+    if cache_applies(cfg) and plan.head_only(state.epoch):  # (not once an unfreeze plan opened the backbone)
         cache = build_cache(cfg, model, built.weights_source, built.preprocess, split.train, split.val, device,
                             precision, run_dir / "feature_cache")  # fmt: skip
+        if cfg.data.sampler == "balanced":  # the same class-balanced draw over the cached features
+            sampler = BalancedSampler(cache.train.labels.tolist(), cfg.run.seed)
+            cache.train_loader = DataLoader(cache.train, cfg.data.batch_size, sampler=sampler,
+                                            collate_fn=cache.train_loader.collate_fn)  # fmt: skip
         _say(
             quiet,
             f"feature cache: {len(cache.train)} train x {cache.train.features.shape[0]} view(s) + {len(cache.val)} val "
@@ -565,10 +646,10 @@ def finetune(
     )
 
     def save_last() -> None:
-        save_atomic(
-            _checkpoint_payload(cfg, built, split.class_names, frozen, optimizer, scheduler, scaler, state),
-            checkpoint_dir / "last.pt",
+        payload = _checkpoint_payload(
+            cfg, built, split.class_names, frozen, optimizer, scheduler, scaler, state, plan, reference
         )
+        save_atomic(payload, checkpoint_dir / "last.pt")
 
     writer = open_tensorboard(cfg, run_dir, state.epoch) if cfg.log.tensorboard else None
     if cfg.log.report:
@@ -585,7 +666,16 @@ def finetune(
                 torch.manual_seed(cfg.run.seed * 1_000_003 + epoch)
                 state.in_epoch = EpochProgress()
             # (A resumed epoch continues from its checkpoint's batch, with the RNG state saved there.)
-            if cache is not None:
+            opening = plan.due(epoch)
+            if opening:  # the unfreeze plan opens parts of the backbone from this epoch on
+                plan.open(opening, optimizer, state.global_step, epoch + 1)
+                scheduler = make_scheduler(optimizer, cfg.train, steps, plan.opened_steps(), state.global_step)
+                frozen = plan.frozen_modules()
+                _say(quiet, f"epoch {epoch + 1}: " + ", ".join(f"{p.name} opens (lr {p.lr:.2e})" for p in opening))
+                # From now on the images go through the whole model: the feature cache no longer applies.
+                loader, val_batches, forward = train_loader, val_loader, model
+                num_batches = math.ceil(len(split.train) / cfg.data.batch_size)
+            if forward is not model:
                 cache.set_epoch(epoch)
             set_loader_epoch(loader, cfg.run.seed, epoch, skip_batches=state.in_epoch.batches_done)
             bar = tqdm(
@@ -600,6 +690,7 @@ def finetune(
                 train_stats = train_one_epoch(
                     model, loader, optimizer, scheduler, scaler, cfg.train, state, frozen, device, precision,
                     bar, state.in_epoch, num_batches, save_last, cfg.checkpoint.every_n_steps, stop, forward,
+                    class_weight, penalty,
                 )  # fmt: skip
             finally:
                 bar.close()
@@ -612,7 +703,8 @@ def finetune(
             state.epoch, state.in_epoch = epoch + 1, None
             record = {
                 "epoch": state.epoch,
-                "lr": optimizer.param_groups[-1]["lr"],
+                "lr": _head_lr(optimizer),
+                "lr_groups": {g["name"]: g["lr"] for g in optimizer.param_groups},
                 "train_loss": train_stats["train_loss"],
                 "train_acc": train_stats["train_acc"],
                 "val_loss": val["loss"],
@@ -662,9 +754,8 @@ def finetune(
         "run_dir": str(run_dir),
         "backbone": cfg.model.backbone,
         "weights": built.weights_source,
-        "method": "frozen backbone"
-        if cfg.train.freeze == "backbone"
-        else ("full fine-tune" if cfg.train.freeze == "none" else f"partial fine-tune (frozen: {frozen})"),
+        "method": describe_method(cfg, plan.base_frozen),
+        "transfer": transfer_summary(cfg, plan, optimizer, class_weight),
         "epochs_completed": state.epoch,
         "stopped_early": stopped_early,
         "monitor": cfg.checkpoint.monitor,
