@@ -40,7 +40,8 @@ from tltool.config import load_config  # noqa: E402
 from tltool.data import Preprocess  # noqa: E402
 from tltool.device import use_channels_last  # noqa: E402
 from tltool.models import build_model, freeze_modules, parameter_groups  # noqa: E402
-from tltool.train import EpochProgress, TrainState, finetune, lr_factor, make_optimizer, train_one_epoch  # noqa: E402
+from tltool.optim import lr_factor, make_optimizer  # noqa: E402
+from tltool.train import EpochProgress, TrainState, finetune, train_one_epoch  # noqa: E402
 
 
 def make_images(root: Path, classes: int, per_class: int, size: int, seed: int = 0) -> Path:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from conftest import run_overrides
 from tltool.config import load_config
-from tltool.train import finetune, format_summary
+from tltool.runlog import format_summary
+from tltool.train import finetune
 
 
 def test_tensorboard_scalars_and_hparams(tmp_path: Path, dataset: Path) -> None:

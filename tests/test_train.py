@@ -16,7 +16,8 @@ from tltool.checkpoint import load_checkpoint
 from tltool.config import TrainConfig, load_config
 from tltool.errors import CheckpointError, ConfigError, TrainingError
 from tltool.models import build_model
-from tltool.train import finetune, lr_factor, seed_everything
+from tltool.optim import lr_factor
+from tltool.train import finetune, seed_everything
 
 
 def run(run_dir: Path, train: Path, *extra: str, resume: str | None = None, **kwargs) -> dict:

@@ -89,7 +89,7 @@ def finetune(
         summary = run_finetune(cfg, resume=resume, dry_run=dry_run, quiet=quiet, config_path=config)
         if summary.get("dry_run") or summary.get("finished"):
             return
-        from tltool.train import format_summary
+        from tltool.runlog import format_summary
 
         typer.echo(format_summary(summary))
 

@@ -70,3 +70,15 @@ def use_channels_last(setting: str, model: torch.nn.Module) -> bool:
         return setting == "on"
     backbone = getattr(model, "backbone", model)
     return type(backbone).__name__ not in _NO_CHANNELS_LAST
+
+
+def configure_backends(device: torch.device) -> None:
+    """Fast defaults for a training process on `device`.
+
+    CUDA: cudnn.benchmark (fixed input sizes: pick the fastest convolution once) and TF32 matmuls and
+    convolutions on Ampere and newer (10 mantissa bits; the accepted default for training).
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

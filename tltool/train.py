@@ -38,11 +38,13 @@ from tltool.checkpoint import (
 )
 from tltool.config import Config, TrainConfig, build_config
 from tltool.data import BalancedSampler, eval_transform, make_loader, scan_data, set_loader_epoch, train_transform
-from tltool.device import autocast, resolve_device, resolve_precision, use_channels_last
+from tltool.device import autocast, configure_backends, resolve_device, resolve_precision, use_channels_last
 from tltool.errors import CheckpointError, ConfigError, TrainingError
 from tltool.evaluate import evaluate
 from tltool.features import build_cache, cache_applies
-from tltool.models import build_model, built_from_checkpoint, count_parameters, freeze_modules, set_train_mode
+from tltool.models import build_model, built_from_checkpoint, freeze_modules, set_train_mode
+from tltool.optim import make_optimizer, make_scheduler
+from tltool.runlog import _epoch_line, _say, describe, hparams, log_tensorboard, open_tensorboard
 from tltool.transfer import (
     UnfreezePlan,
     class_weight_tensor,
@@ -109,69 +111,6 @@ def with_absolute_paths(cfg: Config) -> Config:
 
 def run_directory(cfg: Config) -> Path:
     return Path(cfg.run.output_dir) if cfg.run.output_dir else Path("runs") / cfg.run.name
-
-
-def make_optimizer(
-    cfg: TrainConfig, groups: list[dict[str, Any]] | dict[str, list[nn.Parameter]]
-) -> torch.optim.Optimizer:
-    """The optimizer over named groups (dicts with params, name, lr, ...; or name -> params at train.lr)."""
-    if isinstance(groups, dict):
-        groups = [{"params": params, "name": name, "lr": cfg.lr} for name, params in groups.items()]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def lr_factor(cfg: TrainConfig, steps_per_epoch: int, opened_at: int | None = None):
-    """LR multiplier as a function of the optimizer step: linear warmup, then the schedule.
-
-    A group that opened at step `opened_at` (a part of the backbone an unfreeze plan opened) has its
-    own warmup from there, `train.unfreeze_warmup_epochs` long, times the run's schedule.
-    """
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    rewarm = cfg.warmup_epochs if cfg.unfreeze_warmup_epochs is None else cfg.unfreeze_warmup_epochs
-    ramp = round(rewarm * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        if opened_at is not None:
-            since = step - opened_at
-            return schedule(step) * (min(1.0, max(0.0, (since + 1) / ramp)) if ramp else 1.0)
-        if step < warmup:
-            return (step + 1) / warmup
-        return schedule(step)
-
-    def schedule(step: int) -> float:
-        progress = min(1.0, max(0, step - warmup) / max(1, total - warmup))
-        if cfg.scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if cfg.scheduler == "step":
-            return cfg.step_gamma ** ((step // steps_per_epoch) // cfg.step_size)
-        if cfg.scheduler == "onecycle":  # cosine up from 1/25 over 30% of the steps, then down to 1/1e4
-            if progress < 0.3:
-                return 1 / 25 + (1 - 1 / 25) * 0.5 * (1 - math.cos(math.pi * progress / 0.3))
-            return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * (progress - 0.3) / 0.7))
-        return 1.0
-
-    return factor
-
-
-def make_scheduler(
-    optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig,
-    steps_per_epoch: int,
-    opened: dict[str, int] | None = None,
-    step: int = 0,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """The LR schedule of every group (`opened`: group name -> step it opened), positioned at `step`.
-
-    Rebuilt when a plan adds groups: from then on, step `step`'s LRs are as if it had always had them.
-    """
-    opened = opened or {}
-    lambdas = [lr_factor(cfg, steps_per_epoch, opened.get(group.get("name"))) for group in optimizer.param_groups]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas, last_epoch=step - 1)
 
 
 def _config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -357,122 +296,6 @@ def _checkpoint_payload(
     }
 
 
-def open_tensorboard(cfg: Config, run_dir: Path, start_epoch: int) -> Any:
-    """A SummaryWriter for `log.tensorboard` (events after `start_epoch` of an earlier try are purged)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError(
-            "log.tensorboard needs the tensorboard package", "pip install 'tltool[tensorboard]'"
-        ) from None
-    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_epoch + 1 if start_epoch else None)
-
-
-def log_tensorboard(writer: Any, record: dict[str, Any]) -> None:
-    """One epoch's scalars, grouped as TensorBoard shows them (loss/, accuracy/, lr, speed)."""
-    epoch = record["epoch"]
-    writer.add_scalar("loss/train", record["train_loss"], epoch)
-    writer.add_scalar("loss/val", record["val_loss"], epoch)
-    writer.add_scalar("accuracy/train", record["train_acc"], epoch)
-    writer.add_scalar("accuracy/val_top1", record["val_acc1"], epoch)
-    writer.add_scalar("accuracy/val_top5", record["val_acc5"], epoch)
-    writer.add_scalar("lr", record["lr"], epoch)
-    writer.add_scalar("speed/images_per_second", record["images_per_second"], epoch)
-    writer.flush()
-
-
-def _hparams(cfg: Config) -> dict[str, Any]:
-    """The config as flat scalar hyper-parameters (TensorBoard's HPARAMS tab)."""
-    flat = {}
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            if isinstance(value, int | float | str | bool):
-                flat[f"{section}.{key}"] = value
-            elif value is not None:
-                flat[f"{section}.{key}"] = str(value)
-    return flat
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """The end-of-run table: best epoch and metric, time, speed, where the files are, what to run next."""
-    best = summary["checkpoints"]["best"] or summary["checkpoints"]["last"]
-    final = {"val_acc1": float("nan"), "val_acc5": float("nan"), "val_loss": float("nan"), **(summary["final"] or {})}
-    metric = f"{summary['best_metric']:.4f}" if summary["best_metric"] is not None else "n/a"
-    cache = summary.get("feature_cache")
-    lines = [
-        f"best epoch   {summary['best_epoch']} of {summary['epochs_completed']}"
-        f" ({summary['monitor']} {metric})" + ("  [stopped early]" if summary["stopped_early"] else ""),
-        f"last epoch   val top-1 {final['val_acc1']:.1%}, top-5 {final['val_acc5']:.1%}, "
-        f"val loss {final['val_loss']:.4f}",
-        f"time         {summary['wall_seconds']:.1f} s on {summary['device']} ({summary['precision']})"
-        + (f", features extracted once in {cache['extract_seconds']:.1f} s" if cache else ""),
-        f"speed        {final.get('images_per_second', 0):.0f} train images/s (last epoch)",
-        f"files        {summary['run_dir']}/  config.yaml metrics.jsonl summary.json checkpoints/",
-        f"next         tltool eval {best}",
-        f"             tltool export {best} --format onnx",
-        f"             tltool report {summary['run_dir']}",
-    ]
-    return "\n".join(lines)
-
-
-def _say(quiet: bool, text: str) -> None:
-    if not quiet:
-        print(text, flush=True)
-
-
-def _epoch_line(record: dict[str, Any], epochs: int, is_best: bool) -> str:
-    return (
-        f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  "
-        f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.1%}  "
-        f"val loss {record['val_loss']:.4f} acc1 {record['val_acc1']:.1%} acc5 {record['val_acc5']:.1%}  "
-        f"lr {record['lr']:.2e}  {record['images_per_second']:.0f} img/s  {record['epoch_seconds']:.1f} s"
-        + ("  *best" if is_best else "")
-    )
-
-
-def describe(
-    built: Any, split: Any, cfg: Config, device: torch.device, precision: str, steps: int, plan: UnfreezePlan
-) -> str:
-    """The --dry-run summary: model, parameters per group, method and optimizer groups, data, steps."""
-    counts = count_parameters(built.model)
-    pre = built.preprocess
-    lines = [
-        f"model      {cfg.model.backbone}  weights: {built.weights_source}",
-        *(f"           {note}" for note in built.notes),
-        f"parameters {'group':<9} {'total':>12} {'trainable':>12}",
-    ]
-    for group, c in counts.items():
-        lines.append(f"           {group:<9} {c['total']:>12,} {c['trainable']:>12,}")
-    total = sum(c["total"] for c in counts.values())
-    trainable = sum(c["trainable"] for c in counts.values())
-    lines.append(f"           {'all':<9} {total:>12,} {trainable:>12,}")
-    lines += [
-        f"freeze     {cfg.train.freeze}",
-        f"method     {describe_method(cfg, plan.base_frozen)}",
-        *plan.group_table(),
-        f"classes    {len(split.class_names)}: {', '.join(split.class_names[:10])}"
-        + (" ..." if len(split.class_names) > 10 else ""),
-        f"images     train {len(split.train)}, val {len(split.val)}"
-        + (f", skipped {len(split.bad)} unreadable" if split.bad else ""),
-        f"input      {pre.image_size}px crop of {pre.resize_size}px resize, {pre.interpolation}, "
-        f"mean {list(pre.mean)}, std {list(pre.std)}",
-        f"training   {cfg.train.epochs} epochs x {steps} steps (batch {cfg.data.batch_size}"
-        + (f" x {cfg.train.accumulate_steps} accumulated" if cfg.train.accumulate_steps > 1 else "")
-        + f"), {cfg.train.optimizer} lr {cfg.train.lr:g}, scheduler {cfg.train.scheduler}",
-        f"device     {device}  precision {precision}",
-        "cache      "
-        + (
-            "frozen backbone features computed once, epochs train the head"
-            + (f" (until the backbone opens at epoch {min(plan.opens_at().values())})" if plan.entries else "")
-            if cache_applies(cfg) and plan.head_only(0)
-            else "off (the backbone trains from epoch 1)"
-            if cache_applies(cfg)
-            else f"off (train.feature_cache={cfg.train.feature_cache})"
-        ),
-    ]
-    return "\n".join(lines)
-
-
 def finetune(
     cfg: Config,
     resume: str | None = None,
@@ -489,6 +312,7 @@ def finetune(
     # Data first: a wrong path or class layout fails before any weights are read.
     split = scan_data(cfg.data, cfg.run.seed)
     device = resolve_device(cfg.run.device)
+    configure_backends(device)
     precision = resolve_precision(cfg.train.precision, device)
     run_dir = run_directory(cfg)
     checkpoint_dir = run_dir / "checkpoints"
@@ -779,7 +603,7 @@ def finetune(
     if writer is not None and last:
         with open_tensorboard(cfg, run_dir, 0) as hparams_writer:
             final = {f"hparam/{k}": last[k] for k in ("val_acc1", "val_acc5", "val_loss", "train_loss")}
-            hparams_writer.add_hparams(_hparams(cfg), final, run_name="hparams")
+            hparams_writer.add_hparams(hparams(cfg), final, run_name="hparams")
     if cfg.log.report:
         from tltool.report import write_report
 

@@ -1,0 +1,78 @@
+"""Optimizers and learning-rate schedules: named parameter groups, warmup, and per-group warmup restarts.
+
+Every schedule is a pure function of the optimizer step (a LambdaLR), so a resumed run gets the same LR
+at every step as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from tltool.config import TrainConfig
+
+
+def make_optimizer(
+    cfg: TrainConfig, groups: list[dict[str, Any]] | dict[str, list[nn.Parameter]]
+) -> torch.optim.Optimizer:
+    """The optimizer over named groups (dicts with params, name, lr, ...; or name -> params at train.lr)."""
+    if isinstance(groups, dict):
+        groups = [{"params": params, "name": name, "lr": cfg.lr} for name, params in groups.items()]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int, opened_at: int | None = None):
+    """LR multiplier as a function of the optimizer step: linear warmup, then the schedule.
+
+    A group that opened at step `opened_at` (a part of the backbone an unfreeze plan opened) has its
+    own warmup from there, `train.unfreeze_warmup_epochs` long, times the run's schedule.
+    """
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    rewarm = cfg.warmup_epochs if cfg.unfreeze_warmup_epochs is None else cfg.unfreeze_warmup_epochs
+    ramp = round(rewarm * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if opened_at is not None:
+            since = step - opened_at
+            return schedule(step) * (min(1.0, max(0.0, (since + 1) / ramp)) if ramp else 1.0)
+        if step < warmup:
+            return (step + 1) / warmup
+        return schedule(step)
+
+    def schedule(step: int) -> float:
+        progress = min(1.0, max(0, step - warmup) / max(1, total - warmup))
+        if cfg.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if cfg.scheduler == "step":
+            return cfg.step_gamma ** ((step // steps_per_epoch) // cfg.step_size)
+        if cfg.scheduler == "onecycle":  # cosine up from 1/25 over 30% of the steps, then down to 1/1e4
+            if progress < 0.3:
+                return 1 / 25 + (1 - 1 / 25) * 0.5 * (1 - math.cos(math.pi * progress / 0.3))
+            return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * (progress - 0.3) / 0.7))
+        return 1.0
+
+    return factor
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    steps_per_epoch: int,
+    opened: dict[str, int] | None = None,
+    step: int = 0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule of every group (`opened`: group name -> step it opened), positioned at `step`.
+
+    Rebuilt when a plan adds groups: from then on, step `step`'s LRs are as if it had always had them.
+    """
+    opened = opened or {}
+    lambdas = [lr_factor(cfg, steps_per_epoch, opened.get(group.get("name"))) for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas, last_epoch=step - 1)

@@ -1,0 +1,130 @@
+"""What a run shows: the --dry-run description, per-epoch lines, TensorBoard, the end-of-run summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tltool.config import Config
+from tltool.errors import ConfigError
+from tltool.features import cache_applies
+from tltool.models import count_parameters
+from tltool.transfer import UnfreezePlan, describe_method
+
+
+def open_tensorboard(cfg: Config, run_dir: Path, start_epoch: int) -> Any:
+    """A SummaryWriter for `log.tensorboard` (events after `start_epoch` of an earlier try are purged)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "log.tensorboard needs the tensorboard package", "pip install 'tltool[tensorboard]'"
+        ) from None
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_epoch + 1 if start_epoch else None)
+
+
+def log_tensorboard(writer: Any, record: dict[str, Any]) -> None:
+    """One epoch's scalars, grouped as TensorBoard shows them (loss/, accuracy/, lr, speed)."""
+    epoch = record["epoch"]
+    writer.add_scalar("loss/train", record["train_loss"], epoch)
+    writer.add_scalar("loss/val", record["val_loss"], epoch)
+    writer.add_scalar("accuracy/train", record["train_acc"], epoch)
+    writer.add_scalar("accuracy/val_top1", record["val_acc1"], epoch)
+    writer.add_scalar("accuracy/val_top5", record["val_acc5"], epoch)
+    writer.add_scalar("lr", record["lr"], epoch)
+    writer.add_scalar("speed/images_per_second", record["images_per_second"], epoch)
+    writer.flush()
+
+
+def hparams(cfg: Config) -> dict[str, Any]:
+    """The config as flat scalar hyper-parameters (TensorBoard's HPARAMS tab)."""
+    flat = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            if isinstance(value, int | float | str | bool):
+                flat[f"{section}.{key}"] = value
+            elif value is not None:
+                flat[f"{section}.{key}"] = str(value)
+    return flat
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The end-of-run table: best epoch and metric, time, speed, where the files are, what to run next."""
+    best = summary["checkpoints"]["best"] or summary["checkpoints"]["last"]
+    final = {"val_acc1": float("nan"), "val_acc5": float("nan"), "val_loss": float("nan"), **(summary["final"] or {})}
+    metric = f"{summary['best_metric']:.4f}" if summary["best_metric"] is not None else "n/a"
+    cache = summary.get("feature_cache")
+    lines = [
+        f"best epoch   {summary['best_epoch']} of {summary['epochs_completed']}"
+        f" ({summary['monitor']} {metric})" + ("  [stopped early]" if summary["stopped_early"] else ""),
+        f"last epoch   val top-1 {final['val_acc1']:.1%}, top-5 {final['val_acc5']:.1%}, "
+        f"val loss {final['val_loss']:.4f}",
+        f"time         {summary['wall_seconds']:.1f} s on {summary['device']} ({summary['precision']})"
+        + (f", features extracted once in {cache['extract_seconds']:.1f} s" if cache else ""),
+        f"speed        {final.get('images_per_second', 0):.0f} train images/s (last epoch)",
+        f"files        {summary['run_dir']}/  config.yaml metrics.jsonl summary.json checkpoints/",
+        f"next         tltool eval {best}",
+        f"             tltool export {best} --format onnx",
+        f"             tltool report {summary['run_dir']}",
+    ]
+    return "\n".join(lines)
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(text, flush=True)
+
+
+def _epoch_line(record: dict[str, Any], epochs: int, is_best: bool) -> str:
+    return (
+        f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  "
+        f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.1%}  "
+        f"val loss {record['val_loss']:.4f} acc1 {record['val_acc1']:.1%} acc5 {record['val_acc5']:.1%}  "
+        f"lr {record['lr']:.2e}  {record['images_per_second']:.0f} img/s  {record['epoch_seconds']:.1f} s"
+        + ("  *best" if is_best else "")
+    )
+
+
+def describe(
+    built: Any, split: Any, cfg: Config, device: torch.device, precision: str, steps: int, plan: UnfreezePlan
+) -> str:
+    """The --dry-run summary: model, parameters per group, method and optimizer groups, data, steps."""
+    counts = count_parameters(built.model)
+    pre = built.preprocess
+    lines = [
+        f"model      {cfg.model.backbone}  weights: {built.weights_source}",
+        *(f"           {note}" for note in built.notes),
+        f"parameters {'group':<9} {'total':>12} {'trainable':>12}",
+    ]
+    for group, c in counts.items():
+        lines.append(f"           {group:<9} {c['total']:>12,} {c['trainable']:>12,}")
+    total = sum(c["total"] for c in counts.values())
+    trainable = sum(c["trainable"] for c in counts.values())
+    lines.append(f"           {'all':<9} {total:>12,} {trainable:>12,}")
+    lines += [
+        f"freeze     {cfg.train.freeze}",
+        f"method     {describe_method(cfg, plan.base_frozen)}",
+        *plan.group_table(),
+        f"classes    {len(split.class_names)}: {', '.join(split.class_names[:10])}"
+        + (" ..." if len(split.class_names) > 10 else ""),
+        f"images     train {len(split.train)}, val {len(split.val)}"
+        + (f", skipped {len(split.bad)} unreadable" if split.bad else ""),
+        f"input      {pre.image_size}px crop of {pre.resize_size}px resize, {pre.interpolation}, "
+        f"mean {list(pre.mean)}, std {list(pre.std)}",
+        f"training   {cfg.train.epochs} epochs x {steps} steps (batch {cfg.data.batch_size}"
+        + (f" x {cfg.train.accumulate_steps} accumulated" if cfg.train.accumulate_steps > 1 else "")
+        + f"), {cfg.train.optimizer} lr {cfg.train.lr:g}, scheduler {cfg.train.scheduler}",
+        f"device     {device}  precision {precision}",
+        "cache      "
+        + (
+            "frozen backbone features computed once, epochs train the head"
+            + (f" (until the backbone opens at epoch {min(plan.opens_at().values())})" if plan.entries else "")
+            if cache_applies(cfg) and plan.head_only(0)
+            else "off (the backbone trains from epoch 1)"
+            if cache_applies(cfg)
+            else f"off (train.feature_cache={cfg.train.feature_cache})"
+        ),
+    ]
+    return "\n".join(lines)
