@@ -187,7 +187,7 @@ def test_demo_baselines_rows_and_table(demo, tmp_path, monkeypatch):
     lines = table.splitlines()
     assert lines[2].split()[:2] == ["method", "weights"] and len(lines) == 2 + 2 + 5 + 3
     assert "linear probe (frozen features)" in table and "12,810" in table
-    assert "transfer gain: +16.7 points top-1 over scratch, by the best method, L2-SP (0.900 vs 0.733)" in table
+    assert "transfer gain of the best method over scratch: +16.7 points top-1 (L2-SP: 0.900 vs 0.733)" in table
     assert lines[-1] == "demo finished in 300 s"
 
 
