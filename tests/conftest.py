@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -62,6 +63,17 @@ def run_overrides(run_dir: Path, train: Path, *extra: str, val: Path | None = No
     if val is not None:
         items.append(f"data.val={val}")
     return items + list(extra)
+
+
+def write_config(path: Path, overrides: list[str]) -> Path:
+    """A YAML config file holding the given dotted overrides."""
+    data: dict = {}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        data.setdefault(section, {})[name] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 @pytest.fixture(scope="session")

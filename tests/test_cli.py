@@ -13,7 +13,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import run_overrides
+from conftest import run_overrides, write_config
 from tltool import __version__
 from tltool.cli import app
 
@@ -27,17 +27,6 @@ def one_error_line(result) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.output
     return lines[0]
-
-
-def write_config(path: Path, overrides: list[str]) -> Path:
-    """A YAML config file holding the given dotted overrides."""
-    data: dict = {}
-    for item in overrides:
-        key, value = item.split("=", 1)
-        section, name = key.split(".")
-        data.setdefault(section, {})[name] = yaml.safe_load(value)
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import tltool.checkpoint as checkpoint_module
 import tltool.train as train_module
-from conftest import make_dataset, run_overrides
+from conftest import make_dataset, run_overrides, write_config
 from tltool.checkpoint import TEMP_MARKER, clean_stale_temps, load_checkpoint, save_atomic
 from tltool.config import load_config
 from tltool.errors import CheckpointError, ConfigError
@@ -57,16 +56,6 @@ def assert_same_run(a_dir: Path, b_dir: Path, exact: bool = True) -> None:
 
 def cli_command(config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "tltool", "finetune", str(config), *args]
-
-
-def write_config(path: Path, overrides: list[str]) -> Path:
-    data: dict = {}
-    for item in overrides:
-        key, value = item.split("=", 1)
-        section, name = key.split(".")
-        data.setdefault(section, {})[name] = yaml.safe_load(value)
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def env() -> dict[str, str]:
