@@ -11,8 +11,9 @@ import pickle
 import random
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -100,17 +101,17 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """Write `obj` to a temp file beside `path`, fsync it, then rename it over `path`.
+def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """`write` into a temp file beside `path`, fsync it, rename it over `path`, fsync the directory.
 
-    A crash at any point leaves either the old file or the new one, never a torn file.
+    A crash at any point leaves either the old file or the new one, never a torn file; a failed write
+    (a full disk) leaves the old file and no temp file.
     """
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
     try:
         with open(temp, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
@@ -123,23 +124,19 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         ) from None
 
 
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save `obj` to `path` atomically (see `_write_atomic`)."""
+    _write_atomic(Path(path), lambda handle: torch.save(obj, handle))
+
+
 def copy_atomic(source: str | Path, target: str | Path) -> None:
     """Copy a written checkpoint to another name with the same guarantees as `save_atomic`."""
-    source, target = Path(source), Path(target)
-    temp = target.with_name(f".{target.name}{TEMP_MARKER}{os.getpid()}")
-    try:
-        with open(source, "rb") as reader, open(temp, "wb") as writer:
-            shutil.copyfileobj(reader, writer, length=16 * 2**20)
-            writer.flush()
-            os.fsync(writer.fileno())
-        os.replace(temp, target)
-        _fsync_dir(target.parent)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise CheckpointError(
-            f"cannot write {target}: {exc.strerror or exc}",
-            "free disk space or fix permissions; the previous checkpoint is untouched",
-        ) from None
+
+    def copy(handle: BinaryIO) -> None:
+        with open(source, "rb") as reader:
+            shutil.copyfileobj(reader, handle, length=16 * 2**20)
+
+    _write_atomic(Path(target), copy)
 
 
 def clean_stale_temps(directory: str | Path) -> list[Path]:
