@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from tltool import __version__
+from tltool.distributed import current
 from tltool.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -161,8 +162,17 @@ def rng_state() -> dict[str, Any]:
         "python": [version, list(internal), gauss],
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": _cuda_rng_states(),
     }
+
+
+def _cuda_rng_states() -> list[torch.Tensor]:
+    """Every visible GPU's generator; under torchrun only this rank's own (not a context on every GPU)."""
+    if not torch.cuda.is_available():
+        return []
+    if current().enabled:
+        return [torch.cuda.get_rng_state()]
+    return torch.cuda.get_rng_state_all()
 
 
 def restore_rng(state: dict[str, Any]) -> None:
@@ -172,7 +182,10 @@ def restore_rng(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        if current().enabled:
+            torch.cuda.set_rng_state(state["cuda"][0])  # this rank's GPU (see _cuda_rng_states)
+        else:
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def versions() -> dict[str, str]:

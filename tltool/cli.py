@@ -6,6 +6,7 @@ A `TltoolError` becomes one line on stderr and exit code 2; anything else is a b
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from typing import Annotated
@@ -44,7 +45,11 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except TltoolError as exc:
-        typer.echo(exc.message(), err=True)
+        message = exc.message()
+        rank = os.environ.get("RANK")
+        if rank not in (None, "0") and os.environ.get("WORLD_SIZE", "1") != "1":
+            message = f"[rank {rank}] {message}"  # under torchrun every rank may report; rank 0's is unmarked
+        typer.echo(message, err=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -79,6 +84,15 @@ def finetune(
         bool, typer.Option("--dry-run", help="Print the model, data and plan; train and write nothing.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")] = False,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Train with N data-parallel processes on this machine (starts torchrun --standalone; "
+            "one GPU each on CUDA). For several machines, run torchrun yourself (see the README).",
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune a torchvision backbone on a folder of images (new head, frozen features by default)."""
     with user_errors():
@@ -86,8 +100,18 @@ def finetune(
         from tltool.train import finetune as run_finetune
 
         cfg = load_config(config, overrides or [])
+        if nproc is not None:
+            from tltool.distributed import launch, launched
+            from tltool.errors import ConfigError
+
+            if launched():
+                raise ConfigError("--nproc under torchrun: the processes are already started", "drop --nproc")
+            args = ["finetune", config, *(overrides or [])]
+            args += (["--resume", resume] if resume else []) + (["--dry-run"] if dry_run else [])
+            args += ["--quiet"] if quiet else []
+            raise typer.Exit(launch(nproc, args))
         summary = run_finetune(cfg, resume=resume, dry_run=dry_run, quiet=quiet, config_path=config)
-        if summary.get("dry_run") or summary.get("finished"):
+        if summary.get("dry_run") or summary.get("finished") or summary.get("rank"):
             return
         from tltool.runlog import format_summary
 

@@ -39,7 +39,9 @@ class RunConfig(_Section):
     seed: int = Field(0, ge=0, examples=[42])
     """Seed for every random choice (split, shuffling, augmentation, head init): same seed, same run."""
     device: str = Field("auto", examples=["cuda:0"])
-    """auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps."""
+    """auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps; under torchrun each process uses its local GPU."""
+    dist_timeout_s: int = Field(1800, ge=10, le=86400, examples=[600])
+    """torchrun: seconds a process waits for the others in a collective before the job fails (a rank died or hangs)."""
 
     @field_validator("device")
     @classmethod
@@ -67,7 +69,7 @@ class DataConfig(_Section):
     interpolation: Literal["bilinear", "bicubic", "nearest"] | None = Field(None, examples=["bilinear"])
     """Resize interpolation; default: the weights' preset."""
     batch_size: int = Field(32, ge=1, le=65536, examples=[64])
-    """Images per training step (per process under torchrun)."""
+    """Images per training step and process; under torchrun the global batch is this x the number of processes."""
     num_workers: int = Field(2, ge=0, le=256, examples=[4])
     """DataLoader worker processes that decode images (0 = in the main process)."""
     augment: Literal["none", "light", "standard"] = Field("light", examples=["none"])
@@ -170,6 +172,8 @@ class TrainConfig(_Section):
     """L2-SP strength pulling the backbone toward its starting (pretrained) weights w0."""
     l2sp_beta: float = Field(0.01, ge=0.0, le=100.0, examples=[0.001])
     """L2-SP plain L2 strength on the new head."""
+    sync_batchnorm: bool = Field(False, examples=[True])
+    """torchrun on GPUs: batch-norm statistics of the global batch (SyncBatchNorm), not of each process's part."""
     class_weights: Literal["none", "balanced"] | list[float] = Field("none", examples=["balanced"])
     """Loss weight per class: none, balanced (n_images / (n_classes x images of the class)), or one number per class."""
 

@@ -380,36 +380,63 @@ class EpochSampler(Sampler[int]):
     """A shuffled order that is a function of (seed, epoch) alone, so a resumed run sees the same order.
 
     `skip` leaves out the first samples of the epoch's order: a run resumed mid-epoch continues there.
+    Under torchrun (`shard=(rank, world)`) each rank takes every world-th index of that one order; with
+    `pad` (training) the order is first extended with its own start to a multiple of the world size, as
+    torch's DistributedSampler does, so every rank runs the same number of steps. Without `pad`
+    (evaluation) no sample is seen twice and ranks may get one fewer.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(
+        self, size: int, seed: int, shuffle: bool = True, shard: tuple[int, int] = (0, 1), pad: bool = True
+    ) -> None:
         self.size, self.seed, self.shuffle, self.epoch, self.skip = size, seed, shuffle, 0, 0
+        self.rank, self.world = shard
+        self.pad = pad
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
     def order(self) -> list[int]:
+        """The epoch's order over all ranks."""
         if not self.shuffle:
             return list(range(self.size))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(self.size, generator=generator).tolist()
 
+    def indices(self) -> list[int]:
+        """This rank's part of the epoch's order."""
+        order = self.order()
+        if self.world == 1:
+            return order
+        if self.pad and order:
+            missing = -len(order) % self.world
+            order = order + (order * (missing // len(order) + 1))[:missing]
+        return order[self.rank :: self.world]
+
+    def shard_size(self) -> int:
+        if self.world == 1:
+            return self.size
+        if self.pad:
+            return math.ceil(self.size / self.world) if self.size else 0
+        return len(range(self.rank, self.size, self.world))
+
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.skip :])
+        return iter(self.indices()[self.skip :])
 
     def __len__(self) -> int:
-        return max(0, self.size - self.skip)
+        return max(0, self.shard_size() - self.skip)
 
 
 class BalancedSampler(EpochSampler):
     """`data.sampler: balanced`: each epoch draws as many samples as there are, with replacement, every class
     equally likely (torch's WeightedRandomSampler with weights 1 / class count).
 
-    As EpochSampler, the draw is a function of (seed, epoch) alone and `skip` resumes it mid-epoch.
+    As EpochSampler, the draw is a function of (seed, epoch) alone, `skip` resumes it mid-epoch and `shard`
+    splits it across ranks.
     """
 
-    def __init__(self, labels: Sequence[int], seed: int) -> None:
-        super().__init__(len(labels), seed, shuffle=True)
+    def __init__(self, labels: Sequence[int], seed: int, shard: tuple[int, int] = (0, 1)) -> None:
+        super().__init__(len(labels), seed, shuffle=True, shard=shard, pad=True)
         counts = Counter(labels)
         self.weights = torch.tensor([1.0 / counts[label] for label in labels], dtype=torch.float64)
 
@@ -438,12 +465,17 @@ def make_loader(
     shuffle: bool,
     pin_memory: bool = False,
     balanced: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> DataLoader:
-    """A loader whose order is a function of (seed, epoch); `balanced` draws classes equally often."""
+    """A loader whose order is a function of (seed, epoch); `balanced` draws classes equally often.
+
+    `shard=(rank, world)`: this rank's part of each epoch (training loaders, `shuffle`, are padded to
+    equal parts; evaluation loaders see each sample exactly once over all ranks).
+    """
     if balanced:
-        sampler: EpochSampler = BalancedSampler([label for _, label in samples], seed)
+        sampler: EpochSampler = BalancedSampler([label for _, label in samples], seed, shard=shard)
     else:
-        sampler = EpochSampler(len(samples), seed, shuffle=shuffle)
+        sampler = EpochSampler(len(samples), seed, shuffle=shuffle, shard=shard, pad=shuffle)
     return DataLoader(
         ImageDataset(samples, transform),
         batch_size=batch_size,
@@ -457,15 +489,23 @@ def make_loader(
     )
 
 
-def set_loader_epoch(loader: DataLoader, seed: int, epoch: int, skip_batches: int = 0) -> None:
-    """Make the order and the workers' random streams of this epoch depend on (seed, epoch) only.
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of an epoch's random streams (augmentation, dropout) on a rank; rank 0's is the single process's.
+
+    (The sample order is not rank-specific: every rank draws the same order and takes its shard of it.)
+    """
+    return seed * 1_000_003 + epoch + rank * 7_919_000_003
+
+
+def set_loader_epoch(loader: DataLoader, seed: int, epoch: int, skip_batches: int = 0, rank: int = 0) -> None:
+    """Make the order and the workers' random streams of this epoch depend on (seed, epoch, rank) only.
 
     `skip_batches` starts the epoch after that many batches (a run resumed from a mid-epoch checkpoint).
     """
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch, skip=skip_batches * loader.batch_size)
     if loader.generator is not None:
-        loader.generator.manual_seed(seed * 1_000_003 + epoch)
+        loader.generator.manual_seed(epoch_seed(seed, epoch, rank))
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:

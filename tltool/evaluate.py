@@ -18,6 +18,7 @@ from tltool.checkpoint import load_checkpoint
 from tltool.config import DataConfig
 from tltool.data import Preprocess, Sample, eval_transform, make_loader, scan_data, scan_eval_folder
 from tltool.device import autocast, resolve_device, resolve_precision
+from tltool.distributed import all_reduce_sum
 from tltool.errors import DataError
 from tltool.models import load_trained_model
 
@@ -30,7 +31,12 @@ def evaluate(
     precision: str,
     num_classes: int,
 ) -> dict[str, Any]:
-    """Metrics of `model` over every batch of `loader` (the loss is plain cross-entropy, no smoothing)."""
+    """Metrics of `model` over every batch of `loader` (the loss is plain cross-entropy, no smoothing).
+
+    Under torchrun each rank evaluates its shard of the set and the sums are added over ranks, so every
+    rank returns the metrics of the whole set. `model` must not be DDP-wrapped (ranks may run different
+    numbers of batches here).
+    """
     model.eval()
     total_loss = 0.0
     count = correct1 = correct5 = 0
@@ -51,6 +57,9 @@ def evaluate(
         correct5 += (top == labels[:, None]).any(dim=1).sum().item()
         confusion += torch.bincount((labels * num_classes + top[:, 0]).cpu(), minlength=num_classes**2)
         count += labels.numel()
+    sums = all_reduce_sum(torch.tensor([total_loss, count, correct1, correct5], dtype=torch.float64))
+    total_loss, count, correct1, correct5 = sums[0].item(), *(int(v) for v in sums[1:].tolist())
+    confusion = all_reduce_sum(confusion)
     if count == 0:
         raise DataError("no image of the evaluation set could be read", "check the dataset")
     return {

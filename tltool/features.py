@@ -28,6 +28,7 @@ from tltool.checkpoint import safe_load, save_atomic
 from tltool.config import Config
 from tltool.data import EpochSampler, Preprocess, Sample, eval_transform, make_loader, train_transform
 from tltool.device import autocast
+from tltool.distributed import all_gather_objects, any_rank, barrier, current, shard_bounds
 
 
 def cache_applies(cfg: Config) -> bool:
@@ -146,7 +147,31 @@ def _extract_views(
     device: torch.device,
     precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K views of every sample: (views, N, D) features and (N,) labels; undecodable images are dropped."""
+    """K views of every sample: (views, N, D) features and (N,) labels; undecodable images are dropped.
+
+    Under torchrun each rank extracts a contiguous shard and the shards are gathered in rank order, so
+    every rank ends with the features of the whole set, in the same order as a single process.
+    """
+    world = current()
+    if world.enabled:
+        start, stop = shard_bounds(len(samples), world)
+        part = _extract_local(backbone, samples[start:stop], transform, views, cfg, device, precision)
+        shards = [shard for shard in all_gather_objects(part) if shard[1].numel()]
+        if not shards:
+            return torch.zeros(views, 0, 0), torch.zeros(0, dtype=torch.long)
+        return torch.cat([f for f, _ in shards], dim=1), torch.cat([lab for _, lab in shards])
+    return _extract_local(backbone, samples, transform, views, cfg, device, precision)
+
+
+def _extract_local(
+    backbone: nn.Module,
+    samples: Sequence[Sample],
+    transform: Any,
+    views: int,
+    cfg: Config,
+    device: torch.device,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     all_features, labels = [], None
     kept = None
     for view in range(views):
@@ -172,18 +197,30 @@ def _extract_views(
 
 
 def _store(tensors: dict[str, torch.Tensor], directory: Path, key: str, budget_mb: int) -> tuple[dict, str]:
-    """Keep the features in memory, or on disk (memory-mapped) when they exceed the budget."""
+    """Keep the features in memory, or on disk (memory-mapped) when they exceed the budget.
+
+    Under torchrun rank 0 writes the file; the other ranks map it once it is there (a shared run directory)
+    and keep their gathered copy in memory where they cannot see it.
+    """
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     if size <= budget_mb * 2**20:
         return tensors, "memory"
     path = directory / f"{key}.pt"
-    save_atomic(tensors, path)
+    if current().is_main:
+        save_atomic(tensors, path)
+    barrier()
+    if not path.is_file():
+        return tensors, "memory"
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True), str(path)
 
 
 def _load_stored(directory: Path, key: str) -> dict | None:
+    """The stored features of `key`; under torchrun only when every rank finds them (else all extract)."""
     path = directory / f"{key}.pt"
-    if not path.is_file():
+    found = path.is_file()
+    if current().enabled:
+        found = not any_rank(not found)[0]
+    if not found:
         return None
     return safe_load(path, what="feature cache")
 
@@ -219,12 +256,19 @@ def build_cache(
         if where != "memory":
             location = str(cache_dir)
         parts[kind] = FeatureDataset(stored["features"], stored["labels"])
+    # Every rank holds all the features; its samplers pick its shard of each epoch, as with images.
+    shard = current().shard
     train_loader = DataLoader(
         parts["train"],
         batch_size=cfg.data.batch_size,
-        sampler=EpochSampler(len(parts["train"]), cfg.run.seed, shuffle=True),
+        sampler=EpochSampler(len(parts["train"]), cfg.run.seed, shuffle=True, shard=shard, pad=True),
         collate_fn=_as_batch,
         generator=torch.Generator().manual_seed(cfg.run.seed),
     )
-    val_loader = DataLoader(parts["val"], batch_size=max(cfg.data.batch_size, 256), shuffle=False, collate_fn=_as_batch)
+    val_loader = DataLoader(
+        parts["val"],
+        batch_size=max(cfg.data.batch_size, 256),
+        sampler=EpochSampler(len(parts["val"]), cfg.run.seed, shuffle=False, shard=shard, pad=False),
+        collate_fn=_as_batch,
+    )
     return FeatureCache(parts["train"], parts["val"], train_loader, val_loader, time.perf_counter() - start, location)

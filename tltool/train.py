@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from tltool import distributed
 from tltool.checkpoint import (
     FORMAT_VERSION,
     clean_stale_temps,
@@ -37,8 +38,17 @@ from tltool.checkpoint import (
     versions,
 )
 from tltool.config import Config, TrainConfig, build_config
-from tltool.data import BalancedSampler, eval_transform, make_loader, scan_data, set_loader_epoch, train_transform
-from tltool.device import autocast, configure_backends, resolve_device, resolve_precision, use_channels_last
+from tltool.data import (
+    BalancedSampler,
+    epoch_seed,
+    eval_transform,
+    make_loader,
+    scan_data,
+    set_loader_epoch,
+    train_transform,
+)
+from tltool.device import autocast, configure_backends, resolve_precision, use_channels_last
+from tltool.distributed import all_reduce_max, all_reduce_sum, any_rank, current, no_sync
 from tltool.errors import CheckpointError, ConfigError, TrainingError
 from tltool.evaluate import evaluate
 from tltool.features import build_cache, cache_applies
@@ -55,7 +65,15 @@ from tltool.transfer import (
 )
 
 # Config keys that may change when a run is resumed (everything else must match the checkpoint).
-RESUMABLE_CHANGES = ("train.epochs", "run.device", "data.num_workers", "log.progress", "log.tensorboard", "log.report")
+RESUMABLE_CHANGES = (
+    "train.epochs",
+    "run.device",
+    "run.dist_timeout_s",
+    "data.num_workers",
+    "log.progress",
+    "log.tensorboard",
+    "log.report",
+)
 
 
 @dataclass
@@ -191,6 +209,7 @@ def train_one_epoch(
     minimized, not to the reported one.
     """
     forward = forward if forward is not None else model
+    distributed = current().enabled  # under torchrun: forward is DDP-wrapped and per-step flags are agreed on
     set_train_mode(model, frozen)  # frozen modules stay in eval mode: batch-norm statistics never move
     trainable = [p for p in model.parameters() if p.requires_grad]
     accumulate = cfg.accumulate_steps
@@ -202,25 +221,39 @@ def train_one_epoch(
         # The last group of an epoch may hold fewer batches: divide by its real size.
         group_start = index - index % accumulate
         group_size = min(accumulate, num_batches - group_start)
-        if batch is not None:  # None: every image of this batch failed to decode (each was reported)
-            images, labels = batch
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            with autocast(device, precision):
-                logits = forward(images)
-                loss = F.cross_entropy(logits.float(), labels, weight=class_weight, label_smoothing=cfg.label_smoothing)
-            objective = loss + penalty() if penalty is not None else loss
-            if not torch.isfinite(objective):
-                raise TrainingError(
-                    f"the loss became {objective.item()} at epoch {state.epoch + 1}, batch {index + 1}",
-                    "lower train.lr or set train.grad_clip_norm (the last finite checkpoint is kept)",
-                )
-            scaler.scale(objective / group_size).backward()
-            sums.loss_sum += loss.item() * labels.numel()
-            sums.correct += (logits.argmax(dim=1) == labels).sum().item()
-            sums.seen += labels.numel()
+        steps_now = index - group_start + 1 == group_size
+        # None: every image of this batch failed to decode (each was reported); the batch is skipped.
+        missing = batch is None
+        if distributed:  # every rank takes the same branch: none waits alone in a collective
+            # (before the forward: DDP broadcasts the batch-norm buffers in it)
+            missing, stopping = any_rank(missing, stop is not None and stop.requested)
+        # Under DDP the gradients of a micro-batch that only accumulates are not all-reduced yet.
+        with no_sync(forward, steps_now):
+            if not missing:
+                images, labels = batch
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                with autocast(device, precision):
+                    logits = forward(images)
+                    loss = F.cross_entropy(
+                        logits.float(), labels, weight=class_weight, label_smoothing=cfg.label_smoothing
+                    )
+                objective = loss + penalty() if penalty is not None else loss
+                finite = bool(torch.isfinite(objective))
+                if distributed:
+                    finite = not any_rank(not finite)[0]
+                if not finite:
+                    value = objective.item() if not torch.isfinite(objective) else "non-finite on another process"
+                    raise TrainingError(
+                        f"the loss became {value} at epoch {state.epoch + 1}, batch {index + 1}",
+                        "lower train.lr or set train.grad_clip_norm (the last finite checkpoint is kept)",
+                    )
+                scaler.scale(objective / group_size).backward()
+                sums.loss_sum += loss.item() * labels.numel()
+                sums.correct += (logits.argmax(dim=1) == labels).sum().item()
+                sums.seen += labels.numel()
         sums.batches_done = index + 1
-        if index - group_start + 1 == group_size:
+        if steps_now:
             if cfg.grad_clip_norm is not None:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip_norm)
@@ -232,10 +265,15 @@ def train_one_epoch(
             # Between optimizer steps the state is whole (no half-accumulated gradients): save here.
             last_batch = sums.batches_done == num_batches
             wants_save = every_n_steps is not None and state.global_step % every_n_steps == 0
-            if save_mid_epoch is not None and not last_batch and (wants_save or (stop and stop.requested)):
+            # Under torchrun, the stop request all ranks agreed on at this step (a signal may reach one first).
+            if not distributed:
+                stopping = stop is not None and stop.requested
+            elif stopping:
+                stop.requested = True
+            if save_mid_epoch is not None and not last_batch and (wants_save or stopping):
                 sums.seconds = time.perf_counter() - start
                 save_mid_epoch()
-            if stop is not None and stop.requested and not last_batch:
+            if stopping and not last_batch:
                 raise Interrupted(f"stopped at epoch {state.epoch + 1}, batch {sums.batches_done}", "")
         if progress is not None:
             elapsed = time.perf_counter() - start
@@ -244,15 +282,19 @@ def train_one_epoch(
             progress.update(1)
         tick = time.perf_counter()
     sums.seconds = time.perf_counter() - start
-    if sums.seen == 0:
+    # The epoch's figures over all ranks (sums of counts; the slowest rank's times).
+    totals = torch.tensor([sums.loss_sum, sums.correct, sums.seen], dtype=torch.float64)
+    loss_sum, correct, seen = all_reduce_sum(totals)
+    seconds, data_seconds = all_reduce_max([sums.seconds, sums.data_seconds])
+    if seen.item() == 0:
         raise TrainingError("no training image of this epoch could be read", "check the dataset")
     return {
-        "train_loss": sums.loss_sum / sums.seen,
-        "train_acc": sums.correct / sums.seen,
-        "train_images": sums.seen,
-        "train_seconds": sums.seconds,
-        "data_seconds": sums.data_seconds,
-        "images_per_second": sums.seen / max(sums.seconds, 1e-9),
+        "train_loss": loss_sum.item() / seen.item(),
+        "train_acc": correct.item() / seen.item(),
+        "train_images": int(seen.item()),
+        "train_seconds": seconds,
+        "data_seconds": data_seconds,
+        "images_per_second": seen.item() / max(seconds, 1e-9),
     }
 
 
@@ -267,7 +309,9 @@ def _checkpoint_payload(
     state: TrainState,
     plan: UnfreezePlan,
     reference: dict[str, torch.Tensor] | None,
+    rank_states: list[dict[str, Any]],
 ) -> dict[str, Any]:
+    """Everything a resume needs. `rank_states`: each rank's RNG and epoch sums (one entry outside torchrun)."""
     model = built.model
     return {
         "format_version": FORMAT_VERSION,
@@ -290,7 +334,9 @@ def _checkpoint_payload(
         "early_stopping": {"bad_epochs": state.bad_epochs},
         "epoch_progress": state.in_epoch.to_dict() if state.in_epoch is not None else None,
         "metrics": state.history[-1] if state.history else {},
-        "rng": rng_state(),
+        "rng": rank_states[0]["rng"],
+        "world_size": len(rank_states),
+        "rank_states": rank_states if len(rank_states) > 1 else None,
         "transfer": plan.state_dict(),  # which parts of the backbone opened, at which step
         "l2sp_reference": {k: v.detach().cpu() for k, v in reference.items()} if reference is not None else None,
     }
@@ -311,13 +357,22 @@ def finetune(
     cfg = with_absolute_paths(cfg)
     # Data first: a wrong path or class layout fails before any weights are read.
     split = scan_data(cfg.data, cfg.run.seed)
-    device = resolve_device(cfg.run.device)
+    # Under torchrun: join the job (gloo on CPU, nccl on CUDA) and take this rank's GPU.
+    world, device = distributed.setup(cfg.run.device, cfg.run.dist_timeout_s)
+    quiet = quiet or not world.is_main  # only rank 0 prints and writes
     configure_backends(device)
     precision = resolve_precision(cfg.train.precision, device)
     run_dir = run_directory(cfg)
     checkpoint_dir = run_dir / "checkpoints"
 
     resumed: dict[str, Any] | None = None
+    restarted = distributed.restart_count() > 0
+    if restarted and not resume:
+        # torchrun --max-restarts started this job again after a rank failed: go on from the last checkpoint
+        # (or from the start if the first attempt saved none).
+        resume = "auto" if (checkpoint_dir / "last.pt").exists() else None
+        _say(quiet, f"torchrun restart {distributed.restart_count()}: " + (
+            "resuming from checkpoints/last.pt" if resume else "no checkpoint yet, starting over"))  # fmt: skip
     if resume:
         path = checkpoint_dir / "last.pt" if resume == "auto" else Path(resume)
         if resume == "auto" and not path.exists():
@@ -331,6 +386,15 @@ def finetune(
                 "resume with the original config, or start a new run (run.name)",
                 details=differences,
             )
+        saved_world = int(resumed.get("world_size", 1))
+        if saved_world != world.world_size and resumed.get("epoch_progress"):
+            raise CheckpointError(
+                f"{path} was saved mid-epoch by {saved_world} process(es); this run has {world.world_size}",
+                f"resume it with {saved_world} process(es) (each epoch's shards depend on the number), "
+                "or from an end-of-epoch checkpoint",
+            )
+        if saved_world != world.world_size:
+            _say(quiet, f"resuming a {saved_world}-process run with {world.world_size}: the global batch changes")
         if list(resumed["class_names"]) != split.class_names:
             raise CheckpointError(
                 f"the dataset's classes {split.class_names} differ from the checkpoint's {resumed['class_names']}",
@@ -343,7 +407,7 @@ def finetune(
                 flush=True,
             )
             return {"finished": True, "epochs_completed": resumed["epoch"], "run_dir": str(run_dir)}
-    elif not dry_run and ((checkpoint_dir / "last.pt").exists() or (run_dir / "metrics.jsonl").exists()):
+    elif not (dry_run or restarted) and ((checkpoint_dir / "last.pt").exists() or (run_dir / "metrics.jsonl").exists()):
         raise ConfigError(
             f"{run_dir} already holds a run",
             "continue it with --resume auto, or set run.name (or run.output_dir) for a new one",
@@ -355,6 +419,14 @@ def finetune(
     else:
         built = build_model(cfg.model, cfg.data, len(split.class_names), split.class_names)
     model = built.model
+    if cfg.train.sync_batchnorm and world.enabled:
+        if device.type != "cuda":
+            raise ConfigError(
+                "train.sync_batchnorm needs CUDA: torch's SyncBatchNorm does not run on CPU",
+                "set train.sync_batchnorm=false for CPU runs",
+            )
+        # Same parameters, batch statistics over the global batch (its state_dict keys are BatchNorm's).
+        model = built.model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     frozen = freeze_modules(model, cfg.train.freeze)
     # The parts of the backbone as optimizer groups, and the plan that opens them (transfer.py).
     plan = UnfreezePlan(cfg.train, model, frozen, cfg.model.backbone)
@@ -379,6 +451,7 @@ def finetune(
         shuffle=True,
         pin_memory=pin,
         balanced=cfg.data.sampler == "balanced",
+        shard=world.shard,
     )
     val_loader = make_loader(
         split.val,
@@ -388,6 +461,7 @@ def finetune(
         cfg.run.seed,
         shuffle=False,
         pin_memory=pin,
+        shard=world.shard,
     )
     steps = math.ceil(len(train_loader) / cfg.train.accumulate_steps)
     optimizer = make_optimizer(cfg.train, groups)
@@ -410,8 +484,10 @@ def finetune(
         penalty = functools.partial(l2sp_penalty, model, reference, cfg.train.l2sp_alpha, cfg.train.l2sp_beta)
 
     if dry_run:
-        print(describe(built, split, cfg, device, precision, steps, plan))
-        print("dry run: nothing trained, nothing written")
+        if world.is_main:
+            print(describe(built, split, cfg, device, precision, steps, plan))
+            print("dry run: nothing trained, nothing written")
+        distributed.teardown()
         return {"dry_run": True}
 
     state = TrainState()
@@ -426,27 +502,35 @@ def finetune(
             best_epoch=resumed["best_epoch"],
             bad_epochs=resumed["early_stopping"]["bad_epochs"],
         )
-        if resumed.get("epoch_progress"):
-            state.in_epoch = EpochProgress(**resumed["epoch_progress"])
-        restore_rng(resumed["rng"])
+        # Each rank goes on with its own random streams and epoch sums (rank 0's outside torchrun).
+        mine = (resumed.get("rank_states") or [resumed])[world.rank] if saved_world == world.world_size else resumed
+        if mine.get("epoch_progress"):
+            state.in_epoch = EpochProgress(**mine["epoch_progress"])
+        restore_rng(mine["rng"])
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(checkpoint_dir)
-    _write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
-    _write_text_atomic(run_dir / "classes.json", json.dumps(split.class_names, indent=2) + "\n")
     metrics_path = run_dir / "metrics.jsonl"
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(checkpoint_dir)
+        _write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
+        _write_text_atomic(run_dir / "classes.json", json.dumps(split.class_names, indent=2) + "\n")
+        if metrics_path.exists():
+            # Lines of epochs after the checkpoint (written before a crash) are dropped: they are re-run
+            # (all of them when a torchrun restart starts over).
+            kept = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+            last_epoch = state.epoch if resumed is not None else 0
+            kept = [r for r in kept if r["epoch"] <= last_epoch]
+            _write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     if resumed is not None and metrics_path.exists():
-        # Lines of epochs after the checkpoint (written before a crash) are dropped: they are re-run.
         kept = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
         state.history = [r for r in kept if r["epoch"] <= state.epoch]
-        _write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in state.history))
 
     cache = None
     if cache_applies(cfg) and plan.head_only(state.epoch):  # (not once an unfreeze plan opened the backbone)
         cache = build_cache(cfg, model, built.weights_source, built.preprocess, split.train, split.val, device,
                             precision, run_dir / "feature_cache")  # fmt: skip
         if cfg.data.sampler == "balanced":  # the same class-balanced draw over the cached features
-            sampler = BalancedSampler(cache.train.labels.tolist(), cfg.run.seed)
+            sampler = BalancedSampler(cache.train.labels.tolist(), cfg.run.seed, shard=world.shard)
             cache.train_loader = DataLoader(cache.train, cfg.data.batch_size, sampler=sampler,
                                             collate_fn=cache.train_loader.collate_fn)  # fmt: skip
         _say(
@@ -459,24 +543,41 @@ def finetune(
         f"run {run_dir}: {cfg.model.backbone} ({built.weights_source}), {len(split.class_names)} classes, "
         f"{len(split.train)} train / {len(split.val)} val images, {device} {precision}"
         + (f", resumed at epoch {state.epoch + 1}" if resumed is not None else "")
-        + (f" batch {state.in_epoch.batches_done + 1}" if state.in_epoch is not None else ""),
+        + (f" batch {state.in_epoch.batches_done + 1}" if state.in_epoch is not None else "")
+        + (
+            f"; {world.world_size} processes x batch {cfg.data.batch_size} = global batch "
+            f"{world.world_size * cfg.data.batch_size}"
+            if world.enabled
+            else ""
+        ),
     )
     show_bars = not quiet and cfg.log.progress
     stopped_early = False
-    num_batches = math.ceil((len(cache.train) if cache else len(split.train)) / cfg.data.batch_size)
     # With the cache, batches are backbone features and only the head runs; else images through it all.
-    loader, val_batches, forward = (
-        (cache.train_loader, cache.val_loader, model.head) if cache else (train_loader, val_loader, model)
+    # `forward` is what the training batches go through (DDP-wrapped under torchrun); `module` the same,
+    # unwrapped, for evaluation.
+    cached = cache is not None
+    loader, val_batches, module = (
+        (cache.train_loader, cache.val_loader, model.head) if cached else (train_loader, val_loader, model)
     )
+    forward = distributed.wrap(module, device)
+    num_batches = math.ceil(loader.sampler.shard_size() / cfg.data.batch_size)
 
     def save_last() -> None:
-        payload = _checkpoint_payload(
-            cfg, built, split.class_names, frozen, optimizer, scheduler, scaler, state, plan, reference
-        )
-        save_atomic(payload, checkpoint_dir / "last.pt")
+        # Every rank calls this at the same step: the RNG/epoch sums of all ranks go into rank 0's file,
+        # and no rank runs ahead of the save (the barrier).
+        mine = {"rng": rng_state(), "epoch_progress": state.in_epoch.to_dict() if state.in_epoch else None}
+        rank_states = distributed.all_gather_objects(mine)
+        if world.is_main:
+            payload = _checkpoint_payload(
+                cfg, built, split.class_names, frozen, optimizer, scheduler, scaler, state, plan, reference,
+                rank_states,
+            )  # fmt: skip
+            save_atomic(payload, checkpoint_dir / "last.pt")
+        distributed.barrier()
 
-    writer = open_tensorboard(cfg, run_dir, state.epoch) if cfg.log.tensorboard else None
-    if cfg.log.report:
+    writer = open_tensorboard(cfg, run_dir, state.epoch) if cfg.log.tensorboard and world.is_main else None
+    if cfg.log.report and world.is_main:
         from tltool.report import require_matplotlib
 
         require_matplotlib()  # fail now, not after hours of training
@@ -486,8 +587,8 @@ def finetune(
         for epoch in range(state.epoch, cfg.train.epochs):
             epoch_start = time.perf_counter()
             if state.in_epoch is None:
-                # This epoch's randomness (order, augmentation, dropout) depends on (seed, epoch) only.
-                torch.manual_seed(cfg.run.seed * 1_000_003 + epoch)
+                # This epoch's randomness (order, augmentation, dropout) depends on (seed, epoch, rank) only.
+                torch.manual_seed(epoch_seed(cfg.run.seed, epoch, world.rank))
                 state.in_epoch = EpochProgress()
             # (A resumed epoch continues from its checkpoint's batch, with the RNG state saved there.)
             opening = plan.due(epoch)
@@ -497,11 +598,13 @@ def finetune(
                 frozen = plan.frozen_modules()
                 _say(quiet, f"epoch {epoch + 1}: " + ", ".join(f"{p.name} opens (lr {p.lr:.2e})" for p in opening))
                 # From now on the images go through the whole model: the feature cache no longer applies.
-                loader, val_batches, forward = train_loader, val_loader, model
-                num_batches = math.ceil(len(split.train) / cfg.data.batch_size)
-            if forward is not model:
+                # (Under torchrun the model is wrapped again: DDP hooks the parameters that train when it is built.)
+                cached, loader, val_batches, module = False, train_loader, val_loader, model
+                forward = distributed.wrap(module, device)
+                num_batches = math.ceil(loader.sampler.shard_size() / cfg.data.batch_size)
+            if cached:
                 cache.set_epoch(epoch)
-            set_loader_epoch(loader, cfg.run.seed, epoch, skip_batches=state.in_epoch.batches_done)
+            set_loader_epoch(loader, cfg.run.seed, epoch, skip_batches=state.in_epoch.batches_done, rank=world.rank)
             bar = tqdm(
                 total=num_batches,
                 initial=state.in_epoch.batches_done,
@@ -518,7 +621,7 @@ def finetune(
                 )  # fmt: skip
             finally:
                 bar.close()
-            val = evaluate(forward, val_batches, device, precision, len(split.class_names))
+            val = evaluate(module, val_batches, device, precision, len(split.class_names))
             if not math.isfinite(val["loss"]):
                 raise TrainingError(
                     f"the validation loss became {val['loss']} at epoch {epoch + 1}",
@@ -549,11 +652,14 @@ def finetune(
             if writer is not None:
                 log_tensorboard(writer, record)
             # metrics first, then the checkpoint: a crash in between re-runs this epoch and rewrites its line.
-            with open(metrics_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            if world.is_main:
+                with open(metrics_path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record) + "\n")
             save_last()
-            if is_best and cfg.checkpoint.save_best:
+            if is_best and cfg.checkpoint.save_best and world.is_main:
                 copy_atomic(checkpoint_dir / "last.pt", checkpoint_dir / "best.pt")
+            if world.enabled:  # a Ctrl-C that reached one rank during evaluation stops them all here
+                stop.requested = distributed.any_rank(stop.requested)[0]
             _say(quiet, _epoch_line(record, cfg.train.epochs, is_best))
             patience = cfg.train.early_stopping_patience
             if patience is not None and state.bad_epochs >= patience and state.epoch < cfg.train.epochs:
@@ -599,6 +705,12 @@ def finetune(
             "best": str(checkpoint_dir / "best.pt") if cfg.checkpoint.save_best else None,
         },
     }
+    if not world.is_main:
+        distributed.teardown()
+        return {**summary, "rank": world.rank}  # (the CLI prints rank 0's only)
+    if world.enabled:
+        summary["processes"] = world.world_size
+        summary["global_batch"] = world.world_size * cfg.data.batch_size
     _write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     if writer is not None and last:
         with open_tensorboard(cfg, run_dir, 0) as hparams_writer:
@@ -609,4 +721,5 @@ def finetune(
 
         summary["report"] = str(write_report(run_dir, device=cfg.run.device))
         _say(quiet, f"report written to {summary['report']}")
+    distributed.teardown()
     return summary
