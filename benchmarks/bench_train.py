@@ -9,7 +9,8 @@
     fine-tune. "same" runs tltool at the plain loop's precision and layout (fp32, NCHW); "auto" runs
     tltool's defaults (train.precision auto, train.channels_last auto).
 (b) a whole 10-epoch frozen run on generated images (plain loop with a DataLoader vs `tltool finetune`
-    with its feature cache), each in its own process so that its peak RSS is its own.
+    with its feature cache), each in its own process: 2,000 train + 500 val images at 128 px (--quick: 200 +
+    50 at 64 px). Peak memory is each worker's own high-water RSS (VmHWM, see `peak_rss_mb`).
 
 It ends with one machine-readable line:
     bench: full_ratio=... full_auto_ratio=... frozen10_speedup=... peak_rss_mb=...
@@ -38,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from tltool.config import load_config  # noqa: E402
 from tltool.data import Preprocess  # noqa: E402
-from tltool.device import use_channels_last  # noqa: E402
+from tltool.device import resolve_precision, use_channels_last  # noqa: E402
 from tltool.models import build_model, freeze_modules, parameter_groups  # noqa: E402
 from tltool.optim import lr_factor, make_optimizer  # noqa: E402
 from tltool.train import EpochProgress, TrainState, finetune, train_one_epoch  # noqa: E402
@@ -115,7 +116,11 @@ def tltool_loop(backbone: str, size: int, frozen: bool, data: list, defaults: bo
     optimizer = make_optimizer(cfg.train, parameter_groups(model))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.train, len(data)))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    device, precision = torch.device("cpu"), "fp32"
+    device = torch.device("cpu")
+    # tltool's defaults: train.precision auto (bf16 to train non-depthwise nets on bf16 CPUs, else fp32).
+    precision = (
+        resolve_precision(cfg.train.precision, device, model, backbone_trains=not frozen) if defaults else "fp32"
+    )
 
     def epoch(items: list) -> float:
         start = time.perf_counter()
@@ -232,23 +237,42 @@ def frozen_tltool_run(data: Path, backbone: str, size: int, epochs: int, run_dir
     return {"seconds": time.perf_counter() - start, "val_acc1": summary["final"]["val_acc1"]}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, in MB: VmHWM, the high-water mark of its own address space.
+
+    Not `ru_maxrss`: on Linux it survives fork + exec, so a worker started by a big parent reports at least the
+    parent's RSS (every worker read 1662 MB). VmHWM starts afresh at exec. DataLoader worker processes are
+    not included (they have their own address space). Without /proc, ru_maxrss is the fallback.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB elsewhere
+
+
 def run_worker(args: argparse.Namespace) -> None:
     data = Path(args.data)
     if args.worker == "plain":
         result = frozen_plain_run(data, args.model, args.size, args.epochs)
     else:
         result = frozen_tltool_run(data, args.model, args.size, args.epochs, Path(args.run_dir))
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
 
 def frozen10(quick: bool) -> list[dict]:
     rows = []
-    per_class = 20 if quick else 60
+    # Issue #3's setting (2,000 train images at 128 px, val a quarter of that); --quick: 200 at 64 px.
+    per_class, size = (20, 64) if quick else (200, 128)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        make_images(root / "data" / "train", 10, per_class, 80, seed=0)
-        make_images(root / "data" / "val", 10, per_class // 4, 80, seed=1)
+        source = size * 5 // 4  # generated a little larger than the input: the transform resizes them
+        make_images(root / "data" / "train", 10, per_class, source, seed=0)
+        make_images(root / "data" / "val", 10, per_class // 4, source, seed=1)
         for backbone in ("mobilenet_v3_small", "resnet18"):
             results = {}
             for worker in ("plain", "tltool"):
@@ -262,7 +286,7 @@ def frozen10(quick: bool) -> list[dict]:
                     "--model",
                     backbone,
                     "--size",
-                    "64",
+                    str(size),
                     "--epochs",
                     "10",
                     "--run-dir",
@@ -274,11 +298,13 @@ def frozen10(quick: bool) -> list[dict]:
             row = {
                 "model": backbone,
                 "images": per_class * 10,
+                "val_images": per_class // 4 * 10,
+                "px": size,
                 **{f"{k}_{m}": v for k, r in results.items() for m, v in r.items()},
                 "speedup": speedup,
             }
             print(
-                f"{backbone:<20} 10 epochs frozen, {per_class * 10} images 64px: plain {results['plain']['seconds']:6.1f} s"
+                f"{backbone:<20} 10 epochs frozen, {per_class * 10} images {size}px: plain {results['plain']['seconds']:6.1f} s"
                 f" (val {results['plain']['val_acc1']:.3f}, {results['plain']['peak_rss_mb']:.0f} MB)  tltool "
                 f"{results['tltool']['seconds']:6.1f} s (val {results['tltool']['val_acc1']:.3f}, "
                 f"{results['tltool']['peak_rss_mb']:.0f} MB)  speed-up {speedup:.1f}x",
