@@ -58,6 +58,9 @@ def run_overrides(run_dir: Path, train: Path, *extra: str, val: Path | None = No
         "model.weights=none",
         "train.epochs=2",
         "train.lr=0.01",
+        # fp32: the exact-equality tests compare runs bit for bit (auto may pick bf16 on a CPU with bf16
+        # hardware; test_device.py tests that choice).
+        "train.precision=fp32",
         "log.progress=false",
     ]
     if val is not None:

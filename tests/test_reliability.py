@@ -252,3 +252,21 @@ def test_stale_temp_files_are_cleaned_at_the_next_start(tmp_path: Path, dataset:
     stale.write_bytes(b"torn")
     run(tmp_path / "r", dataset, "train.epochs=2", resume="auto")
     assert not stale.exists()
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_best_checkpoint_is_a_snapshot_that_later_saves_leave_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, links: bool
+) -> None:
+    if not links:  # a filesystem without hard links: the bytes are copied
+        monkeypatch.setattr(checkpoint_module.os, "link", lambda *a: (_ for _ in ()).throw(OSError("no links")))
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    save_atomic({"epoch": 1, "w": torch.ones(3)}, last)
+    checkpoint_module.copy_atomic(last, best)
+    assert (os.stat(last).st_ino == os.stat(best).st_ino) is links
+    save_atomic({"epoch": 2, "w": torch.zeros(3)}, last)  # the next epoch replaces last.pt
+    assert torch.load(best, weights_only=True)["epoch"] == 1
+    assert torch.load(last, weights_only=True)["epoch"] == 2
+    checkpoint_module.copy_atomic(last, best)  # a later best replaces the snapshot
+    assert torch.load(best, weights_only=True)["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # no temp files left

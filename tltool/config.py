@@ -143,7 +143,7 @@ class TrainConfig(_Section):
     accumulate_steps: int = Field(1, ge=1, le=4096, examples=[4])
     """Accumulate gradients over this many batches before each optimizer step."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", examples=["bf16"])
-    """auto (bf16 on CUDA where supported, else fp16 on CUDA; fp32 on CPU), fp32, bf16, fp16 (CUDA only)."""
+    """auto: bf16 on CUDA (else fp16); on CPU with bf16 hardware bf16 to train non-depthwise nets, else fp32."""
     early_stopping_patience: int | None = Field(None, ge=1, examples=[5])
     """Stop after this many epochs without improvement of `checkpoint.monitor` (off when empty)."""
     channels_last: Literal["auto", "on", "off"] = Field("auto", examples=["off"])

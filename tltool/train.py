@@ -361,7 +361,6 @@ def finetune(
     world, device = distributed.setup(cfg.run.device, cfg.run.dist_timeout_s)
     quiet = quiet or not world.is_main  # only rank 0 prints and writes
     configure_backends(device)
-    precision = resolve_precision(cfg.train.precision, device)
     run_dir = run_directory(cfg)
     checkpoint_dir = run_dir / "checkpoints"
 
@@ -433,6 +432,9 @@ def finetune(
     groups = plan.initial_groups()
     if not groups:
         raise ConfigError("train.freeze leaves no parameter to train", "freeze less (e.g. train.freeze=backbone)")
+    # (auto on CPU depends on the model and on whether its backbone ever trains: device.py)
+    backbone_trains = any(p.requires_grad for p in model.backbone.parameters()) or bool(plan.entries)
+    precision = resolve_precision(cfg.train.precision, device, model, backbone_trains)
     model.to(device)
     if use_channels_last(cfg.train.channels_last, model):
         # Weights in NHWC; convolutions then run NHWC (the input is converted by the first one).
