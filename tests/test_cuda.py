@@ -71,3 +71,23 @@ def test_cuda_resume_matches_within_tolerance(tmp_path: Path, dataset: Path, mon
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["model"]
     for key in a:
         torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DDP over nccl needs 2 GPUs (one per process)")
+def test_nccl_ddp_with_sync_batchnorm_on_two_gpus(tmp_path: Path, dataset: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import write_config
+
+    overrides = [o for o in run_overrides(tmp_path / "r", dataset) if not o.startswith("run.device")]
+    config = write_config(tmp_path / "c.yaml", [*overrides, "run.device=cuda", "train.freeze=none",
+                                                 "train.sync_batchnorm=true", "data.batch_size=4"])  # fmt: skip
+    command = [sys.executable, "-m", "tltool", "finetune", str(config), "--nproc", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes x batch 4 = global batch 8" in result.stdout
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(math.isfinite(r["val_loss"]) for r in lines)
+    checkpoint = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
+    assert checkpoint["world_size"] == 2 and all(t.device.type == "cpu" for t in checkpoint["model"].values())

@@ -195,3 +195,54 @@ def test_sampler_order_depends_on_seed_and_epoch_only() -> None:
     b.set_epoch(4)
     assert list(a) != list(b)
     assert list(EpochSampler(5, 0, shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+# --- seeded augmentation, workers ---------------------------------------------------------------------
+
+
+def _augmented_batches(root: Path, workers: int, epoch: int, skip_batches: int = 0) -> list[torch.Tensor]:
+    from tltool.data import Preprocess, make_loader, scan_folder, set_loader_epoch, train_transform
+
+    _, samples = scan_folder(root)
+    loader = make_loader(samples, train_transform(Preprocess(16, 16), "standard"), 4, workers, seed=5,
+                         shuffle=True, seeded=True)  # fmt: skip
+    set_loader_epoch(loader, 5, epoch, skip_batches=skip_batches)
+    return [images for images, _ in loader]
+
+
+def test_augmentation_depends_on_seed_epoch_and_position_not_on_workers(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "d", classes=2, per_class=6, size=24)
+    state = torch.get_rng_state()
+    in_process = _augmented_batches(root, 0, epoch=1)
+    assert torch.equal(torch.get_rng_state(), state)  # the main RNG (dropout) is not consumed by loading
+    with_workers = _augmented_batches(root, 2, epoch=1)
+    assert len(in_process) == 3 and all(torch.equal(a, b) for a, b in zip(in_process, with_workers, strict=True))
+    assert not torch.equal(in_process[0], _augmented_batches(root, 0, epoch=2)[0])  # a new epoch, new crops
+    resumed = _augmented_batches(root, 2, epoch=1, skip_batches=1)  # a mid-epoch resume, other worker count
+    assert all(torch.equal(a, b) for a, b in zip(in_process[1:], resumed, strict=True))
+
+
+def test_num_workers_auto_follows_the_cpus_of_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tltool.data as data_module
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for cpus, expected in ((1, 0), (2, 2), (6, 6), (64, 8)):
+        monkeypatch.setattr(data_module, "usable_cpus", lambda cpus=cpus: cpus)
+        assert data_module.resolve_num_workers("auto") == expected
+    monkeypatch.setattr(data_module, "usable_cpus", lambda: 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: 2 processes share this node's 4 CPUs
+    assert data_module.resolve_num_workers("auto") == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert data_module.resolve_num_workers("auto") == 0
+    assert data_module.resolve_num_workers(3) == 3
+    assert DataConfig(num_workers="auto").num_workers == "auto" and DataConfig().num_workers == "auto"
+    with pytest.raises(ValueError):
+        DataConfig(num_workers="many")
+
+
+def test_loader_workers_persist_across_epochs(tmp_path: Path) -> None:
+    from tltool.data import Preprocess, eval_transform, make_loader, scan_folder
+
+    _, samples = scan_folder(make_dataset(tmp_path / "d", classes=2, per_class=2))
+    assert make_loader(samples, eval_transform(Preprocess(16, 16)), 2, 1, seed=0, shuffle=False).persistent_workers
+    assert not make_loader(samples, eval_transform(Preprocess(16, 16)), 2, 0, seed=0, shuffle=False).persistent_workers

@@ -271,3 +271,18 @@ def test_config_yaml_of_a_run_is_the_resolved_config(tmp_path: Path, dataset: Pa
     run(tmp_path / "r", dataset, "train.epochs=1")
     data = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     assert data["train"]["optimizer"] == "adamw" and data["checkpoint"]["monitor"] == "val_acc1"
+
+
+@pytest.mark.slow
+def test_run_compile_trains_the_same_head_and_reports_the_compile_time(tmp_path: Path, dataset: Path) -> None:
+    # The feature cache: only the head (dropout + linear) is compiled, which keeps the compile short.
+    runs = {}
+    for flag in ("false", "true"):
+        overrides = run_overrides(tmp_path / flag, dataset, f"run.compile={flag}", "train.epochs=2")
+        runs[flag] = finetune(load_config(None, overrides), quiet=True)
+    assert runs["false"]["compile_seconds"] is None and runs["true"]["compile_seconds"] > 0
+    plain, compiled = (load_checkpoint(tmp_path / f / "checkpoints" / "last.pt")["model"] for f in ("false", "true"))
+    assert plain.keys() == compiled.keys()  # the uncompiled model's names: no _orig_mod prefix
+    for key in plain:
+        torch.testing.assert_close(compiled[key], plain[key], rtol=1e-4, atol=1e-5)
+    assert runs["true"]["final"]["val_acc1"] == pytest.approx(runs["false"]["final"]["val_acc1"])

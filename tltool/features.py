@@ -181,11 +181,12 @@ def _extract_local(
             loader = make_loader(
                 samples,
                 transform,
-                max(cfg.data.batch_size, 64),
+                cfg.data.batch_size,  # (the batch the user sized memory for: a larger one raises the peak)
                 cfg.data.num_workers,
                 seed=cfg.run.seed * 7_919 + view,
                 shuffle=False,
                 pin_memory=device.type == "cuda",
+                seeded=True,  # view v of an image: the same augmentation whatever the workers
             )
             features, view_labels = extract(backbone, loader, device, precision)
         if kept is None:

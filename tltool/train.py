@@ -69,6 +69,7 @@ RESUMABLE_CHANGES = (
     "train.epochs",
     "run.device",
     "run.dist_timeout_s",
+    "run.compile",
     "data.num_workers",
     "log.progress",
     "log.tensorboard",
@@ -216,6 +217,7 @@ def train_one_epoch(
     sums = epoch_progress
     start = tick = time.perf_counter() - sums.seconds
     optimizer.zero_grad(set_to_none=True)
+    loop_start, first_step = time.perf_counter(), None
     for index, batch in enumerate(loader, start=sums.batches_done):
         sums.data_seconds += time.perf_counter() - tick
         # The last group of an epoch may hold fewer batches: divide by its real size.
@@ -262,6 +264,8 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             state.global_step += 1
+            if first_step is None:  # (with run.compile, the first step compiles the graph)
+                first_step = time.perf_counter() - loop_start
             # Between optimizer steps the state is whole (no half-accumulated gradients): save here.
             last_batch = sums.batches_done == num_batches
             wants_save = every_n_steps is not None and state.global_step % every_n_steps == 0
@@ -295,7 +299,17 @@ def train_one_epoch(
         "train_seconds": seconds,
         "data_seconds": data_seconds,
         "images_per_second": seen.item() / max(seconds, 1e-9),
+        "first_step_seconds": first_step,
     }
+
+
+def compiled(module: nn.Module, enabled: bool) -> nn.Module:
+    """`run.compile`: the training forward through torch.compile (inductor); `module` keeps the weights.
+
+    Checkpoints save the uncompiled model's state_dict, and evaluation runs uncompiled (ranks may see
+    different batch sizes there, and a compile per size would cost more than it saves).
+    """
+    return torch.compile(module) if enabled else module
 
 
 def _checkpoint_payload(
@@ -454,6 +468,7 @@ def finetune(
         pin_memory=pin,
         balanced=cfg.data.sampler == "balanced",
         shard=world.shard,
+        seeded=True,  # each draw's augmentation: a function of (seed, epoch, position), whatever the workers
     )
     val_loader = make_loader(
         split.val,
@@ -562,7 +577,9 @@ def finetune(
     loader, val_batches, module = (
         (cache.train_loader, cache.val_loader, model.head) if cached else (train_loader, val_loader, model)
     )
-    forward = distributed.wrap(module, device)
+    forward = compiled(distributed.wrap(module, device), cfg.run.compile)
+    compile_pending = cfg.run.compile  # the next epoch's first step compiles: its time is reported
+    compile_seconds = 0.0
     num_batches = math.ceil(loader.sampler.shard_size() / cfg.data.batch_size)
 
     def save_last() -> None:
@@ -602,7 +619,8 @@ def finetune(
                 # From now on the images go through the whole model: the feature cache no longer applies.
                 # (Under torchrun the model is wrapped again: DDP hooks the parameters that train when it is built.)
                 cached, loader, val_batches, module = False, train_loader, val_loader, model
-                forward = distributed.wrap(module, device)
+                forward = compiled(distributed.wrap(module, device), cfg.run.compile)
+                compile_pending = cfg.run.compile
                 num_batches = math.ceil(loader.sampler.shard_size() / cfg.data.batch_size)
             if cached:
                 cache.set_epoch(epoch)
@@ -623,6 +641,10 @@ def finetune(
                 )  # fmt: skip
             finally:
                 bar.close()
+            if compile_pending and train_stats["first_step_seconds"] is not None:
+                compile_pending = False
+                compile_seconds += train_stats["first_step_seconds"]
+                _say(quiet, f"torch.compile: the first step took {train_stats['first_step_seconds']:.1f} s (compiling)")
             val = evaluate(module, val_batches, device, precision, len(split.class_names))
             if not math.isfinite(val["loss"]):
                 raise TrainingError(
@@ -701,6 +723,7 @@ def finetune(
         "feature_cache": {"extract_seconds": cache.extract_seconds, "location": cache.location} if cache else None,
         "device": str(device),
         "precision": precision,
+        "compile_seconds": compile_seconds if cfg.run.compile else None,
         "wall_seconds": time.perf_counter() - wall_start,
         "checkpoints": {
             "last": str(checkpoint_dir / "last.pt"),
