@@ -372,9 +372,15 @@ class ImageDataset(Dataset):
             return None
         if seed is None:
             return self.transform(image), label
-        with torch.random.fork_rng(devices=[]):  # (torchvision's transforms draw from torch's global RNG)
-            torch.manual_seed(seed)
+        # torchvision's transforms draw from torch's global CPU generator: seed it for this draw and put it
+        # back. (The generator itself, not torch.manual_seed, which also queues a CUDA seeding per call.)
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed)
+        try:
             return self.transform(image), label
+        finally:
+            generator.set_state(state)
 
 
 def collate_skip_bad(batch: list[Any]):
