@@ -33,7 +33,8 @@ DDP = ("train.feature_cache=off", "data.batch_size=4", "train.epochs=2")
 ONE = ("train.feature_cache=off", "data.batch_size=8", "train.epochs=2")
 
 # A launcher that makes rank 1 fail at the start of epoch 2 (after epoch 1 was saved), as a test of how
-# the job ends: TLTOOL_TEST_FAULT=raise raises there; =kill SIGKILLs the process on torchrun's first attempt.
+# the job ends: TLTOOL_TEST_FAULT=raise raises there; =kill SIGKILLs the process on torchrun's first attempt;
+# =interrupt sends it (and only it) a SIGINT.
 FAULTY_LAUNCHER = """
 import os, signal, sys
 import tltool.train as train
@@ -48,6 +49,8 @@ def faulty(*args, **kwargs):
             raise RuntimeError("injected failure on rank 1")
         if fault == "kill" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
             os.kill(os.getpid(), signal.SIGKILL)
+        if fault == "interrupt":  # Ctrl-C reaching this rank only
+            os.kill(os.getpid(), signal.SIGINT)
     return original(*args, **kwargs)
 
 train.train_one_epoch = faulty
@@ -305,3 +308,25 @@ def test_a_batch_that_fails_to_decode_on_one_rank_is_skipped_by_all(tmp_path: Pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cut.jpg: cannot decode" in result.stderr
     assert len(lines(tmp_path / "run")) == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_one_rank_stops_all_mid_epoch_and_the_resumed_job_ends_as_an_uninterrupted_one(
+    two_processes, data: Path, tmp_path: Path
+) -> None:
+    launcher = tmp_path / "faulty.py"
+    launcher.write_text(FAULTY_LAUNCHER)
+    config = write_config(tmp_path / "c.yaml", run_overrides(tmp_path / "run", data, *DDP))
+    result = torchrun(str(launcher), "finetune", str(config), env=_env(TLTOOL_TEST_FAULT="interrupt"))
+    assert result.returncode != 0
+    assert "stopped at epoch 2, batch 1" in result.stderr  # both ranks stopped at the same step
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert checkpoint["epoch_progress"]["batches_done"] == 1 and len(checkpoint["rank_states"]) == 2
+    result = torchrun("-m", "tltool", "finetune", str(config), "--resume", "auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference, _ = two_processes
+    a = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(reference / "checkpoints" / "last.pt")["model"]
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+    assert [r["train_loss"] for r in lines(tmp_path / "run")] == [r["train_loss"] for r in lines(reference)]
