@@ -356,6 +356,87 @@ def _checkpoint_payload(
     }
 
 
+def open_resume(
+    cfg: Config,
+    resume: str | None,
+    class_names: list[str],
+    world: distributed.World,
+    dry_run: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any] | None:
+    """The checkpoint a run continues from (None: a new run), checked against the config and the data.
+
+    `resume`: None, "auto" (the run's checkpoints/last.pt) or a path. A new run refuses a run directory that
+    already holds one. After a torchrun restart (--max-restarts) the workers continue from last.pt without
+    being asked, or start over when the first attempt saved nothing.
+    """
+    run_dir = run_directory(cfg)
+    checkpoint_dir = run_dir / "checkpoints"
+    restarted = distributed.restart_count() > 0
+    if restarted and not resume:
+        resume = "auto" if (checkpoint_dir / "last.pt").exists() else None
+        _say(quiet, f"torchrun restart {distributed.restart_count()}: " + (
+            "resuming from checkpoints/last.pt" if resume else "no checkpoint yet, starting over"))  # fmt: skip
+    if not resume:
+        if not (dry_run or restarted) and (
+            (checkpoint_dir / "last.pt").exists() or (run_dir / "metrics.jsonl").exists()
+        ):
+            raise ConfigError(
+                f"{run_dir} already holds a run",
+                "continue it with --resume auto, or set run.name (or run.output_dir) for a new one",
+            )
+        return None
+    path = checkpoint_dir / "last.pt" if resume == "auto" else Path(resume)
+    if resume == "auto" and not path.exists():
+        raise CheckpointError(f"--resume auto: no checkpoint at {path}", "start the run without --resume")
+    resumed = load_checkpoint(path)
+    differences = _config_differences(resumed["config"], cfg.to_dict())
+    if differences:
+        raise ConfigError(
+            f"the config differs from the checkpoint's in {len(differences)} key(s); only "
+            f"{', '.join(RESUMABLE_CHANGES)} may change on resume",
+            "resume with the original config, or start a new run (run.name)",
+            details=differences,
+        )
+    saved_world = int(resumed.get("world_size", 1))
+    if saved_world != world.world_size and resumed.get("epoch_progress"):
+        raise CheckpointError(
+            f"{path} was saved mid-epoch by {saved_world} process(es); this run has {world.world_size}",
+            f"resume it with {saved_world} process(es) (each epoch's shards depend on the number), "
+            "or from an end-of-epoch checkpoint",
+        )
+    if saved_world != world.world_size:
+        _say(quiet, f"resuming a {saved_world}-process run with {world.world_size}: the global batch changes")
+    if list(resumed["class_names"]) != class_names:
+        raise CheckpointError(
+            f"the dataset's classes {class_names} differ from the checkpoint's {resumed['class_names']}",
+            "resume with the same dataset",
+        )
+    return resumed
+
+
+def prepare_run_directory(cfg: Config, class_names: list[str], epoch: int, writes: bool) -> list[dict[str, Any]]:
+    """Write config.yaml and classes.json, drop stale temp files, and return the metrics of epochs <= `epoch`.
+
+    Lines of later epochs (written before a crash, or by a first torchrun attempt that saved no checkpoint)
+    are dropped from metrics.jsonl: those epochs are run again. Only the rank that `writes` changes files.
+    """
+    run_dir = run_directory(cfg)
+    metrics_path = run_dir / "metrics.jsonl"
+    if writes:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(run_dir / "checkpoints")
+        _write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
+        _write_text_atomic(run_dir / "classes.json", json.dumps(class_names, indent=2) + "\n")
+    if not metrics_path.exists():
+        return []
+    kept = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    kept = [record for record in kept if record["epoch"] <= epoch]
+    if writes:
+        _write_text_atomic(metrics_path, "".join(json.dumps(record) + "\n" for record in kept))
+    return kept
+
+
 def finetune(
     cfg: Config,
     resume: str | None = None,
@@ -378,53 +459,17 @@ def finetune(
     run_dir = run_directory(cfg)
     checkpoint_dir = run_dir / "checkpoints"
 
-    resumed: dict[str, Any] | None = None
-    restarted = distributed.restart_count() > 0
-    if restarted and not resume:
-        # torchrun --max-restarts started this job again after a rank failed: go on from the last checkpoint
-        # (or from the start if the first attempt saved none).
-        resume = "auto" if (checkpoint_dir / "last.pt").exists() else None
-        _say(quiet, f"torchrun restart {distributed.restart_count()}: " + (
-            "resuming from checkpoints/last.pt" if resume else "no checkpoint yet, starting over"))  # fmt: skip
-    if resume:
-        path = checkpoint_dir / "last.pt" if resume == "auto" else Path(resume)
-        if resume == "auto" and not path.exists():
-            raise CheckpointError(f"--resume auto: no checkpoint at {path}", "start the run without --resume")
-        resumed = load_checkpoint(path)
-        differences = _config_differences(resumed["config"], cfg.to_dict())
-        if differences:
-            raise ConfigError(
-                f"the config differs from the checkpoint's in {len(differences)} key(s); only "
-                f"{', '.join(RESUMABLE_CHANGES)} may change on resume",
-                "resume with the original config, or start a new run (run.name)",
-                details=differences,
-            )
-        saved_world = int(resumed.get("world_size", 1))
-        if saved_world != world.world_size and resumed.get("epoch_progress"):
-            raise CheckpointError(
-                f"{path} was saved mid-epoch by {saved_world} process(es); this run has {world.world_size}",
-                f"resume it with {saved_world} process(es) (each epoch's shards depend on the number), "
-                "or from an end-of-epoch checkpoint",
-            )
-        if saved_world != world.world_size:
-            _say(quiet, f"resuming a {saved_world}-process run with {world.world_size}: the global batch changes")
-        if list(resumed["class_names"]) != split.class_names:
-            raise CheckpointError(
-                f"the dataset's classes {split.class_names} differ from the checkpoint's {resumed['class_names']}",
-                "resume with the same dataset",
-            )
-        if resumed["epoch"] >= cfg.train.epochs:
+    resumed = open_resume(cfg, resume, split.class_names, world, dry_run, quiet)
+    if resumed is not None and resumed["epoch"] >= cfg.train.epochs:
+        if world.is_main:
             print(
-                f"{path}: the run already finished {resumed['epoch']} of {cfg.train.epochs} epochs; nothing to do"
-                f" — raise train.epochs to train longer",
+                f"{checkpoint_dir / 'last.pt' if resume in (None, 'auto') else resume}: the run already finished "
+                f"{resumed['epoch']} of {cfg.train.epochs} epochs; nothing to do — raise train.epochs to train longer",
                 flush=True,
             )
-            return {"finished": True, "epochs_completed": resumed["epoch"], "run_dir": str(run_dir)}
-    elif not (dry_run or restarted) and ((checkpoint_dir / "last.pt").exists() or (run_dir / "metrics.jsonl").exists()):
-        raise ConfigError(
-            f"{run_dir} already holds a run",
-            "continue it with --resume auto, or set run.name (or run.output_dir) for a new one",
-        )
+        distributed.teardown()
+        return {"finished": True, "epochs_completed": resumed["epoch"], "run_dir": str(run_dir)}
+    saved_world = int(resumed.get("world_size", 1)) if resumed is not None else world.world_size
 
     seed_everything(cfg.run.seed)
     if resumed is not None:
@@ -526,21 +571,7 @@ def finetune(
         restore_rng(mine["rng"])
 
     metrics_path = run_dir / "metrics.jsonl"
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        clean_stale_temps(checkpoint_dir)
-        _write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
-        _write_text_atomic(run_dir / "classes.json", json.dumps(split.class_names, indent=2) + "\n")
-        if metrics_path.exists():
-            # Lines of epochs after the checkpoint (written before a crash) are dropped: they are re-run
-            # (all of them when a torchrun restart starts over).
-            kept = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-            last_epoch = state.epoch if resumed is not None else 0
-            kept = [r for r in kept if r["epoch"] <= last_epoch]
-            _write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-    if resumed is not None and metrics_path.exists():
-        kept = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        state.history = [r for r in kept if r["epoch"] <= state.epoch]
+    state.history = prepare_run_directory(cfg, split.class_names, state.epoch, world.is_main)
 
     cache = None
     if cache_applies(cfg) and plan.head_only(state.epoch):  # (not once an unfreeze plan opened the backbone)
