@@ -93,7 +93,10 @@ def test_dry_run(cli: CliRunner, tmp_path: Path, dataset: Path) -> None:
     result = cli.invoke(app, ["finetune", str(config), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "trainable" in result.output and "dry run" in result.output
+    assert "loader     in the main process" in result.output and "precision fp32" in result.output
     assert not (tmp_path / "run").exists()
+    result = cli.invoke(app, ["finetune", str(config), "data.num_workers=2", "run.compile=true", "--dry-run"])
+    assert "loader     2 persistent worker(s)" in result.output and "compile on" in result.output
 
 
 class Payload:

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 
 from tltool.config import Config
+from tltool.data import resolve_num_workers
+from tltool.distributed import current
 from tltool.errors import ConfigError
 from tltool.features import cache_applies
 from tltool.models import count_parameters
@@ -93,6 +95,8 @@ def describe(
     """The --dry-run summary: model, parameters per group, method and optimizer groups, data, steps."""
     counts = count_parameters(built.model)
     pre = built.preprocess
+    world = current()
+    workers = resolve_num_workers(cfg.data.num_workers)
     lines = [
         f"model      {cfg.model.backbone}  weights: {built.weights_source}",
         *(f"           {note}" for note in built.notes),
@@ -116,7 +120,15 @@ def describe(
         f"training   {cfg.train.epochs} epochs x {steps} steps (batch {cfg.data.batch_size}"
         + (f" x {cfg.train.accumulate_steps} accumulated" if cfg.train.accumulate_steps > 1 else "")
         + f"), {cfg.train.optimizer} lr {cfg.train.lr:g}, scheduler {cfg.train.scheduler}",
-        f"device     {device}  precision {precision}",
+        f"device     {device}  precision {precision}"
+        + ("  compile on" if cfg.run.compile else "")
+        + (
+            f"  {world.world_size} processes (global batch {world.world_size * cfg.data.batch_size})"
+            if world.enabled
+            else ""
+        ),
+        f"loader     {f'{workers} persistent worker(s)' if workers else 'in the main process'}"
+        + (" (data.num_workers auto)" if cfg.data.num_workers == "auto" else ""),
         "cache      "
         + (
             "frozen backbone features computed once, epochs train the head"
