@@ -15,6 +15,7 @@ that is a no-op in a single process, so the training loop has one code path:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -153,15 +154,6 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not current().enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def barrier() -> None:
     if current().enabled:
         if dist.get_backend() == "nccl":
@@ -184,14 +176,8 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(module, device_ids=device_ids)
 
 
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return getattr(module, "module", module) if type(module).__name__ == "DistributedDataParallel" else module
-
-
 def no_sync(module: torch.nn.Module, sync: bool) -> Any:
     """DDP's no_sync() for a micro-batch whose gradients are only accumulated (no all-reduce yet)."""
-    import contextlib
-
     if sync or not hasattr(module, "no_sync"):
         return contextlib.nullcontext()
     return module.no_sync()

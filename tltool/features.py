@@ -153,48 +153,33 @@ def _extract_views(
     every rank ends with the features of the whole set, in the same order as a single process.
     """
     world = current()
-    if world.enabled:
-        start, stop = shard_bounds(len(samples), world)
-        part = _extract_local(backbone, samples[start:stop], transform, views, cfg, device, precision)
-        shards = [shard for shard in all_gather_objects(part) if shard[1].numel()]
-        if not shards:
-            return torch.zeros(views, 0, 0), torch.zeros(0, dtype=torch.long)
-        return torch.cat([f for f, _ in shards], dim=1), torch.cat([lab for _, lab in shards])
-    return _extract_local(backbone, samples, transform, views, cfg, device, precision)
-
-
-def _extract_local(
-    backbone: nn.Module,
-    samples: Sequence[Sample],
-    transform: Any,
-    views: int,
-    cfg: Config,
-    device: torch.device,
-    precision: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    start, stop = shard_bounds(len(samples), world)
     all_features, labels = [], None
-    kept = None
     for view in range(views):
-        # Each view's augmentation draws from its own seeded stream, never from the training RNG.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.run.seed * 7_919 + view)
-            loader = make_loader(
-                samples,
-                transform,
-                cfg.data.batch_size,  # (the batch the user sized memory for: a larger one raises the peak)
-                cfg.data.num_workers,
-                seed=cfg.run.seed * 7_919 + view,
-                shuffle=False,
-                pin_memory=device.type == "cuda",
-                seeded=True,  # view v of an image: the same augmentation whatever the workers
-            )
-            features, view_labels = extract(backbone, loader, device, precision)
-        if kept is None:
-            kept, labels = len(view_labels), view_labels
-        elif len(view_labels) != kept:  # an image that decoded once but not twice: be strict
+        # View v's augmentation: each draw seeded from (seed, v, position), never from the training RNG.
+        loader = make_loader(
+            samples[start:stop],
+            transform,
+            cfg.data.batch_size,  # (the batch the user sized memory for: a larger one raises the peak)
+            cfg.data.num_workers,
+            seed=cfg.run.seed * 7_919 + view,
+            shuffle=False,
+            pin_memory=device.type == "cuda",
+            seeded=True,
+        )
+        features, view_labels = extract(backbone, loader, device, precision)
+        if labels is None:
+            labels = view_labels
+        elif len(view_labels) != len(labels):  # an image that decoded once but not twice: be strict
             raise RuntimeError("images changed while their features were extracted")
         all_features.append(features)
-    return torch.stack(all_features), labels
+    part = (torch.stack(all_features), labels)
+    if not world.enabled:
+        return part
+    shards = [shard for shard in all_gather_objects(part) if shard[1].numel()]
+    if not shards:
+        return torch.zeros(views, 0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat([f for f, _ in shards], dim=1), torch.cat([lab for _, lab in shards])
 
 
 def _store(tensors: dict[str, torch.Tensor], directory: Path, key: str, budget_mb: int) -> tuple[dict, str]:
