@@ -90,7 +90,14 @@ def _epoch_line(record: dict[str, Any], epochs: int, is_best: bool) -> str:
 
 
 def describe(
-    built: Any, split: Any, cfg: Config, device: torch.device, precision: str, steps: int, plan: UnfreezePlan
+    built: Any,
+    split: Any,
+    cfg: Config,
+    device: torch.device,
+    precision: str,
+    steps: int,
+    plan: UnfreezePlan,
+    optimizer_kernel: str,
 ) -> str:
     """The --dry-run summary: model, parameters per group, method and optimizer groups, data, steps."""
     counts = count_parameters(built.model)
@@ -119,7 +126,7 @@ def describe(
         f"mean {list(pre.mean)}, std {list(pre.std)}",
         f"training   {cfg.train.epochs} epochs x {steps} steps (batch {cfg.data.batch_size}"
         + (f" x {cfg.train.accumulate_steps} accumulated" if cfg.train.accumulate_steps > 1 else "")
-        + f"), {cfg.train.optimizer} lr {cfg.train.lr:g}, scheduler {cfg.train.scheduler}",
+        + f"), {cfg.train.optimizer} ({optimizer_kernel}) lr {cfg.train.lr:g}, scheduler {cfg.train.scheduler}",
         f"device     {device}  precision {precision}"
         + ("  compile on" if cfg.run.compile else "")
         + (

@@ -27,6 +27,7 @@ RESUMABLE_CHANGES = (
     "run.device",
     "run.dist_timeout_s",
     "run.compile",
+    "train.optimizer_impl",
     "data.num_workers",
     "log.progress",
     "log.tensorboard",

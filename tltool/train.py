@@ -47,7 +47,7 @@ from tltool.errors import CheckpointError, ConfigError, TrainingError
 from tltool.evaluate import evaluate
 from tltool.features import build_cache, cache_applies
 from tltool.models import build_model, built_from_checkpoint, freeze_modules, set_train_mode
-from tltool.optim import make_optimizer, make_scheduler
+from tltool.optim import make_optimizer, make_scheduler, optimizer_impl
 from tltool.runlog import _epoch_line, _say, describe, hparams, log_tensorboard, open_tensorboard
 from tltool.runstate import (
     EpochProgress,
@@ -355,7 +355,7 @@ def finetune(
 
     if dry_run:
         if world.is_main:
-            print(describe(built, split, cfg, device, precision, steps, plan))
+            print(describe(built, split, cfg, device, precision, steps, plan, optimizer_impl(optimizer)))
             print("dry run: nothing trained, nothing written")
         distributed.teardown()
         return {"dry_run": True}
@@ -562,6 +562,7 @@ def finetune(
         "feature_cache": {"extract_seconds": cache.extract_seconds, "location": cache.location} if cache else None,
         "device": str(device),
         "precision": precision,
+        "optimizer_impl": optimizer_impl(optimizer),
         "compile_seconds": compile_seconds if cfg.run.compile else None,
         "wall_seconds": time.perf_counter() - wall_start,
         "checkpoints": {
