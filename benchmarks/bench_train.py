@@ -7,7 +7,9 @@
     backbone in eval mode and requires_grad off) and of tltool's `train_one_epoch`, on the same batches
     held in memory, for mobilenet_v3_small and resnet18 at 64 and 128 px, batch 32, frozen and full
     fine-tune. "same" runs tltool at the plain loop's precision and layout (fp32, NCHW); "auto" runs
-    tltool's defaults (train.precision auto, train.channels_last auto).
+    tltool's defaults (train.precision auto, train.channels_last auto). Both use tltool's optimizer (AdamW,
+    train.optimizer_impl auto: the fused kernel); the plain loop uses torch's default AdamW, as a
+    hand-written loop does. The loops take turns on the same batches; a ratio is the median over rounds.
 (b) a whole 10-epoch frozen run on generated images (plain loop with a DataLoader vs `tltool finetune`
     with its feature cache), each in its own process: 2,000 train + 500 val images at 128 px (--quick: 200 +
     50 at 64 px). Peak memory is each worker's own high-water RSS (VmHWM, see `peak_rss_mb`).
@@ -23,6 +25,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,8 +87,8 @@ def batches(size: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def plain_loop(backbone: str, size: int, frozen: bool, data: list) -> float:
-    """The textbook loop; returns images/s over `data` after two warm-up steps."""
+def plain_loop(backbone: str, size: int, frozen: bool):
+    """The textbook loop; returns a function that trains on a list of batches and returns its seconds."""
     _, model = build(backbone, size, frozen, channels_last=False)
     model.train()
     if frozen:
@@ -99,22 +102,23 @@ def plain_loop(backbone: str, size: int, frozen: bool, data: list) -> float:
         loss.backward()
         optimizer.step()
 
-    for images, labels in data[:2]:
-        step(images, labels)
-    start = time.perf_counter()
-    for images, labels in data:
-        step(images, labels)
-    return len(data) * 32 / (time.perf_counter() - start)
+    def run(items: list) -> float:
+        start = time.perf_counter()
+        for images, labels in items:
+            step(images, labels)
+        return time.perf_counter() - start
+
+    return run
 
 
-def tltool_loop(backbone: str, size: int, frozen: bool, data: list, defaults: bool) -> float:
-    """tltool's train_one_epoch on the same batches (its defaults, or the plain loop's fp32 NCHW)."""
+def tltool_loop(backbone: str, size: int, frozen: bool, defaults: bool):
+    """tltool's train_one_epoch (its defaults, or the plain loop's fp32 NCHW): a function as plain_loop's."""
     cfg, model = build(backbone, size, frozen, channels_last=False)
     frozen_names = freeze_modules(model, cfg.train.freeze)
     if defaults and use_channels_last(cfg.train.channels_last, model):
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg.train, parameter_groups(model))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.train, len(data)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.train, 1000))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     device = torch.device("cpu")
     # tltool's defaults: train.precision auto (bf16 to train non-depthwise nets on bf16 CPUs, else fp32).
@@ -122,7 +126,7 @@ def tltool_loop(backbone: str, size: int, frozen: bool, data: list, defaults: bo
         resolve_precision(cfg.train.precision, device, model, backbone_trains=not frozen) if defaults else "fp32"
     )
 
-    def epoch(items: list) -> float:
+    def run(items: list) -> float:
         start = time.perf_counter()
         train_one_epoch(
             model,
@@ -141,31 +145,50 @@ def tltool_loop(backbone: str, size: int, frozen: bool, data: list, defaults: bo
         )
         return time.perf_counter() - start
 
-    epoch(data[:2])
-    return len(data) * 32 / epoch(data)
+    return run
 
 
 def throughput_table(quick: bool) -> list[dict]:
+    """Images/s of the three loops, and tltool/plain ratios that this machine's noise hardly moves.
+
+    The three loops are built once and then take turns, round after round, on the same batches (the
+    order rotates each round). The noise of a shared machine comes in slow phases of seconds that slow
+    whatever runs then: a round's three timings share its phase, so each round gives one ratio, and the
+    row's ratio is the median over rounds. The images/s shown are each loop's best round.
+    """
     rows = []
     models = ["mobilenet_v3_small", "resnet18"]
     sizes = [64] if quick else [64, 128]
+    rounds = 3 if quick else 9
     for backbone in models:
         for size in sizes:
             for frozen in (True, False):
-                count = (4 if quick else 8) if not frozen else (6 if quick else 12)
+                count = (4 if quick else 6) if not frozen else (6 if quick else 10)
                 data = batches(size, count)
-                best = {"plain": 0.0, "same": 0.0, "auto": 0.0}
-                for _ in range(1 if quick else 3):  # interleaved repeats: noise hits all three alike
-                    best["plain"] = max(best["plain"], plain_loop(backbone, size, frozen, data))
-                    best["same"] = max(best["same"], tltool_loop(backbone, size, frozen, data, defaults=False))
-                    best["auto"] = max(best["auto"], tltool_loop(backbone, size, frozen, data, defaults=True))
+                loops = {
+                    "plain": plain_loop(backbone, size, frozen),
+                    "same": tltool_loop(backbone, size, frozen, defaults=False),
+                    "auto": tltool_loop(backbone, size, frozen, defaults=True),
+                }
+                for run in loops.values():  # warm-up: first-call allocations, oneDNN primitive caches
+                    run(data[:2])
+                seconds: dict[str, list[float]] = {name: [] for name in loops}
+                names = list(loops)
+                for index in range(rounds):
+                    for name in names[index % 3 :] + names[: index % 3]:
+                        seconds[name].append(loops[name](data))
+                best = {name: len(data) * 32 / min(times) for name, times in seconds.items()}
+                ratio = {
+                    name: statistics.median(p / t for p, t in zip(seconds["plain"], seconds[name], strict=True))
+                    for name in ("same", "auto")
+                }
                 row = {
                     "model": backbone,
                     "px": size,
                     "mode": "frozen" if frozen else "full",
                     **best,
-                    "ratio_same": best["same"] / best["plain"],
-                    "ratio_auto": best["auto"] / best["plain"],
+                    "ratio_same": ratio["same"],
+                    "ratio_auto": ratio["auto"],
                 }
                 print(
                     f"{backbone:<20} {size:>4} {row['mode']:<7} plain {best['plain']:8.1f}  tltool {best['same']:8.1f}"
@@ -332,7 +355,7 @@ def main() -> None:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
-    print("training images/s, batch 32 (best of interleaved repeats):")
+    print("training images/s, batch 32 (best round; ratios: median over rounds of paired timings):")
     rows = throughput_table(args.quick)
     print("whole frozen runs:")
     runs = frozen10(args.quick)
