@@ -16,8 +16,8 @@ from tltool.checkpoint import load_checkpoint
 from tltool.config import TrainConfig, load_config
 from tltool.errors import CheckpointError, ConfigError, TrainingError
 from tltool.models import build_model
-from tltool.optim import lr_factor
-from tltool.train import finetune, seed_everything
+from tltool.optim import lr_factor, make_optimizer
+from tltool.train import finetune, seed_everything, train_one_epoch
 
 
 def run(run_dir: Path, train: Path, *extra: str, resume: str | None = None, **kwargs) -> dict:
@@ -161,9 +161,12 @@ def test_resume_rules(tmp_path: Path, dataset: Path) -> None:
     assert [r["epoch"] for r in metrics(run_dir)] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("read_every", [1, 3])
 def test_non_finite_loss_stops_and_keeps_the_last_finite_checkpoint(
-    tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch, read_every: int
 ) -> None:
+    # read_every 3: as on an accelerator, where the loop reads the loss every 32 batches (no sync per step)
+    monkeypatch.setattr(train_module, "host_read_interval", lambda device: read_every)
     real = train_module.F.cross_entropy
     calls = {"n": 0}
 
@@ -175,11 +178,38 @@ def test_non_finite_loss_stops_and_keeps_the_last_finite_checkpoint(
     monkeypatch.setattr(train_module.F, "cross_entropy", nan_after_first_epoch)
     with pytest.raises(TrainingError) as exc:
         run(tmp_path / "r", dataset, "train.epochs=3")
-    assert "nan" in exc.value.message() and "train.lr" in exc.value.message()
+    assert "nan at epoch 2, batch 1" in exc.value.message() and "train.lr" in exc.value.message()
     for name in ("last.pt", "best.pt"):
         checkpoint = load_checkpoint(tmp_path / "r" / "checkpoints" / name)
         assert checkpoint["epoch"] == 1
         assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+def test_reading_the_device_sums_every_few_batches_changes_nothing(
+    tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an accelerator the loop reads its loss sums every 32 batches (host_read_interval); here every 3."""
+    extra = ("train.freeze=none", "data.batch_size=4", "train.epochs=2", "checkpoint.every_n_steps=2")
+    run(tmp_path / "every", dataset, *extra)
+    monkeypatch.setattr(train_module, "host_read_interval", lambda device: 3)
+    real_save, progress = train_module.save_atomic, []
+
+    def record(payload, path):
+        progress.append(payload["epoch_progress"])
+        real_save(payload, path)
+
+    monkeypatch.setattr(train_module, "save_atomic", record)
+    run(tmp_path / "third", dataset, *extra)
+    assert_same_weights(
+        weights(tmp_path / "every" / "checkpoints" / "last.pt"), weights(tmp_path / "third" / "checkpoints" / "last.pt")
+    )
+    for a, b in zip(metrics(tmp_path / "every"), metrics(tmp_path / "third"), strict=True):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc1", "val_acc5", "global_step"):
+            assert a[key] == b[key], key
+    mid_epoch = [p for p in progress if p is not None]
+    assert len(mid_epoch) >= 4  # (batches 2, 4, 6 of each epoch: before a read, after one, between)
+    for p in mid_epoch:  # the sums a mid-epoch checkpoint holds cover every batch done
+        assert p["seen"] == 4 * p["batches_done"] and p["loss_sum"] > 0
 
 
 def test_early_stopping(tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -286,3 +316,29 @@ def test_run_compile_trains_the_same_head_and_reports_the_compile_time(tmp_path:
     for key in plain:
         torch.testing.assert_close(compiled[key], plain[key], rtol=1e-4, atol=1e-5)
     assert runs["true"]["final"]["val_acc1"] == pytest.approx(runs["false"]["final"]["val_acc1"])
+
+
+def test_a_step_whose_batches_were_all_unreadable_changes_no_weight() -> None:
+    """The loop drops gradients just before a step's first backward: a step with none must not reuse them."""
+    from tltool.runstate import EpochProgress, TrainState
+
+    cfg = load_config(None, ["data.train=.", "train.optimizer=sgd", "train.momentum=0", "train.weight_decay=0"]).train
+    generator = torch.Generator().manual_seed(0)
+    batch = (torch.randn(4, 3, 16, 16, generator=generator), torch.tensor([0, 1, 0, 1]))
+
+    def trained(batches: list) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+        model(batch[0])
+        optimizer = make_optimizer(cfg, {"all": list(model.parameters())})
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        state = TrainState()
+        train_one_epoch(model, batches, optimizer, scheduler, scaler, cfg, state, [], torch.device("cpu"), "fp32",
+                        None, EpochProgress(), len(batches))  # fmt: skip
+        assert state.global_step == len(batches)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    once, then_nothing = trained([batch]), trained([batch, None])
+    assert_same_weights(once, then_nothing)
+    assert not torch.equal(once["0.weight"], trained([batch, batch])["0.weight"])

@@ -100,6 +100,22 @@ def use_channels_last(setting: str, model: torch.nn.Module) -> bool:
     return type(backbone).__name__ not in _NO_CHANNELS_LAST
 
 
+def host_read_interval(device: torch.device) -> int:
+    """Batches between the training loop's reads of device values (running loss, hits, the finite-loss check).
+
+    Every batch on CPU, where a read costs nothing. On an accelerator a read waits for all queued work and
+    leaves the device idle while the host prepares the next step, so the loop reads every 32 batches
+    (and before every checkpoint and at the end of the epoch): a non-finite loss is then reported up to
+    31 batches late, and never saved.
+    """
+    return 1 if device.type == "cpu" else 32
+
+
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """dtype of running sums kept on `device`: float64 (exact for counts, as a Python float), float32 on MPS."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def configure_backends(device: torch.device) -> None:
     """Fast defaults for a training process on `device`.
 

@@ -17,7 +17,7 @@ from torch import nn
 from tltool.checkpoint import load_checkpoint
 from tltool.config import DataConfig
 from tltool.data import Preprocess, Sample, eval_transform, make_loader, scan_data, scan_eval_folder
-from tltool.device import autocast, resolve_device, resolve_precision
+from tltool.device import autocast, resolve_device, resolve_precision, sum_dtype
 from tltool.distributed import all_reduce_sum
 from tltool.errors import DataError
 from tltool.models import load_trained_model
@@ -38,9 +38,10 @@ def evaluate(
     numbers of batches here).
     """
     model.eval()
-    total_loss = 0.0
-    count = correct1 = correct5 = 0
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long)
+    # The sums stay on the device (float64 loss on all but MPS, exact counts): one host sync per evaluation.
+    loss_sum = torch.zeros((), dtype=sum_dtype(device), device=device)
+    counts = torch.zeros(3, dtype=torch.long, device=device)  # images, top-1 hits, top-5 hits
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     k = min(5, num_classes)
     for batch in loader:
         if batch is None:
@@ -51,15 +52,15 @@ def evaluate(
         with autocast(device, precision):
             logits = model(images)
         logits = logits.float()
-        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").to(loss_sum.dtype)
         top = logits.topk(k, dim=1).indices
-        correct1 += (top[:, 0] == labels).sum().item()
-        correct5 += (top == labels[:, None]).any(dim=1).sum().item()
-        confusion += torch.bincount((labels * num_classes + top[:, 0]).cpu(), minlength=num_classes**2)
-        count += labels.numel()
-    sums = all_reduce_sum(torch.tensor([total_loss, count, correct1, correct5], dtype=torch.float64))
+        counts[0] += labels.numel()
+        counts[1] += (top[:, 0] == labels).sum()
+        counts[2] += (top == labels[:, None]).any(dim=1).sum()
+        confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes**2)
+    sums = all_reduce_sum(torch.cat([loss_sum.view(1).cpu().double(), counts.cpu().double()]))
     total_loss, count, correct1, correct5 = sums[0].item(), *(int(v) for v in sums[1:].tolist())
-    confusion = all_reduce_sum(confusion)
+    confusion = all_reduce_sum(confusion.cpu())
     if count == 0:
         raise DataError("no image of the evaluation set could be read", "check the dataset")
     return {

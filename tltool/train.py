@@ -41,7 +41,14 @@ from tltool.data import (
     set_loader_epoch,
     train_transform,
 )
-from tltool.device import autocast, configure_backends, resolve_precision, use_channels_last
+from tltool.device import (
+    autocast,
+    configure_backends,
+    host_read_interval,
+    resolve_precision,
+    sum_dtype,
+    use_channels_last,
+)
 from tltool.distributed import all_reduce_max, all_reduce_sum, any_rank, current, no_sync
 from tltool.errors import CheckpointError, ConfigError, TrainingError
 from tltool.evaluate import evaluate
@@ -149,7 +156,36 @@ def train_one_epoch(
     accumulate = cfg.accumulate_steps
     sums = epoch_progress
     start = tick = time.perf_counter() - sums.seconds
-    optimizer.zero_grad(set_to_none=True)
+    # Per batch (objective, loss, top-1 hits) stay on the device until read: every batch on CPU, every
+    # host_read_interval batches on an accelerator (a read is a sync), and before any save.
+    read_every = host_read_interval(device)
+    pending: list[tuple[int, int, torch.Tensor]] = []  # (batch index, images, [objective, loss, hits])
+
+    def read_pending() -> None:
+        """Fold the pending batches into the epoch sums; a non-finite loss raises (on every rank)."""
+        rows = torch.stack([values for _, _, values in pending]).tolist() if pending else []
+        indices = [index for index, _, _ in pending]
+        bad = next(((i, row[0]) for i, row in zip(indices, rows, strict=True) if not math.isfinite(row[0])), None)
+        if distributed:
+            bad_anywhere = any_rank(bad is not None)[0]
+            if bad_anywhere and bad is None:
+                bad = (None, "non-finite on another process")
+        if bad is not None:
+            where = f", batch {bad[0] + 1}" if bad[0] is not None else ""
+            raise TrainingError(
+                f"the loss became {bad[1]} at epoch {state.epoch + 1}{where}",
+                "lower train.lr or set train.grad_clip_norm (the last finite checkpoint is kept)",
+            )
+        for (_, count, _), (_, loss_value, hits) in zip(pending, rows, strict=True):
+            sums.loss_sum += loss_value * count
+            sums.correct += int(hits)
+            sums.seen += count
+        pending.clear()
+
+    # The gradients are dropped just before the first backward of each optimizer step, as in the textbook
+    # loop, not right after the step: freed after the step, their memory goes to the next forward's
+    # activations and the backward must fault in fresh pages (5-11% slower per step on CPU, BENCHMARKS.md).
+    stale = True  # the gradients held belong to an earlier step (or to none)
     loop_start, first_step = time.perf_counter(), None
     for index, batch in enumerate(loader, start=sums.batches_done):
         sums.data_seconds += time.perf_counter() - tick
@@ -162,6 +198,7 @@ def train_one_epoch(
         if distributed:  # every rank takes the same branch: none waits alone in a collective
             # (before the forward: DDP broadcasts the batch-norm buffers in it)
             missing, stopping = any_rank(missing, stop is not None and stop.requested)
+        read_now = (index + 1) % read_every == 0
         # Under DDP the gradients of a micro-batch that only accumulates are not all-reduced yet.
         with no_sync(forward, steps_now):
             if not missing:
@@ -174,27 +211,27 @@ def train_one_epoch(
                         logits.float(), labels, weight=class_weight, label_smoothing=cfg.label_smoothing
                     )
                 objective = loss + penalty() if penalty is not None else loss
-                finite = bool(torch.isfinite(objective))
-                if distributed:
-                    finite = not any_rank(not finite)[0]
-                if not finite:
-                    value = objective.item() if not torch.isfinite(objective) else "non-finite on another process"
-                    raise TrainingError(
-                        f"the loss became {value} at epoch {state.epoch + 1}, batch {index + 1}",
-                        "lower train.lr or set train.grad_clip_norm (the last finite checkpoint is kept)",
-                    )
+                hits = (logits.argmax(dim=1) == labels).sum()
+                values = torch.stack([objective.detach(), loss.detach(), hits]).to(sum_dtype(device))
+                pending.append((index, labels.numel(), values))
+                if read_now:  # (on CPU: every batch, before its backward, so a non-finite loss never steps)
+                    read_pending()
+                if stale:
+                    optimizer.zero_grad(set_to_none=True)
+                    stale = False
                 scaler.scale(objective / group_size).backward()
-                sums.loss_sum += loss.item() * labels.numel()
-                sums.correct += (logits.argmax(dim=1) == labels).sum().item()
-                sums.seen += labels.numel()
+            elif read_now:
+                read_pending()  # (under torchrun every rank reads at the same batches)
         sums.batches_done = index + 1
         if steps_now:
+            if stale:  # every batch of this step was unreadable: step with no gradients, as torch skips them
+                optimizer.zero_grad(set_to_none=True)
+            stale = True
             if cfg.grad_clip_norm is not None:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip_norm)
             scaler.step(optimizer)
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             state.global_step += 1
             if first_step is None:  # (with run.compile, the first step compiles the graph)
@@ -208,16 +245,20 @@ def train_one_epoch(
             elif stopping:
                 stop.requested = True
             if save_mid_epoch is not None and not last_batch and (wants_save or stopping):
+                read_pending()  # the sums saved are whole, and no non-finite step is ever saved
                 sums.seconds = time.perf_counter() - start
                 save_mid_epoch()
             if stopping and not last_batch:
                 raise Interrupted(f"stopped at epoch {state.epoch + 1}, batch {sums.batches_done}", "")
         if progress is not None:
-            elapsed = time.perf_counter() - start
-            running = sums.loss_sum / max(sums.seen, 1)
-            progress.set_postfix(loss=f"{running:.4f}", img_s=f"{sums.seen / max(elapsed, 1e-9):.0f}")
+            if not pending:  # (the figures are read: showing them costs no sync)
+                elapsed = time.perf_counter() - start
+                running = sums.loss_sum / max(sums.seen, 1)
+                img_s = f"{sums.seen / max(elapsed, 1e-9):.0f}"
+                progress.set_postfix(loss=f"{running:.4f}", img_s=img_s, refresh=False)
             progress.update(1)
         tick = time.perf_counter()
+    read_pending()  # (every rank: the epoch's last batches)
     sums.seconds = time.perf_counter() - start
     # The epoch's figures over all ranks (sums of counts; the slowest rank's times).
     totals = torch.tensor([sums.loss_sum, sums.correct, sums.seen], dtype=torch.float64)
