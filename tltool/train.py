@@ -164,22 +164,21 @@ def train_one_epoch(
     def read_pending() -> None:
         """Fold the pending batches into the epoch sums; a non-finite loss raises (on every rank)."""
         rows = torch.stack([values for _, _, values in pending]).tolist() if pending else []
-        indices = [index for index, _, _ in pending]
-        bad = next(((i, row[0]) for i, row in zip(indices, rows, strict=True) if not math.isfinite(row[0])), None)
-        if distributed:
-            bad_anywhere = any_rank(bad is not None)[0]
-            if bad_anywhere and bad is None:
-                bad = (None, "non-finite on another process")
-        if bad is not None:
-            where = f", batch {bad[0] + 1}" if bad[0] is not None else ""
-            raise TrainingError(
-                f"the loss became {bad[1]} at epoch {state.epoch + 1}{where}",
-                "lower train.lr or set train.grad_clip_norm (the last finite checkpoint is kept)",
-            )
-        for (_, count, _), (_, loss_value, hits) in zip(pending, rows, strict=True):
+        bad = None
+        for (index, count, _), (objective, loss_value, hits) in zip(pending, rows, strict=True):
+            if not math.isfinite(objective):
+                bad = (f", batch {index + 1}", objective)
+                break
             sums.loss_sum += loss_value * count
             sums.correct += int(hits)
             sums.seen += count
+        if distributed and any_rank(bad is not None)[0] and bad is None:
+            bad = ("", "non-finite on another process")
+        if bad is not None:
+            raise TrainingError(
+                f"the loss became {bad[1]} at epoch {state.epoch + 1}{bad[0]}",
+                "lower train.lr or set train.grad_clip_norm (the last finite checkpoint is kept)",
+            )
         pending.clear()
 
     # The gradients are dropped just before the first backward of each optimizer step, as in the textbook
