@@ -12,6 +12,7 @@ import random
 import shutil
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -73,7 +74,73 @@ def safe_load(path: str | Path, what: str = "checkpoint") -> Any:
         ) from None
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+@dataclass
+class Checkpoint:
+    """The keys of a tltool checkpoint, defined once (format 1). The file is `to_dict()`, a plain dict.
+
+    What eval, predict and export need comes first; the rest is what a run resumes from (see
+    session.py: each stateful part of the training session fills its own keys). Old checkpoints of
+    format 1 that lack a later-added key load with its default.
+    """
+
+    config: dict[str, Any]  # the resolved run config (Config.to_dict())
+    class_names: list[str]
+    preprocess: dict[str, Any]  # Preprocess.to_dict(): size, resize, mean, std, interpolation
+    arch: dict[str, Any]  # how models.model_from_arch rebuilds the network (backbone, kwargs, head)
+    model: dict[str, Any]  # state_dict of the unwrapped, uncompiled TransferModel (CPU tensors)
+    weights_source: str = "checkpoint"  # where the starting weights came from (for messages)
+    format_version: int = FORMAT_VERSION
+    tltool_version: str = ""
+    torch_version: str = ""
+    # --- the run's state, for resume ---
+    trainable: list[str] = field(default_factory=list)  # parameters that trained when it was saved
+    frozen_modules: list[str] = field(default_factory=list)  # modules kept in eval mode
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    epoch: int = 0  # completed epochs
+    global_step: int = 0  # optimizer steps taken
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    early_stopping: dict[str, Any] = field(default_factory=lambda: {"bad_epochs": 0})
+    epoch_progress: dict[str, Any] | None = None  # rank 0's sums of an unfinished epoch (mid-epoch save)
+    metrics: dict[str, Any] = field(default_factory=dict)  # the last metrics.jsonl record
+    rng: dict[str, Any] | None = None  # rank 0's random states
+    world_size: int = 1
+    rank_states: list[dict[str, Any]] | None = None  # every rank's {rng, epoch_progress} under torchrun
+    transfer: dict[str, Any] | None = None  # the unfreeze plan: which parts opened at which step
+    l2sp_reference: dict[str, Any] | None = None  # L2-SP's w0 (the backbone at the start of training)
+    loss_terms: dict[str, Any] | None = None  # the state of loss terms other than L2-SP, by term name
+
+    def to_dict(self) -> dict[str, Any]:
+        """The dict that goes into the file (`torch.save`); read back by `from_dict`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Checkpoint:
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+    @property
+    def mid_epoch(self) -> bool:
+        return bool(self.epoch_progress)
+
+    # TRANSITIONAL (issue 13): dict-style reads while the readers move to attributes; removed before it closes.
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = getattr(self, key, default)
+        return default if value is None else value
+
+    def rank_state(self, rank: int) -> dict[str, Any]:
+        """Rank `rank`'s random states and epoch sums (rank 0's are the top-level keys)."""
+        if self.rank_states:
+            return self.rank_states[rank]
+        return {"rng": self.rng, "epoch_progress": self.epoch_progress}
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
     """A tltool checkpoint, safely loaded and checked for the keys eval/export/predict need."""
     obj = safe_load(path, "tltool checkpoint")
     if not is_tltool_checkpoint(obj):
@@ -86,7 +153,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} has checkpoint format {obj['format_version']}, newer than this tltool reads ({FORMAT_VERSION})",
             "upgrade tltool",
         )
-    return obj
+    return Checkpoint.from_dict(obj)
 
 
 def _fsync_dir(directory: Path) -> None:
