@@ -42,10 +42,10 @@ sys.path.insert(0, str(REPO))
 
 from tltool.config import load_config  # noqa: E402
 from tltool.data import Preprocess  # noqa: E402
-from tltool.device import resolve_precision, use_channels_last  # noqa: E402
-from tltool.models import build_model, freeze_modules, parameter_groups  # noqa: E402
-from tltool.optim import lr_factor, make_optimizer  # noqa: E402
-from tltool.train import EpochProgress, TrainState, finetune, train_one_epoch  # noqa: E402
+from tltool.models import build_model  # noqa: E402
+from tltool.runstate import EpochProgress  # noqa: E402
+from tltool.session import Stream, build_session  # noqa: E402
+from tltool.train import finetune, train_one_epoch  # noqa: E402
 
 
 def make_images(root: Path, classes: int, per_class: int, size: int, seed: int = 0) -> Path:
@@ -111,44 +111,45 @@ def plain_loop(backbone: str, size: int, frozen: bool):
     return run
 
 
-def tltool_loop(backbone: str, size: int, frozen: bool, defaults: bool):
-    """tltool's train_one_epoch (its defaults, or the plain loop's fp32 NCHW): a function as plain_loop's."""
-    cfg, model = build(backbone, size, frozen, channels_last=False)
-    frozen_names = freeze_modules(model, cfg.train.freeze)
-    if defaults and use_channels_last(cfg.train.channels_last, model):
-        model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg.train, parameter_groups(model))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.train, 1000))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    device = torch.device("cpu")
-    # tltool's defaults: train.precision auto (bf16 to train non-depthwise nets on bf16 CPUs, else fp32).
-    precision = (
-        resolve_precision(cfg.train.precision, device, model, backbone_trains=not frozen) if defaults else "fp32"
-    )
+def tltool_loop(backbone: str, size: int, frozen: bool, defaults: bool, workdir: Path):
+    """tltool's session and its train_one_epoch (its defaults, or the plain loop's fp32 NCHW), built from a config
+    as `tltool finetune` builds it, then fed the same in-memory batches as the plain loop: a function as plain_loop's.
+    """
+    data = workdir / "images"
+    if not data.exists():
+        make_images(data, classes=10, per_class=2, size=16)
+    run_dir = workdir / f"{backbone}-{size}-{frozen}-{defaults}"
+    overrides = [
+        f"model.backbone={backbone}",
+        "model.weights=none",
+        f"data.train={data}",
+        f"data.image_size={size}",
+        f"data.resize_size={size}",
+        "data.batch_size=32",
+        "data.num_workers=0",
+        f"run.output_dir={run_dir}",
+        "run.device=cpu",
+        "train.freeze=" + ("backbone" if frozen else "none"),
+        "train.feature_cache=off",  # (the loop through the whole model; the cache is measured in (b))
+        "log.progress=false",
+    ]
+    if not defaults:  # the plain loop's precision and layout
+        overrides += ["train.precision=fp32", "train.channels_last=off"]
+    torch.manual_seed(0)
+    session = build_session(load_config(None, overrides), quiet=True)
+    session.start()
 
     def run(items: list) -> float:
         start = time.perf_counter()
-        train_one_epoch(
-            model,
-            items,
-            optimizer,
-            scheduler,
-            scaler,
-            cfg.train,
-            TrainState(),
-            frozen_names,
-            device,
-            precision,
-            None,
-            EpochProgress(),
-            len(items),
-        )
+        session.set_streams({"train": Stream("train", items)})
+        session.state.in_epoch = EpochProgress()
+        train_one_epoch(session)
         return time.perf_counter() - start
 
     return run
 
 
-def throughput_table(quick: bool) -> list[dict]:
+def throughput_table(quick: bool, workdir: Path) -> list[dict]:
     """Images/s of the three loops, and tltool/plain ratios that this machine's noise hardly moves.
 
     The three loops are built once and then take turns, round after round, on the same batches (the
@@ -167,8 +168,8 @@ def throughput_table(quick: bool) -> list[dict]:
                 data = batches(size, count)
                 loops = {
                     "plain": plain_loop(backbone, size, frozen),
-                    "same": tltool_loop(backbone, size, frozen, defaults=False),
-                    "auto": tltool_loop(backbone, size, frozen, defaults=True),
+                    "same": tltool_loop(backbone, size, frozen, defaults=False, workdir=workdir),
+                    "auto": tltool_loop(backbone, size, frozen, defaults=True, workdir=workdir),
                 }
                 for run in loops.values():  # warm-up: first-call allocations, oneDNN primitive caches
                     run(data[:2])
@@ -356,7 +357,8 @@ def main() -> None:
         f"{torch.get_num_threads()} threads"
     )
     print("training images/s, batch 32 (best round; ratios: median over rounds of paired timings):")
-    rows = throughput_table(args.quick)
+    with tempfile.TemporaryDirectory() as workdir:
+        rows = throughput_table(args.quick, Path(workdir))
     print("whole frozen runs:")
     runs = frozen10(args.quick)
     full = [r for r in rows if r["mode"] == "full"]

@@ -49,11 +49,11 @@ def test_cuda_checkpoint_evaluates_on_cpu(tmp_path: Path, dataset: Path) -> None
 
 
 def test_cuda_resume_matches_within_tolerance(tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tltool.train as train_module
+    import tltool.session as session_module
 
     extra = ("train.epochs=3", "train.precision=fp16", "train.freeze=none")
     cuda_run(tmp_path / "straight", dataset, *extra)
-    real = train_module.evaluate
+    real = session_module.evaluate
     calls = {"n": 0}
 
     def crash_in_third_epoch(*args, **kwargs):
@@ -62,10 +62,10 @@ def test_cuda_resume_matches_within_tolerance(tmp_path: Path, dataset: Path, mon
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate", crash_in_third_epoch)
+    monkeypatch.setattr(session_module, "evaluate", crash_in_third_epoch)
     with pytest.raises(KeyboardInterrupt):
         cuda_run(tmp_path / "resumed", dataset, *extra)
-    monkeypatch.setattr(train_module, "evaluate", real)
+    monkeypatch.setattr(session_module, "evaluate", real)
     cuda_run(tmp_path / "resumed", dataset, *extra, resume="auto")
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["model"]

@@ -42,7 +42,7 @@ import tltool.train as train
 original = train.train_one_epoch
 
 def faulty(*args, **kwargs):
-    state = args[6]
+    state = args[0].state
     fault = os.environ["TLTOOL_TEST_FAULT"]
     if os.environ["RANK"] == "1" and state.epoch == 1:
         if fault == "raise":

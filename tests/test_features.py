@@ -10,14 +10,15 @@ import pytest
 import torch
 
 import tltool.features as features_module
-import tltool.train as train_module
+import tltool.session as session_module
 from conftest import run_overrides
 from tltool.checkpoint import load_checkpoint
 from tltool.config import load_config
 from tltool.data import Preprocess
 from tltool.features import cache_applies, cache_key
-from tltool.models import build_model, freeze_modules
+from tltool.models import build_model
 from tltool.train import finetune
+from tltool.transfer import freeze_modules
 
 
 def run(run_dir: Path, train: Path, *extra: str, resume: str | None = None) -> dict:
@@ -127,7 +128,7 @@ def test_the_key_changes_with_files_preprocessing_and_weights(tmp_path: Path, da
 def test_mid_epoch_resume_with_the_cache(tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     extra = ("train.epochs=3", "checkpoint.every_n_steps=1", "data.batch_size=4", "model.head_dropout=0.3")
     run(tmp_path / "straight", dataset, *extra)
-    real_save = train_module.save_atomic
+    real_save = session_module.save_atomic
     saves = {"n": 0}
 
     class Crash(Exception):
@@ -139,10 +140,10 @@ def test_mid_epoch_resume_with_the_cache(tmp_path: Path, dataset: Path, monkeypa
         if saves["n"] == 11:
             raise Crash()
 
-    monkeypatch.setattr(train_module, "save_atomic", crash)
+    monkeypatch.setattr(session_module, "save_atomic", crash)
     with pytest.raises(Crash):
         run(tmp_path / "resumed", dataset, *extra)
-    monkeypatch.setattr(train_module, "save_atomic", real_save)
+    monkeypatch.setattr(session_module, "save_atomic", real_save)
     run(tmp_path / "resumed", dataset, *extra, resume="auto")
     a, b = last(tmp_path / "straight")["model"], last(tmp_path / "resumed")["model"]
     for key in a:

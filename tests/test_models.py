@@ -19,13 +19,11 @@ from tltool.models import (
     HEAD_TABLE,
     _arch_kwargs,
     build_model,
-    freeze_modules,
     hub_file,
     load_trained_model,
     model_from_arch,
-    parameter_groups,
-    set_train_mode,
 )
+from tltool.transfer import freeze_modules, parameter_groups, set_train_mode
 
 ALL_MODELS = torchvision.models.list_models(module=torchvision.models)
 # The smallest inputs some architectures accept; 32 px for all others.

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import tltool.checkpoint as checkpoint_module
-import tltool.train as train_module
+import tltool.session as session_module
 from conftest import make_dataset, run_overrides, write_config
 from tltool.checkpoint import TEMP_MARKER, clean_stale_temps, load_checkpoint, save_atomic
 from tltool.config import load_config
@@ -71,7 +71,7 @@ def test_mid_epoch_checkpoint_resumes_from_the_same_batch(
 ) -> None:
     extra = (*FULL, "train.epochs=2", "checkpoint.every_n_steps=1", "data.batch_size=4")
     run(tmp_path / "straight", dataset, *extra)
-    real_save = train_module.save_atomic
+    real_save = session_module.save_atomic
     saves = {"n": 0}
 
     def crash_after_sixth_save(payload, path):
@@ -80,10 +80,10 @@ def test_mid_epoch_checkpoint_resumes_from_the_same_batch(
         if saves["n"] == 6:  # epoch 1 has 8 batches: this is mid-epoch
             raise Crash()
 
-    monkeypatch.setattr(train_module, "save_atomic", crash_after_sixth_save)
+    monkeypatch.setattr(session_module, "save_atomic", crash_after_sixth_save)
     with pytest.raises(Crash):
         run(tmp_path / "resumed", dataset, *extra)
-    monkeypatch.setattr(train_module, "save_atomic", real_save)
+    monkeypatch.setattr(session_module, "save_atomic", real_save)
     saved = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
     assert saved["epoch"] == 0 and saved["epoch_progress"]["batches_done"] == 6 and saved["global_step"] == 6
     torch.manual_seed(999)  # the process's RNG before resuming must not matter
@@ -156,7 +156,7 @@ def test_ctrl_c_saves_and_exits_130_with_the_resume_command(tmp_path: Path) -> N
 def test_resume_with_workers_is_within_tolerance(tmp_path: Path, dataset: Path, monkeypatch) -> None:
     extra = ("train.epochs=2", "data.num_workers=2", "checkpoint.every_n_steps=1")
     run(tmp_path / "straight", dataset, *extra)
-    real_save = train_module.save_atomic
+    real_save = session_module.save_atomic
     saves = {"n": 0}
 
     def crash_after_second_save(payload, path):
@@ -165,10 +165,10 @@ def test_resume_with_workers_is_within_tolerance(tmp_path: Path, dataset: Path, 
         if saves["n"] == 2:
             raise Crash()
 
-    monkeypatch.setattr(train_module, "save_atomic", crash_after_second_save)
+    monkeypatch.setattr(session_module, "save_atomic", crash_after_second_save)
     with pytest.raises(Crash):
         run(tmp_path / "resumed", dataset, *extra)
-    monkeypatch.setattr(train_module, "save_atomic", real_save)
+    monkeypatch.setattr(session_module, "save_atomic", real_save)
     run(tmp_path / "resumed", dataset, *extra, resume="auto")
     assert_same_run(tmp_path / "straight", tmp_path / "resumed", exact=False)
 

@@ -10,14 +10,18 @@ import pytest
 import torch
 import yaml
 
+import tltool.objective as objective_module
+import tltool.session as session_module
 import tltool.train as train_module
 from conftest import run_overrides, tree_checksum
 from tltool.checkpoint import load_checkpoint
 from tltool.config import TrainConfig, load_config
 from tltool.errors import CheckpointError, ConfigError, TrainingError
 from tltool.models import build_model
-from tltool.optim import lr_factor, make_optimizer
-from tltool.train import finetune, seed_everything, train_one_epoch
+from tltool.optim import lr_factor
+from tltool.runstate import EpochProgress
+from tltool.session import Stream, build_session, seed_everything
+from tltool.train import finetune, train_one_epoch
 
 
 def run(run_dir: Path, train: Path, *extra: str, resume: str | None = None, **kwargs) -> dict:
@@ -110,7 +114,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(
     )
     run(tmp_path / "straight", dataset, *extra)
 
-    real_evaluate = train_module.evaluate
+    real_evaluate = session_module.evaluate
     calls = {"n": 0}
 
     def crash_in_third_epoch(*args, **kwargs):
@@ -119,11 +123,11 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(
             raise Crash()
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate", crash_in_third_epoch)
+    monkeypatch.setattr(session_module, "evaluate", crash_in_third_epoch)
     with pytest.raises(Crash):
         run(tmp_path / "resumed", dataset, *extra)
     assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["epoch"] == 2
-    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    monkeypatch.setattr(session_module, "evaluate", real_evaluate)
     # A different process state before resuming must not matter: RNG comes from the checkpoint.
     torch.manual_seed(12345)
     run(tmp_path / "resumed", dataset, *extra, resume="auto")
@@ -167,7 +171,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_finite_checkpoint(
 ) -> None:
     # read_every 3: as on an accelerator, where the loop reads the loss every 32 batches (no sync per step)
     monkeypatch.setattr(train_module, "host_read_interval", lambda device: read_every)
-    real = train_module.F.cross_entropy
+    real = objective_module.F.cross_entropy
     calls = {"n": 0}
 
     def nan_after_first_epoch(*args, **kwargs):
@@ -175,7 +179,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_finite_checkpoint(
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 5 else loss
 
-    monkeypatch.setattr(train_module.F, "cross_entropy", nan_after_first_epoch)
+    monkeypatch.setattr(objective_module.F, "cross_entropy", nan_after_first_epoch)
     with pytest.raises(TrainingError) as exc:
         run(tmp_path / "r", dataset, "train.epochs=3")
     assert "nan at epoch 2, batch 1" in exc.value.message() and "train.lr" in exc.value.message()
@@ -192,13 +196,13 @@ def test_reading_the_device_sums_every_few_batches_changes_nothing(
     extra = ("train.freeze=none", "data.batch_size=4", "train.epochs=2", "checkpoint.every_n_steps=2")
     run(tmp_path / "every", dataset, *extra)
     monkeypatch.setattr(train_module, "host_read_interval", lambda device: 3)
-    real_save, progress = train_module.save_atomic, []
+    real_save, progress = session_module.save_atomic, []
 
     def record(payload, path):
         progress.append(payload["epoch_progress"])
         real_save(payload, path)
 
-    monkeypatch.setattr(train_module, "save_atomic", record)
+    monkeypatch.setattr(session_module, "save_atomic", record)
     run(tmp_path / "third", dataset, *extra)
     assert_same_weights(
         weights(tmp_path / "every" / "checkpoints" / "last.pt"), weights(tmp_path / "third" / "checkpoints" / "last.pt")
@@ -214,14 +218,14 @@ def test_reading_the_device_sums_every_few_batches_changes_nothing(
 
 def test_early_stopping(tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     scores = iter([0.5, 0.7, 0.6, 0.6, 0.9, 0.9])
-    real = train_module.evaluate
+    real = session_module.evaluate
 
     def scripted(*args, **kwargs):
         out = real(*args, **kwargs)
         out["acc1"] = next(scores)
         return out
 
-    monkeypatch.setattr(train_module, "evaluate", scripted)
+    monkeypatch.setattr(session_module, "evaluate", scripted)
     summary = run(tmp_path / "r", dataset, "train.epochs=6", "train.early_stopping_patience=2")
     assert summary["stopped_early"] and summary["epochs_completed"] == 4
     assert summary["best_epoch"] == 2 and summary["best_metric"] == 0.7
@@ -287,7 +291,7 @@ def test_missing_data_path_fails_before_weights_are_read(tmp_path: Path, monkeyp
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(train_module, "build_model", no_model)
+    monkeypatch.setattr(session_module, "build_model", no_model)
     with pytest.raises(Exception, match="does not exist"):
         run(tmp_path / "r", tmp_path / "missing")
 
@@ -318,27 +322,23 @@ def test_run_compile_trains_the_same_head_and_reports_the_compile_time(tmp_path:
     assert runs["true"]["final"]["val_acc1"] == pytest.approx(runs["false"]["final"]["val_acc1"])
 
 
-def test_a_step_whose_batches_were_all_unreadable_changes_no_weight() -> None:
+def test_a_step_whose_batches_were_all_unreadable_changes_no_weight(tmp_path: Path, dataset: Path) -> None:
     """The loop drops gradients just before a step's first backward: a step with none must not reuse them."""
-    from tltool.runstate import EpochProgress, TrainState
-
-    cfg = load_config(None, ["data.train=.", "train.optimizer=sgd", "train.momentum=0", "train.weight_decay=0"]).train
+    overrides = run_overrides(tmp_path / "r", dataset, "train.optimizer=sgd", "train.momentum=0",
+                              "train.weight_decay=0", "train.scheduler=none", "train.freeze=none")  # fmt: skip
     generator = torch.Generator().manual_seed(0)
-    batch = (torch.randn(4, 3, 16, 16, generator=generator), torch.tensor([0, 1, 0, 1]))
+    batch = (torch.randn(4, 3, 32, 32, generator=generator), torch.tensor([0, 1, 0, 1]))
 
     def trained(batches: list) -> dict[str, torch.Tensor]:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
-        model(batch[0])
-        optimizer = make_optimizer(cfg, {"all": list(model.parameters())})
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        state = TrainState()
-        train_one_epoch(model, batches, optimizer, scheduler, scaler, cfg, state, [], torch.device("cpu"), "fp32",
-                        None, EpochProgress(), len(batches))  # fmt: skip
-        assert state.global_step == len(batches)
-        return {k: v.clone() for k, v in model.state_dict().items()}
+        session = build_session(load_config(None, overrides), quiet=True)
+        session.start()
+        session.set_streams({"train": Stream("train", batches)})
+        session.state.in_epoch = EpochProgress()
+        train_one_epoch(session)
+        assert session.state.global_step == len(batches)
+        return {k: v.clone() for k, v in session.model.state_dict().items()}
 
     once, then_nothing = trained([batch]), trained([batch, None])
     assert_same_weights(once, then_nothing)
-    assert not torch.equal(once["0.weight"], trained([batch, batch])["0.weight"])
+    key = "backbone.conv1.weight"
+    assert not torch.equal(once[key], trained([batch, batch])[key])

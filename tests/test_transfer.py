@@ -12,7 +12,8 @@ import torch
 import torchvision
 from torch import nn
 
-import tltool.train as train_module
+import tltool.objective as objective_module
+import tltool.session as session_module
 from conftest import make_dataset, run_overrides
 from tltool.checkpoint import load_checkpoint
 from tltool.config import load_config
@@ -20,17 +21,15 @@ from tltool.data import BalancedSampler
 from tltool.errors import ConfigError
 from tltool.models import (
     STAGE_TABLE,
-    TransferModel,
     _arch_kwargs,
     _drop_aux,
     _set_slot,
     backbone_stages,
     build_model,
     head_path,
-    make_head,
 )
-from tltool.train import finetune, seed_everything
-from tltool.transfer import class_weight_tensor, l2sp_penalty, l2sp_reference
+from tltool.session import seed_everything
+from tltool.train import finetune
 
 ALL_MODELS = torchvision.models.list_models(module=torchvision.models)
 # Modules whose output depends on train/eval mode: a stage must hold them so that "closed" means eval.
@@ -59,13 +58,13 @@ def initial_weights(run_dir: Path, train: Path, *extra: str) -> dict[str, torch.
 def record_epoch_weights(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, torch.Tensor]]:
     """The model of every checkpoint a run saves (one per epoch unless checkpoint.every_n_steps)."""
     saved: list[dict[str, torch.Tensor]] = []
-    real = train_module.save_atomic
+    real = session_module.save_atomic
 
     def save(payload, path):
         saved.append({k: v.clone() for k, v in payload["model"].items()})
         real(payload, path)
 
-    monkeypatch.setattr(train_module, "save_atomic", save)
+    monkeypatch.setattr(session_module, "save_atomic", save)
     return saved
 
 
@@ -259,7 +258,7 @@ def test_resume_in_the_middle_of_a_plan_equals_uninterrupted(
     crash_at: int,
 ) -> None:
     straight = straight_mid_plan(straight_runs, tmp_path_factory, dataset)
-    real = train_module.save_atomic
+    real = session_module.save_atomic
     saves = {"n": 0}
 
     def crash(payload, path):
@@ -268,10 +267,10 @@ def test_resume_in_the_middle_of_a_plan_equals_uninterrupted(
         if saves["n"] == crash_at:  # 2 saves an epoch (after step 2 of 4, at the end): both in epoch 2
             raise Crash()
 
-    monkeypatch.setattr(train_module, "save_atomic", crash)
+    monkeypatch.setattr(session_module, "save_atomic", crash)
     with pytest.raises(Crash):
         run(tmp_path / "resumed", dataset, *MID_PLAN)
-    monkeypatch.setattr(train_module, "save_atomic", real)
+    monkeypatch.setattr(session_module, "save_atomic", real)
     saved = last(tmp_path / "resumed")
     assert saved["transfer"]["opened"] == [
         {"part": "backbone.layer4", "step": 4, "epoch": 2}, {"part": "backbone.layer3", "step": 4, "epoch": 2}
@@ -318,26 +317,6 @@ def test_lr_per_group_in_the_dry_run(tmp_path: Path, dataset: Path, capsys: pyte
 # --- L2-SP ------------------------------------------------------------------------------------------
 
 
-def test_l2sp_penalty_is_its_formula() -> None:
-    torch.manual_seed(0)
-    model = TransferModel(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), make_head(3, 2, 0.0))
-    reference = l2sp_reference(model)
-    assert set(reference) == {"backbone.0.weight", "backbone.0.bias", "backbone.1.weight", "backbone.1.bias"}
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param))
-    alpha, beta = 0.3, 0.07
-    w = torch.cat([p.flatten() for p in model.backbone.parameters()])
-    w0 = torch.cat([reference[f"backbone.{n}"].flatten() for n, _ in model.backbone.named_parameters()])
-    head = torch.cat([p.flatten() for p in model.head.parameters()])
-    expected = alpha / 2 * (w - w0).pow(2).sum() + beta / 2 * head.pow(2).sum()
-    torch.testing.assert_close(l2sp_penalty(model, reference, alpha, beta), expected)
-    model.backbone[1].requires_grad_(False)  # frozen parameters are not pulled (and cost nothing)
-    w, w0 = w[:15], w0[:15]
-    expected = alpha / 2 * (w - w0).pow(2).sum() + beta / 2 * head.pow(2).sum()
-    torch.testing.assert_close(l2sp_penalty(model, reference, alpha, beta), expected)
-
-
 def test_l2sp_replaces_weight_decay_in_the_loop(tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # With a zero data loss and w0 = 0 only the penalty moves the weights: plain SGD shrinks the backbone by
     # (1 - lr * alpha) and the head by (1 - lr * beta) per step, and the configured weight decay plays no part.
@@ -345,9 +324,9 @@ def test_l2sp_replaces_weight_decay_in_the_loop(tmp_path: Path, dataset: Path, m
              "train.scheduler=none", "train.weight_decay=0.5", "train.regularization=l2sp", "train.l2sp_alpha=0.4",
              "train.l2sp_beta=0.2", "checkpoint.save_best=false")  # fmt: skip
     initial = initial_weights(tmp_path / "r", dataset, *extra)
-    real = train_module.F.cross_entropy
-    monkeypatch.setattr(train_module.F, "cross_entropy", lambda logits, labels, **kw: real(logits, labels) * 0.0)
-    monkeypatch.setattr(train_module, "l2sp_reference", lambda model: {
+    real = objective_module.F.cross_entropy
+    monkeypatch.setattr(objective_module.F, "cross_entropy", lambda logits, labels, **kw: real(logits, labels) * 0.0)
+    monkeypatch.setattr(objective_module, "l2sp_reference", lambda model: {
         name: torch.zeros_like(p) for name, p in model.backbone.named_parameters(prefix="backbone")})  # fmt: skip
     summary = run(tmp_path / "r", dataset, *extra)
     final = last(tmp_path / "r")
@@ -362,15 +341,6 @@ def test_l2sp_replaces_weight_decay_in_the_loop(tmp_path: Path, dataset: Path, m
 
 
 # --- class imbalance --------------------------------------------------------------------------------
-
-
-def test_class_weights() -> None:
-    names = ["a", "b"]
-    torch.testing.assert_close(class_weight_tensor("balanced", names, [0, 0, 0, 1]), torch.tensor([4 / 6, 2.0]))
-    torch.testing.assert_close(class_weight_tensor([1.0, 3.0], names, [0, 1]), torch.tensor([1.0, 3.0]))
-    assert class_weight_tensor("none", names, [0, 1]) is None
-    with pytest.raises(ConfigError, match="3 weights, but the data has 2 classes"):
-        class_weight_tensor([1.0, 2.0, 3.0], names, [0, 1])
 
 
 def test_balanced_sampler_is_a_function_of_seed_and_epoch() -> None:
@@ -398,13 +368,13 @@ def test_imbalanced_data_with_the_cache_equals_without(tmp_path: Path, monkeypat
     for path in sorted((data / "class_2").iterdir())[3:]:
         path.unlink()  # 10 / 10 / 3 images
     seen = []
-    real = train_module.F.cross_entropy
+    real = objective_module.F.cross_entropy
 
     def record(*args, **kwargs):
         seen.append(kwargs.get("weight"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module.F, "cross_entropy", record)
+    monkeypatch.setattr(objective_module.F, "cross_entropy", record)
     extra = ("train.class_weights=balanced", "data.sampler=balanced", "data.val_split=0.3")
     cached = run(tmp_path / "cached", data, *extra)
     plain = run(tmp_path / "plain", data, *extra, "train.feature_cache=off")

@@ -29,12 +29,16 @@ from tltool.config import Config
 from tltool.data import EpochSampler, Preprocess, Sample, eval_transform, make_loader, train_transform
 from tltool.device import autocast
 from tltool.distributed import all_gather_objects, any_rank, barrier, current, shard_bounds
+from tltool.transfer import freezes_backbone
 
 
 def cache_applies(cfg: Config) -> bool:
-    """Whether `train.feature_cache` turns the cache on for this run."""
+    """Whether `train.feature_cache` turns the cache on for a run whose backbone starts frozen.
+
+    (Whether the backbone is frozen in a given epoch is the unfreeze plan's answer: `UnfreezePlan.head_only`.)
+    """
     mode = cfg.train.feature_cache
-    if mode == "off" or cfg.train.freeze != "backbone":
+    if mode == "off" or not freezes_backbone(cfg.train):
         return False
     if mode == "on":
         return True

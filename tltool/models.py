@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import urllib.error
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,7 +97,7 @@ class TransferModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
-        # Set by freeze_modules: a frozen backbone needs no autograd graph (less memory and time).
+        # Kept by the unfreeze plan (transfer.py): a frozen backbone needs no autograd graph (less memory and time).
         self.frozen_backbone = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -407,71 +406,6 @@ def load_trained_model(checkpoint: dict[str, Any]) -> TransferModel:
     return model.eval()
 
 
-# --- freezing ----------------------------------------------------------------------------------------
-
-
-def freeze_modules(model: TransferModel, freeze: str | list[str]) -> list[str]:
-    """Freeze what `train.freeze` says and return the names of the frozen modules (kept in eval mode)."""
-    if freeze == "none":
-        return []
-    prefixes = ["backbone"] if freeze == "backbone" else list(freeze)
-    names = dict(model.named_modules())
-    unknown = [p for p in prefixes if p not in names]
-    if unknown:
-        import difflib
-
-        hints = []
-        for prefix in unknown:
-            close = difflib.get_close_matches(prefix, list(names), n=2, cutoff=0.5)
-            hints.append(f"{prefix!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        raise ConfigError(
-            f"train.freeze names no module: {', '.join(hints)}",
-            "use module names as `tltool finetune --dry-run` lists them, e.g. backbone.layer1",
-        )
-    for prefix in prefixes:
-        names[prefix].requires_grad_(False)
-    model.frozen_backbone = not any(p.requires_grad for p in model.backbone.parameters())
-    return prefixes
-
-
-def set_train_mode(model: nn.Module, frozen: list[str]) -> None:
-    """model.train(), then the frozen modules back to eval: their batch-norm statistics never move."""
-    model.train()
-    for name in frozen:
-        model.get_submodule(name).eval()
-
-
-def set_trainable(model: nn.Module, paths: Sequence[str]) -> list[nn.Parameter]:
-    """requires_grad_(True) for the modules and parameters named by `paths`; returns their parameters."""
-    params: list[nn.Parameter] = []
-    for path in paths:
-        found = list(model.get_submodule(path).parameters()) if _is_module(model, path) else [model.get_parameter(path)]
-        for param in found:
-            param.requires_grad_(True)
-        params += found
-    if isinstance(model, TransferModel):
-        model.frozen_backbone = not any(p.requires_grad for p in model.backbone.parameters())
-    return params
-
-
-def batch_norm_modules(model: nn.Module, under: str = "backbone") -> list[str]:
-    """Names of the batch-norm layers under `under` (what train.bn_policy: frozen keeps in eval mode)."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if name.startswith(under + ".") and isinstance(module, nn.modules.batchnorm._BatchNorm)
-    ]
-
-
-def parameter_groups(model: TransferModel) -> dict[str, list[nn.Parameter]]:
-    """Trainable parameters, by named group (backbone / head)."""
-    groups: dict[str, list[nn.Parameter]] = {"backbone": [], "head": []}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            groups["head" if name.startswith("head.") else "backbone"].append(param)
-    return {k: v for k, v in groups.items() if v}
-
-
 def count_parameters(model: TransferModel) -> dict[str, dict[str, int]]:
     out = {}
     for part in ("backbone", "head"):
@@ -494,7 +428,7 @@ class Stage:
     paths: tuple[str, ...]
 
 
-def _is_module(net: nn.Module, path: str) -> bool:
+def is_module(net: nn.Module, path: str) -> bool:
     try:
         net.get_submodule(path)
     except AttributeError:
@@ -503,7 +437,7 @@ def _is_module(net: nn.Module, path: str) -> bool:
 
 
 def _exists(net: nn.Module, path: str) -> bool:
-    if _is_module(net, path):
+    if is_module(net, path):
         return True
     try:
         net.get_parameter(path)
@@ -525,12 +459,12 @@ def _entry_stages(net: nn.Module, family: str, entry: str) -> list[Stage]:
     name, _, parts = entry.rpartition("=")
     if parts.endswith(".*"):
         path = parts[:-2]
-        if not _is_module(net, path):
+        if not is_module(net, path):
             raise _table_error(family, entry, path)
         return [Stage(child, (child,)) for child, _ in _children(net, path)]
     if "|" in parts:
         path, _, kind = parts.partition("|")
-        if not _is_module(net, path):
+        if not is_module(net, path):
             raise _table_error(family, entry, path)
         stages, current = [], []
         for child, module in _children(net, path):
@@ -604,6 +538,6 @@ def backbone_stages(net: nn.Module, wanted_by: str = "a stage-based setting") ->
 
 def _parameters_of(net: nn.Module, path: str) -> list[str]:
     """Names (relative to `net`) of the parameters under a module or parameter path."""
-    if _is_module(net, path):
+    if is_module(net, path):
         return [f"{path}.{name}" for name, _ in net.get_submodule(path).named_parameters()]
     return [path]

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tltool.config import Config
 from tltool.data import resolve_num_workers
@@ -13,7 +11,11 @@ from tltool.distributed import current
 from tltool.errors import ConfigError
 from tltool.features import cache_applies
 from tltool.models import count_parameters
-from tltool.transfer import UnfreezePlan, describe_method
+from tltool.optim import optimizer_impl
+from tltool.transfer import describe_method
+
+if TYPE_CHECKING:
+    from tltool.session import TrainingSession
 
 
 def open_tensorboard(cfg: Config, run_dir: Path, start_epoch: int) -> Any:
@@ -74,32 +76,30 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _say(quiet: bool, text: str) -> None:
+def say(quiet: bool, text: str) -> None:
     if not quiet:
         print(text, flush=True)
 
 
-def _epoch_line(record: dict[str, Any], epochs: int, is_best: bool) -> str:
+def epoch_line(record: dict[str, Any], epochs: int, is_best: bool) -> str:
     return (
         f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  "
         f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.1%}  "
         f"val loss {record['val_loss']:.4f} acc1 {record['val_acc1']:.1%} acc5 {record['val_acc5']:.1%}  "
         f"lr {record['lr']:.2e}  {record['images_per_second']:.0f} img/s  {record['epoch_seconds']:.1f} s"
         + ("  *best" if is_best else "")
+        + (
+            "  (" + " + ".join(f"{name} {value:.4f}" for name, value in record["loss_terms"].items()) + ")"
+            if len(record.get("loss_terms") or {}) > 1
+            else ""
+        )
     )
 
 
-def describe(
-    built: Any,
-    split: Any,
-    cfg: Config,
-    device: torch.device,
-    precision: str,
-    steps: int,
-    plan: UnfreezePlan,
-    optimizer_kernel: str,
-) -> str:
+def describe(session: TrainingSession) -> str:
     """The --dry-run summary: model, parameters per group, method and optimizer groups, data, steps."""
+    built, split, cfg, plan = session.built, session.split, session.cfg, session.plan
+    device, precision, steps = session.device, session.precision, session.steps_per_epoch
     counts = count_parameters(built.model)
     pre = built.preprocess
     world = current()
@@ -117,6 +117,7 @@ def describe(
     lines += [
         f"freeze     {cfg.train.freeze}",
         f"method     {describe_method(cfg, plan.base_frozen)}",
+        f"loss       {' + '.join(session.objective.names)}",
         *plan.group_table(),
         f"classes    {len(split.class_names)}: {', '.join(split.class_names[:10])}"
         + (" ..." if len(split.class_names) > 10 else ""),
@@ -126,7 +127,8 @@ def describe(
         f"mean {list(pre.mean)}, std {list(pre.std)}",
         f"training   {cfg.train.epochs} epochs x {steps} steps (batch {cfg.data.batch_size}"
         + (f" x {cfg.train.accumulate_steps} accumulated" if cfg.train.accumulate_steps > 1 else "")
-        + f"), {cfg.train.optimizer} ({optimizer_kernel}) lr {cfg.train.lr:g}, scheduler {cfg.train.scheduler}",
+        + f"), {cfg.train.optimizer} ({optimizer_impl(session.optimizer)}) lr {cfg.train.lr:g}, "
+        + f"scheduler {cfg.train.scheduler}",
         f"device     {device}  precision {precision}"
         + ("  compile on" if cfg.run.compile else "")
         + (

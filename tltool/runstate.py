@@ -1,7 +1,8 @@
-"""What a run carries and resumes from: its state, its directory, its checkpoint payload, the resume checks.
+"""What a run carries and resumes from: the loop's state, the run directory, the resume checks.
 
-train.py runs the loop; this module knows what a run directory holds (config.yaml, classes.json,
-metrics.jsonl, checkpoints/) and what a checkpoint must match for a run to continue from it.
+train.py runs the loop and session.py holds what it trains with; this module knows what a run directory
+holds (config.yaml, classes.json, metrics.jsonl, checkpoints/) and what a checkpoint must match for a run
+to continue from it.
 """
 
 from __future__ import annotations
@@ -12,14 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tltool import distributed
-from tltool.checkpoint import FORMAT_VERSION, clean_stale_temps, load_checkpoint, versions
+from tltool.checkpoint import Checkpoint, clean_stale_temps, load_checkpoint
 from tltool.config import Config, build_config
 from tltool.errors import CheckpointError, ConfigError
-from tltool.runlog import _say
-from tltool.transfer import UnfreezePlan
+from tltool.runlog import say
 
 # Config keys that may change when a run is resumed (everything else must match the checkpoint).
 RESUMABLE_CHANGES = (
@@ -45,9 +43,14 @@ class EpochProgress:
     seen: int = 0
     data_seconds: float = 0.0
     seconds: float = 0.0
+    term_sums: dict[str, float] = field(default_factory=dict)  # each loss term's sum over the images seen
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
+        return {**vars(self), "term_sums": dict(self.term_sums)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EpochProgress:
+        return cls(**data)  # (checkpoints older than the loss terms have no term_sums: the default)
 
 
 @dataclass
@@ -61,6 +64,41 @@ class TrainState:
     bad_epochs: int = 0  # epochs since the monitored metric last improved
     history: list[dict[str, Any]] = field(default_factory=list)
     in_epoch: EpochProgress | None = None  # the unfinished epoch of a mid-epoch checkpoint
+
+    def checkpoint_fields(self) -> dict[str, Any]:
+        """The Checkpoint keys this state fills (rank 0's epoch sums; every rank's go into rank_states)."""
+        return {
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "early_stopping": {"bad_epochs": self.bad_epochs},
+            "epoch_progress": self.in_epoch.to_dict() if self.in_epoch is not None else None,
+            "metrics": self.history[-1] if self.history else {},
+        }
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint) -> TrainState:
+        return cls(
+            epoch=checkpoint.epoch,
+            global_step=checkpoint.global_step,
+            best_metric=checkpoint.best_metric,
+            best_epoch=checkpoint.best_epoch,
+            bad_epochs=checkpoint.early_stopping["bad_epochs"],
+        )
+
+    def end_epoch(self, record: dict[str, Any], monitor: str) -> bool:
+        """Add the epoch's record; keep the best value of `monitor` (lower for losses). True: a new best."""
+        value = record[monitor]
+        best = self.best_metric is None or (
+            value < self.best_metric if monitor.endswith("loss") else value > self.best_metric
+        )
+        if best:
+            self.best_metric, self.best_epoch, self.bad_epochs = value, self.epoch, 0
+        else:
+            self.bad_epochs += 1
+        self.history.append(record)
+        return best
 
 
 def with_absolute_paths(cfg: Config) -> Config:
@@ -94,50 +132,6 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(temp, path)
 
 
-def checkpoint_payload(
-    cfg: Config,
-    built: Any,
-    class_names: list[str],
-    frozen: list[str],
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: torch.amp.GradScaler,
-    state: TrainState,
-    plan: UnfreezePlan,
-    reference: dict[str, torch.Tensor] | None,
-    rank_states: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """Everything a resume needs. `rank_states`: each rank's RNG and epoch sums (one entry outside torchrun)."""
-    model = built.model
-    return {
-        "format_version": FORMAT_VERSION,
-        **versions(),
-        "config": cfg.to_dict(),
-        "class_names": list(class_names),
-        "preprocess": built.preprocess.to_dict(),
-        "arch": built.arch,
-        "weights_source": built.weights_source,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "trainable": [name for name, p in model.named_parameters() if p.requires_grad],
-        "frozen_modules": list(frozen),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": state.epoch,
-        "global_step": state.global_step,
-        "best_metric": state.best_metric,
-        "best_epoch": state.best_epoch,
-        "early_stopping": {"bad_epochs": state.bad_epochs},
-        "epoch_progress": state.in_epoch.to_dict() if state.in_epoch is not None else None,
-        "metrics": state.history[-1] if state.history else {},
-        "rng": rank_states[0]["rng"],
-        "world_size": len(rank_states),
-        "rank_states": rank_states if len(rank_states) > 1 else None,
-        "transfer": plan.state_dict(),  # which parts of the backbone opened, at which step
-        "l2sp_reference": {k: v.detach().cpu() for k, v in reference.items()} if reference is not None else None,
-    }
-
-
 def open_resume(
     cfg: Config,
     resume: str | None,
@@ -145,7 +139,7 @@ def open_resume(
     world: distributed.World,
     dry_run: bool = False,
     quiet: bool = False,
-) -> dict[str, Any] | None:
+) -> Checkpoint | None:
     """The checkpoint a run continues from (None: a new run), checked against the config and the data.
 
     `resume`: None, "auto" (the run's checkpoints/last.pt) or a path. A new run refuses a run directory that
@@ -157,7 +151,7 @@ def open_resume(
     restarted = distributed.restart_count() > 0
     if restarted and not resume:
         resume = "auto" if (checkpoint_dir / "last.pt").exists() else None
-        _say(quiet, f"torchrun restart {distributed.restart_count()}: " + (
+        say(quiet, f"torchrun restart {distributed.restart_count()}: " + (
             "resuming from checkpoints/last.pt" if resume else "no checkpoint yet, starting over"))  # fmt: skip
     if not resume:
         if not (dry_run or restarted) and (
@@ -172,7 +166,7 @@ def open_resume(
     if resume == "auto" and not path.exists():
         raise CheckpointError(f"--resume auto: no checkpoint at {path}", "start the run without --resume")
     resumed = load_checkpoint(path)
-    differences = _config_differences(resumed["config"], cfg.to_dict())
+    differences = _config_differences(resumed.config, cfg.to_dict())
     if differences:
         raise ConfigError(
             f"the config differs from the checkpoint's in {len(differences)} key(s); only "
@@ -180,18 +174,18 @@ def open_resume(
             "resume with the original config, or start a new run (run.name)",
             details=differences,
         )
-    saved_world = int(resumed.get("world_size", 1))
-    if saved_world != world.world_size and resumed.get("epoch_progress"):
+    saved_world = resumed.world_size
+    if saved_world != world.world_size and resumed.mid_epoch:
         raise CheckpointError(
             f"{path} was saved mid-epoch by {saved_world} process(es); this run has {world.world_size}",
             f"resume it with {saved_world} process(es) (each epoch's shards depend on the number), "
             "or from an end-of-epoch checkpoint",
         )
     if saved_world != world.world_size:
-        _say(quiet, f"resuming a {saved_world}-process run with {world.world_size}: the global batch changes")
-    if list(resumed["class_names"]) != class_names:
+        say(quiet, f"resuming a {saved_world}-process run with {world.world_size}: the global batch changes")
+    if list(resumed.class_names) != class_names:
         raise CheckpointError(
-            f"the dataset's classes {class_names} differ from the checkpoint's {resumed['class_names']}",
+            f"the dataset's classes {class_names} differ from the checkpoint's {resumed.class_names}",
             "resume with the same dataset",
         )
     return resumed

@@ -1,16 +1,17 @@
-"""Transfer-learning methods: unfreeze plans, discriminative LR per stage, L2-SP, class weighting.
+"""What trains, and when: freezing, unfreeze plans, discriminative LR per stage.
 
-The loop (train.py) calls these in a few explicit lines. The backbone is cut into *parts*, each one
-optimizer group: the whole backbone ("backbone"), or, when a setting needs stages (gradual unfreezing,
-layer-wise LR decay), one part per stage of `models.STAGE_TABLE` ("backbone.layer4"). An `UnfreezePlan`
-opens parts at the start of the epochs the config names, adds their optimizer groups, and records which
-part opened at which optimizer step: that record travels in the checkpoint, so a resumed run rebuilds
-the same groups, in the same order, before the optimizer state is loaded.
+This module is the one owner of "does the backbone train?": `train.freeze` freezes modules
+(`freeze_modules`), and an `UnfreezePlan` opens parts of the backbone at the start of the epochs the
+config names. The loop, the feature cache, the precision choice and the summary ask the plan
+(`head_only`, `backbone_trains`, `frozen_modules`), never the config. The backbone is cut into *parts*,
+each one optimizer group: the whole backbone ("backbone"), or, when a setting needs stages (gradual
+unfreezing, layer-wise LR decay), one part per stage of `models.STAGE_TABLE` ("backbone.layer4"). The
+plan records which part opened at which optimizer step: that record travels in the checkpoint, so a
+resumed run rebuilds the same groups, in the same order, before the optimizer state is loaded.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,76 @@ from torch import nn
 
 from tltool.config import Config, TrainConfig
 from tltool.errors import CheckpointError, ConfigError
-from tltool.models import TransferModel, backbone_stages, batch_norm_modules, set_trainable
+from tltool.models import TransferModel, backbone_stages, is_module
+
+# --- freezing ----------------------------------------------------------------------------------------
+
+
+def freeze_modules(model: TransferModel, freeze: str | list[str]) -> list[str]:
+    """Freeze what `train.freeze` says and return the names of the frozen modules (kept in eval mode)."""
+    if freeze == "none":
+        return []
+    prefixes = ["backbone"] if freeze == "backbone" else list(freeze)
+    names = dict(model.named_modules())
+    unknown = [p for p in prefixes if p not in names]
+    if unknown:
+        import difflib
+
+        hints = []
+        for prefix in unknown:
+            close = difflib.get_close_matches(prefix, list(names), n=2, cutoff=0.5)
+            hints.append(f"{prefix!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise ConfigError(
+            f"train.freeze names no module: {', '.join(hints)}",
+            "use module names as `tltool finetune --dry-run` lists them, e.g. backbone.layer1",
+        )
+    for prefix in prefixes:
+        names[prefix].requires_grad_(False)
+    model.frozen_backbone = not any(p.requires_grad for p in model.backbone.parameters())
+    return prefixes
+
+
+def freezes_backbone(cfg: TrainConfig) -> bool:
+    """Whether `train.freeze` freezes the whole backbone at the start (before any unfreeze plan opens it)."""
+    return cfg.freeze == "backbone" or (isinstance(cfg.freeze, list) and "backbone" in cfg.freeze)
+
+
+def set_train_mode(model: nn.Module, frozen: list[str]) -> None:
+    """model.train(), then the frozen modules back to eval: their batch-norm statistics never move."""
+    model.train()
+    for name in frozen:
+        model.get_submodule(name).eval()
+
+
+def set_trainable(model: nn.Module, paths: Sequence[str]) -> list[nn.Parameter]:
+    """requires_grad_(True) for the modules and parameters named by `paths`; returns their parameters."""
+    params: list[nn.Parameter] = []
+    for path in paths:
+        found = list(model.get_submodule(path).parameters()) if is_module(model, path) else [model.get_parameter(path)]
+        for param in found:
+            param.requires_grad_(True)
+        params += found
+    if isinstance(model, TransferModel):
+        model.frozen_backbone = not any(p.requires_grad for p in model.backbone.parameters())
+    return params
+
+
+def batch_norm_modules(model: nn.Module, under: str = "backbone") -> list[str]:
+    """Names of the batch-norm layers under `under` (what train.bn_policy: frozen keeps in eval mode)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if name.startswith(under + ".") and isinstance(module, nn.modules.batchnorm._BatchNorm)
+    ]
+
+
+def parameter_groups(model: TransferModel) -> dict[str, list[nn.Parameter]]:
+    """Trainable parameters, by named group (backbone / head)."""
+    groups: dict[str, list[nn.Parameter]] = {"backbone": [], "head": []}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups["head" if name.startswith("head.") else "backbone"].append(param)
+    return {k: v for k, v in groups.items() if v}
 
 
 @dataclass(frozen=True)
@@ -139,10 +209,17 @@ class UnfreezePlan:
         """Group name -> the optimizer step it opened at (groups trainable from the start are not in it)."""
         return {record["part"]: record["step"] for record in self.opened}
 
+    def backbone_trains(self) -> bool:
+        """Some backbone parameter trains now."""
+        return any(p.requires_grad for p in self.model.backbone.parameters())
+
+    def backbone_ever_trains(self) -> bool:
+        """Some backbone parameter trains now or once the plan opens it (precision auto depends on it)."""
+        return self.backbone_trains() or bool(self.entries)
+
     def head_only(self, epoch: int) -> bool:
         """Nothing of the backbone trains in (0-based) `epoch`: the frozen-feature cache can serve it."""
-        backbone_trains = any(p.requires_grad for p in self.model.backbone.parameters())
-        return not backbone_trains and self.open_count(epoch) == 0
+        return not self.backbone_trains() and self.open_count(epoch) == 0
 
     def frozen_modules(self) -> list[str]:
         """Modules kept in eval mode after model.train(): the closed parts, and batch norm under bn_policy frozen."""
@@ -152,7 +229,7 @@ class UnfreezePlan:
             opened = {record["part"] for record in self.opened}
             names = dict(self.model.named_modules())
             frozen = [path for part in self.parts if part.name not in opened for path in part.paths if path in names]
-        if self.cfg.bn_policy == "frozen" and any(p.requires_grad for p in self.model.backbone.parameters()):
+        if self.cfg.bn_policy == "frozen" and self.backbone_trains():
             covered = tuple(name + "." for name in frozen)
             frozen += [name for name in batch_norm_modules(self.model) if not name.startswith(covered)]
         return frozen
@@ -208,49 +285,6 @@ def _numel(model: nn.Module, path: str) -> int:
         return sum(p.numel() for p in model.get_submodule(path).parameters())
     except AttributeError:
         return model.get_parameter(path).numel()
-
-
-# --- L2-SP (Li, Grandvalet, Davoine 2018, "Explicit inductive bias for transfer learning with CNNs") ------
-
-
-def l2sp_reference(model: TransferModel) -> dict[str, torch.Tensor]:
-    """w0: a copy of the backbone's weights at the start of training (saved in the checkpoint for resume)."""
-    return {name: param.detach().clone() for name, param in model.backbone.named_parameters(prefix="backbone")}
-
-
-def l2sp_penalty(model: TransferModel, reference: dict[str, torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
-    """alpha/2 * ||w_backbone - w0||^2 + beta/2 * ||w_head||^2 over the trainable parameters (float32)."""
-    backbone = torch.zeros((), device=next(model.head.parameters()).device)
-    for name, param in model.backbone.named_parameters(prefix="backbone"):
-        if param.requires_grad:
-            backbone = backbone + (param.float() - reference[name].float()).pow(2).sum()
-    head = torch.zeros_like(backbone)
-    for param in model.head.parameters():
-        if param.requires_grad:
-            head = head + param.float().pow(2).sum()
-    return alpha / 2 * backbone + beta / 2 * head
-
-
-# --- class imbalance ------------------------------------------------------------------------------------
-
-
-def class_weight_tensor(
-    setting: str | list[float], class_names: list[str], labels: Sequence[int]
-) -> torch.Tensor | None:
-    """The cross-entropy `weight` of `train.class_weights`; balanced = n / (n_classes * count_c)."""
-    if setting == "none":
-        return None
-    if setting == "balanced":
-        counts = Counter(labels)
-        total, classes = len(labels), len(class_names)
-        return torch.tensor([total / (classes * counts[c]) for c in range(classes)], dtype=torch.float32)
-    if len(setting) != len(class_names):
-        raise ConfigError(
-            f"train.class_weights has {len(setting)} weights, but the data has {len(class_names)} classes "
-            f"({', '.join(class_names[:10])}{' ...' if len(class_names) > 10 else ''})",
-            "give one weight per class, in the order of the class folders (sorted), or use balanced",
-        )
-    return torch.tensor(setting, dtype=torch.float32)
 
 
 # --- what the run did -----------------------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""The loss a run minimizes: a sum of named terms.
+
+Each term is a function of what a training step's forward produced (`StepOutputs`) and returns a
+scalar; the objective is their sum, each times its weight. The loop logs every term's mean per epoch
+(`loss_terms` in metrics.jsonl: each term's contribution to the objective, weight included), and the
+`ce` term's is the epoch's `train_loss`. A term that carries state across a resume (L2-SP's starting
+weights) saves it in the checkpoint through `Objective.state_dict()`.
+
+Adding a method's loss: one `Term` in `build_objective` and its config key in config.py (README,
+"Add a loss term").
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tltool.config import Config
+from tltool.errors import ConfigError
+from tltool.models import TransferModel
+
+
+@dataclass
+class StepOutputs:
+    """What one training step's forward produced: the terms' input."""
+
+    logits: torch.Tensor  # (batch, classes), float32
+    labels: torch.Tensor  # (batch,)
+
+
+@dataclass
+class Term:
+    """One named part of the objective: `weight * compute(outputs)`."""
+
+    name: str
+    compute: Callable[[StepOutputs], torch.Tensor]
+    weight: float = 1.0
+    state: dict[str, Any] = field(default_factory=dict)  # what a resume needs (saved in the checkpoint)
+
+
+class Objective:
+    """The sum of the run's loss terms; `ce` (the classification loss on the labelled batch) comes first."""
+
+    def __init__(self, terms: Sequence[Term], class_weight: torch.Tensor | None = None) -> None:
+        self.terms = list(terms)
+        self.names = [term.name for term in self.terms]
+        self.class_weight = class_weight  # train.class_weights as the cross-entropy weight (summary.json)
+
+    def __call__(self, outputs: StepOutputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The objective to minimize and each term's contribution to it (weight applied)."""
+        values = [term.compute(outputs) if term.weight == 1.0 else term.weight * term.compute(outputs)
+                  for term in self.terms]  # fmt: skip
+        total = values[0]
+        for value in values[1:]:
+            total = total + value
+        return total, values
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        return {term.name: term.state for term in self.terms if term.state}
+
+    def term(self, name: str) -> Term | None:
+        return next((term for term in self.terms if term.name == name), None)
+
+
+def build_objective(
+    cfg: Config,
+    model: TransferModel,
+    class_names: list[str],
+    labels: Sequence[int],
+    device: torch.device,
+    saved: dict[str, dict[str, Any]] | None = None,
+) -> Objective:
+    """The run's loss terms, from the config; `saved` is the state of a resumed run's terms."""
+    saved = saved or {}
+    train = cfg.train
+    weight = class_weight_tensor(train.class_weights, class_names, labels)
+    weight = weight.to(device) if weight is not None else None
+
+    def cross_entropy(out: StepOutputs) -> torch.Tensor:
+        return F.cross_entropy(out.logits, out.labels, weight=weight, label_smoothing=train.label_smoothing)
+
+    terms = [Term("ce", cross_entropy)]
+    if train.regularization == "l2sp":
+        reference = saved.get("l2sp", {}).get("reference") or l2sp_reference(model)
+        reference = {name: value.to(device) for name, value in reference.items()}
+
+        def l2sp(out: StepOutputs) -> torch.Tensor:
+            return l2sp_penalty(model, reference, train.l2sp_alpha, train.l2sp_beta)
+
+        terms.append(Term("l2sp", l2sp, state={"reference": reference}))
+    return Objective(terms, class_weight=weight)
+
+
+# --- L2-SP (Li, Grandvalet, Davoine 2018, "Explicit inductive bias for transfer learning with CNNs") ------
+
+
+def l2sp_reference(model: TransferModel) -> dict[str, torch.Tensor]:
+    """w0: a copy of the backbone's weights at the start of training (saved in the checkpoint for resume)."""
+    return {name: param.detach().clone() for name, param in model.backbone.named_parameters(prefix="backbone")}
+
+
+def l2sp_penalty(model: TransferModel, reference: dict[str, torch.Tensor], alpha: float, beta: float) -> torch.Tensor:
+    """alpha/2 * ||w_backbone - w0||^2 + beta/2 * ||w_head||^2 over the trainable parameters (float32)."""
+    backbone = torch.zeros((), device=next(model.head.parameters()).device)
+    for name, param in model.backbone.named_parameters(prefix="backbone"):
+        if param.requires_grad:
+            backbone = backbone + (param.float() - reference[name].float()).pow(2).sum()
+    head = torch.zeros_like(backbone)
+    for param in model.head.parameters():
+        if param.requires_grad:
+            head = head + param.float().pow(2).sum()
+    return alpha / 2 * backbone + beta / 2 * head
+
+
+# --- class imbalance ------------------------------------------------------------------------------------
+
+
+def class_weight_tensor(
+    setting: str | list[float], class_names: list[str], labels: Sequence[int]
+) -> torch.Tensor | None:
+    """The cross-entropy `weight` of `train.class_weights`; balanced = n / (n_classes * count_c)."""
+    if setting == "none":
+        return None
+    if setting == "balanced":
+        counts = Counter(labels)
+        total, classes = len(labels), len(class_names)
+        return torch.tensor([total / (classes * counts[c]) for c in range(classes)], dtype=torch.float32)
+    if len(setting) != len(class_names):
+        raise ConfigError(
+            f"train.class_weights has {len(setting)} weights, but the data has {len(class_names)} classes "
+            f"({', '.join(class_names[:10])}{' ...' if len(class_names) > 10 else ''})",
+            "give one weight per class, in the order of the class folders (sorted), or use balanced",
+        )
+    return torch.tensor(setting, dtype=torch.float32)

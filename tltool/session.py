@@ -1,0 +1,473 @@
+"""The training session: everything a run trains with, built once from (config, resume).
+
+`build_session(cfg, resume)` scans the data (a wrong path fails before any weights are read), joins
+the torchrun job, opens the checkpoint it resumes, builds the model, the unfreeze plan, the optimizer,
+the schedule, the loss terms and the data streams, and restores each stateful part from the checkpoint.
+`TrainingSession` then holds them side by side, and each part saves and restores itself in one place:
+`checkpoint()` gathers what every part saves, `restore()` gives each its own (the way torchtitan's
+CheckpointManager gathers model, optimizers, schedulers and train state).
+
+The loop (train.py) asks the session for an epoch (`enter_epoch`: the epoch's seeds, what the unfreeze
+plan opens, feature cache on or off, each stream positioned), trains on its named `streams`, then
+`evaluate()` and `save_last()`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from tltool import distributed
+from tltool.checkpoint import Checkpoint, copy_atomic, restore_rng, rng_state, save_atomic, versions
+from tltool.config import Config
+from tltool.data import (
+    BalancedSampler,
+    DataSplit,
+    epoch_seed,
+    eval_transform,
+    make_loader,
+    scan_data,
+    set_loader_epoch,
+    train_transform,
+)
+from tltool.device import configure_backends, resolve_precision, use_channels_last
+from tltool.errors import CheckpointError, ConfigError
+from tltool.evaluate import evaluate
+from tltool.features import FeatureCache, build_cache, cache_applies
+from tltool.models import BuiltModel, build_model, built_from_checkpoint
+from tltool.objective import Objective, build_objective
+from tltool.optim import make_optimizer, make_scheduler, optimizer_impl
+from tltool.runlog import say
+from tltool.runstate import (
+    EpochProgress,
+    TrainState,
+    open_resume,
+    prepare_run_directory,
+    run_directory,
+    with_absolute_paths,
+)
+from tltool.transfer import UnfreezePlan, describe_method, freeze_modules, transfer_summary
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class RunFinished(Exception):
+    """The checkpoint a run resumes already trained every epoch of the config: nothing to do."""
+
+    def __init__(self, message: str, epochs: int, run_dir: Path) -> None:
+        super().__init__(message)
+        self.epochs, self.run_dir = epochs, run_dir
+
+
+@dataclass
+class Stream:
+    """A named stream of training batches: images from a folder, cached features, or given batches.
+
+    A loader's order, augmentation and worker seeds are functions of (seed, epoch, position) through its
+    sampler; `set_epoch` positions it for an epoch, skipping the batches a mid-epoch checkpoint already did.
+    A plain list of batches (the benchmark's) is taken as it is.
+    """
+
+    name: str
+    loader: Iterable[Any]
+    batch_size: int = 1
+
+    def num_batches(self) -> int:
+        """Batches this rank draws per epoch."""
+        sampler = getattr(self.loader, "sampler", None)
+        if sampler is not None and hasattr(sampler, "shard_size"):
+            return math.ceil(sampler.shard_size() / self.batch_size)
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def set_epoch(self, seed: int, epoch: int, skip_batches: int, rank: int) -> None:
+        if isinstance(self.loader, DataLoader):
+            set_loader_epoch(self.loader, seed, epoch, skip_batches=skip_batches, rank=rank)
+
+
+@dataclass
+class Inputs:
+    """What the epochs train and evaluate on: image streams through the whole model, or cached features
+    through its head. `forward` is the training forward (DDP-wrapped under torchrun, compiled with
+    run.compile); `module` the same, unwrapped, for evaluation."""
+
+    streams: dict[str, Stream]
+    val: Iterable[Any]
+    module: nn.Module
+    forward: nn.Module
+    cached: bool
+
+
+@dataclass
+class TrainingSession:
+    """What a run trains with, and its state. Built by `build_session`."""
+
+    cfg: Config
+    world: distributed.World
+    device: torch.device
+    precision: str
+    quiet: bool
+    split: DataSplit
+    built: BuiltModel
+    plan: UnfreezePlan
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    objective: Objective
+    state: TrainState
+    steps_per_epoch: int
+    image_streams: dict[str, Stream]
+    image_val: Iterable[Any]
+    resumed: Checkpoint | None = None
+    cache: FeatureCache | None = None
+    inputs: Inputs | None = None
+    compile_pending: bool = False  # the next epoch's first step compiles (its time is reported)
+    compile_seconds: float = 0.0
+    wall_start: float = field(default_factory=time.perf_counter)
+
+    # --- what it holds ---
+
+    @property
+    def model(self) -> nn.Module:
+        return self.built.model
+
+    @property
+    def run_dir(self) -> Path:
+        return run_directory(self.cfg)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def streams(self) -> dict[str, Stream]:
+        return self.inputs.streams
+
+    @property
+    def forward(self) -> nn.Module:
+        return self.inputs.forward
+
+    def set_streams(self, streams: dict[str, Stream]) -> None:
+        """Train on these batches instead (the benchmark's prepared batches), through the same forward."""
+        self.inputs.streams = streams
+
+    # --- the run ---
+
+    def start(self) -> None:
+        """Write the run directory (config.yaml, classes.json, metrics.jsonl of the epochs kept) and pick the
+        first epoch's inputs: cached backbone features when the backbone is frozen then, else images."""
+        cfg, split = self.cfg, self.split
+        self.state.history = prepare_run_directory(cfg, split.class_names, self.state.epoch, self.world.is_main)
+        if cache_applies(cfg) and self.plan.head_only(self.state.epoch):
+            built = self.built
+            self.cache = build_cache(cfg, self.model, built.weights_source, built.preprocess, split.train, split.val,
+                                     self.device, self.precision, self.run_dir / "feature_cache")  # fmt: skip
+            if cfg.data.sampler == "balanced":  # the same class-balanced draw over the cached features
+                sampler = BalancedSampler(self.cache.train.labels.tolist(), cfg.run.seed, shard=self.world.shard)
+                self.cache.train_loader = DataLoader(self.cache.train, cfg.data.batch_size, sampler=sampler,
+                                                     collate_fn=self.cache.train_loader.collate_fn)  # fmt: skip
+            say(
+                self.quiet,
+                f"feature cache: {len(self.cache.train)} train x {self.cache.train.features.shape[0]} view(s) + "
+                f"{len(self.cache.val)} val backbone outputs in {self.cache.extract_seconds:.1f} s "
+                f"({self.cache.location}); epochs train the head only",
+            )
+        self._select_inputs(cached=self.cache is not None)
+        in_epoch = self.state.in_epoch
+        say(
+            self.quiet,
+            f"run {self.run_dir}: {cfg.model.backbone} ({self.built.weights_source}), {len(split.class_names)} "
+            f"classes, {len(split.train)} train / {len(split.val)} val images, {self.device} {self.precision}"
+            + (f", resumed at epoch {self.state.epoch + 1}" if self.resumed is not None else "")
+            + (f" batch {in_epoch.batches_done + 1}" if in_epoch is not None else "")
+            + (
+                f"; {self.world.world_size} processes x batch {cfg.data.batch_size} = global batch "
+                f"{self.world.world_size * cfg.data.batch_size}"
+                if self.world.enabled
+                else ""
+            ),
+        )
+
+    def _select_inputs(self, cached: bool) -> None:
+        if cached:
+            cache = self.cache
+            streams = {"train": Stream("train", cache.train_loader, self.cfg.data.batch_size)}
+            inputs = (streams, cache.val_loader, self.model.head)
+        else:
+            inputs = (dict(self.image_streams), self.image_val, self.model)
+        forward = distributed.wrap(inputs[2], self.device)
+        if self.cfg.run.compile:
+            # Checkpoints save the uncompiled model's state_dict, and evaluation runs uncompiled (ranks may see
+            # different batch sizes there, and a compile per size would cost more than it saves).
+            forward = torch.compile(forward)
+        self.inputs = Inputs(*inputs, forward=forward, cached=cached)
+        self.compile_pending = self.cfg.run.compile
+
+    def enter_epoch(self, epoch: int) -> None:
+        """Make (0-based) `epoch` ready: its seeds, what the unfreeze plan opens, the inputs, each stream's order.
+
+        A resumed epoch continues from its checkpoint's batch, with the random state saved there.
+        """
+        cfg, state = self.cfg, self.state
+        if state.in_epoch is None:
+            # This epoch's randomness (order, augmentation, dropout) depends on (seed, epoch, rank) only.
+            torch.manual_seed(epoch_seed(cfg.run.seed, epoch, self.world.rank))
+            state.in_epoch = EpochProgress()
+        opening = self.plan.due(epoch)
+        if opening:  # the unfreeze plan opens parts of the backbone from this epoch on
+            self.plan.open(opening, self.optimizer, state.global_step, epoch + 1)
+            self.scheduler = make_scheduler(
+                self.optimizer, cfg.train, self.steps_per_epoch, self.plan.opened_steps(), state.global_step
+            )
+            say(self.quiet, f"epoch {epoch + 1}: " + ", ".join(f"{p.name} opens (lr {p.lr:.2e})" for p in opening))
+            # From now on the images go through the whole model: the feature cache no longer applies.
+            # (Under torchrun the model is wrapped again: DDP hooks the parameters that train when it is built.)
+            self._select_inputs(cached=False)
+        if self.inputs.cached:
+            self.cache.set_epoch(epoch)
+        for stream in self.streams.values():
+            stream.set_epoch(cfg.run.seed, epoch, state.in_epoch.batches_done, self.world.rank)
+
+    def evaluate(self) -> dict[str, Any]:
+        return evaluate(self.inputs.module, self.inputs.val, self.device, self.precision, len(self.split.class_names))
+
+    def head_lr(self) -> float:
+        """The head's current LR (the LR of metrics.jsonl); the last group's when the head is frozen."""
+        groups = self.optimizer.param_groups
+        return next((g["lr"] for g in groups if g.get("name") == "head"), groups[-1]["lr"])
+
+    # --- saving and restoring: each part its own keys ---
+
+    def checkpoint(self, rank_states: list[dict[str, Any]]) -> Checkpoint:
+        """Everything a resume needs. `rank_states`: each rank's RNG and epoch sums (one entry outside torchrun)."""
+        model, state = self.model, self.state
+        terms = {name: value for name, value in self.objective.state_dict().items() if name != "l2sp"}
+        l2sp = self.objective.state_dict().get("l2sp")
+        return Checkpoint(
+            **versions(),
+            config=self.cfg.to_dict(),
+            class_names=list(self.split.class_names),
+            preprocess=self.built.preprocess.to_dict(),
+            arch=self.built.arch,
+            weights_source=self.built.weights_source,
+            model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+            trainable=[name for name, p in model.named_parameters() if p.requires_grad],
+            frozen_modules=list(self.plan.frozen_modules()),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            transfer=self.plan.state_dict(),  # which parts of the backbone opened, at which step
+            l2sp_reference={k: v.detach().cpu() for k, v in l2sp["reference"].items()} if l2sp else None,
+            loss_terms=_to_cpu(terms) if terms else None,
+            **state.checkpoint_fields(),
+            rng=rank_states[0]["rng"],
+            world_size=len(rank_states),
+            rank_states=rank_states if len(rank_states) > 1 else None,
+        )
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Load the optimizer, schedule, scaler, loop state and this rank's random streams of `checkpoint`."""
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        self.scheduler.load_state_dict(checkpoint.scheduler)
+        self.scaler.load_state_dict(checkpoint.scaler)
+        self.state = TrainState.from_checkpoint(checkpoint)
+        # Each rank goes on with its own random streams and epoch sums (rank 0's outside torchrun); an
+        # end-of-epoch checkpoint of another world size gives every rank rank 0's.
+        same_world = checkpoint.world_size == self.world.world_size
+        mine = checkpoint.rank_state(self.world.rank if same_world else 0)
+        if mine.get("epoch_progress"):
+            self.state.in_epoch = EpochProgress.from_dict(mine["epoch_progress"])
+        restore_rng(mine["rng"])
+
+    def save_last(self) -> None:
+        """checkpoints/last.pt. Every rank calls this at the same step: the RNG and epoch sums of all ranks go
+        into rank 0's file, and no rank runs ahead of the save (the barrier)."""
+        state = self.state
+        mine = {"rng": rng_state(), "epoch_progress": state.in_epoch.to_dict() if state.in_epoch else None}
+        rank_states = distributed.all_gather_objects(mine)
+        if self.world.is_main:
+            save_atomic(self.checkpoint(rank_states).to_dict(), self.checkpoint_dir / "last.pt")
+        distributed.barrier()
+
+    def save_best(self) -> None:
+        """checkpoints/best.pt: the last.pt just written, under a second name (rank 0)."""
+        if self.cfg.checkpoint.save_best and self.world.is_main:
+            copy_atomic(self.checkpoint_dir / "last.pt", self.checkpoint_dir / "best.pt")
+
+    # --- what it did ---
+
+    def summary(self, stopped_early: bool) -> dict[str, Any]:
+        """summary.json: the run's method, its best and last metrics, and how it ran."""
+        cfg, state, cache = self.cfg, self.state, self.cache
+        summary = {
+            "run_dir": str(self.run_dir),
+            "backbone": cfg.model.backbone,
+            "weights": self.built.weights_source,
+            "method": describe_method(cfg, self.plan.base_frozen),
+            "transfer": transfer_summary(cfg, self.plan, self.optimizer, self.objective.class_weight),
+            "loss_terms": self.objective.names,
+            "epochs_completed": state.epoch,
+            "stopped_early": stopped_early,
+            "monitor": cfg.checkpoint.monitor,
+            "best_metric": state.best_metric,
+            "best_epoch": state.best_epoch,
+            "final": state.history[-1] if state.history else {},
+            "num_classes": len(self.split.class_names),
+            "train_images": len(self.split.train),
+            "val_images": len(self.split.val),
+            "skipped_images": len(self.split.bad),
+            "feature_cache": {"extract_seconds": cache.extract_seconds, "location": cache.location} if cache else None,
+            "device": str(self.device),
+            "precision": self.precision,
+            "optimizer_impl": optimizer_impl(self.optimizer),
+            "compile_seconds": self.compile_seconds if cfg.run.compile else None,
+            "wall_seconds": time.perf_counter() - self.wall_start,
+            "checkpoints": {
+                "last": str(self.checkpoint_dir / "last.pt"),
+                "best": str(self.checkpoint_dir / "best.pt") if cfg.checkpoint.save_best else None,
+            },
+        }
+        if self.world.enabled:
+            summary["processes"] = self.world.world_size
+            summary["global_batch"] = self.world.world_size * cfg.data.batch_size
+        return summary
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_cpu(item) for item in value]
+    return value
+
+
+def build_session(
+    cfg: Config, resume: str | None = None, quiet: bool = False, dry_run: bool = False
+) -> TrainingSession:
+    """The session of a run: a new one, or the one `resume` ("auto" or a checkpoint path) continues.
+
+    Raises RunFinished when the checkpoint already trained every epoch. Writes nothing: `start()` does.
+    """
+    wall_start = time.perf_counter()
+    cfg = with_absolute_paths(cfg)
+    # Data first: a wrong path or class layout fails before any weights are read.
+    split = scan_data(cfg.data, cfg.run.seed)
+    # Under torchrun: join the job (gloo on CPU, nccl on CUDA) and take this rank's GPU.
+    world, device = distributed.setup(cfg.run.device, cfg.run.dist_timeout_s)
+    quiet = quiet or not world.is_main  # only rank 0 prints and writes
+    configure_backends(device)
+    resumed = open_resume(cfg, resume, split.class_names, world, dry_run, quiet)
+    if resumed is not None and resumed.epoch >= cfg.train.epochs:
+        where = run_directory(cfg) / "checkpoints" / "last.pt" if resume in (None, "auto") else resume
+        raise RunFinished(
+            f"{where}: the run already finished {resumed.epoch} of {cfg.train.epochs} epochs; nothing to do — "
+            "raise train.epochs to train longer",
+            resumed.epoch,
+            run_directory(cfg),
+        )
+
+    seed_everything(cfg.run.seed)
+    if resumed is not None:
+        built = built_from_checkpoint(resumed)
+    else:
+        built = build_model(cfg.model, cfg.data, len(split.class_names), split.class_names)
+    model = built.model
+    if cfg.train.sync_batchnorm and world.enabled:
+        if device.type != "cuda":
+            raise ConfigError(
+                "train.sync_batchnorm needs CUDA: torch's SyncBatchNorm does not run on CPU",
+                "set train.sync_batchnorm=false for CPU runs",
+            )
+        # Same parameters, batch statistics over the global batch (its state_dict keys are BatchNorm's).
+        model = built.model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # What trains: train.freeze, then the plan that opens parts of the backbone as optimizer groups.
+    plan = UnfreezePlan(cfg.train, model, freeze_modules(model, cfg.train.freeze), cfg.model.backbone)
+    groups = plan.initial_groups()
+    if not groups:
+        raise ConfigError("train.freeze leaves no parameter to train", "freeze less (e.g. train.freeze=backbone)")
+    # (auto on CPU depends on the model and on whether its backbone ever trains: device.py)
+    precision = resolve_precision(cfg.train.precision, device, model, plan.backbone_ever_trains())
+    model.to(device)
+    if use_channels_last(cfg.train.channels_last, model):
+        # Weights in NHWC; convolutions then run NHWC (the input is converted by the first one).
+        model.to(memory_format=torch.channels_last)
+
+    pin = device.type == "cuda"
+    train_loader = make_loader(
+        split.train,
+        train_transform(built.preprocess, cfg.data.augment),
+        cfg.data.batch_size,
+        cfg.data.num_workers,
+        cfg.run.seed,
+        shuffle=True,
+        pin_memory=pin,
+        balanced=cfg.data.sampler == "balanced",
+        shard=world.shard,
+        seeded=True,  # each draw's augmentation: a function of (seed, epoch, position), whatever the workers
+    )
+    val_loader = make_loader(
+        split.val,
+        eval_transform(built.preprocess),
+        cfg.data.batch_size,
+        cfg.data.num_workers,
+        cfg.run.seed,
+        shuffle=False,
+        pin_memory=pin,
+        shard=world.shard,
+    )
+    steps = math.ceil(len(train_loader) / cfg.train.accumulate_steps)
+    optimizer = make_optimizer(cfg.train, groups)
+    if resumed is not None:
+        # The same groups in the same order as when the checkpoint was written, before its state loads.
+        plan.restore(resumed.transfer, optimizer)
+        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        if trainable != list(resumed.trainable):
+            raise CheckpointError(
+                "the checkpoint's trainable parameters differ from what its config and unfreeze record give",
+                "resume with the original config and tltool version",
+            )
+    saved_terms = None
+    if resumed is not None:
+        saved_terms = dict(resumed.loss_terms or {})
+        if resumed.l2sp_reference:
+            saved_terms["l2sp"] = {"reference": resumed.l2sp_reference}
+    session = TrainingSession(
+        cfg=cfg,
+        world=world,
+        device=device,
+        precision=precision,
+        quiet=quiet,
+        split=split,
+        built=built,
+        plan=plan,
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, cfg.train, steps, plan.opened_steps()),
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        objective=build_objective(
+            cfg, model, split.class_names, [label for _, label in split.train], device, saved_terms
+        ),  # fmt: skip
+        state=TrainState(),
+        steps_per_epoch=steps,
+        image_streams={"train": Stream("train", train_loader, cfg.data.batch_size)},
+        image_val=val_loader,
+        resumed=resumed,
+        wall_start=wall_start,
+    )
+    if resumed is not None and not dry_run:
+        session.restore(resumed)
+    return session
