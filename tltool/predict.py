@@ -28,8 +28,7 @@ from tltool.checkpoint import load_checkpoint
 from tltool.data import IMAGE_EXTENSIONS, Preprocess, _image_files, image_problem, load_image
 from tltool.errors import CheckpointError, ConfigError, DataError
 from tltool.export.formats import EXPORTERS
-from tltool.export.run import sidecar_path
-from tltool.export.spec import Echo, ExportSpec, Runner, require, uint8_transform
+from tltool.export.spec import Echo, ExportSpec, Runner, require, sidecar_path, uint8_transform
 
 CHECKPOINT = "checkpoint"
 GLOB_CHARACTERS = "*?["

@@ -23,13 +23,8 @@ from tltool.data import Preprocess
 from tltool.errors import ExportError
 from tltool.export.formats import EXPORTERS
 from tltool.export.parity import ParityImages, check_parity, parity_images, reference_logits
-from tltool.export.spec import LAYOUTS, Echo, Exporter, ExportJob, ExportSpec, require
+from tltool.export.spec import LAYOUTS, Echo, Exporter, ExportJob, ExportSpec, require, sidecar_path
 from tltool.models import load_trained_model
-
-
-def sidecar_path(path: Path) -> Path:
-    """`<output>.json`: the metadata beside the exported file, for runtimes that cannot read it inside."""
-    return path.with_name(path.name + ".json")
 
 
 def _temp_path(path: Path) -> Path:
