@@ -2,19 +2,32 @@
 
 Each class has its own colour (plus noise), so "accuracy above chance" after a few steps is a real
 assertion. Nothing here reaches the network: tests use `model.weights: none` or weight files they write.
+The trained and exported models that test_export.py and test_predict.py share are made here, once per
+session (`export_all`, `export_uint8_all`, `trained_checkpoint`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import yaml
 from PIL import Image
+from torch import nn
 from typer.testing import CliRunner
+
+from tltool.checkpoint import save_atomic
+from tltool.cli import app
+from tltool.config import load_config
+from tltool.data import eval_transform, load_image
+from tltool.train import finetune
+from tltool.trained import open_trained
 
 COLOURS = [(220, 40, 40), (40, 190, 40), (40, 40, 220), (210, 210, 40), (200, 40, 200)]
 
@@ -114,3 +127,113 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture()
+def one_thread(_isolated: None) -> None:
+    """One torch thread (after `_isolated`'s two): on a shared 2-core machine, two OpenMP threads of tiny
+    forward passes wait on each other's descheduled partner, and each forward took 50x longer."""
+    torch.set_num_threads(1)
+
+
+# --- trained and exported models shared by test_export.py and test_predict.py (made once per session) ------
+
+EXPORT_FORMATS = ("onnx", "torchscript", "exported-program", "safetensors")
+EXPORT_SUFFIXES = {
+    "onnx": ".onnx",
+    "torchscript": ".torchscript.pt",
+    "exported-program": ".pt2",
+    "safetensors": ".safetensors",
+}
+_SHARED: dict[str, Any] = {}
+
+
+def shared(key: str, make: Callable[[], Any]) -> Any:
+    """`make()` once per session under `key`: the runs and exports both test files use are costly on 2 cores."""
+    if key not in _SHARED:
+        _SHARED[key] = make()
+    return _SHARED[key]
+
+
+def shared_dataset(factory: pytest.TempPathFactory) -> Path:
+    """3 classes x 8 noisy-colour PNGs of exactly 32x32, so a resize to 32 leaves the pixels as they are."""
+    return shared("dataset", lambda: make_dataset(factory.mktemp("export_data") / "images", per_class=8, size=32))
+
+
+def _calibrate_batchnorm(checkpoint_path: Path, dataset: Path) -> None:
+    """Give a randomly initialised network's batch norms the data's statistics, and save the checkpoint again.
+
+    Random mobilenet_v3_small with its default running stats (and batch-norm momentum 0.01) maps every
+    image to the same output; "all formats give the same top-1" would then hold trivially.
+    """
+    trained = open_trained(checkpoint_path)
+    model = trained.model
+    transform = eval_transform(trained.preprocess)
+    images = torch.stack([transform(load_image(p)) for p in sorted(dataset.rglob("*.png"))])
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average over this one pass
+    model.train()
+    with torch.no_grad():
+        model(images)
+    checkpoint = trained.checkpoint
+    checkpoint.model = model.state_dict()
+    save_atomic(checkpoint.to_dict(), checkpoint_path)
+
+
+def trained_checkpoint(backbone: str, factory: pytest.TempPathFactory) -> Path:
+    """A 1-epoch run of `backbone` on the shared dataset (32 px, resize 32); its best.pt."""
+
+    def make() -> Path:
+        dataset = shared_dataset(factory)
+        root = factory.mktemp(f"run_{backbone}")
+        overrides = run_overrides(root / backbone, dataset, "train.epochs=1", f"model.backbone={backbone}")
+        summary = finetune(load_config(None, overrides), quiet=True)
+        path = Path(summary["checkpoints"]["best"] or summary["checkpoints"]["last"])
+        if backbone.startswith("mobilenet"):
+            _calibrate_batchnorm(path, dataset)
+        return path
+
+    return shared(f"checkpoint:{backbone}", make)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportRun:
+    """One `tltool export` through the CLI: its checkpoint, what it printed, and the files it wrote."""
+
+    checkpoint: Path
+    output: str
+    exit_code: int
+    paths: dict[str, Path]
+
+
+def export_all(backbone: str, factory: pytest.TempPathFactory) -> ExportRun:
+    """`tltool export CHECKPOINT --format all` (beside the checkpoint for resnet18, under -o for mobilenet)."""
+
+    def make() -> ExportRun:
+        checkpoint = trained_checkpoint(backbone, factory)
+        args = ["export", str(checkpoint), "--format", "all"]
+        stem = checkpoint.with_name("best")
+        if backbone != "resnet18":  # --output with several formats is the shared stem
+            stem = factory.mktemp("deploy") / "model"
+            args += ["--output", str(stem)]
+        result = CliRunner().invoke(app, args)
+        paths = {f: stem.with_name(stem.name + EXPORT_SUFFIXES[f]) for f in EXPORT_FORMATS}
+        return ExportRun(checkpoint, result.output, result.exit_code, paths)
+
+    return shared(f"export-all:{backbone}", make)
+
+
+def export_uint8_all(factory: pytest.TempPathFactory) -> ExportRun:
+    """resnet18 in every format taking raw uint8 NHWC pixels of any size and returning probabilities."""
+
+    def make() -> ExportRun:
+        checkpoint = trained_checkpoint("resnet18", factory)
+        stem = factory.mktemp("uint8") / "pixels"
+        args = ["export", str(checkpoint), "-f", "all", "-o", str(stem)]
+        result = CliRunner().invoke(app, [*args, "--include-preprocessing", "--softmax", "--dynamic-size"])
+        paths = {f: stem.with_name(stem.name + EXPORT_SUFFIXES[f]) for f in EXPORT_FORMATS}
+        return ExportRun(checkpoint, result.output, result.exit_code, paths)
+
+    return shared("export-uint8-all", make)

@@ -1,8 +1,9 @@
 """`tltool export`: every format runs without tltool, matches PyTorch, and carries its classes and preprocessing.
 
 Two tiny runs are trained once per session (resnet18 and mobilenet_v3_small, random init, 32 px) and
-exported once with `--format all`; `test_predict.py` reuses the same files through `shared()`. Every test
-drives the real CLI and checks what a user would: the files, the parity lines, the exit code, the message.
+exported once with `--format all`; `test_predict.py` uses the same files (both through conftest's
+`export_all`). Every test drives the real CLI and checks what a user would: the files, the parity lines,
+the exit code, the message.
 """
 
 from __future__ import annotations
@@ -19,125 +20,22 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 from typer.testing import CliRunner
 
-from conftest import make_dataset, run_overrides
+from conftest import EXPORT_FORMATS, ExportRun, export_all, export_uint8_all, shared_dataset, trained_checkpoint
 from tltool.checkpoint import load_checkpoint, save_atomic
 from tltool.cli import app
-from tltool.config import load_config
 from tltool.data import Preprocess, eval_transform, load_image
 from tltool.export import EXPORTERS, benchmark, parity
 from tltool.export import onnx as onnx_format
 from tltool.export.spec import Exporter, LoadedModel, normalize, uint8_transform
-from tltool.models import load_trained_model
-from tltool.train import finetune
+from tltool.trained import open_trained
 
-FORMATS = ("onnx", "torchscript", "exported-program", "safetensors")
-SUFFIXES = {
-    "onnx": ".onnx",
-    "torchscript": ".torchscript.pt",
-    "exported-program": ".pt2",
-    "safetensors": ".safetensors",
-}
 PARITY_LINE = re.compile(
     r"parity (?P<format>\S+) batch (?P<batch>\d+)(?: at (?P<size>\d+x\d+))?: max abs diff (?P<diff>\S+) "
     r"\((?P<output>\w+)\), top-1 agreement (?P<agreement>[\d.]+)% \((?P<count>\d+) (?P<kind>[\w ]+?)s?\)"
 )
-
-# --- artefacts shared by test_export.py and test_predict.py (trained and exported once per session) ---------
-
-_SHARED: dict[str, Any] = {}
-
-
-def shared(key: str, make: Callable[[], Any]) -> Any:
-    """`make()` once per session under `key`: the runs and exports both test files use are costly on 2 cores."""
-    if key not in _SHARED:
-        _SHARED[key] = make()
-    return _SHARED[key]
-
-
-def shared_dataset(factory: pytest.TempPathFactory) -> Path:
-    """3 classes x 8 noisy-colour PNGs of exactly 32x32, so a resize to 32 leaves the pixels as they are."""
-    return shared("dataset", lambda: make_dataset(factory.mktemp("export_data") / "images", per_class=8, size=32))
-
-
-def _calibrate_batchnorm(checkpoint_path: Path, dataset: Path) -> None:
-    """Give a randomly initialised network's batch norms the data's statistics, and save the checkpoint again.
-
-    Random mobilenet_v3_small with its default running stats (and batch-norm momentum 0.01) maps every
-    image to the same output; "all formats give the same top-1" would then hold trivially.
-    """
-    checkpoint = load_checkpoint(checkpoint_path)
-    model = load_trained_model(checkpoint)
-    transform = eval_transform(Preprocess.from_dict(checkpoint["preprocess"]))
-    images = torch.stack([transform(load_image(p)) for p in sorted(dataset.rglob("*.png"))])
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # a cumulative average over this one pass
-    model.train()
-    with torch.no_grad():
-        model(images)
-    checkpoint["model"] = model.state_dict()
-    save_atomic(checkpoint, checkpoint_path)
-
-
-def trained_checkpoint(backbone: str, factory: pytest.TempPathFactory) -> Path:
-    """A 1-epoch run of `backbone` on the shared dataset (32 px, resize 32); its best.pt."""
-
-    def make() -> Path:
-        dataset = shared_dataset(factory)
-        root = factory.mktemp(f"run_{backbone}")
-        overrides = run_overrides(root / backbone, dataset, "train.epochs=1", f"model.backbone={backbone}")
-        summary = finetune(load_config(None, overrides), quiet=True)
-        path = Path(summary["checkpoints"]["best"] or summary["checkpoints"]["last"])
-        if backbone.startswith("mobilenet"):
-            _calibrate_batchnorm(path, dataset)
-        return path
-
-    return shared(f"checkpoint:{backbone}", make)
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportRun:
-    """One `tltool export` through the CLI: its checkpoint, what it printed, and the files it wrote."""
-
-    checkpoint: Path
-    output: str
-    exit_code: int
-    paths: dict[str, Path]
-
-
-def export_all(backbone: str, factory: pytest.TempPathFactory) -> ExportRun:
-    """`tltool export CHECKPOINT --format all` (beside the checkpoint for resnet18, under -o for mobilenet)."""
-
-    def make() -> ExportRun:
-        checkpoint = trained_checkpoint(backbone, factory)
-        args = ["export", str(checkpoint), "--format", "all"]
-        stem = checkpoint.with_name("best")
-        if backbone != "resnet18":  # --output with several formats is the shared stem
-            stem = factory.mktemp("deploy") / "model"
-            args += ["--output", str(stem)]
-        result = CliRunner().invoke(app, args)
-        paths = {f: stem.with_name(stem.name + SUFFIXES[f]) for f in FORMATS}
-        return ExportRun(checkpoint, result.output, result.exit_code, paths)
-
-    return shared(f"export-all:{backbone}", make)
-
-
-def export_uint8_all(factory: pytest.TempPathFactory) -> ExportRun:
-    """resnet18 in every format taking raw uint8 NHWC pixels of any size and returning probabilities."""
-
-    def make() -> ExportRun:
-        checkpoint = trained_checkpoint("resnet18", factory)
-        stem = factory.mktemp("uint8") / "pixels"
-        args = ["export", str(checkpoint), "-f", "all", "-o", str(stem)]
-        result = CliRunner().invoke(app, [*args, "--include-preprocessing", "--softmax", "--dynamic-size"])
-        paths = {f: stem.with_name(stem.name + SUFFIXES[f]) for f in FORMATS}
-        return ExportRun(checkpoint, result.output, result.exit_code, paths)
-
-    return shared("export-uint8-all", make)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def parity_lines(output: str) -> list[dict[str, str]]:
@@ -145,7 +43,7 @@ def parity_lines(output: str) -> list[dict[str, str]]:
 
 
 def torch_logits(checkpoint: Path, images: torch.Tensor) -> torch.Tensor:
-    model = load_trained_model(load_checkpoint(checkpoint))
+    model = open_trained(checkpoint).model
     with torch.inference_mode():
         return model(images)
 
@@ -178,13 +76,6 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(_isolated: None) -> None:
-    """One torch thread (after conftest's two): on a shared 2-core machine, two OpenMP threads of tiny
-    forward passes wait on each other's descheduled partner, and each forward took 50x longer."""
-    torch.set_num_threads(1)
-
-
 # --- --format all, the "done when" ---------------------------------------------------------------------------
 
 
@@ -192,11 +83,11 @@ def _check_all_formats(run: ExportRun) -> None:
     """All four files and sidecars, parity at batch 1 and 6 for each, files that run without tltool."""
     assert run.exit_code == 0, run.output
     lines = parity_lines(run.output)
-    assert [(line["format"], line["batch"]) for line in lines] == [(f, b) for f in FORMATS for b in ("1", "6")]
+    assert [(line["format"], line["batch"]) for line in lines] == [(f, b) for f in EXPORT_FORMATS for b in ("1", "6")]
     for line in lines:
         assert float(line["diff"]) <= 1e-4 and line["agreement"] == "100.0" and line["output"] == "logits"
         assert line["kind"] == "image"  # the run's val split: 2 of 8 real images per class
-    class_names = load_checkpoint(run.checkpoint)["class_names"]
+    class_names = load_checkpoint(run.checkpoint).class_names
     for format, path in run.paths.items():
         assert path.is_file() and f"wrote {path}" in run.output
         assert f"next: tltool predict {path} " in run.output
@@ -234,8 +125,8 @@ def _check_files_by_hand(run: ExportRun) -> None:
     proto = onnx.load(str(run.paths["onnx"]))
     assert [(o.domain, o.version) for o in proto.opset_import if o.domain == ""] == [("", 18)]
     props = {p.key: p.value for p in proto.metadata_props}
-    assert json.loads(props["class_names"]) == checkpoint["class_names"]
-    assert json.loads(props["tltool"])["format"] == "onnx" and props["backbone"] == checkpoint["arch"]["backbone"]
+    assert json.loads(props["class_names"]) == checkpoint.class_names
+    assert json.loads(props["tltool"])["format"] == "onnx" and props["backbone"] == checkpoint.arch["backbone"]
     session = onnxruntime.InferenceSession(str(run.paths["onnx"]), providers=["CPUExecutionProvider"])
     assert [(i.name, i.type, i.shape) for i in session.get_inputs()] == [
         ("images", "tensor(float)", ["batch", 3, 32, 32])
@@ -244,8 +135,8 @@ def _check_files_by_hand(run: ExportRun) -> None:
 
     extra = {"tltool.json": "", "class_names.json": "", "preprocess.json": ""}
     torch.jit.load(str(run.paths["torchscript"]), _extra_files=extra)
-    assert json.loads(extra["class_names.json"]) == checkpoint["class_names"]
-    assert json.loads(extra["preprocess.json"]) == checkpoint["preprocess"]
+    assert json.loads(extra["class_names.json"]) == checkpoint.class_names
+    assert json.loads(extra["preprocess.json"]) == checkpoint.preprocess
     extra = {"tltool.json": ""}
     program = torch.export.load(str(run.paths["exported-program"]), extra_files=extra)
     assert json.loads(extra["tltool.json"])["format"] == "exported-program"
@@ -256,11 +147,11 @@ def _check_files_by_hand(run: ExportRun) -> None:
     with safe_open(str(run.paths["safetensors"]), framework="pt") as handle:
         header = handle.metadata()
     assert {"config", "class_names", "preprocess", "arch", "tltool_version", "tltool"} <= set(header)
-    assert json.loads(header["arch"])["backbone"] == checkpoint["arch"]["backbone"]
-    assert json.loads(header["config"])["model"]["backbone"] == checkpoint["arch"]["backbone"]
+    assert json.loads(header["arch"])["backbone"] == checkpoint.arch["backbone"]
+    assert json.loads(header["config"])["model"]["backbone"] == checkpoint.arch["backbone"]
     tensors = load_file(str(run.paths["safetensors"]))
-    assert set(tensors) == set(checkpoint["model"])
-    for name, value in checkpoint["model"].items():
+    assert set(tensors) == set(checkpoint.model)
+    for name, value in checkpoint.model.items():
         assert torch.equal(tensors[name], value), name
 
 
@@ -311,7 +202,7 @@ def test_uint8_onnx_gives_the_checkpoints_predictions_on_raw_pixels(
     files, pixels = dataset_pixels(dataset)
     (probabilities,) = session.run(["probabilities"], {"images": pixels})
     checkpoint = load_checkpoint(run.checkpoint)
-    transform = eval_transform(Preprocess.from_dict(checkpoint["preprocess"]))
+    transform = eval_transform(Preprocess.from_dict(checkpoint.preprocess))
     expected = torch_logits(run.checkpoint, torch.stack([transform(load_image(f)) for f in files])).softmax(dim=1)
     torch.testing.assert_close(torch.from_numpy(probabilities), expected, atol=1e-5, rtol=0)
     assert (probabilities.argmax(axis=1) == expected.argmax(dim=1).numpy()).all()
@@ -324,7 +215,7 @@ def test_dynamic_size_exported_program_takes_other_sizes(tmp_path_factory: pytes
     """torch.export's own guards accept the trained size and others (no specialization on 1x1 feature maps)."""
     run = export_uint8_all(tmp_path_factory)
     module = torch.export.load(str(run.paths["exported-program"])).module()
-    preprocess = Preprocess.from_dict(load_checkpoint(run.checkpoint)["preprocess"])
+    preprocess = Preprocess.from_dict(load_checkpoint(run.checkpoint).preprocess)
     for shape in ((1, 32, 32, 3), (3, 64, 40, 3), (2, 17, 23, 3)):
         pixels = torch.randint(0, 256, shape, dtype=torch.uint8)
         expected = torch_logits(run.checkpoint, normalize(pixels.permute(0, 3, 1, 2), preprocess)).softmax(dim=1)
@@ -348,7 +239,7 @@ def test_uint8_nchw_torchscript_with_softmax(
         ["batch", 3, 32, 32],
     )
     pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    preprocess = Preprocess.from_dict(load_checkpoint(resnet_checkpoint)["preprocess"])
+    preprocess = Preprocess.from_dict(load_checkpoint(resnet_checkpoint).preprocess)
     expected = torch_logits(resnet_checkpoint, normalize(pixels, preprocess)).softmax(dim=1)
     torch.testing.assert_close(torch.jit.load(str(path))(pixels), expected, atol=1e-5, rtol=0)
 
@@ -424,9 +315,9 @@ def test_failed_parity_keeps_the_previous_file(
 
 def test_non_finite_weights_are_refused(runner: CliRunner, tmp_path: Path, resnet_checkpoint: Path) -> None:
     checkpoint = load_checkpoint(resnet_checkpoint)
-    checkpoint["model"]["head.1.weight"][0, 0] = float("nan")
+    checkpoint.model["head.1.weight"][0, 0] = float("nan")
     broken = tmp_path / "nan.pt"
-    save_atomic(checkpoint, broken)
+    save_atomic(checkpoint.to_dict(), broken)
     result = runner.invoke(app, ["export", str(broken), "-f", "safetensors", "--no-verify"])
     assert result.exit_code == 2
     assert "non-finite" in result.stderr and "head.1.weight" in result.stderr

@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tltool.checkpoint import FORMAT_VERSION
+from tltool.checkpoint import FORMAT_VERSION, Checkpoint
 from tltool.config import DataConfig, ModelConfig
 from tltool.errors import CheckpointError, ConfigError, ModelError
 from tltool.models import (
@@ -174,7 +174,7 @@ def test_tltool_checkpoint_as_source_weights(tmp_path: Path) -> None:
     assert "new head" in other.notes[0]
     with pytest.raises(CheckpointError, match="resnet18 checkpoint"):
         build("mobilenet_v3_small", str(tmp_path / "src.pt"))
-    restored = load_trained_model(fake_checkpoint(source, ["a", "b", "c"]))
+    restored = load_trained_model(Checkpoint.from_dict(fake_checkpoint(source, ["a", "b", "c"])))
     torch.testing.assert_close(restored.head[-1].bias, source.model.head[-1].bias)
 
 

@@ -1,7 +1,7 @@
 """`tltool predict`: the checkpoint and each of its exports give the same answers, and bad inputs are handled.
 
-The runs and `--format all` exports are the ones `test_export.py` makes (shared once per session); the
-images are the training dataset itself, 32x32 PNGs with a colour per class.
+The runs and `--format all` exports are the ones `test_export.py` checks (conftest's `export_all`, made
+once per session); the images are the training dataset itself, 32x32 PNGs with a colour per class.
 """
 
 from __future__ import annotations
@@ -19,21 +19,14 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
-from test_export import (
-    ExportRun,
-    _one_thread,  # noqa: F401 (an autouse fixture: one torch thread here too)
-    export_all,
-    export_uint8_all,
-    shared_dataset,
-    trained_checkpoint,
-)
 from typer.testing import CliRunner
 
-from tltool.checkpoint import load_checkpoint
+from conftest import ExportRun, export_all, export_uint8_all, shared_dataset, trained_checkpoint
 from tltool.cli import app
-from tltool.models import load_trained_model
+from tltool.trained import open_trained
 
 ROW = re.compile(r"^(?P<file>\S+)((?:\s+class_\d \(\d+\.\d%\))+)$")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +228,7 @@ def test_an_export_without_embedded_metadata_uses_its_sidecar(
 ) -> None:
     run = export_all("resnet18", tmp_path_factory)
     plain = tmp_path / "plain.pt"
-    torch.jit.save(torch.jit.script(load_trained_model(load_checkpoint(run.checkpoint))), str(plain))
+    torch.jit.save(torch.jit.script(open_trained(run.checkpoint).model), str(plain))
     result = cli.invoke(app, ["predict", str(plain), str(dataset)])
     assert "carries no tltool metadata and has no plain.pt.json beside it" in error_line(result)
     sidecar = run.paths["torchscript"].with_name(run.paths["torchscript"].name + ".json")

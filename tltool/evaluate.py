@@ -1,12 +1,16 @@
-"""Evaluation: loss, top-1/top-5, per-class precision/recall/F1 and the confusion matrix.
+"""Evaluation: loss, top-1/top-5, per-class precision/recall/F1, the confusion matrix, per-sample outputs.
 
-`evaluate()` is what the training loop calls every epoch; `run_eval()` is `tltool eval`, which needs
-nothing but the checkpoint (and optionally another folder of images).
+`evaluate()` is the one evaluation loop: the training loop calls it every epoch, `tltool eval` and
+`tltool report` through `evaluate_trained()`, and the export parity check for its reference logits.
+`run_eval()` is `tltool eval`, which needs nothing but the checkpoint (and optionally another folder of
+images).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,24 +18,46 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tltool.checkpoint import load_checkpoint
-from tltool.config import DataConfig
-from tltool.data import Preprocess, Sample, eval_transform, make_loader, scan_data, scan_eval_folder
+from tltool.data import Sample, eval_transform, make_loader
 from tltool.device import autocast, resolve_device, resolve_precision, sum_dtype
 from tltool.distributed import all_reduce_sum
 from tltool.errors import DataError
-from tltool.models import load_trained_model
+from tltool.trained import TrainedModel, open_trained
+
+
+@dataclass(frozen=True)
+class SampleOutputs:
+    """What the model said for each image of one evaluation pass, in loader order (CPU tensors).
+
+    Under torchrun these are this rank's images only (the metrics beside them are the whole set's).
+    """
+
+    logits: torch.Tensor  # N x classes, float32
+    predictions: torch.Tensor  # N: the top-1 class, as counted in acc1 and the confusion matrix
+    labels: torch.Tensor  # N: the true class
+    indices: torch.Tensor | None  # N: each row's sample index, when the loader gives indices (`sample_labels`)
+
+    def probabilities(self) -> torch.Tensor:
+        return self.logits.softmax(dim=1)
 
 
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
-    loader: Any,
+    loader: Iterable[Any],
     device: torch.device,
     precision: str,
     num_classes: int,
+    *,
+    per_sample: bool = False,
+    sample_labels: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Metrics of `model` over every batch of `loader` (the loss is plain cross-entropy, no smoothing).
+
+    `loader` yields (images, labels) batches, or None for a batch whose images all failed to decode. With
+    `sample_labels` it yields (images, sample indices) instead and `sample_labels[i]` is sample i's class:
+    each output row then names its sample even when an image is dropped from its batch. `per_sample`
+    adds `outputs`, a SampleOutputs (kept on the device until the end of the pass).
 
     Under torchrun each rank evaluates its shard of the set and the sums are added over ranks, so every
     rank returns the metrics of the whole set. `model` must not be DDP-wrapped (ranks may run different
@@ -43,10 +69,14 @@ def evaluate(
     counts = torch.zeros(3, dtype=torch.long, device=device)  # images, top-1 hits, top-5 hits
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     k = min(5, num_classes)
+    labels_of = torch.tensor(sample_labels, dtype=torch.long) if sample_labels is not None else None
+    kept: dict[str, list[torch.Tensor]] = {"logits": [], "predictions": [], "labels": [], "indices": []}
     for batch in loader:
         if batch is None:
             continue
-        images, labels = batch
+        images, targets = batch
+        indices = targets if labels_of is not None else None
+        labels = labels_of[targets] if labels_of is not None else targets
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with autocast(device, precision):
@@ -58,18 +88,79 @@ def evaluate(
         counts[1] += (top[:, 0] == labels).sum()
         counts[2] += (top == labels[:, None]).any(dim=1).sum()
         confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes**2)
+        if per_sample:
+            kept["logits"].append(logits)
+            kept["predictions"].append(top[:, 0])
+            kept["labels"].append(labels)
+            if indices is not None:
+                kept["indices"].append(indices)
     sums = all_reduce_sum(torch.cat([loss_sum.view(1).cpu().double(), counts.cpu().double()]))
     total_loss, count, correct1, correct5 = sums[0].item(), *(int(v) for v in sums[1:].tolist())
     confusion = all_reduce_sum(confusion.cpu())
     if count == 0:
         raise DataError("no image of the evaluation set could be read", "check the dataset")
-    return {
+    metrics: dict[str, Any] = {
         "loss": total_loss / count,
         "acc1": correct1 / count,
         "acc5": correct5 / count,
         "num_images": count,
         "confusion_matrix": confusion.view(num_classes, num_classes).tolist(),
     }
+    if per_sample:
+        metrics["outputs"] = SampleOutputs(
+            _joined(kept["logits"], torch.zeros(0, num_classes)),
+            _joined(kept["predictions"]),
+            _joined(kept["labels"]),
+            _joined(kept["indices"]) if labels_of is not None else None,
+        )
+    return metrics
+
+
+def _joined(parts: list[torch.Tensor], empty: torch.Tensor | None = None) -> torch.Tensor:
+    """One pass's per-batch tensors as one CPU tensor (`empty` on a rank that had no image)."""
+    if not parts:
+        return empty if empty is not None else torch.zeros(0, dtype=torch.long)
+    return torch.cat(parts).cpu()
+
+
+def evaluate_trained(
+    trained: TrainedModel,
+    samples: Sequence[Sample],
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    per_sample: bool = False,
+) -> dict[str, Any]:
+    """`evaluate` of a checkpoint's model on `samples`: what `tltool eval` prints and `tltool report` draws.
+
+    The images go through the run's eval transform in fp32; the batch size and loader workers default to
+    the run's. Adds `per_class`, `class_names` and `checkpoint` to the metrics, and `outputs` (with each
+    row's sample index) when `per_sample`.
+    """
+    data_cfg = trained.data_config
+    indexed = [(path, index) for index, (path, _label) in enumerate(samples)]
+    loader = make_loader(
+        indexed,
+        eval_transform(trained.preprocess),
+        batch_size or data_cfg.batch_size,
+        data_cfg.num_workers if num_workers is None else num_workers,
+        seed=0,
+        shuffle=False,
+        pin_memory=trained.device.type == "cuda",
+    )
+    class_names = trained.class_names
+    metrics = evaluate(
+        trained.model,
+        loader,
+        trained.device,
+        resolve_precision("fp32", trained.device),
+        len(class_names),
+        per_sample=per_sample,
+        sample_labels=[label for _path, label in samples],
+    )
+    metrics["per_class"] = per_class(metrics["confusion_matrix"], class_names)
+    metrics["class_names"] = class_names
+    metrics["checkpoint"] = str(trained.path)
+    return metrics
 
 
 def per_class(confusion: list[list[int]], class_names: list[str]) -> list[dict[str, Any]]:
@@ -115,28 +206,6 @@ def format_report(metrics: dict[str, Any], class_names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def evaluation_samples(checkpoint: dict[str, Any], data: str | None) -> tuple[list[Sample], str]:
-    """The images to evaluate a checkpoint on: `data` if given, else its run's val split (recomputed).
-
-    Returns the samples, labelled with the checkpoint's class indices, and a description of where they are.
-    """
-    class_names = list(checkpoint["class_names"])
-    if data:
-        samples, source = scan_eval_folder(data, class_names), data
-    else:
-        data_cfg = DataConfig.model_validate(checkpoint["config"]["data"])
-        split = scan_data(data_cfg, int(checkpoint["config"]["run"]["seed"]))
-        if split.class_names != class_names:
-            raise DataError(
-                "the dataset recorded in the checkpoint no longer has the checkpoint's classes",
-                "give the images to evaluate with --data DIR",
-            )
-        samples, source = split.val, f"val split of {data_cfg.val or data_cfg.train}"
-    if not samples:
-        raise DataError(f"no images to evaluate in {source}", "give a folder of class sub-folders with --data")
-    return samples, source
-
-
 def run_eval(
     checkpoint_path: str | Path,
     data: str | None = None,
@@ -146,27 +215,9 @@ def run_eval(
     num_workers: int | None = None,
 ) -> dict[str, Any]:
     """`tltool eval`: metrics of a checkpoint on `data` or on the val split its run used."""
-    checkpoint = load_checkpoint(checkpoint_path)
-    class_names = list(checkpoint["class_names"])
-    data_cfg = DataConfig.model_validate(checkpoint["config"]["data"])
-    samples, source = evaluation_samples(checkpoint, data)
-    device = resolve_device(device_name)
-    precision = resolve_precision("fp32", device)
-    model = load_trained_model(checkpoint).to(device)
-    preprocess = Preprocess.from_dict(checkpoint["preprocess"])
-    loader = make_loader(
-        samples,
-        eval_transform(preprocess),
-        batch_size or data_cfg.batch_size,
-        data_cfg.num_workers if num_workers is None else num_workers,
-        seed=0,
-        shuffle=False,
-        pin_memory=device.type == "cuda",
-    )
-    metrics = evaluate(model, loader, device, precision, len(class_names))
-    metrics["per_class"] = per_class(metrics["confusion_matrix"], class_names)
-    metrics["class_names"] = class_names
-    metrics["checkpoint"] = str(checkpoint_path)
+    trained = open_trained(checkpoint_path, resolve_device(device_name))
+    samples, source = trained.samples(data)
+    metrics = evaluate_trained(trained, samples, batch_size, num_workers)
     metrics["data"] = source
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tltool.checkpoint import is_tltool_checkpoint, safe_load
+from tltool.checkpoint import Checkpoint, is_tltool_checkpoint, safe_load
 from tltool.config import DataConfig, ModelConfig, weights_is_file
 from tltool.data import Preprocess
 from tltool.errors import CheckpointError, ConfigError, ModelError
@@ -272,23 +272,23 @@ def build_model(
     backbone = cfg.backbone
     weights_name = cfg.weights
     enum = None
-    source_ckpt = None
+    source_ckpt: Checkpoint | None = None
     notes: list[str] = []
     if weights_is_file(weights_name):
         loaded = safe_load(weights_name, what="model.weights file")
         if is_tltool_checkpoint(loaded):
-            source_ckpt = loaded
-            arch = loaded["arch"]
-            if arch["backbone"] != backbone:
+            source_ckpt = Checkpoint.from_dict(loaded)
+            source_backbone = source_ckpt.arch["backbone"]
+            if source_backbone != backbone:
                 raise CheckpointError(
-                    f"{weights_name} is a {arch['backbone']} checkpoint but model.backbone is {backbone}",
-                    f"set model.backbone={arch['backbone']}",
+                    f"{weights_name} is a {source_backbone} checkpoint but model.backbone is {backbone}",
+                    f"set model.backbone={source_backbone}",
                 )
     elif weights_name.lower() != "none":
         enum = _weights_enum(backbone, weights_name)
 
     if source_ckpt is not None:
-        preset = Preprocess.from_dict(source_ckpt["preprocess"])
+        preset = Preprocess.from_dict(source_ckpt.preprocess)
         weights_source = f"tltool checkpoint {weights_name}"
     elif enum is not None:
         preset = Preprocess.from_transforms(enum.transforms())
@@ -298,7 +298,7 @@ def build_model(
         weights_source = weights_name if weights_is_file(weights_name) else "none (random init)"
     preprocess = preset.with_config(data_cfg)
     if source_ckpt is not None:
-        kwargs = dict(source_ckpt["arch"]["kwargs"])
+        kwargs = dict(source_ckpt.arch["kwargs"])
     else:
         kwargs = _arch_kwargs(backbone, enum, preprocess.image_size)
     net = torchvision.models.get_model(backbone, weights=None, **kwargs)
@@ -333,12 +333,12 @@ def build_model(
 
     if source_ckpt is not None:
         backbone_state = {
-            k.removeprefix("backbone."): v for k, v in source_ckpt["model"].items() if k.startswith("backbone.")
+            k.removeprefix("backbone."): v for k, v in source_ckpt.model.items() if k.startswith("backbone.")
         }
         _load_into(model.backbone, backbone_state, weights_name)
-        same_classes = class_names is not None and list(source_ckpt["class_names"]) == list(class_names)
+        same_classes = class_names is not None and list(source_ckpt.class_names) == list(class_names)
         if same_classes:
-            head_state = {k.removeprefix("head."): v for k, v in source_ckpt["model"].items() if k.startswith("head.")}
+            head_state = {k.removeprefix("head."): v for k, v in source_ckpt.model.items() if k.startswith("head.")}
             model.head.load_state_dict(head_state)
             notes.append(f"reused backbone and head of {weights_name} (same classes)")
         else:
@@ -384,22 +384,26 @@ def model_from_arch(arch: dict[str, Any]) -> TransferModel:
     return TransferModel(net, make_head(arch["in_features"], arch["num_classes"], arch["head_dropout"]))
 
 
-def built_from_checkpoint(checkpoint: dict[str, Any]) -> BuiltModel:
+def built_from_checkpoint(checkpoint: Checkpoint) -> BuiltModel:
     """The BuiltModel of a run being resumed: its architecture and weights, no source weights read."""
     model = load_trained_model(checkpoint)
     return BuiltModel(
         model,
-        dict(checkpoint["arch"]),
-        Preprocess.from_dict(checkpoint["preprocess"]),
-        str(checkpoint.get("weights_source", "checkpoint")),
+        dict(checkpoint.arch),
+        Preprocess.from_dict(checkpoint.preprocess),
+        str(checkpoint.weights_source),
     )
 
 
-def load_trained_model(checkpoint: dict[str, Any]) -> TransferModel:
-    """The trained model of a (safely loaded) tltool checkpoint, in eval mode on CPU."""
-    model = model_from_arch(checkpoint["arch"])
+def load_trained_model(checkpoint: Checkpoint) -> TransferModel:
+    """The trained model of a (safely loaded) tltool checkpoint, in eval mode on CPU.
+
+    `tltool.trained.open_trained` is what the commands call: it also moves it to a device and keeps the
+    checkpoint's preprocessing and run config beside it.
+    """
+    model = model_from_arch(checkpoint.arch)
     try:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(checkpoint.model)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint weights do not fit its architecture: {first}", "re-export it") from None

@@ -24,12 +24,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from tltool.checkpoint import load_checkpoint
-from tltool.data import IMAGE_EXTENSIONS, Preprocess, _image_files, image_problem, load_image
+from tltool.data import IMAGE_EXTENSIONS, _image_files, image_problem, load_image
 from tltool.errors import CheckpointError, ConfigError, DataError
 from tltool.export.formats import EXPORTERS
-from tltool.export.run import sidecar_path
-from tltool.export.spec import Echo, ExportSpec, Runner, require, uint8_transform
+from tltool.export.spec import Echo, ExportSpec, Runner, require, sidecar_path, uint8_transform
 
 CHECKPOINT = "checkpoint"
 GLOB_CHARACTERS = "*?["
@@ -126,25 +124,19 @@ def model_kind(path: Path) -> str:
         )
     if suffix == ".pt2":
         return "exported-program"
-    return CHECKPOINT  # an old-style torch.save file or garbage: load_checkpoint says which, in one line
+    return CHECKPOINT  # an old-style torch.save file or garbage: open_trained says which, in one line
 
 
 def _checkpoint_predictor(path: Path, device: torch.device) -> Predictor:
     """A tltool checkpoint (weights_only load) as a Predictor in eager PyTorch."""
-    from tltool.models import load_trained_model
+    from tltool.trained import open_trained
 
-    checkpoint = load_checkpoint(path)
-    model = load_trained_model(checkpoint).to(device)
-    spec = ExportSpec(
-        CHECKPOINT,
-        tuple(checkpoint["class_names"]),
-        Preprocess.from_dict(checkpoint["preprocess"]),
-        str(checkpoint["arch"]["backbone"]),
-    )
+    trained = open_trained(path, device)
+    spec = ExportSpec(CHECKPOINT, tuple(trained.class_names), trained.preprocess, trained.backbone)
 
     def run(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return model(images.to(device)).cpu()
+            return trained.model(images.to(device)).cpu()
 
     return Predictor(path, CHECKPOINT, spec, run, str(device))
 

@@ -21,15 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from tltool import __version__
-from tltool.checkpoint import load_checkpoint
-from tltool.config import DataConfig
-from tltool.data import Preprocess, eval_transform, load_image, make_loader
+from tltool.data import Sample, load_image
 from tltool.device import resolve_device
-from tltool.errors import CheckpointError, DataError, TltoolError
-from tltool.evaluate import evaluation_samples, per_class
+from tltool.errors import CheckpointError, TltoolError
+from tltool.evaluate import SampleOutputs, evaluate_trained
+from tltool.trained import open_trained
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -127,76 +125,27 @@ def read_run(run_dir: str | Path) -> RunFiles:
 # --- evaluating the checkpoint -----------------------------------------------------------------------
 
 
-@torch.inference_mode()
-def evaluate_samples(
-    checkpoint: dict[str, Any],
-    samples: Sequence[tuple[str, int]],
-    class_names: list[str],
-    device: torch.device,
-    batch_size: int,
-    num_workers: int,
-    max_errors: int = MAX_ERRORS,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Metrics (loss, top-1/5, confusion, per class) and the most confidently wrong images, in one pass.
+def confident_errors(
+    outputs: SampleOutputs, samples: Sequence[Sample], class_names: list[str], limit: int = MAX_ERRORS
+) -> list[dict[str, Any]]:
+    """The `limit` wrong predictions the model was most sure of, most confident first: path, classes, confidence.
 
-    The loader is given (path, sample index) pairs, so each output row is tied to its file even when an
-    image fails to decode and is dropped from its batch. The numbers are computed as `evaluate()` does
-    (fp32, plain cross-entropy, the run's eval transform), so they equal `tltool eval`'s.
+    `outputs` is `evaluate`'s per-sample result over an indexed loader, so each row names its file even
+    when an image failed to decode and was dropped.
     """
-    from tltool.models import load_trained_model
-
-    model = load_trained_model(checkpoint).to(device)
-    preprocess = Preprocess.from_dict(checkpoint["preprocess"])
-    indexed = [(path, index) for index, (path, _label) in enumerate(samples)]
-    loader = make_loader(
-        indexed, eval_transform(preprocess), batch_size, num_workers, seed=0, shuffle=False, pin_memory=False
-    )
-    num_classes = len(class_names)
-    k = min(5, num_classes)
-    all_labels = torch.tensor([label for _, label in samples], dtype=torch.long)
-    total_loss, correct5 = 0.0, 0
-    seen, predicted, confidence = [], [], []
-    for batch in loader:
-        if batch is None:
-            continue
-        images, indices = batch
-        labels = all_labels[indices]
-        logits = model(images.to(device)).float().cpu()
-        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
-        top = logits.topk(k, dim=1).indices
-        correct5 += (top == labels[:, None]).any(dim=1).sum().item()
-        probabilities = logits.softmax(dim=1)
-        seen.append(indices)
-        predicted.append(top[:, 0])
-        confidence.append(probabilities.gather(1, top[:, :1])[:, 0])
-    if not seen:
-        raise DataError("no image of the evaluation set could be read", "check the dataset")
-    indices, predicted_t, confidence_t = torch.cat(seen), torch.cat(predicted), torch.cat(confidence)
-    labels = all_labels[indices]
-    count = len(indices)
-    confusion = torch.bincount(labels * num_classes + predicted_t, minlength=num_classes**2)
-    confusion_list = confusion.view(num_classes, num_classes).tolist()
-    metrics = {
-        "loss": total_loss / count,
-        "acc1": (predicted_t == labels).sum().item() / count,
-        "acc5": correct5 / count,
-        "num_images": count,
-        "confusion_matrix": confusion_list,
-        "per_class": per_class(confusion_list, class_names),
-        "class_names": list(class_names),
-    }
-    wrong = (predicted_t != labels).nonzero()[:, 0]
-    order = wrong[confidence_t[wrong].argsort(descending=True)][:max_errors]
-    errors = [
+    assert outputs.indices is not None, "an indexed pass (evaluate_trained) gives each row's sample"
+    confidence = outputs.probabilities().gather(1, outputs.predictions[:, None])[:, 0]
+    wrong = (outputs.predictions != outputs.labels).nonzero()[:, 0]
+    order = wrong[confidence[wrong].argsort(descending=True)][:limit]
+    return [
         {
-            "path": samples[int(indices[i])][0],
-            "true": class_names[int(labels[i])],
-            "predicted": class_names[int(predicted_t[i])],
-            "confidence": float(confidence_t[i]),
+            "path": samples[int(outputs.indices[i])][0],
+            "true": class_names[int(outputs.labels[i])],
+            "predicted": class_names[int(outputs.predictions[i])],
+            "confidence": float(confidence[i]),
         }
         for i in order.tolist()
     ]
-    return metrics, errors
 
 
 def evaluate_run(
@@ -206,24 +155,14 @@ def evaluate_run(
     batch_size: int | None = None,
     num_workers: int | None = None,
 ) -> Evaluation:
-    """The run's checkpoint on `data`, or on the val split the run used (found as `tltool eval` finds it)."""
-    device = resolve_device(device_name)
-    checkpoint = load_checkpoint(run.checkpoint_path)
-    class_names = list(checkpoint["class_names"])
-    data_cfg = DataConfig.model_validate(checkpoint["config"]["data"])
-    samples, source = evaluation_samples(checkpoint, data)
-    metrics, errors = evaluate_samples(
-        checkpoint,
-        samples,
-        class_names,
-        device,
-        batch_size or data_cfg.batch_size,
-        data_cfg.num_workers if num_workers is None else num_workers,
-    )
-    metrics["checkpoint"] = str(run.checkpoint_path)
-    metrics["checkpoint_epoch"] = checkpoint.get("epoch")
+    """The run's checkpoint on `data`, or on the val split the run used: `tltool eval`'s numbers, plus errors."""
+    trained = open_trained(run.checkpoint_path, resolve_device(device_name))
+    samples, source = trained.samples(data)
+    metrics = evaluate_trained(trained, samples, batch_size, num_workers, per_sample=True)
+    outputs = metrics.pop("outputs")
+    metrics["checkpoint_epoch"] = trained.checkpoint.epoch
     metrics["data"] = source
-    return Evaluation(source, metrics, errors)
+    return Evaluation(source, metrics, confident_errors(outputs, samples, trained.class_names))
 
 
 # --- figures -----------------------------------------------------------------------------------------

@@ -1,25 +1,27 @@
 """The parity check: every exported file against the PyTorch model, on real images, before it gets its name.
 
-The images are the run's val split (or `--data`), interleaved over classes, decoded and resized/cropped
-exactly as `tltool eval` does; each file gets batch 1 and a larger batch (and, with `--dynamic-size`,
-that batch again at another, non-square size). A file fails beyond PARITY_TOLERANCE max abs diff of its
-output or below PARITY_MIN_AGREEMENT top-1 agreement, and the export then writes nothing.
+The images are the run's val split (or `--data`), found as `tltool eval` finds them
+(`TrainedModel.samples`), interleaved over classes, decoded and resized/cropped exactly as eval does;
+each file gets batch 1 and a larger batch (and, with `--dynamic-size`, that batch again at another,
+non-square size). The PyTorch reference is the evaluation loop's own per-sample logits (`evaluate`). A
+file fails beyond PARITY_TOLERANCE max abs diff of its output or below PARITY_MIN_AGREEMENT top-1
+agreement, and the export then writes nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
-from tltool.config import DataConfig
-from tltool.data import Preprocess, Sample, load_image, scan_data, scan_eval_folder
-from tltool.errors import DataError, ExportError
+from tltool.data import Preprocess, Sample, load_image
+from tltool.errors import ExportError, TltoolError
+from tltool.evaluate import evaluate
 from tltool.export.spec import Echo, ExportSpec, Runner, first_line, normalize, uint8_transform
+from tltool.trained import TrainedModel
 
 # A parity check fails beyond this max abs diff of the outputs, or below this top-1 agreement.
 PARITY_TOLERANCE = 1e-4
@@ -42,9 +44,14 @@ class ParityResult:
 
 @dataclass(frozen=True)
 class ParityImages:
-    """The uint8 N x 3 x H x W batches every format is checked on, and what they are (for the report)."""
+    """The uint8 N x 3 x H x W batches every format is checked on, and what they are (for the report).
+
+    `labels` are the classes of the largest batch's images (0 for random pixels): only the evaluation
+    loop that computes the reference needs them; the check compares outputs, not accuracy.
+    """
 
     batches: list[torch.Tensor]
+    labels: torch.Tensor
     kind: str
     preprocess: Preprocess
 
@@ -62,36 +69,33 @@ def _interleave_classes(samples: Sequence[Sample]) -> list[Sample]:
     return [q[i] for i in range(longest) for q in queues if i < len(q)]
 
 
-def _parity_samples(checkpoint: dict[str, Any], data: str | None, echo: Echo) -> tuple[list[Sample], str]:
+def _parity_samples(trained: TrainedModel, data: str | None, echo: Echo) -> tuple[list[Sample], str]:
     """The candidate images: `data` if given (errors are the user's to fix), else the run's val split.
 
     The recorded dataset may be gone (exporting on another machine); then there are simply no images.
     """
-    class_names = list(checkpoint["class_names"])
-    if data:
-        return scan_eval_folder(data, class_names), data
     try:
-        data_cfg = DataConfig.model_validate(checkpoint["config"]["data"])
-        split = scan_data(data_cfg, int(checkpoint["config"]["run"]["seed"]))
-    except (DataError, KeyError, ValueError) as exc:
-        reason = exc.what if isinstance(exc, DataError) else first_line(exc)
-        echo(f"note: the run's val split is not readable here ({reason})")
+        return trained.samples(data, allow_empty=True)
+    except TltoolError as exc:
+        if data:
+            raise
+        echo(f"note: the run's val split is not readable here ({exc.what})")
         return [], "the run's val split"
-    return split.val, f"val split of {data_cfg.val or data_cfg.train}"
 
 
-def _load_images(samples: Sequence[Sample], preprocess: Preprocess, count: int) -> list[torch.Tensor]:
-    """Up to `count` images as uint8 3 x H x W crops, skipping any that fail to decode."""
+def _load_images(samples: Sequence[Sample], preprocess: Preprocess, count: int) -> tuple[list[torch.Tensor], list[int]]:
+    """Up to `count` images as uint8 3 x H x W crops, and their classes, skipping any that fail to decode."""
     transform = uint8_transform(preprocess)
-    images = []
-    for path, _ in _interleave_classes(samples):
+    images, labels = [], []
+    for path, label in _interleave_classes(samples):
         if len(images) == count:
             break
         try:
             images.append(transform(load_image(path)))
         except (OSError, SyntaxError, ValueError):
             continue
-    return images
+        labels.append(label)
+    return images, labels
 
 
 def other_size(preprocess: Preprocess) -> tuple[int, int]:
@@ -100,25 +104,26 @@ def other_size(preprocess: Preprocess) -> tuple[int, int]:
     return size + size // 2, size + size // 4
 
 
-def parity_images(
-    checkpoint: dict[str, Any], preprocess: Preprocess, data: str | None, dynamic_size: bool, echo: Echo
-) -> ParityImages:
+def parity_images(trained: TrainedModel, data: str | None, dynamic_size: bool, echo: Echo) -> ParityImages:
     """Batch 1 and batch up-to-PARITY_MAX_BATCH of real images (random pixels if none are readable)."""
-    samples, source = _parity_samples(checkpoint, data, echo)
-    images = _load_images(samples, preprocess, PARITY_MAX_BATCH)
+    preprocess = trained.preprocess
+    samples, source = _parity_samples(trained, data, echo)
+    images, labels = _load_images(samples, preprocess, PARITY_MAX_BATCH)
     kind = "image"
     if not images:
         echo(f"note: no readable images in {source} for the parity check; using random pixels")
         generator = torch.Generator().manual_seed(0)
         size = preprocess.image_size
         images = list(torch.randint(0, 256, (PARITY_MAX_BATCH, 3, size, size), generator=generator, dtype=torch.uint8))
+        labels = [0] * len(images)
         kind = "random image"
     large = max(2, len(images))  # a single image is repeated: the second batch must still be > 1
     batch = torch.stack([images[i % len(images)] for i in range(large)])
+    batch_labels = torch.tensor([labels[i % len(labels)] for i in range(large)], dtype=torch.long)
     batches = [batch[:1], batch]
     if dynamic_size:
         batches.append(TF.resize(batch, list(other_size(preprocess)), antialias=True))
-    return ParityImages(batches, kind, preprocess)
+    return ParityImages(batches, batch_labels, kind, preprocess)
 
 
 # --- comparing -----------------------------------------------------------------------------------------
@@ -141,10 +146,14 @@ def compare(reference: torch.Tensor, exported: torch.Tensor) -> ParityResult:
     return ParityResult(reference.shape[0], diff, agreement)
 
 
-def reference_logits(model: nn.Module, images: ParityImages) -> list[torch.Tensor]:
-    """What the PyTorch model says for each parity batch: computed once, shared by every format checked."""
-    with torch.inference_mode():
-        return [model(normalize(batch, images.preprocess)).float() for batch in images.batches]
+def reference_logits(model: nn.Module, images: ParityImages, num_classes: int) -> list[torch.Tensor]:
+    """What the PyTorch model says for each parity batch: computed once, shared by every format checked.
+
+    One pass of the evaluation loop (fp32, on the CPU) over the batches, split back into batches.
+    """
+    batches = [(normalize(batch, images.preprocess), images.labels[: len(batch)]) for batch in images.batches]
+    outputs = evaluate(model, batches, torch.device("cpu"), "fp32", num_classes, per_sample=True)["outputs"]
+    return list(outputs.logits.split([len(batch) for batch in images.batches]))
 
 
 def check_parity(

@@ -14,22 +14,15 @@ import os
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from tltool.checkpoint import TEMP_MARKER, load_checkpoint
-from tltool.data import Preprocess
+from tltool.checkpoint import TEMP_MARKER
 from tltool.errors import ExportError
 from tltool.export.formats import EXPORTERS
 from tltool.export.parity import ParityImages, check_parity, parity_images, reference_logits
-from tltool.export.spec import LAYOUTS, Echo, Exporter, ExportJob, ExportSpec, require
-from tltool.models import load_trained_model
-
-
-def sidecar_path(path: Path) -> Path:
-    """`<output>.json`: the metadata beside the exported file, for runtimes that cannot read it inside."""
-    return path.with_name(path.name + ".json")
+from tltool.export.spec import LAYOUTS, Echo, Exporter, ExportJob, ExportSpec, require, sidecar_path
+from tltool.trained import TrainedModel, open_trained
 
 
 def _temp_path(path: Path) -> Path:
@@ -158,7 +151,7 @@ def _write_all(
 ) -> None:
     """Every format to temp files, every parity check, then every rename: all or nothing."""
     temps: list[Path] = []
-    references = reference_logits(job.model, images) if images is not None else []
+    references = reference_logits(job.model, images, len(job.spec.class_names)) if images is not None else []
     try:
         for format, spec in specs.items():
             path = paths[format]
@@ -181,11 +174,11 @@ def _write_all(
             temp.unlink(missing_ok=True)
 
 
-def _predict_images(checkpoint: dict[str, Any], data: str | None) -> str:
+def _predict_images(trained: TrainedModel, data: str | None) -> str:
     """What the printed `tltool predict` command runs on: --data, else the run's images if still there."""
     if data:
         return shlex.quote(data)
-    data_cfg = checkpoint.get("config", {}).get("data", {})
+    data_cfg = trained.checkpoint.config.get("data", {})
     for key in ("val", "train"):
         folder = data_cfg.get(key)
         if folder and Path(folder).is_dir():
@@ -228,14 +221,13 @@ def run_export(
 
         bench_device = resolve_device_option(device)
     checkpoint_path = Path(checkpoint)
-    ckpt = load_checkpoint(checkpoint_path)
-    model = load_trained_model(ckpt)
-    preprocess = Preprocess.from_dict(ckpt["preprocess"])
+    trained = open_trained(checkpoint_path, torch.device("cpu"))
+    model, preprocess = trained.model, trained.preprocess
     base = ExportSpec(
         format=formats[0],
-        class_names=tuple(ckpt["class_names"]),
+        class_names=tuple(trained.class_names),
         preprocess=preprocess,
-        backbone=str(ckpt["arch"]["backbone"]),
+        backbone=trained.backbone,
         include_preprocessing=include_preprocessing,
         input_layout=layout,
         softmax=softmax,
@@ -251,8 +243,8 @@ def run_export(
     if len(formats) > 1 and weights_only and (include_preprocessing or softmax or dynamic_size):
         echo(f"note: {', '.join(weights_only)} holds weights only; the graph options apply to the other formats")
     paths = resolve_outputs(checkpoint_path, formats, str(output) if output else None)
-    job = ExportJob(model, base, dict(ckpt["arch"]), dict(ckpt.get("config", {})))
-    images = parity_images(ckpt, preprocess, data, dynamic_size, echo) if verify else None
+    job = ExportJob(model, base, dict(trained.checkpoint.arch), dict(trained.checkpoint.config))
+    images = parity_images(trained, data, dynamic_size, echo) if verify else None
     options = (
         (include_preprocessing, f"uint8 {layout.upper()} input"),
         (softmax, "softmax"),
@@ -270,7 +262,7 @@ def run_export(
         from tltool.export.benchmark import run_benchmark
 
         run_benchmark(model, [(specs[n], EXPORTERS[n], paths[n]) for n in formats], bench_device, echo)
-    images_arg = _predict_images(ckpt, data)
+    images_arg = _predict_images(trained, data)
     for name in formats:
         echo(f"next: tltool predict {shlex.quote(str(paths[name]))} {images_arg}")
     return [paths[name] for name in formats]

@@ -286,6 +286,14 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def sidecar_path(path: Path) -> Path:
+    """`<output>.json`: the metadata beside the exported file, for runtimes that cannot read it inside.
+
+    `tltool export` writes it and `tltool predict` reads it when a file carries no metadata of its own.
+    """
+    return path.with_name(path.name + ".json")
+
+
 # --- one export run, and the interface of a format ------------------------------------------------------
 
 
