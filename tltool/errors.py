@@ -46,3 +46,7 @@ class TrainingError(TltoolError):
 
 class ExportError(TltoolError):
     """An export failed or its parity check did not hold."""
+
+
+class ReportError(TltoolError):
+    """The run directory cannot be reported on (missing, not a run, unreadable files, no matplotlib)."""
