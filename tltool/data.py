@@ -161,16 +161,18 @@ def load_image(path: str | Path) -> Image.Image:
 # --- folders -----------------------------------------------------------------------------------------
 
 
-def _visible(path: Path) -> bool:
+def is_visible(path: Path) -> bool:
+    """False for the entries every folder scan skips: hidden files and folders, `__MACOSX`, `__pycache__`."""
     return not path.name.startswith((".", "__MACOSX", "__pycache__"))
 
 
-def _image_files(folder: Path) -> Iterator[Path]:
+def image_files(folder: Path) -> Iterator[Path]:
+    """The image files under `folder` (by extension, recursively, sorted, hidden entries skipped)."""
     for entry in sorted(folder.iterdir()):
-        if not _visible(entry):
+        if not is_visible(entry):
             continue
         if entry.is_dir():
-            yield from _image_files(entry)
+            yield from image_files(entry)
         elif entry.suffix.lower() in IMAGE_EXTENSIONS:
             yield entry
 
@@ -185,7 +187,7 @@ def scan_folder(root: str | Path, key: str = "data.train") -> tuple[list[str], l
         raise DataError(f"{key} folder {root} does not exist", f"set {key} to a folder of class sub-folders")
     if not root.is_dir():
         raise DataError(f"{key} {root} is not a folder", f"set {key} to a folder of class sub-folders")
-    classes = sorted(e.name for e in root.iterdir() if e.is_dir() and _visible(e))
+    classes = sorted(e.name for e in root.iterdir() if e.is_dir() and is_visible(e))
     if not classes:
         raise DataError(
             f"{key} folder {root} has no class sub-folders",
@@ -194,7 +196,7 @@ def scan_folder(root: str | Path, key: str = "data.train") -> tuple[list[str], l
     samples: list[Sample] = []
     empty = []
     for index, name in enumerate(classes):
-        files = list(_image_files(root / name))
+        files = list(image_files(root / name))
         if not files:
             empty.append(name)
         samples.extend((str(f), index) for f in files)

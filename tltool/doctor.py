@@ -23,7 +23,7 @@ from typing import Any
 from PIL import Image
 
 from tltool.config import DataConfig
-from tltool.data import IMAGE_EXTENSIONS, _image_files, _visible, image_problem, scan_folder
+from tltool.data import IMAGE_EXTENSIONS, image_files, image_problem, is_visible, scan_folder
 from tltool.errors import DataError
 
 # Folder names of the splits, in order of preference (the first one found is used).
@@ -126,7 +126,7 @@ def find_layout(root: Path) -> tuple[str, dict[str, Path], list[str]]:
     split layout when it also has a val/test folder or nothing else; otherwise the root itself is the
     ImageFolder (a class may well be called "test").
     """
-    children = {entry.name.lower(): entry for entry in sorted(root.iterdir()) if entry.is_dir() and _visible(entry)}
+    children = {entry.name.lower(): entry for entry in sorted(root.iterdir()) if entry.is_dir() and is_visible(entry)}
     found: dict[str, Path] = {}
     for split, names in SPLIT_NAMES.items():
         for name in names:
@@ -156,10 +156,10 @@ def _scan_split(name: str, folder: Path, key: str) -> tuple[SplitReport, list[st
         for path, label in samples:
             files_by_class[classes[label]].append(path)
     except DataError as exc:
-        classes = sorted(e.name for e in folder.iterdir() if e.is_dir() and _visible(e)) if folder.is_dir() else []
+        classes = sorted(e.name for e in folder.iterdir() if e.is_dir() and is_visible(e)) if folder.is_dir() else []
         if not classes:
             return report, [], Finding("no_classes", exc.what, exc.fix)
-        files_by_class = {c: [str(f) for f in _image_files(folder / c)] for c in classes}
+        files_by_class = {c: [str(f) for f in image_files(folder / c)] for c in classes}
     report.class_counts = {c: len(files) for c, files in files_by_class.items()}
     report.empty_classes = [c for c, files in files_by_class.items() if not files]
     report.ignored_files, report.loose_images = _ignored_files(folder, classes)
@@ -171,12 +171,12 @@ def _ignored_files(folder: Path, classes: Sequence[str]) -> tuple[dict[str, int]
     ignored: Counter[str] = Counter()
     for name in classes:
         for directory, dirnames, filenames in os.walk(folder / name):
-            dirnames[:] = [d for d in dirnames if _visible(Path(d))]
+            dirnames[:] = [d for d in dirnames if is_visible(Path(d))]
             for filename in filenames:
                 path = Path(directory, filename)
-                if _visible(path) and path.suffix.lower() not in IMAGE_EXTENSIONS:
+                if is_visible(path) and path.suffix.lower() not in IMAGE_EXTENSIONS:
                     ignored[path.suffix.lower() or "(no extension)"] += 1
-    loose = sum(1 for e in folder.iterdir() if e.is_file() and _visible(e) and e.suffix.lower() in IMAGE_EXTENSIONS)
+    loose = sum(1 for e in folder.iterdir() if e.is_file() and is_visible(e) and e.suffix.lower() in IMAGE_EXTENSIONS)
     return dict(sorted(ignored.items())), loose
 
 

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from tltool.checkpoint import load_checkpoint
-from tltool.data import IMAGE_EXTENSIONS, Preprocess, _image_files, image_problem, load_image
+from tltool.data import IMAGE_EXTENSIONS, Preprocess, image_files, image_problem, load_image
 from tltool.errors import CheckpointError, ConfigError, DataError
 from tltool.export.formats import EXPORTERS
 from tltool.export.run import sidecar_path
@@ -187,12 +187,12 @@ def _expand(item: str) -> list[str]:
     if path.is_file():
         return [item]
     if path.is_dir():
-        return [str(p) for p in _image_files(path)]
+        return [str(p) for p in image_files(path)]
     if any(c in item for c in GLOB_CHARACTERS):
         found: list[str] = []
         for match in sorted(glob.glob(item, recursive=True)):
             if Path(match).is_dir():
-                found += [str(p) for p in _image_files(Path(match))]
+                found += [str(p) for p in image_files(Path(match))]
             elif Path(match).suffix.lower() in IMAGE_EXTENSIONS:
                 found.append(match)
         return found

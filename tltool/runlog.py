@@ -74,12 +74,14 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _say(quiet: bool, text: str) -> None:
+def say(quiet: bool, text: str) -> None:
+    """Print a progress line of the run (flushed at once: it may go to a log file), unless `quiet`."""
     if not quiet:
         print(text, flush=True)
 
 
-def _epoch_line(record: dict[str, Any], epochs: int, is_best: bool) -> str:
+def epoch_line(record: dict[str, Any], epochs: int, is_best: bool) -> str:
+    """The one line an epoch prints: train and val loss and accuracy, lr, speed, time, and `*best`."""
     return (
         f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  "
         f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.1%}  "

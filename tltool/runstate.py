@@ -18,7 +18,7 @@ from tltool import distributed
 from tltool.checkpoint import FORMAT_VERSION, clean_stale_temps, load_checkpoint, versions
 from tltool.config import Config, build_config
 from tltool.errors import CheckpointError, ConfigError
-from tltool.runlog import _say
+from tltool.runlog import say
 from tltool.transfer import UnfreezePlan
 
 # Config keys that may change when a run is resumed (everything else must match the checkpoint).
@@ -157,7 +157,7 @@ def open_resume(
     restarted = distributed.restart_count() > 0
     if restarted and not resume:
         resume = "auto" if (checkpoint_dir / "last.pt").exists() else None
-        _say(quiet, f"torchrun restart {distributed.restart_count()}: " + (
+        say(quiet, f"torchrun restart {distributed.restart_count()}: " + (
             "resuming from checkpoints/last.pt" if resume else "no checkpoint yet, starting over"))  # fmt: skip
     if not resume:
         if not (dry_run or restarted) and (
@@ -188,7 +188,7 @@ def open_resume(
             "or from an end-of-epoch checkpoint",
         )
     if saved_world != world.world_size:
-        _say(quiet, f"resuming a {saved_world}-process run with {world.world_size}: the global batch changes")
+        say(quiet, f"resuming a {saved_world}-process run with {world.world_size}: the global batch changes")
     if list(resumed["class_names"]) != class_names:
         raise CheckpointError(
             f"the dataset's classes {class_names} differ from the checkpoint's {resumed['class_names']}",

@@ -55,7 +55,7 @@ from tltool.evaluate import evaluate
 from tltool.features import build_cache, cache_applies
 from tltool.models import build_model, built_from_checkpoint, freeze_modules, set_train_mode
 from tltool.optim import make_optimizer, make_scheduler, optimizer_impl
-from tltool.runlog import _epoch_line, _say, describe, hparams, log_tensorboard, open_tensorboard
+from tltool.runlog import describe, epoch_line, hparams, log_tensorboard, open_tensorboard, say
 from tltool.runstate import (
     EpochProgress,
     TrainState,
@@ -429,12 +429,12 @@ def finetune(
             sampler = BalancedSampler(cache.train.labels.tolist(), cfg.run.seed, shard=world.shard)
             cache.train_loader = DataLoader(cache.train, cfg.data.batch_size, sampler=sampler,
                                             collate_fn=cache.train_loader.collate_fn)  # fmt: skip
-        _say(
+        say(
             quiet,
             f"feature cache: {len(cache.train)} train x {cache.train.features.shape[0]} view(s) + {len(cache.val)} val "
             f"backbone outputs in {cache.extract_seconds:.1f} s ({cache.location}); epochs train the head only",
         )
-    _say(
+    say(
         quiet,
         f"run {run_dir}: {cfg.model.backbone} ({built.weights_source}), {len(split.class_names)} classes, "
         f"{len(split.train)} train / {len(split.val)} val images, {device} {precision}"
@@ -494,7 +494,7 @@ def finetune(
                 plan.open(opening, optimizer, state.global_step, epoch + 1)
                 scheduler = make_scheduler(optimizer, cfg.train, steps, plan.opened_steps(), state.global_step)
                 frozen = plan.frozen_modules()
-                _say(quiet, f"epoch {epoch + 1}: " + ", ".join(f"{p.name} opens (lr {p.lr:.2e})" for p in opening))
+                say(quiet, f"epoch {epoch + 1}: " + ", ".join(f"{p.name} opens (lr {p.lr:.2e})" for p in opening))
                 # From now on the images go through the whole model: the feature cache no longer applies.
                 # (Under torchrun the model is wrapped again: DDP hooks the parameters that train when it is built.)
                 cached, loader, val_batches, module = False, train_loader, val_loader, model
@@ -523,7 +523,7 @@ def finetune(
             if compile_pending and train_stats["first_step_seconds"] is not None:
                 compile_pending = False
                 compile_seconds += train_stats["first_step_seconds"]
-                _say(quiet, f"torch.compile: the first step took {train_stats['first_step_seconds']:.1f} s (compiling)")
+                say(quiet, f"torch.compile: the first step took {train_stats['first_step_seconds']:.1f} s (compiling)")
             val = evaluate(module, val_batches, device, precision, len(split.class_names))
             if not math.isfinite(val["loss"]):
                 raise TrainingError(
@@ -563,10 +563,10 @@ def finetune(
                 copy_atomic(checkpoint_dir / "last.pt", checkpoint_dir / "best.pt")
             if world.enabled:  # a Ctrl-C that reached one rank during evaluation stops them all here
                 stop.requested = distributed.any_rank(stop.requested)[0]
-            _say(quiet, _epoch_line(record, cfg.train.epochs, is_best))
+            say(quiet, epoch_line(record, cfg.train.epochs, is_best))
             patience = cfg.train.early_stopping_patience
             if patience is not None and state.bad_epochs >= patience and state.epoch < cfg.train.epochs:
-                _say(quiet, f"early stopping: {cfg.checkpoint.monitor} did not improve for {patience} epochs")
+                say(quiet, f"early stopping: {cfg.checkpoint.monitor} did not improve for {patience} epochs")
                 stopped_early = True
                 break
             if stop.requested and state.epoch < cfg.train.epochs:
@@ -625,6 +625,6 @@ def finetune(
         from tltool.report import write_report
 
         summary["report"] = str(write_report(run_dir, device=cfg.run.device))
-        _say(quiet, f"report written to {summary['report']}")
+        say(quiet, f"report written to {summary['report']}")
     distributed.teardown()
     return summary
