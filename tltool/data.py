@@ -237,7 +237,7 @@ class DataSplit:
         return Counter(label for _, label in getattr(self, which))
 
 
-def _drop_bad(samples: list[Sample], cfg: DataConfig, bad: list[tuple[str, str]]) -> list[Sample]:
+def _drop_bad(samples: list[Sample], bad: list[tuple[str, str]]) -> list[Sample]:
     kept = []
     for path, label in samples:
         problem = image_problem(path)
@@ -271,8 +271,8 @@ def scan_data(cfg: DataConfig, seed: int) -> DataSplit:
                 "add images or give data.val",
             )
     bad: list[tuple[str, str]] = []
-    train = _drop_bad(train, cfg, bad)
-    val = _drop_bad(val, cfg, bad)
+    train = _drop_bad(train, bad)
+    val = _drop_bad(val, bad)
     split = DataSplit(class_names, train, val, bad)
     total = len(train) + len(val) + len(bad)
     if bad:
@@ -562,7 +562,3 @@ def set_loader_epoch(loader: DataLoader, seed: int, epoch: int, skip_batches: in
         loader.sampler.set_epoch(epoch, skip=skip_batches * loader.batch_size)
     if loader.generator is not None:
         loader.generator.manual_seed(epoch_seed(seed, epoch, rank))
-
-
-def steps_per_epoch(num_samples: int, batch_size: int) -> int:
-    return math.ceil(num_samples / batch_size)
