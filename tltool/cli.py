@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from tltool import __version__
+from tltool.device import DEVICE_NAMES, check_device
 from tltool.errors import TltoolError
 
 app = typer.Typer(
@@ -36,7 +37,7 @@ Overrides = Annotated[
     ),
 ]
 CheckpointPath = Annotated[str, typer.Argument(help="A tltool checkpoint (runs/<name>/checkpoints/best.pt).")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+Device = Annotated[str, typer.Option("--device", help=f"{DEVICE_NAMES}.")]
 
 
 @contextlib.contextmanager
@@ -131,6 +132,7 @@ def eval_command(
 ) -> None:
     """Measure a checkpoint: loss, top-1/top-5, per-class precision/recall/F1, confusion matrix."""
     with user_errors():
+        check_device(device, "--device")
         from tltool.evaluate import format_report, run_eval
 
         metrics = run_eval(checkpoint, data, json_path, device, batch_size, num_workers)
@@ -179,15 +181,14 @@ def export(
     benchmark: Annotated[
         bool, typer.Option("--benchmark", help="Print batch-1 latency and batch-32 throughput vs eager PyTorch.")
     ] = False,
-    device: Annotated[
-        str, typer.Option("--device", help="Device for --benchmark: auto, cpu, cuda, cuda:N, mps.")
-    ] = "auto",
+    device: Annotated[str, typer.Option("--device", help=f"Device for --benchmark: {DEVICE_NAMES}.")] = "auto",
 ) -> None:
     """Write deployable files (ONNX, TorchScript, ExportedProgram, safetensors) with classes and preprocessing inside.
 
     Each file is checked against PyTorch on real images at two batch sizes before it gets its name.
     """
     with user_errors():
+        check_device(device, "--device")
         from tltool.export import run_export
 
         run_export(
@@ -237,6 +238,7 @@ def predict(
     Unreadable images are reported on stderr and skipped; exit code 2 when none could be read.
     """
     with user_errors():
+        check_device(device, "--device")
         from tltool.predict import check_some_readable, format_table, run_predict, to_json, write_csv
 
         results = run_predict(model, inputs, topk, batch_size, device, echo=lambda text: typer.echo(text, err=True))
@@ -327,6 +329,7 @@ def report(
 ) -> None:
     """Write report/ into a run: curves, confusion matrix, per-class bars, worst errors, and one HTML file."""
     with user_errors():
+        check_device(device, "--device")
         from tltool.report import write_report
 
         path = write_report(run_dir, data=data, device=device, batch_size=batch_size, num_workers=num_workers)

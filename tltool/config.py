@@ -8,7 +8,6 @@ reported at once, each with its dotted key, the bad value and an example of a va
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from tltool.device import device_problem
 from tltool.errors import ConfigError
 
 WEIGHTS_FILE_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
@@ -48,8 +48,9 @@ class RunConfig(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
-            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        problem = device_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
 

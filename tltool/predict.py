@@ -26,6 +26,7 @@ from PIL import Image
 
 from tltool.checkpoint import load_checkpoint
 from tltool.data import IMAGE_EXTENSIONS, Preprocess, image_files, image_problem, load_image
+from tltool.device import resolve_device
 from tltool.errors import CheckpointError, ConfigError, DataError
 from tltool.export.formats import EXPORTERS
 from tltool.export.run import sidecar_path
@@ -78,19 +79,6 @@ class Predictor:
 
 
 # --- the model file ------------------------------------------------------------------------------------
-
-
-def resolve_device_option(name: str) -> torch.device:
-    """`--device` to a torch.device, with the same names as `run.device` (a bad one is a ConfigError)."""
-    from tltool.device import resolve_device
-
-    if name not in ("auto", "cpu", "mps") and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
-        raise ConfigError(f"--device {name!r} is not a device", "use auto, cpu, cuda, cuda:N or mps")
-    try:
-        return resolve_device(name)
-    except ConfigError as exc:  # its message names the config key; here the user typed a flag
-        what = exc.what.replace(f"run.device={name}", f"--device {name}")
-        raise ConfigError(what, exc.fix.replace("set run.device=", "use --device ")) from None
 
 
 def model_kind(path: Path) -> str:
@@ -312,7 +300,7 @@ def run_predict(
     if topk < 1 or batch_size < 1:
         raise ConfigError("--topk and --batch-size must be at least 1", "e.g. --topk 3 --batch-size 32")
     files = collect_inputs(inputs)  # before loading the model: a typo fails in a moment
-    predictor = open_model(model, resolve_device_option(device), echo)
+    predictor = open_model(model, resolve_device(device, "--device"), echo)
     started = time.perf_counter()
     results = predict_files(predictor, files, topk, batch_size, echo)
     failed = sum(r.error is not None for r in results)

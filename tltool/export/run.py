@@ -20,6 +20,7 @@ import torch
 
 from tltool.checkpoint import TEMP_MARKER, load_checkpoint
 from tltool.data import Preprocess
+from tltool.device import resolve_device
 from tltool.errors import ExportError
 from tltool.export.formats import EXPORTERS
 from tltool.export.parity import ParityImages, check_parity, parity_images, reference_logits
@@ -224,9 +225,7 @@ def run_export(
         require(exporter.needs + (exporter.run_needs if verify or benchmark else ()), f"{name} export", install)
     bench_device = None
     if benchmark:
-        from tltool.predict import resolve_device_option
-
-        bench_device = resolve_device_option(device)
+        bench_device = resolve_device(device, "--device")
     checkpoint_path = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint_path)
     model = load_trained_model(ckpt)
