@@ -9,13 +9,16 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from tltool import __version__
 from tltool.device import DEVICE_NAMES, check_device
 from tltool.errors import TltoolError
+
+if TYPE_CHECKING:
+    from tltool.config import Config
 
 app = typer.Typer(
     name="tltool",
@@ -54,6 +57,17 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+def _load_run_config(path: str, overrides: list[str] | None) -> Config:
+    """The config of a run: file + overrides, validated with torchvision's backbone and weights names.
+
+    A name typo is one more line among the config's problems, before any data is read or weights loaded.
+    """
+    from tltool.catalog import TORCHVISION_NAMES
+    from tltool.config import load_config
+
+    return load_config(path, overrides or [], names=TORCHVISION_NAMES)
 
 
 def _version(value: bool) -> None:
@@ -97,10 +111,9 @@ def finetune(
 ) -> None:
     """Fine-tune a torchvision backbone on a folder of images (new head, frozen features by default)."""
     with user_errors():
-        from tltool.config import load_config
         from tltool.train import finetune as run_finetune
 
-        cfg = load_config(config, overrides or [])
+        cfg = _load_run_config(config, overrides)
         if nproc is not None:
             from tltool.distributed import launch, launched
             from tltool.errors import ConfigError
@@ -255,9 +268,7 @@ def predict(
 def config_show(config: ConfigPath, overrides: Overrides = None) -> None:
     """Print the resolved config (file + overrides + every default) as YAML."""
     with user_errors():
-        from tltool.config import load_config
-
-        typer.echo(load_config(config, overrides or []).to_yaml(), nl=False)
+        typer.echo(_load_run_config(config, overrides).to_yaml(), nl=False)
 
 
 @config_app.command("init", epilog="Example: tltool config init > my.yaml")
@@ -351,9 +362,8 @@ def baseline(
     """
     with user_errors():
         from tltool.baseline import format_baseline, run_baseline
-        from tltool.config import load_config
 
-        cfg = load_config(config, overrides or [])
+        cfg = _load_run_config(config, overrides)
         result = run_baseline(cfg, json_path=json_path, quiet=quiet, echo=typer.echo)
         typer.echo(format_baseline(result))
         if json_path:
