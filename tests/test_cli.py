@@ -168,7 +168,7 @@ def test_console_script_and_python_m(tmp_path: Path) -> None:
 
 
 def test_readme_config_reference_is_current() -> None:
-    from tltool.config import reference_markdown
+    from tltool.config_docs import reference_markdown
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"

@@ -11,7 +11,8 @@ import yaml
 from pydantic import ValidationError
 
 from tltool.catalog import TORCHVISION_NAMES
-from tltool.config import Config, all_keys, iter_fields, load_config, parse_overrides, starter_yaml
+from tltool.config import Config, all_keys, iter_fields, load_config, parse_overrides
+from tltool.config_docs import starter_yaml
 from tltool.errors import ConfigError
 
 CONTRACT_KEYS = [

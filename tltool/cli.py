@@ -274,7 +274,7 @@ def config_show(config: ConfigPath, overrides: Overrides = None) -> None:
 @config_app.command("init", epilog="Example: tltool config init > my.yaml")
 def config_init() -> None:
     """Print a commented starter config with every key at its default."""
-    from tltool.config import starter_yaml
+    from tltool.config_docs import starter_yaml
 
     typer.echo(starter_yaml(), nl=False)
 
@@ -282,7 +282,7 @@ def config_init() -> None:
 @config_app.command("keys", epilog="Example: tltool config keys")
 def config_keys() -> None:
     """Print every config key with its default and meaning (a Markdown table)."""
-    from tltool.config import reference_markdown
+    from tltool.config_docs import reference_markdown
 
     typer.echo(reference_markdown(), nl=False)
 
@@ -292,7 +292,7 @@ def config_schema() -> None:
     """Print the JSON Schema of a config, for editors to complete and check keys (configs/schema.json)."""
     import json
 
-    from tltool.config import json_schema
+    from tltool.config_docs import json_schema
 
     typer.echo(json.dumps(json_schema(), indent=2))
 
