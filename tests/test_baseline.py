@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from typer.testing import CliRunner
 
@@ -135,8 +136,9 @@ def test_knn_matches_brute_force(k: int, monkeypatch: pytest.MonkeyPatch) -> Non
     generator = torch.Generator().manual_seed(k)
     bank, queries = torch.randn(50, 6, generator=generator), torch.randn(13, 6, generator=generator)
     labels = torch.randint(0, 4, (50,), generator=generator)
-    monkeypatch.setattr(baseline, "_CHUNK_ELEMENTS", 200)  # several query chunks of 4
-    scores = baseline.knn_scores(bank, labels, queries, 4, k)
+    monkeypatch.setattr(baseline, "CHUNK_ELEMENTS", 200)  # several query chunks of 4
+    similarities, indices = baseline.neighbours(F.normalize(bank, dim=1), F.normalize(queries, dim=1), k)
+    scores = baseline.knn_vote(similarities, indices, labels, 4, k)
     expected = brute_force_knn(bank, labels, queries, 4, k)
     torch.testing.assert_close(scores.double(), expected, rtol=1e-4, atol=1e-6)
     assert torch.equal(scores.argmax(1), expected.argmax(1))

@@ -88,6 +88,19 @@ def test_config_show_and_init(cli: CliRunner, tmp_path: Path) -> None:
     assert yaml.safe_load(shown.output)["train"]["lr"] == pytest.approx(1e-4)
 
 
+@pytest.mark.parametrize("command", [["finetune"], ["baseline"], ["config", "show"]])
+def test_model_name_typos_are_config_errors_before_any_data_is_read(
+    cli: CliRunner, tmp_path: Path, command: list[str]
+) -> None:
+    config = write_config(tmp_path / "c.yaml", [f"data.train={tmp_path / 'missing'}", "model.weights=none"])
+    result = cli.invoke(app, [*command, str(config), "model.backbone=resnet81"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.stderr.splitlines()[0] == f"error: {config} has 1 problem — fix them and run again"
+    assert "model.backbone: unknown torchvision classification model; did you mean resnet18" in result.stderr
+    result = cli.invoke(app, [*command, str(config), "model.weights=IMAGENET9K"])
+    assert result.exit_code == 2 and "model.weights: not a weights name of resnet18" in result.stderr
+
+
 def test_dry_run(cli: CliRunner, tmp_path: Path, dataset: Path) -> None:
     config = write_config(tmp_path / "c.yaml", run_overrides(tmp_path / "run", dataset))
     result = cli.invoke(app, ["finetune", str(config), "--dry-run"])
@@ -155,7 +168,7 @@ def test_console_script_and_python_m(tmp_path: Path) -> None:
 
 
 def test_readme_config_reference_is_current() -> None:
-    from tltool.config import reference_markdown
+    from tltool.config_docs import reference_markdown
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"

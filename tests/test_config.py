@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from pydantic import ValidationError
 
-from tltool.config import Config, all_keys, iter_fields, load_config, parse_overrides, starter_yaml
+from tltool.catalog import TORCHVISION_NAMES
+from tltool.config import Config, all_keys, iter_fields, load_config, parse_overrides
+from tltool.config_docs import starter_yaml
 from tltool.errors import ConfigError
 
 CONTRACT_KEYS = [
@@ -74,7 +78,7 @@ def test_all_problems_reported_at_once_with_key_value_and_example(tmp_path: Path
         "data: {batch_size: -1}\ntrain: {epochs: ten, optimzer: sgd, lr: 0}\nmodel: {backbone: resnet81}\n",
     )
     with pytest.raises(ConfigError) as exc:
-        load_config(path)
+        load_config(path, names=TORCHVISION_NAMES)
     text = problems(exc)
     assert "5 problems" in text
     assert "data.batch_size" in text and "-1" in text and "e.g. batch_size: 64" in text
@@ -129,11 +133,11 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 def test_weights_name_is_checked_against_the_backbone() -> None:
     with pytest.raises(ConfigError) as exc:
-        load_config(None, ["model.backbone=resnet18", "model.weights=IMAGENET9K"])
+        load_config(None, ["model.backbone=resnet18", "model.weights=IMAGENET9K"], names=TORCHVISION_NAMES)
     text = problems(exc)
     assert "model.weights" in text and "IMAGENET1K_V1" in text
-    assert load_config(None, ["model.weights=none"]).model.weights == "none"
-    assert load_config(None, ["model.weights=some/file.pt"]).model.weights == "some/file.pt"
+    assert load_config(None, ["model.weights=none"], names=TORCHVISION_NAMES).model.weights == "none"
+    assert load_config(None, ["model.weights=some/file.pt"], names=TORCHVISION_NAMES).model.weights == "some/file.pt"
 
 
 @pytest.mark.parametrize(
@@ -160,3 +164,26 @@ def test_starter_yaml_is_valid_and_lists_every_key() -> None:
 def test_resolved_yaml_round_trips() -> None:
     cfg = load_config(None, ["train.lr=0.25", "data.train=x"])
     assert load_config(None, []).model_validate(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_validating_a_config_imports_neither_torch_nor_torchvision() -> None:
+    code = (
+        "import sys; from tltool.config import load_config; "
+        "load_config(None, ['model.backbone=resnet81', 'model.weights=IMAGENET9K', 'run.device=cuda:1']); "
+        "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_backbone_names_are_checked_with_the_rest_and_suggest_the_closest() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["model.backbone=resnet81", "train.lr=0"], names=TORCHVISION_NAMES)
+    text = problems(exc)
+    assert "2 problems" in text and "train.lr" in text
+    assert "model.backbone: unknown torchvision classification model; did you mean resnet18" in text
+    assert "(got 'resnet81')" in text
+    cfg = load_config(
+        None, ["model.backbone=mobilenet_v3_small", "model.weights=IMAGENET1K_V1"], names=TORCHVISION_NAMES
+    )
+    assert cfg.model.backbone == "mobilenet_v3_small"

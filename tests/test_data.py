@@ -223,7 +223,7 @@ def test_augmentation_depends_on_seed_epoch_and_position_not_on_workers(tmp_path
 
 
 def test_num_workers_auto_follows_the_cpus_of_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tltool.data as data_module
+    import tltool.data.loading as data_module
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     for cpus, expected in ((1, 0), (2, 2), (6, 6), (64, 8)):

@@ -1,4 +1,4 @@
-"""Device and precision choices: what `auto` picks, and that it is what a run uses."""
+"""Device names and choices: the one grammar of run.device and --device, what `auto` picks, and that a run uses it."""
 
 from __future__ import annotations
 
@@ -9,15 +9,79 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from typer.testing import CliRunner
 
 import tltool.device as device_module
 from conftest import run_overrides
-from tltool.config import load_config
-from tltool.device import cpu_has_native_bf16, has_depthwise_convs, resolve_precision
+from tltool.cli import app
+from tltool.config import build_config, load_config
+from tltool.device import (
+    DEVICE_NAMES,
+    check_device,
+    cpu_has_native_bf16,
+    device_problem,
+    has_depthwise_convs,
+    resolve_device,
+    resolve_precision,
+)
 from tltool.errors import ConfigError
 from tltool.train import finetune
 
 CPU = torch.device("cpu")
+ACCEPTED = ["auto", "cpu", "mps", "cuda", "cuda:0", "cuda:1", "cuda:12"]
+REFUSED = ["gpu", "CPU", "Cuda", " cpu", "cpu ", "", "cuda:", "cuda0", "cuda:-1", "cuda:x", "cuda:1:2", "mps:0", "tpu"]
+UNKNOWN = f"unknown device name; use {DEVICE_NAMES}"
+# Every command with a --device flag, and arguments that would fail later: the flag is checked first.
+FLAG_COMMANDS = [["eval", "missing.pt"], ["export", "missing.pt"], ["predict", "missing.pt", "x.jpg"], ["report", "r"]]
+
+
+# ids=repr: a bare `cuda` id would be a keyword, and conftest skips tests with the keyword `cuda` on CPU machines.
+@pytest.mark.parametrize("name", ACCEPTED, ids=repr)
+def test_accepted_device_names(name: str) -> None:
+    assert device_problem(name) is None
+    assert check_device(name, "--device") == name
+    assert build_config({"run": {"device": name}}).run.device == name
+
+
+@pytest.mark.parametrize("name", REFUSED, ids=repr)
+def test_refused_device_names_get_one_sentence_from_the_config_and_from_every_flag(name: str) -> None:
+    assert device_problem(name) == UNKNOWN
+    with pytest.raises(ConfigError) as config_error:
+        build_config({"run": {"device": name}})
+    assert f"run.device: {UNKNOWN} (got {name!r})" in config_error.value.message()
+    for source in ("run.device", "--device"):
+        with pytest.raises(ConfigError) as exc:
+            check_device(name, source)
+        assert exc.value.message() == f"error: {source} {name!r} is not a device — {UNKNOWN}"
+        with pytest.raises(ConfigError) as exc:
+            resolve_device(name, source)
+        assert exc.value.message() == f"error: {source} {name!r} is not a device — {UNKNOWN}"
+    for command in FLAG_COMMANDS:
+        result = CliRunner().invoke(app, [*command, "--device", name])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert result.stderr.strip().splitlines() == [f"error: --device {name!r} is not a device — {UNKNOWN}"]
+
+
+def test_a_device_that_is_not_there_is_named_as_the_user_wrote_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    expected = {
+        ("cuda", "run.device"): "run.device=cuda but no CUDA device is available — set run.device=cpu or auto",
+        ("cuda:1", "--device"): "--device cuda:1 but no CUDA device is available — use --device cpu or auto",
+        ("mps", "run.device"): "run.device=mps but MPS is not available — set run.device=cpu or auto",
+        ("mps", "--device"): "--device mps but MPS is not available — use --device cpu or auto",
+    }
+    for (name, source), message in expected.items():
+        with pytest.raises(ConfigError) as exc:
+            resolve_device(name, source)
+        assert exc.value.message() == f"error: {message}"
+    assert resolve_device("auto") == CPU and resolve_device("cpu", "--device") == CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError) as exc:
+        resolve_device("cuda:2", "--device")
+    assert exc.value.message() == "error: --device cuda:2 but only 2 CUDA device(s) exist — use cuda:0 ... cuda:1"
 
 
 def test_depthwise_nets_are_recognised() -> None:

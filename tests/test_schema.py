@@ -13,7 +13,8 @@ import yaml
 from typer.testing import CliRunner
 
 from tltool.cli import app
-from tltool.config import all_keys, json_schema
+from tltool.config import all_keys
+from tltool.config_docs import json_schema
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODELINE = "# yaml-language-server: $schema=schema.json"

@@ -43,7 +43,7 @@ DEFAULT_K = 5
 # the cap keeps a probe to seconds there, and the held-out score judges the capped fit, not an ideal one.
 GRID_MAX_ITER = 100
 REFIT_MAX_ITER = 300
-_CHUNK_ELEMENTS = 2**24  # similarity rows computed at once: 64 MiB of float32
+CHUNK_ELEMENTS = 2**24  # similarity rows computed at once: 64 MiB of float32
 
 
 @dataclass
@@ -255,7 +255,7 @@ def neighbours(bank: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch
     Both inputs must already be L2-normalized; queries go in chunks so memory stays bounded.
     """
     k = min(k, bank.shape[0])
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, bank.shape[0]))
+    chunk = max(1, CHUNK_ELEMENTS // max(1, bank.shape[0]))
     values, indices = [], []
     for begin in range(0, queries.shape[0], chunk):
         top = (queries[begin : begin + chunk] @ bank.T).topk(k, dim=1)
@@ -282,15 +282,6 @@ def knn_vote(
     weights = torch.exp((similarities[:, :k] - 1.0) / temperature)
     scores = torch.zeros(similarities.shape[0], num_classes, device=similarities.device)
     return scores.scatter_add_(1, bank_labels[indices[:, :k]], weights)
-
-
-def knn_scores(
-    bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int, k: int
-) -> torch.Tensor:
-    """Weighted-kNN class scores of `queries` against `bank` (raw features; normalized here)."""
-    bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
-    similarities, indices = neighbours(bank, queries, k)
-    return knn_vote(similarities, indices, bank_labels, num_classes, k)
 
 
 def knn(

@@ -20,6 +20,7 @@ import torch
 import torchvision
 
 from tltool import models as tltool_models
+from tltool.config import ModelNames
 from tltool.errors import ModelError
 
 _GLOB_CHARACTERS = "*?["
@@ -66,6 +67,30 @@ def model_names(pattern: str | None = None) -> list[str]:
         hint = f"did you mean {', '.join(close)}?" if close else "run `tltool models` for the full list"
         raise ModelError(f"no torchvision model matches {pattern!r}", f"{hint} (globs work too: 'resnet*')")
     return matched
+
+
+def backbone_problem(backbone: str) -> str | None:
+    """Why `model.backbone` is not a torchvision classification model (with the closest names), or None."""
+    names = model_names()
+    if backbone in names:
+        return None
+    close = difflib.get_close_matches(backbone, names, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "see `tltool models` or torchvision docs"
+    return f"unknown torchvision classification model; {hint}"
+
+
+def weights_problem(backbone: str, weights: str) -> str | None:
+    """Why `model.weights` is not a weights name of `backbone` (DEFAULT or one of its enum's), or None."""
+    names = ["DEFAULT", *(w.name for w in torchvision.models.get_model_weights(backbone))]
+    if weights in names:
+        return None
+    return (
+        f"not a weights name of {backbone}; valid: none, {', '.join(names)}, or a path to a .pt/.pth/.safetensors file"
+    )
+
+
+TORCHVISION_NAMES = ModelNames(backbone_problem, weights_problem)
+"""torchvision's backbones and weights, for `load_config(..., names=TORCHVISION_NAMES)`."""
 
 
 def family_of(name: str) -> str:

@@ -9,12 +9,16 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from tltool import __version__
+from tltool.device import DEVICE_NAMES, check_device
 from tltool.errors import TltoolError
+
+if TYPE_CHECKING:
+    from tltool.config import Config
 
 app = typer.Typer(
     name="tltool",
@@ -36,7 +40,7 @@ Overrides = Annotated[
     ),
 ]
 CheckpointPath = Annotated[str, typer.Argument(help="A tltool checkpoint (runs/<name>/checkpoints/best.pt).")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+Device = Annotated[str, typer.Option("--device", help=f"{DEVICE_NAMES}.")]
 
 
 @contextlib.contextmanager
@@ -53,6 +57,17 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+def _load_run_config(path: str, overrides: list[str] | None) -> Config:
+    """The config of a run: file + overrides, validated with torchvision's backbone and weights names.
+
+    A name typo is one more line among the config's problems, before any data is read or weights loaded.
+    """
+    from tltool.catalog import TORCHVISION_NAMES
+    from tltool.config import load_config
+
+    return load_config(path, overrides or [], names=TORCHVISION_NAMES)
 
 
 def _version(value: bool) -> None:
@@ -96,10 +111,9 @@ def finetune(
 ) -> None:
     """Fine-tune a torchvision backbone on a folder of images (new head, frozen features by default)."""
     with user_errors():
-        from tltool.config import load_config
         from tltool.train import finetune as run_finetune
 
-        cfg = load_config(config, overrides or [])
+        cfg = _load_run_config(config, overrides)
         if nproc is not None:
             from tltool.distributed import launch, launched
             from tltool.errors import ConfigError
@@ -131,6 +145,7 @@ def eval_command(
 ) -> None:
     """Measure a checkpoint: loss, top-1/top-5, per-class precision/recall/F1, confusion matrix."""
     with user_errors():
+        check_device(device, "--device")
         from tltool.evaluate import format_report, run_eval
 
         metrics = run_eval(checkpoint, data, json_path, device, batch_size, num_workers)
@@ -179,15 +194,14 @@ def export(
     benchmark: Annotated[
         bool, typer.Option("--benchmark", help="Print batch-1 latency and batch-32 throughput vs eager PyTorch.")
     ] = False,
-    device: Annotated[
-        str, typer.Option("--device", help="Device for --benchmark: auto, cpu, cuda, cuda:N, mps.")
-    ] = "auto",
+    device: Annotated[str, typer.Option("--device", help=f"Device for --benchmark: {DEVICE_NAMES}.")] = "auto",
 ) -> None:
     """Write deployable files (ONNX, TorchScript, ExportedProgram, safetensors) with classes and preprocessing inside.
 
     Each file is checked against PyTorch on real images at two batch sizes before it gets its name.
     """
     with user_errors():
+        check_device(device, "--device")
         from tltool.export import run_export
 
         run_export(
@@ -237,6 +251,7 @@ def predict(
     Unreadable images are reported on stderr and skipped; exit code 2 when none could be read.
     """
     with user_errors():
+        check_device(device, "--device")
         from tltool.predict import check_some_readable, format_table, run_predict, to_json, write_csv
 
         results = run_predict(model, inputs, topk, batch_size, device, echo=lambda text: typer.echo(text, err=True))
@@ -253,15 +268,13 @@ def predict(
 def config_show(config: ConfigPath, overrides: Overrides = None) -> None:
     """Print the resolved config (file + overrides + every default) as YAML."""
     with user_errors():
-        from tltool.config import load_config
-
-        typer.echo(load_config(config, overrides or []).to_yaml(), nl=False)
+        typer.echo(_load_run_config(config, overrides).to_yaml(), nl=False)
 
 
 @config_app.command("init", epilog="Example: tltool config init > my.yaml")
 def config_init() -> None:
     """Print a commented starter config with every key at its default."""
-    from tltool.config import starter_yaml
+    from tltool.config_docs import starter_yaml
 
     typer.echo(starter_yaml(), nl=False)
 
@@ -269,7 +282,7 @@ def config_init() -> None:
 @config_app.command("keys", epilog="Example: tltool config keys")
 def config_keys() -> None:
     """Print every config key with its default and meaning (a Markdown table)."""
-    from tltool.config import reference_markdown
+    from tltool.config_docs import reference_markdown
 
     typer.echo(reference_markdown(), nl=False)
 
@@ -279,7 +292,7 @@ def config_schema() -> None:
     """Print the JSON Schema of a config, for editors to complete and check keys (configs/schema.json)."""
     import json
 
-    from tltool.config import json_schema
+    from tltool.config_docs import json_schema
 
     typer.echo(json.dumps(json_schema(), indent=2))
 
@@ -327,6 +340,7 @@ def report(
 ) -> None:
     """Write report/ into a run: curves, confusion matrix, per-class bars, worst errors, and one HTML file."""
     with user_errors():
+        check_device(device, "--device")
         from tltool.report import write_report
 
         path = write_report(run_dir, data=data, device=device, batch_size=batch_size, num_workers=num_workers)
@@ -348,9 +362,8 @@ def baseline(
     """
     with user_errors():
         from tltool.baseline import format_baseline, run_baseline
-        from tltool.config import load_config
 
-        cfg = load_config(config, overrides or [])
+        cfg = _load_run_config(config, overrides)
         result = run_baseline(cfg, json_path=json_path, quiet=quiet, echo=typer.echo)
         typer.echo(format_baseline(result))
         if json_path:

@@ -3,19 +3,24 @@
 Every field has a default that works and a docstring; the docstrings are the reference that
 `tltool config init`, `tltool config show` and the README print. All problems of a config are
 reported at once, each with its dotted key, the bad value and an example of a valid one.
+
+Validating a config imports neither torch nor torchvision. Whether `model.backbone` and `model.weights`
+name a torchvision model and its weights is asked of `ModelNames` given to `load_config` (the CLI gives
+torchvision's, `tltool.catalog.TORCHVISION_NAMES`): the answer needs torchvision, ~3 s to import.
 """
 
 from __future__ import annotations
 
 import difflib
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from tltool.device import device_problem
 from tltool.errors import ConfigError
 
 WEIGHTS_FILE_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
@@ -48,8 +53,9 @@ class RunConfig(_Section):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
-            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        problem = device_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
 
@@ -94,26 +100,23 @@ class ModelConfig(_Section):
 
     @field_validator("backbone")
     @classmethod
-    def _backbone(cls, value: str) -> str:
-        names = backbone_names()
-        if value not in names:
-            close = difflib.get_close_matches(value, names, n=3, cutoff=0.6)
-            hint = f"did you mean {', '.join(close)}?" if close else "see `tltool models` or torchvision docs"
-            raise ValueError(f"unknown torchvision classification model; {hint}")
+    def _backbone(cls, value: str, info: ValidationInfo) -> str:
+        names = _model_names(info)
+        problem = names.backbone_problem(value) if names else None
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("weights")
     @classmethod
     def _weights(cls, value: str, info: ValidationInfo) -> str:
         backbone = info.data.get("backbone")
-        if backbone is None or weights_is_file(value) or value.lower() == "none":
+        names = _model_names(info)
+        if names is None or backbone is None or weights_is_file(value) or value.lower() == "none":
             return value
-        names = weights_names(backbone)
-        if value not in names:
-            raise ValueError(
-                f"not a weights name of {backbone}; valid: none, {', '.join(names)}, "
-                "or a path to a .pt/.pth/.safetensors file"
-            )
+        problem = names.weights_problem(backbone, value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
 
@@ -289,20 +292,22 @@ class Config(_Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# --- helpers about models that the validators need (kept here to avoid an import cycle) ---------------
+# --- model names ---------------------------------------------------------------------------------------
 
 
-def backbone_names() -> list[str]:
-    import torchvision
+@dataclass(frozen=True)
+class ModelNames:
+    """The name checks of `model.backbone` and `model.weights`: each says why a name is wrong, or None."""
 
-    return list(torchvision.models.list_models(module=torchvision.models))
+    backbone_problem: Callable[[str], str | None]
+    """Why a backbone name is unknown (with the closest names), or None."""
+    weights_problem: Callable[[str, str], str | None]
+    """Why (backbone, weights name) is not one of the backbone's weights, or None (files and none not asked)."""
 
 
-def weights_names(backbone: str) -> list[str]:
-    import torchvision
-
-    enum = torchvision.models.get_model_weights(backbone)
-    return ["DEFAULT", *(w.name for w in enum)]
+def _model_names(info: ValidationInfo) -> ModelNames | None:
+    """The ModelNames this validation was given (`build_config(..., names=)`), or None: names unchecked."""
+    return (info.context or {}).get("model_names")
 
 
 def weights_is_file(weights: str) -> bool:
@@ -449,10 +454,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(data: dict[str, Any], source: str = "config") -> Config:
-    """Validate a plain dict into a Config, reporting every problem at once."""
+def build_config(data: dict[str, Any], source: str = "config", names: ModelNames | None = None) -> Config:
+    """Validate a plain dict into a Config, reporting every problem at once (the model names too, given `names`)."""
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(data, context={"model_names": names})
     except ValidationError as exc:
         lines = _format_errors(exc)
         raise ConfigError(
@@ -462,69 +467,12 @@ def build_config(data: dict[str, Any], source: str = "config") -> Config:
         ) from None
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
-    """Load a YAML file (or only defaults when `path` is None), apply dotted overrides and validate."""
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), names: ModelNames | None = None) -> Config:
+    """Load a YAML file (or only defaults when `path` is None), apply dotted overrides and validate.
+
+    With `names` (e.g. `tltool.catalog.TORCHVISION_NAMES`) the backbone and weights names are checked too,
+    among the other problems; without, they are left to whoever builds the model.
+    """
     data = read_yaml(path) if path is not None else {}
     data = _merge(data, parse_overrides(overrides))
-    return build_config(data, source=str(path) if path is not None else "config")
-
-
-def starter_yaml() -> str:
-    """A commented config with every key at its default (`tltool config init`)."""
-    lines = [
-        "# tltool config: every key with its default and what it means.",
-        "# Run it with: tltool finetune this.yaml   (override any key: train.epochs=3)",
-    ]
-    section = None
-    for key, default, doc, _example in iter_fields():
-        sec, name = key.split(".", 1)
-        if sec != section:
-            section = sec
-            lines += ["", f"{sec}:"]
-        if key == "data.train":
-            default = "path/to/train"
-        value = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...").strip()
-        value = value.removesuffix("...").strip()
-        lines.append(f"  # {doc}")
-        lines.append(f"  {name}: {value}")
-    return "\n".join(lines) + "\n"
-
-
-def reference_markdown() -> str:
-    """The config reference as a Markdown table (`tltool config keys`; the README holds the same)."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
-    for key, default, doc, _example in iter_fields():
-        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
-        rows.append(f"| `{key}` | `{shown}` | {doc.replace('|', '/')} |")
-    return "\n".join(rows) + "\n"
-
-
-def json_schema() -> dict[str, Any]:
-    """The JSON Schema of a config file (`tltool config schema`, `configs/schema.json`), for editors.
-
-    Pydantic's schema with the field docstrings as descriptions and `additionalProperties: false`
-    everywhere (a typo is flagged as it is typed), tidied: a `$schema`/title header, and without the
-    auto-generated per-field titles ("Val Split") that editors would show instead of the description.
-    """
-
-    def tidy(node: Any) -> Any:
-        if isinstance(node, dict):
-            out = {}
-            for key, value in node.items():
-                if key == "title" and isinstance(value, str):
-                    continue
-                # "properties" maps field names to schemas: a field may itself be called "title".
-                out[key] = {k: tidy(v) for k, v in value.items()} if key in ("properties", "$defs") else tidy(value)
-            return out
-        if isinstance(node, list):
-            return [tidy(item) for item in node]
-        return node
-
-    schema = tidy(Config.model_json_schema())
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "tltool config",
-        "description": "A tltool run: `tltool finetune CONFIG.yaml`. Every key is optional; "
-        "`tltool config keys` lists them with their defaults.",
-        **{key: value for key, value in schema.items() if key != "description"},
-    }
+    return build_config(data, source=str(path) if path is not None else "config", names=names)

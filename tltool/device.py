@@ -1,39 +1,80 @@
-"""Where and in which precision a run computes: device resolution and autocast."""
+"""Where and in which precision a run computes: the device names, device resolution and autocast.
+
+This module owns the one grammar of device names (`run.device` and every `--device` flag): `device_problem`
+says why a name is not one, `check_device` and `resolve_device` raise the ConfigError that names where it
+came from. torch is imported inside the functions that need it, so that validating a config (which checks
+`run.device` here) does not import torch (1.5-2 s).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from tltool.errors import ConfigError
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
+_DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
 
-def resolve_device(name: str) -> torch.device:
-    """`run.device` to a torch.device; asking for a device that is not there is a config error."""
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
-        raise ConfigError(f"unknown device {name!r}", "use auto, cpu, cuda, cuda:N or mps")
+def device_problem(name: str) -> str | None:
+    """Why `name` is not a device name, or None: the sentence the config and every `--device` flag show."""
+    if _DEVICE_NAME.fullmatch(name):
+        return None
+    return f"unknown device name; use {DEVICE_NAMES}"
+
+
+def check_device(name: str, source: str = "run.device") -> str:
+    """`name` when it is a device name; else a ConfigError that names its `source` (`run.device`, `--device`)."""
+    problem = device_problem(name)
+    if problem is not None:
+        raise ConfigError(f"{source} {name!r} is not a device", problem)
+    return name
+
+
+def _setting(source: str, value: str) -> str:
+    """How the user wrote `value` for `source`: `run.device=cuda` (a config key) or `--device cuda` (a flag)."""
+    return f"{source} {value}" if source.startswith("-") else f"{source}={value}"
+
+
+def _use(source: str, value: str) -> str:
+    """What to write instead: `set run.device=cpu` or `use --device cpu`."""
+    return f"{'use' if source.startswith('-') else 'set'} {_setting(source, value)}"
+
+
+def _mps_available() -> bool:
+    import torch
+
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def resolve_device(name: str, source: str = "run.device") -> torch.device:
+    """A device name to a torch.device; a bad name, or a device that is not there, is a ConfigError about `source`."""
+    import torch
+
+    check_device(name, source)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"run.device={name} but no CUDA device is available", "set run.device=cpu or auto")
+            raise ConfigError(f"{_setting(source, name)} but no CUDA device is available", _use(source, "cpu or auto"))
         index = int(name.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
             raise ConfigError(
-                f"run.device={name} but only {torch.cuda.device_count()} CUDA device(s) exist",
+                f"{_setting(source, name)} but only {torch.cuda.device_count()} CUDA device(s) exist",
                 f"use cuda:0 ... cuda:{torch.cuda.device_count() - 1}",
             )
         return torch.device("cuda", index)
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("run.device=mps but MPS is not available", "set run.device=cpu or auto")
+    if name == "mps" and not _mps_available():
+        raise ConfigError(f"{_setting(source, name)} but MPS is not available", _use(source, "cpu or auto"))
     return torch.device(name)
 
 
@@ -52,6 +93,8 @@ def cpu_has_native_bf16() -> bool:
 
 def has_depthwise_convs(model: torch.nn.Module) -> bool:
     """Depthwise convolutions (MobileNet, EfficientNet, MNASNet, ShuffleNet, ConvNeXt ...)."""
+    import torch
+
     return any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
 
 
@@ -65,6 +108,8 @@ def resolve_precision(
     demo: BENCHMARKS.md), fp32 otherwise: bf16 slows depthwise nets' training (mobilenet_v3_small full
     fine-tune 0.7-0.8x), and frozen bf16 features cost the digits demo 0.7-1.5 points of top-1.
     """
+    import torch
+
     if device.type == "cuda":
         bf16 = torch.cuda.is_bf16_supported()
         if name == "auto":
@@ -83,9 +128,12 @@ def resolve_precision(
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Mixed precision for the forward pass (a no-op for fp32)."""
+    import torch
+
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # Families where channels_last buys nothing (attention blocks on (N, L, C) tensors).
@@ -113,6 +161,8 @@ def host_read_interval(device: torch.device) -> int:
 
 def sum_dtype(device: torch.device) -> torch.dtype:
     """dtype of running sums kept on `device`: float64 (exact for counts, as a Python float), float32 on MPS."""
+    import torch
+
     return torch.float32 if device.type == "mps" else torch.float64
 
 
@@ -122,6 +172,8 @@ def configure_backends(device: torch.device) -> None:
     CUDA: cudnn.benchmark (fixed input sizes: pick the fastest convolution once) and TF32 matmuls and
     convolutions on Ampere and newer (10 mantissa bits; the accepted default for training).
     """
+    import torch
+
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from tltool.data import IMAGE_EXTENSIONS, _image_files, image_problem, load_image
+from tltool.data import IMAGE_EXTENSIONS, image_files, image_problem, load_image
+from tltool.device import resolve_device
 from tltool.errors import CheckpointError, ConfigError, DataError
 from tltool.export.formats import EXPORTERS
 from tltool.export.spec import Echo, ExportSpec, Runner, require, sidecar_path, uint8_transform
@@ -76,19 +77,6 @@ class Predictor:
 
 
 # --- the model file ------------------------------------------------------------------------------------
-
-
-def resolve_device_option(name: str) -> torch.device:
-    """`--device` to a torch.device, with the same names as `run.device` (a bad one is a ConfigError)."""
-    from tltool.device import resolve_device
-
-    if name not in ("auto", "cpu", "mps") and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
-        raise ConfigError(f"--device {name!r} is not a device", "use auto, cpu, cuda, cuda:N or mps")
-    try:
-        return resolve_device(name)
-    except ConfigError as exc:  # its message names the config key; here the user typed a flag
-        what = exc.what.replace(f"run.device={name}", f"--device {name}")
-        raise ConfigError(what, exc.fix.replace("set run.device=", "use --device ")) from None
 
 
 def model_kind(path: Path) -> str:
@@ -179,12 +167,12 @@ def _expand(item: str) -> list[str]:
     if path.is_file():
         return [item]
     if path.is_dir():
-        return [str(p) for p in _image_files(path)]
+        return [str(p) for p in image_files(path)]
     if any(c in item for c in GLOB_CHARACTERS):
         found: list[str] = []
         for match in sorted(glob.glob(item, recursive=True)):
             if Path(match).is_dir():
-                found += [str(p) for p in _image_files(Path(match))]
+                found += [str(p) for p in image_files(Path(match))]
             elif Path(match).suffix.lower() in IMAGE_EXTENSIONS:
                 found.append(match)
         return found
@@ -304,7 +292,7 @@ def run_predict(
     if topk < 1 or batch_size < 1:
         raise ConfigError("--topk and --batch-size must be at least 1", "e.g. --topk 3 --batch-size 32")
     files = collect_inputs(inputs)  # before loading the model: a typo fails in a moment
-    predictor = open_model(model, resolve_device_option(device), echo)
+    predictor = open_model(model, resolve_device(device, "--device"), echo)
     started = time.perf_counter()
     results = predict_files(predictor, files, topk, batch_size, echo)
     failed = sum(r.error is not None for r in results)

@@ -77,11 +77,14 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def say(quiet: bool, text: str) -> None:
+    """Print a progress line of the run (flushed at once: it may go to a log file), unless `quiet`."""
     if not quiet:
         print(text, flush=True)
 
 
 def epoch_line(record: dict[str, Any], epochs: int, is_best: bool) -> str:
+    """The one line an epoch prints: train and val loss and accuracy, lr, speed, time, `*best`, and the loss
+    terms when the objective has more than one."""
     return (
         f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  "
         f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.1%}  "

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tltool.checkpoint import TEMP_MARKER
+from tltool.device import resolve_device
 from tltool.errors import ExportError
 from tltool.export.formats import EXPORTERS
 from tltool.export.parity import ParityImages, check_parity, parity_images, reference_logits
@@ -217,9 +218,7 @@ def run_export(
         require(exporter.needs + (exporter.run_needs if verify or benchmark else ()), f"{name} export", install)
     bench_device = None
     if benchmark:
-        from tltool.predict import resolve_device_option
-
-        bench_device = resolve_device_option(device)
+        bench_device = resolve_device(device, "--device")
     checkpoint_path = Path(checkpoint)
     trained = open_trained(checkpoint_path, torch.device("cpu"))
     model, preprocess = trained.model, trained.preprocess

@@ -1,0 +1,64 @@
+"""Data: image decoding, ImageFolder scanning and splitting, transforms, samplers and loaders.
+
+One module per responsibility; `from tltool.data import X` names any of their public parts:
+- `images`: which files are images, a cheap header check, decoding to RGB;
+- `folders`: class folders to samples, the stratified val split, unusable images left out;
+- `transforms`: `Preprocess` (what the weights and checkpoint carry) and the eval / train transforms;
+- `loading`: the dataset, the seeded and resumable epoch samplers, and the DataLoader.
+
+Nothing here writes into the dataset folder.
+"""
+
+from tltool.data.folders import (
+    DataSplit,
+    Sample,
+    image_files,
+    is_visible,
+    scan_data,
+    scan_eval_folder,
+    scan_folder,
+    stratified_split,
+)
+from tltool.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, image_problem, load_image, to_rgb
+from tltool.data.loading import (
+    BalancedSampler,
+    EpochSampler,
+    ImageDataset,
+    collate_skip_bad,
+    epoch_seed,
+    make_loader,
+    resolve_num_workers,
+    set_loader_epoch,
+    usable_cpus,
+)
+from tltool.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, eval_transform, train_transform
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "MAX_PIXELS",
+    "BalancedSampler",
+    "DataSplit",
+    "EpochSampler",
+    "ImageDataset",
+    "Preprocess",
+    "Sample",
+    "collate_skip_bad",
+    "epoch_seed",
+    "eval_transform",
+    "image_files",
+    "image_problem",
+    "is_visible",
+    "load_image",
+    "make_loader",
+    "resolve_num_workers",
+    "scan_data",
+    "scan_eval_folder",
+    "scan_folder",
+    "set_loader_epoch",
+    "stratified_split",
+    "to_rgb",
+    "train_transform",
+    "usable_cpus",
+]

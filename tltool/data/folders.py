@@ -1,0 +1,174 @@
+"""Dataset folders: ImageFolder scanning, the stratified train/val split, and the images found unusable.
+
+Nothing here writes into the dataset folder. Unreadable images are found before training by a cheap header
+check (`tltool.data.images.image_problem`: zero-byte, not an image, decompression bomb).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tltool.config import DataConfig
+from tltool.data.images import IMAGE_EXTENSIONS, image_problem
+from tltool.errors import DataError
+
+Sample = tuple[str, int]
+
+
+def is_visible(path: Path) -> bool:
+    """False for the entries every folder scan skips: hidden files and folders, `__MACOSX`, `__pycache__`."""
+    return not path.name.startswith((".", "__MACOSX", "__pycache__"))
+
+
+def image_files(folder: Path) -> Iterator[Path]:
+    """The image files under `folder` (by extension, recursively, sorted, hidden entries skipped)."""
+    for entry in sorted(folder.iterdir()):
+        if not is_visible(entry):
+            continue
+        if entry.is_dir():
+            yield from image_files(entry)
+        elif entry.suffix.lower() in IMAGE_EXTENSIONS:
+            yield entry
+
+
+def scan_folder(root: str | Path, key: str = "data.train") -> tuple[list[str], list[Sample]]:
+    """ImageFolder layout: class names (sorted sub-folders) and (path, class index) samples.
+
+    Hidden entries (`.DS_Store`, `.ipynb_checkpoints/`) and files that are not images are ignored.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{key} folder {root} does not exist", f"set {key} to a folder of class sub-folders")
+    if not root.is_dir():
+        raise DataError(f"{key} {root} is not a folder", f"set {key} to a folder of class sub-folders")
+    classes = sorted(e.name for e in root.iterdir() if e.is_dir() and is_visible(e))
+    if not classes:
+        raise DataError(
+            f"{key} folder {root} has no class sub-folders",
+            "put the images of each class in a sub-folder named after it (root/cat/1.jpg, root/dog/2.jpg)",
+        )
+    samples: list[Sample] = []
+    empty = []
+    for index, name in enumerate(classes):
+        files = list(image_files(root / name))
+        if not files:
+            empty.append(name)
+        samples.extend((str(f), index) for f in files)
+    if empty:
+        raise DataError(
+            f"{key}: class folder(s) without images: {', '.join(empty)}",
+            f"add images or remove the folder(s) from {root}",
+        )
+    return classes, samples
+
+
+def stratified_split(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out `fraction` of each class (at least one image where a class has two or more), seeded."""
+    by_class: dict[int, list[Sample]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    rng = random.Random(seed)
+    train, val = [], []
+    for label in sorted(by_class):
+        items = list(by_class[label])
+        rng.shuffle(items)
+        count = min(len(items) - 1, max(1, round(len(items) * fraction))) if len(items) > 1 else 0
+        val.extend(items[:count])
+        train.extend(items[count:])
+    return sorted(train), sorted(val)
+
+
+@dataclass
+class DataSplit:
+    """The samples of a run: class names and the train / val lists, plus the images found unusable."""
+
+    class_names: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    bad: list[tuple[str, str]] = field(default_factory=list)
+
+    def counts(self, which: str) -> Counter:
+        return Counter(label for _, label in getattr(self, which))
+
+
+def _drop_bad(samples: list[Sample], bad: list[tuple[str, str]]) -> list[Sample]:
+    kept = []
+    for path, label in samples:
+        problem = image_problem(path)
+        if problem is None:
+            kept.append((path, label))
+        else:
+            bad.append((path, problem))
+    return kept
+
+
+def scan_data(cfg: DataConfig, seed: int) -> DataSplit:
+    """Find the classes and samples of `cfg`, split train/val, and check the images' headers."""
+    if not cfg.train:
+        raise DataError("data.train is not set", "set data.train to a folder of class sub-folders")
+    class_names, train = scan_folder(cfg.train, "data.train")
+    if cfg.val:
+        val_classes, val = scan_folder(cfg.val, "data.val")
+        if val_classes != class_names:
+            only_train = sorted(set(class_names) - set(val_classes))
+            only_val = sorted(set(val_classes) - set(class_names))
+            raise DataError(
+                f"data.train and data.val have different classes (only in train: {only_train or 'none'}; "
+                f"only in val: {only_val or 'none'})",
+                "give both the same class sub-folders",
+            )
+    else:
+        train, val = stratified_split(train, cfg.val_split, seed)
+        if not val:
+            raise DataError(
+                "data.val_split leaves no validation images (every class has a single image)",
+                "add images or give data.val",
+            )
+    bad: list[tuple[str, str]] = []
+    train = _drop_bad(train, bad)
+    val = _drop_bad(val, bad)
+    split = DataSplit(class_names, train, val, bad)
+    total = len(train) + len(val) + len(bad)
+    if bad:
+        shown = "; ".join(f"{p}: {why}" for p, why in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+        if cfg.on_bad_image == "error":
+            raise DataError(
+                f"{len(bad)} unreadable image(s): {shown}", "fix or remove them, or set data.on_bad_image=skip"
+            )
+        if len(bad) / total > cfg.max_bad_fraction:
+            raise DataError(
+                f"{len(bad)} of {total} images are unreadable ({len(bad) / total:.1%} > data.max_bad_fraction "
+                f"{cfg.max_bad_fraction}): {shown}",
+                "fix or remove them, or raise data.max_bad_fraction",
+            )
+        for path, why in bad:
+            print(f"warning: skipping {path}: {why}", file=sys.stderr)
+    missing = [class_names[i] for i in range(len(class_names)) if split.counts("train")[i] == 0]
+    if missing:
+        raise DataError(f"no usable training images for class(es) {', '.join(missing)}", "add images")
+    return split
+
+
+def scan_eval_folder(root: str | Path, class_names: list[str]) -> list[Sample]:
+    """Samples of an evaluation folder, labelled with the checkpoint's class indices."""
+    classes, samples = scan_folder(root, "--data")
+    unknown = sorted(set(classes) - set(class_names))
+    if unknown:
+        raise DataError(
+            f"{root} has classes the model does not know: {', '.join(unknown)}",
+            f"its classes are: {', '.join(class_names)}",
+        )
+    index = {name: class_names.index(name) for name in classes}
+    kept = []
+    for path, label in samples:
+        problem = image_problem(path)
+        if problem is None:
+            kept.append((path, index[classes[label]]))
+        else:
+            print(f"warning: skipping {path}: {problem}", file=sys.stderr)
+    return kept

@@ -1,0 +1,238 @@
+"""Loaders: the dataset over samples, the epoch samplers (seeded, resumable, sharded) and the DataLoader.
+
+An image that fails to decode mid-epoch (a truncated JPEG) is dropped from its batch instead of breaking it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from tltool.data.folders import Sample
+from tltool.data.images import load_image
+
+
+class ImageDataset(Dataset):
+    """(path, label) samples through a transform; an image that fails to decode yields None.
+
+    A key may be an index or (index, seed): the random transform of that draw then runs on its own seeded
+    stream, so a sample's augmentation depends on (run.seed, epoch, position in the epoch) only, not on the
+    number of workers, which worker took it, or the main process's RNG (dropout).
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Any) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        path, label = self.samples[index]
+        try:
+            image = load_image(path)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
+            print(f"warning: skipping {path}: cannot decode ({exc})", file=sys.stderr)
+            return None
+        if seed is None:
+            return self.transform(image), label
+        # torchvision's transforms draw from torch's global CPU generator: seed it for this draw and put it
+        # back. (The generator itself, not torch.manual_seed, which also queues a CUDA seeding per call.)
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed)
+        try:
+            return self.transform(image), label
+        finally:
+            generator.set_state(state)
+
+
+def collate_skip_bad(batch: list[Any]):
+    """Default collation of the images that decoded; None when none of the batch did."""
+    batch = [item for item in batch if item is not None]
+    if not batch:
+        return None
+    images = torch.stack([item[0] for item in batch])
+    labels = torch.tensor([item[1] for item in batch], dtype=torch.long)
+    return images, labels
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffled order that is a function of (seed, epoch) alone, so a resumed run sees the same order.
+
+    `skip` leaves out the first samples of the epoch's order: a run resumed mid-epoch continues there.
+    Under torchrun (`shard=(rank, world)`) each rank takes every world-th index of that one order; with
+    `pad` (training) the order is first extended with its own start to a multiple of the world size, as
+    torch's DistributedSampler does, so every rank runs the same number of steps. Without `pad`
+    (evaluation) no sample is seen twice and ranks may get one fewer.
+
+    `seeded` yields (index, seed) keys instead: the seed of each draw is a function of (seed, epoch, position
+    in the epoch's order over all ranks), for ImageDataset's augmentation.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        shuffle: bool = True,
+        shard: tuple[int, int] = (0, 1),
+        pad: bool = True,
+        seeded: bool = False,
+    ) -> None:
+        self.size, self.seed, self.shuffle, self.epoch, self.skip = size, seed, shuffle, 0, 0
+        self.rank, self.world = shard
+        self.pad, self.seeded = pad, seeded
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def order(self) -> list[int]:
+        """The epoch's order over all ranks."""
+        if not self.shuffle:
+            return list(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def indices(self) -> list[int]:
+        """This rank's part of the epoch's order."""
+        order = self.order()
+        if self.world == 1:
+            return order
+        if self.pad and order:
+            missing = -len(order) % self.world
+            order = order + (order * (missing // len(order) + 1))[:missing]
+        return order[self.rank :: self.world]
+
+    def shard_size(self) -> int:
+        if self.world == 1:
+            return self.size
+        if self.pad:
+            return math.ceil(self.size / self.world) if self.size else 0
+        return len(range(self.rank, self.size, self.world))
+
+    def __iter__(self) -> Iterator[Any]:
+        shard = self.indices()
+        if not self.seeded:
+            return iter(shard[self.skip :])
+        base = (self.seed * 1_000_003 + self.epoch) * 2_654_435_761
+        # Position k of this rank's shard is position rank + k * world of the epoch's order.
+        return iter((shard[k], (base + self.rank + k * self.world) % 2**63) for k in range(self.skip, len(shard)))
+
+    def __len__(self) -> int:
+        return max(0, self.shard_size() - self.skip)
+
+
+class BalancedSampler(EpochSampler):
+    """`data.sampler: balanced`: each epoch draws as many samples as there are, with replacement, every class
+    equally likely (torch's WeightedRandomSampler with weights 1 / class count).
+
+    As EpochSampler, the draw is a function of (seed, epoch) alone, `skip` resumes it mid-epoch and `shard`
+    splits it across ranks.
+    """
+
+    def __init__(self, labels: Sequence[int], seed: int, shard: tuple[int, int] = (0, 1), seeded: bool = False) -> None:
+        super().__init__(len(labels), seed, shuffle=True, shard=shard, pad=True, seeded=seeded)
+        counts = Counter(labels)
+        self.weights = torch.tensor([1.0 / counts[label] for label in labels], dtype=torch.float64)
+
+    def order(self) -> list[int]:
+        if self.size == 0:
+            return []
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.multinomial(self.weights, self.size, replacement=True, generator=generator).tolist()
+
+
+def _init_worker(worker_id: int) -> None:
+    # Ctrl-C is the main process's to handle (it saves and exits); workers must not die of it first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # torch seeds python's `random` and torch in each worker from the loader's generator; numpy too.
+    # (tltool's own augmentation does not use these streams: each draw is seeded by the sampler.)
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under taskset, Slurm or a container)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def resolve_num_workers(setting: int | str) -> int:
+    """`data.num_workers` as a number. auto: the CPUs of this process's share of the machine (its cores over
+    the processes torchrun started on this node), at most 8; none below 2, where a single worker only adds
+    inter-process copies to decoding that competes with compute anyway (MEASURED.md: 630 vs 780 img/s)."""
+    if setting != "auto":
+        return int(setting)
+    share = usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return min(8, share) if share >= 2 else 0
+
+
+def make_loader(
+    samples: Sequence[Sample],
+    transform: Any,
+    batch_size: int,
+    num_workers: int | str,
+    seed: int,
+    shuffle: bool,
+    pin_memory: bool = False,
+    balanced: bool = False,
+    shard: tuple[int, int] = (0, 1),
+    seeded: bool = False,
+) -> DataLoader:
+    """A loader whose order is a function of (seed, epoch); `balanced` draws classes equally often.
+
+    `shard=(rank, world)`: this rank's part of each epoch (training loaders, `shuffle`, are padded to
+    equal parts; evaluation loaders see each sample exactly once over all ranks). `seeded`: every draw's
+    random transform is seeded by the sampler (training and augmented-view loaders). Workers persist
+    across epochs (no fork and dataset copy per epoch) and prefetch two batches each.
+    """
+    if balanced:
+        sampler: EpochSampler = BalancedSampler([label for _, label in samples], seed, shard=shard, seeded=seeded)
+    else:
+        sampler = EpochSampler(len(samples), seed, shuffle=shuffle, shard=shard, pad=shuffle, seeded=seeded)
+    workers = resolve_num_workers(num_workers)
+    return DataLoader(
+        ImageDataset(samples, transform),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_skip_bad,
+        pin_memory=pin_memory,
+        worker_init_fn=_init_worker if workers else None,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=workers > 0,
+    )
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of an epoch's random streams (augmentation, dropout) on a rank; rank 0's is the single process's.
+
+    (The sample order is not rank-specific: every rank draws the same order and takes its shard of it.)
+    """
+    return seed * 1_000_003 + epoch + rank * 7_919_000_003
+
+
+def set_loader_epoch(loader: DataLoader, seed: int, epoch: int, skip_batches: int = 0, rank: int = 0) -> None:
+    """Make the order and the workers' random streams of this epoch depend on (seed, epoch, rank) only.
+
+    `skip_batches` starts the epoch after that many batches (a run resumed from a mid-epoch checkpoint).
+    """
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch, skip=skip_batches * loader.batch_size)
+    if loader.generator is not None:
+        loader.generator.manual_seed(epoch_seed(seed, epoch, rank))

@@ -1,0 +1,93 @@
+"""`tltool doctor DATA_DIR`: check a dataset before training, and say what to fix.
+
+It finds the layout (train/ and val|valid|validation|test folders, or one ImageFolder that tltool splits
+with `data.val_split`), counts images per class, and looks for what breaks a run (an empty class, a class in
+one split only, too many unreadable files) or quietly spoils it (duplicates across splits inflate val
+accuracy, heavy imbalance, files that are ignored). It reads the dataset and never writes into it; the
+image checks are the ones training runs (`tltool.data.scan_folder`, `tltool.data.image_problem`).
+
+One module per step: `scan` (what the dataset holds), `checks` (what is wrong with it), `text` (the
+report); `findings` holds what they pass along. `diagnose` runs them in order.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tltool.doctor.checks import check_classes, check_duplicates, check_files, check_unreadable, suggest
+from tltool.doctor.findings import Diagnosis, Finding, SplitReport
+from tltool.doctor.scan import find_duplicates, find_layout, inspect_file, scan_split
+from tltool.doctor.text import bar, format_diagnosis
+from tltool.errors import DataError
+
+__all__ = [
+    "Diagnosis",
+    "Finding",
+    "SplitReport",
+    "bar",
+    "diagnose",
+    "find_duplicates",
+    "find_layout",
+    "format_diagnosis",
+]
+
+
+def _stats(values: Sequence[int]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def diagnose(root: str | Path, workers: int = 8) -> Diagnosis:
+    """Inspect the dataset at `root` and return every finding (nothing is written anywhere)."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root} does not exist", "give the folder of your images (class sub-folders, or train/ val/)")
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder", "give the folder of your images (class sub-folders, or train/ val/)")
+    layout, folders, other_folders = find_layout(root)
+    diagnosis = Diagnosis(root=str(root), layout=layout)
+    keys = {"train": "data.train", "val": "data.val", "test": "--data"}
+    files_by_split: dict[str, list[str]] = {}
+    for name, folder in folders.items():
+        report, files, failure = scan_split(name, folder, keys[name])
+        diagnosis.splits.append(report)
+        files_by_split[name] = files
+        if failure is not None:
+            diagnosis.problems.append(Finding(failure.code, failure.message, failure.fix, [str(folder)]))
+    if other_folders:
+        diagnosis.warnings.append(
+            Finding(
+                "ignored_folders",
+                f"folders beside the splits are not used: {', '.join(other_folders)}",
+                "move their images into train/ or val/ if they belong to the dataset",
+                [str(root / name) for name in other_folders],
+            )
+        )
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        infos = {
+            name: list(pool.map(inspect_file, files)) for name, files in files_by_split.items()
+        }  # per split, in file order
+    for report in diagnosis.splits:
+        report.unreadable = [(i.path, i.problem) for i in infos[report.name] if i.problem is not None]
+
+    all_infos = [info for split_infos in infos.values() for info in split_infos]
+    check_classes(diagnosis)
+    training = [info for name in ("train", "val") for info in infos.get(name, [])]
+    check_unreadable(diagnosis, training, infos.get("test", []))
+    check_duplicates(diagnosis, find_duplicates(all_infos, workers), folders)
+    check_files(diagnosis)
+    readable = [i for i in all_infos if i.problem is None]
+    if readable:
+        diagnosis.image_stats = {
+            "count": len(readable),
+            "width": _stats([i.width for i in readable]),
+            "height": _stats([i.height for i in readable]),
+            "modes": dict(Counter(i.mode for i in readable).most_common()),
+            "formats": dict(Counter(i.format or "?" for i in readable).most_common()),
+        }
+    suggest(diagnosis, folders, training)
+    return diagnosis

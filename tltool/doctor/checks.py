@@ -1,0 +1,257 @@
+"""What is wrong with a dataset: the rules that turn the scan into problems, warnings and suggested keys.
+
+A problem breaks training (the check mirrors where training stops); a warning quietly spoils it. Each rule
+adds its findings to the Diagnosis; a new rule is one more function here, called by `diagnose`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from tltool.config import DataConfig
+from tltool.data import IMAGE_EXTENSIONS
+from tltool.doctor.findings import Diagnosis, FileInfo, Finding
+
+# Largest / smallest class above this is reported as a warning.
+IMBALANCE_WARNING = 5.0
+# How many paths of one finding the text report shows (the JSON has all of them).
+SHOWN_PATHS = 3
+
+
+def check_classes(diagnosis: Diagnosis) -> None:
+    """Empty classes, classes in one split only, a class without training images, imbalance, tiny classes."""
+    for report in diagnosis.splits:
+        if report.empty_classes:
+            diagnosis.problems.append(
+                Finding(
+                    "empty_class",
+                    f"{report.name}: class folder(s) without images: {', '.join(report.empty_classes)}",
+                    f"add images or remove the folder(s) from {report.path}",
+                    [str(Path(report.path) / c) for c in report.empty_classes],
+                )
+            )
+    train, val, test = diagnosis.split("train"), diagnosis.split("val"), diagnosis.split("test")
+    if train is not None and val is not None and train.class_counts and val.class_counts:
+        only_train = sorted(set(train.class_counts) - set(val.class_counts))
+        only_val = sorted(set(val.class_counts) - set(train.class_counts))
+        diagnosis.classes_only_in = {"train": only_train, "val": only_val}
+        if only_train or only_val:
+            parts = [
+                f"only in train: {', '.join(only_train)}" if only_train else "",
+                f"only in val: {', '.join(only_val)}" if only_val else "",
+            ]
+            diagnosis.problems.append(
+                Finding(
+                    "one_split_class",
+                    "train and val have different classes (" + "; ".join(p for p in parts if p) + ")",
+                    "give both splits the same class folders (add the missing ones or remove the extra ones)",
+                    [str(Path(train.path) / c) for c in only_train] + [str(Path(val.path) / c) for c in only_val],
+                )
+            )
+    if train is not None and test is not None and train.class_counts and test.class_counts:
+        unknown = sorted(set(test.class_counts) - set(train.class_counts))
+        diagnosis.classes_only_in["test"] = unknown
+        if unknown:
+            diagnosis.warnings.append(
+                Finding(
+                    "test_class_unknown",
+                    f"test has classes that train lacks: {', '.join(unknown)} (tltool eval --data refuses them)",
+                    "remove them from test or add training images for them",
+                    [str(Path(test.path) / c) for c in unknown],
+                )
+            )
+    if train is None or not train.class_counts:
+        return
+    usable = train.usable_counts()
+    unusable = [c for c, n in usable.items() if n == 0 and c not in train.empty_classes]
+    if unusable:
+        diagnosis.problems.append(
+            Finding(
+                "no_usable_images",
+                f"train: every image of class(es) {', '.join(unusable)} is unreadable",
+                "replace the unreadable files with intact copies",
+                [str(Path(train.path) / c) for c in unusable],
+            )
+        )
+    counts = {c: n for c, n in usable.items() if n > 0}
+    if len(counts) >= 2:
+        largest, smallest = max(counts, key=counts.get), min(counts, key=counts.get)
+        diagnosis.imbalance_ratio = counts[largest] / counts[smallest]
+        if diagnosis.imbalance_ratio > IMBALANCE_WARNING:
+            diagnosis.warnings.append(
+                Finding(
+                    "imbalance",
+                    f"train is imbalanced: {largest} has {counts[largest]} images, {smallest} {counts[smallest]} "
+                    f"({diagnosis.imbalance_ratio:.1f}x)",
+                    "add images of the small classes, and judge the run by per-class recall (tltool eval), "
+                    "not accuracy alone",
+                )
+            )
+    if len(counts) == 1:
+        diagnosis.problems.append(
+            Finding("one_class", "train has a single class: nothing to tell apart", "add a folder per class")
+        )
+    if diagnosis.layout == "single" or val is None:
+        single = sorted(c for c, n in counts.items() if n == 1)
+        if single and len(single) == len(counts):
+            diagnosis.problems.append(
+                Finding(
+                    "no_validation_images",
+                    "every class has a single image: data.val_split cannot hold any out for validation",
+                    "add images, or give a separate validation folder (data.val)",
+                )
+            )
+        elif single:
+            diagnosis.warnings.append(
+                Finding(
+                    "class_without_val",
+                    f"class(es) with a single image get no validation image: {', '.join(single)}",
+                    "add images of them",
+                    [str(Path(train.path) / c) for c in single],
+                )
+            )
+
+
+def _unreadable_limit_needed(infos: Sequence[FileInfo]) -> float | None:
+    """The data.max_bad_fraction that would let training skip the unreadable files, when the default is too low."""
+    bad = sum(1 for i in infos if i.problem is not None)
+    if not infos or bad / len(infos) <= DataConfig().max_bad_fraction:
+        return None
+    return math.ceil(bad / len(infos) * 100 - 1e-9) / 100  # the smallest limit in hundredths that lets them pass
+
+
+def check_unreadable(diagnosis: Diagnosis, training: Sequence[FileInfo], test: Sequence[FileInfo]) -> None:
+    """Unreadable files: a problem above the default data.max_bad_fraction (training stops), else a warning.
+
+    The fraction is taken over train and val, as training does; a test split only gets a warning.
+    """
+    bad = [i for i in training if i.problem is not None]
+    if bad:
+        fraction = len(bad) / len(training)
+        listed = _listed([f"{i.path}: {i.problem}" for i in bad])
+        needed = _unreadable_limit_needed(training)
+        if needed is not None:
+            diagnosis.problems.append(
+                Finding(
+                    "unreadable_files",
+                    f"{len(bad)} of {len(training)} images are unreadable ({fraction:.1%}, more than "
+                    f"data.max_bad_fraction {DataConfig().max_bad_fraction:g} allows): {listed}",
+                    f"remove or replace them, or set data.max_bad_fraction={needed:g} to skip them",
+                    [i.path for i in bad],
+                )
+            )
+        else:
+            diagnosis.warnings.append(
+                Finding(
+                    "unreadable_files",
+                    f"{len(bad)} of {len(training)} images are unreadable and will be skipped: {listed}",
+                    "remove or replace them (data.on_bad_image=error makes any of them stop the run)",
+                    [i.path for i in bad],
+                )
+            )
+    bad_test = [i for i in test if i.problem is not None]
+    if bad_test:
+        diagnosis.warnings.append(
+            Finding(
+                "unreadable_files",
+                f"test: {len(bad_test)} of {len(test)} images are unreadable and will be skipped: "
+                + _listed([f"{i.path}: {i.problem}" for i in bad_test]),
+                "remove or replace them",
+                [i.path for i in bad_test],
+            )
+        )
+
+
+def _listed(items: Sequence[str]) -> str:
+    return "; ".join(items[:SHOWN_PATHS]) + ("; ..." if len(items) > SHOWN_PATHS else "")
+
+
+def _split_and_class(path: str, folders: dict[str, Path]) -> tuple[str, str]:
+    for name, folder in folders.items():
+        try:
+            return name, Path(path).relative_to(folder).parts[0]
+        except ValueError:
+            continue
+    return "?", "?"
+
+
+def check_duplicates(diagnosis: Diagnosis, groups: list[list[str]], folders: dict[str, Path]) -> None:
+    """Exact copies: across splits they leak val into train; within one, they weigh double or clash in label."""
+    for group in groups:
+        where = [_split_and_class(path, folders) for path in group]
+        if len({split for split, _ in where}) > 1:
+            diagnosis.duplicates_across.append(group)
+        else:
+            diagnosis.duplicates_within.append(group)
+    clashes = [g for g in groups if len({_split_and_class(p, folders)[1] for p in g}) > 1]
+    copies = (
+        (
+            "duplicate_across_splits",
+            diagnosis.duplicates_across,
+            "{count} file(s) appear in more than one split (val/test accuracy is inflated), e.g. {example}",
+            "delete the copies from val/test (or from train) by hand",
+        ),
+        (
+            "duplicate_within_split",
+            diagnosis.duplicates_within,
+            "{count} file(s) are exact copies of another file in the same split, e.g. {example}",
+            "delete the copies by hand (they count twice in training and evaluation)",
+        ),
+    )
+    for code, found, message, fix in copies:
+        if found:
+            text = message.format(count=sum(len(g) - 1 for g in found), example=" = ".join(found[0]))
+            diagnosis.warnings.append(Finding(code, text, fix, [p for g in found for p in g]))
+    if clashes:
+        example = " = ".join(clashes[0])
+        diagnosis.warnings.append(
+            Finding(
+                "duplicate_label_clash",
+                f"{len(clashes)} image(s) are filed under different classes, e.g. {example}",
+                "keep each image in its one right class folder",
+                [p for g in clashes for p in g],
+            )
+        )
+
+
+def check_files(diagnosis: Diagnosis) -> None:
+    """Files tltool skips without a word: non-image extensions in class folders, images outside any class."""
+    for report in diagnosis.splits:
+        if report.ignored_files:
+            listed = ", ".join(f"{ext} {n}" for ext, n in report.ignored_files.items())
+            diagnosis.warnings.append(
+                Finding(
+                    "ignored_files",
+                    f"{report.name}: {sum(report.ignored_files.values())} file(s) are not used ({listed}); tltool "
+                    f"reads {', '.join(IMAGE_EXTENSIONS)}",
+                    "convert images in other formats (e.g. HEIC, AVIF) to JPEG or PNG",
+                )
+            )
+        if report.loose_images:
+            diagnosis.warnings.append(
+                Finding(
+                    "loose_images",
+                    f"{report.name}: {report.loose_images} image(s) lie directly in {report.path}, outside any class "
+                    "folder, and are not used",
+                    "move them into the folder of their class",
+                )
+            )
+
+
+def suggest(diagnosis: Diagnosis, folders: dict[str, Path], training: Sequence[FileInfo]) -> None:
+    """The config keys (KEY=VALUE overrides) that point tltool at this dataset."""
+    if "train" not in folders:
+        return
+    if diagnosis.layout == "splits":
+        diagnosis.suggestions.append(f"data.train={folders['train']}")
+        if "val" in folders:
+            diagnosis.suggestions.append(f"data.val={folders['val']}")
+        else:
+            diagnosis.suggestions.append(f"data.val_split={DataConfig().val_split:g}")
+    else:
+        diagnosis.suggestions += [f"data.train={folders['train']}", f"data.val_split={DataConfig().val_split:g}"]
+    needed = _unreadable_limit_needed(training)
+    if needed is not None:
+        diagnosis.suggestions.append(f"data.max_bad_fraction={needed:g}")

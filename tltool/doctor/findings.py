@@ -1,0 +1,86 @@
+"""What `tltool doctor` reports: the findings, what each split holds, and the whole diagnosis."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Finding:
+    """One thing doctor found: a machine-readable code, what it is, how to fix it, and the files involved."""
+
+    code: str
+    message: str
+    fix: str = ""
+    paths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SplitReport:
+    """What one split folder holds: images per class, unreadable files, files that tltool ignores."""
+
+    name: str
+    path: str
+    class_counts: dict[str, int] = field(default_factory=dict)
+    empty_classes: list[str] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    ignored_files: dict[str, int] = field(default_factory=dict)
+    loose_images: int = 0
+
+    @property
+    def num_images(self) -> int:
+        return sum(self.class_counts.values())
+
+    def usable_counts(self) -> dict[str, int]:
+        """Images per class that pass the header check (what training would keep)."""
+        bad = Counter(Path(path).relative_to(self.path).parts[0] for path, _ in self.unreadable)
+        return {name: count - bad[name] for name, count in self.class_counts.items()}
+
+
+@dataclass
+class Diagnosis:
+    """Everything `tltool doctor` found. `problems` break training; `warnings` are worth a look."""
+
+    root: str
+    layout: str  # "splits" (train/ + val/...) or "single" (one ImageFolder, split by data.val_split)
+    splits: list[SplitReport] = field(default_factory=list)
+    classes_only_in: dict[str, list[str]] = field(default_factory=dict)
+    imbalance_ratio: float | None = None
+    duplicates_within: list[list[str]] = field(default_factory=list)
+    duplicates_across: list[list[str]] = field(default_factory=list)
+    image_stats: dict[str, Any] = field(default_factory=dict)
+    problems: list[Finding] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def split(self, name: str) -> SplitReport | None:
+        return next((s for s in self.splits if s.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (`tltool doctor --json`)."""
+        out = asdict(self)
+        for split, report in zip(out["splits"], self.splits, strict=True):
+            split["num_images"] = report.num_images
+            split["unreadable"] = [{"path": p, "reason": why} for p, why in report.unreadable]
+        out["ok"] = self.ok
+        return out
+
+
+@dataclass
+class FileInfo:
+    """One image file as doctor read it: size, header problem, and (when readable) size, mode and format."""
+
+    path: str
+    size: int
+    problem: str | None
+    width: int | None = None
+    height: int | None = None
+    mode: str | None = None
+    format: str | None = None

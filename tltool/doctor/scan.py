@@ -1,0 +1,120 @@
+"""What a dataset holds: its layout, each split's classes and files, the image headers, exact duplicates.
+
+The walk is the one training does (`tltool.data.scan_folder`, `tltool.data.image_problem`); nothing is decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+
+from tltool.data import IMAGE_EXTENSIONS, image_files, image_problem, is_visible, scan_folder
+from tltool.doctor.findings import FileInfo, Finding, SplitReport
+from tltool.errors import DataError
+
+# Folder names of the splits, in order of preference (the first one found is used).
+SPLIT_NAMES: dict[str, tuple[str, ...]] = {
+    "train": ("train", "training"),
+    "val": ("val", "valid", "validation", "dev"),
+    "test": ("test", "testing"),
+}
+
+
+def find_layout(root: Path) -> tuple[str, dict[str, Path], list[str]]:
+    """("splits", {split: folder}, ignored folders) or ("single", {"train": root}, []).
+
+    Split folders are matched case-insensitively against SPLIT_NAMES. A root with a train folder is a
+    split layout when it also has a val/test folder or nothing else; otherwise the root itself is the
+    ImageFolder (a class may well be called "test").
+    """
+    children = {entry.name.lower(): entry for entry in sorted(root.iterdir()) if entry.is_dir() and is_visible(entry)}
+    found: dict[str, Path] = {}
+    for split, names in SPLIT_NAMES.items():
+        for name in names:
+            if name in children:
+                found[split] = children[name]
+                break
+    if "train" in found and (len(found) > 1 or len(children) == 1):
+        used = {path.name for path in found.values()}
+        ignored = sorted(entry.name for entry in children.values() if entry.name not in used)
+        return "splits", found, ignored
+    return "single", {"train": root}, []
+
+
+def scan_split(name: str, folder: Path, key: str) -> tuple[SplitReport, list[str], Finding | None]:
+    """The class counts of one split folder, through `scan_folder` as training sees it.
+
+    `scan_folder` refuses a folder with an empty class; doctor reports that instead, so on that error
+    the classes are listed with the same walk and the empty ones recorded.
+    """
+    report = SplitReport(name=name, path=str(folder))
+    try:
+        classes, samples = scan_folder(folder, key)
+        files_by_class: dict[str, list[str]] = {c: [] for c in classes}
+        for path, label in samples:
+            files_by_class[classes[label]].append(path)
+    except DataError as exc:
+        classes = sorted(e.name for e in folder.iterdir() if e.is_dir() and is_visible(e)) if folder.is_dir() else []
+        if not classes:
+            return report, [], Finding("no_classes", exc.what, exc.fix)
+        files_by_class = {c: [str(f) for f in image_files(folder / c)] for c in classes}
+    report.class_counts = {c: len(files) for c, files in files_by_class.items()}
+    report.empty_classes = [c for c, files in files_by_class.items() if not files]
+    report.ignored_files, report.loose_images = _ignored_files(folder, classes)
+    return report, [f for files in files_by_class.values() for f in files], None
+
+
+def _ignored_files(folder: Path, classes: Sequence[str]) -> tuple[dict[str, int], int]:
+    """Files in class folders that are not images by extension (by suffix), and images outside any class."""
+    ignored: Counter[str] = Counter()
+    for name in classes:
+        for directory, dirnames, filenames in os.walk(folder / name):
+            dirnames[:] = [d for d in dirnames if is_visible(Path(d))]
+            for filename in filenames:
+                path = Path(directory, filename)
+                if is_visible(path) and path.suffix.lower() not in IMAGE_EXTENSIONS:
+                    ignored[path.suffix.lower() or "(no extension)"] += 1
+    loose = sum(1 for e in folder.iterdir() if e.is_file() and is_visible(e) and e.suffix.lower() in IMAGE_EXTENSIONS)
+    return dict(sorted(ignored.items())), loose
+
+
+def inspect_file(path: str) -> FileInfo:
+    """Size, header problem, and (for a readable image) size/mode/format from the header alone."""
+    size = os.stat(path).st_size
+    problem = image_problem(path)
+    if problem is not None:
+        return FileInfo(path, size, problem)
+    try:
+        with Image.open(path) as image:  # header only: nothing is decoded
+            return FileInfo(path, size, None, image.size[0], image.size[1], image.mode, image.format)
+    except (OSError, SyntaxError, ValueError) as exc:
+        return FileInfo(path, size, f"unreadable ({exc})")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_duplicates(infos: Iterable[FileInfo], workers: int = 8) -> list[list[str]]:
+    """Groups of files with identical bytes (sha256); only files whose size collides are hashed."""
+    by_size: dict[int, list[str]] = defaultdict(list)
+    for info in infos:
+        if info.size > 0:
+            by_size[info.size].append(info.path)
+    candidates = [path for paths in by_size.values() if len(paths) > 1 for path in paths]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        digests = list(pool.map(_sha256, candidates))
+    groups: dict[str, list[str]] = defaultdict(list)
+    for path, digest in zip(candidates, digests, strict=True):
+        groups[digest].append(path)
+    return sorted(sorted(paths) for paths in groups.values() if len(paths) > 1)

@@ -1,0 +1,80 @@
+"""The human report of a diagnosis: a bar per class and split, image statistics, findings, the keys to train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tltool.doctor.findings import Diagnosis, Finding
+
+BAR_WIDTH = 40
+_BLOCKS = " ▏▎▍▌▋▊▉█"
+
+
+def bar(value: float, largest: float, width: int = BAR_WIDTH) -> str:
+    """A horizontal bar of unicode blocks, `width` characters for `largest`, in eighths of a character."""
+    if largest <= 0 or value <= 0:
+        return ""
+    eighths = max(1, round(value / largest * width * 8))
+    return "█" * (eighths // 8) + (_BLOCKS[eighths % 8] if eighths % 8 else "")
+
+
+def _finding_lines(finding: Finding, mark: str) -> list[str]:
+    lines = [f"  {mark} {finding.message}"]
+    if finding.fix:
+        lines.append(f"    fix: {finding.fix}")
+    return lines
+
+
+def format_diagnosis(diagnosis: Diagnosis) -> str:
+    """The human report: layout, a bar per class and split, image statistics, problems, warnings, suggestions."""
+    layout = (
+        "splits: " + ", ".join(f"{s.name} = {Path(s.path).name}/" for s in diagnosis.splits)
+        if diagnosis.layout == "splits"
+        else "one folder of classes (tltool holds out data.val_split of each class for validation)"
+    )
+    lines = [f"dataset {diagnosis.root}", f"layout  {layout}"]
+    for report in diagnosis.splits:
+        if not report.class_counts:
+            continue
+        usable = report.usable_counts()
+        bad = {c: report.class_counts[c] - usable[c] for c in report.class_counts}
+        ratio = ""
+        if report.name == "train" and diagnosis.imbalance_ratio is not None:
+            ratio = f", imbalance {diagnosis.imbalance_ratio:.1f}x (largest / smallest class)"
+        lines += ["", f"{report.name}: {len(report.class_counts)} classes, {report.num_images} images{ratio}"]
+        width = max(len(c) for c in report.class_counts)
+        digits = len(str(max(report.class_counts.values())))
+        largest = max(report.class_counts.values())
+        for name, count in report.class_counts.items():
+            note = "  EMPTY" if count == 0 else (f"  ({bad[name]} unreadable)" if bad[name] else "")
+            lines.append(f"  {name:<{width}}  {count:>{digits}}  {bar(count, largest)}{note}")
+    stats = diagnosis.image_stats
+    if stats:
+        w, h = stats["width"], stats["height"]
+        lines += [
+            "",
+            f"images  {stats['count']} readable; width {w['min']:g}/{w['median']:g}/{w['max']:g}, "
+            f"height {h['min']:g}/{h['median']:g}/{h['max']:g} px (min/median/max)",
+            "        modes "
+            + ", ".join(f"{m} {n}" for m, n in stats["modes"].items())
+            + "; formats "
+            + ", ".join(f"{f} {n}" for f, n in stats["formats"].items()),
+        ]
+    if diagnosis.problems:
+        lines += ["", f"problems that break training ({len(diagnosis.problems)}):"]
+        for finding in diagnosis.problems:
+            lines += _finding_lines(finding, "✗")
+    if diagnosis.warnings:
+        lines += ["", f"warnings ({len(diagnosis.warnings)}):"]
+        for finding in diagnosis.warnings:
+            lines += _finding_lines(finding, "!")
+    if diagnosis.suggestions:
+        lines += ["", "train on it with:", "  tltool finetune CONFIG " + " ".join(diagnosis.suggestions)]
+    test = diagnosis.split("test")
+    if test is not None and test.class_counts:
+        lines.append(
+            f"  and measure it after training with: tltool eval runs/<name>/checkpoints/best.pt --data {test.path}"
+        )
+    if not diagnosis.problems and not diagnosis.warnings:
+        lines += ["", "no problems found"]
+    return "\n".join(lines)
