@@ -12,6 +12,7 @@ import torchvision
 from typer.testing import CliRunner
 
 import tltool.models
+import tltool.stages
 from tltool.catalog import catalog, family_of, format_catalog, model_names
 from tltool.cli import app
 
@@ -56,7 +57,7 @@ def test_json_covers_every_model_and_weights_quickly(cli: CliRunner) -> None:
     expected_weights = sum(len(torchvision.models.get_model_weights(name)) for name in set(names))
     assert len(rows) == expected_weights
     resnet18 = next(row for row in rows if row["model"] == "resnet18")
-    stage_table = getattr(tltool.models, "STAGE_TABLE", {})  # being added to tltool.models
+    stage_table = tltool.stages.STAGE_TABLE
     assert resnet18 | {"file_size_mb": None} == {
         "model": "resnet18", "family": "ResNet", "weights": "IMAGENET1K_V1", "default": True,
         "num_params": 11_689_512, "gflops": 1.814, "acc1": 69.758, "acc5": 89.078, "image_size": 224,
@@ -81,7 +82,7 @@ def test_unknown_pattern_is_one_line_error(cli: CliRunner) -> None:
 
 
 def test_head_and_stage_support_follow_tltool_tables(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tltool.models, "STAGE_TABLE", {"ResNet": ["layer1", "layer2"]}, raising=False)
+    monkeypatch.setattr(tltool.stages, "STAGE_TABLE", {"ResNet": ["layer1", "layer2"]})
     monkeypatch.delitem(tltool.models.HEAD_TABLE, "MobileNetV3")
     by_model = {entry.model: entry for entry in catalog("resnet18") + catalog("mobilenet_v3_small")}
     assert by_model["resnet18"].stages and by_model["resnet18"].head == "fc"

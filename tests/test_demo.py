@@ -140,7 +140,8 @@ def test_demo_method_overrides_validate(demo):
 
 
 def test_demo_gradual_schedule_fits_mobilenet_v2(demo):
-    from tltool.models import backbone_stages, build_model
+    from tltool.models import build_model
+    from tltool.stages import backbone_stages
 
     overrides = {name: o for name, _, o in demo.plan(methods=True)}["gradual"]
     cfg = load_config(REPO / "configs" / "demo_digits.yaml", [*overrides, "model.weights=none"])

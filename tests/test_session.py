@@ -135,3 +135,11 @@ def test_a_checkpoint_written_before_the_loss_terms_resumes_bitwise_mid_epoch(
     assert resumed["final"]["val_acc1"] == straight["final"]["val_acc1"]
     lines = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2] and lines[-1]["train_loss"] == straight["final"]["train_loss"]
+
+
+def test_a_session_built_from_the_python_api_checks_the_model_names(tmp_path: Path, dataset: Path) -> None:
+    from tltool.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="resnet18"):  # (did you mean resnet18?)
+        build_session(config(tmp_path, dataset, "model.backbone=resnet81"), quiet=True)
+    assert not (tmp_path / "r").exists()

@@ -20,15 +20,14 @@ from tltool.config import load_config
 from tltool.data import BalancedSampler
 from tltool.errors import ConfigError
 from tltool.models import (
-    STAGE_TABLE,
     _arch_kwargs,
     _drop_aux,
     _set_slot,
-    backbone_stages,
     build_model,
     head_path,
 )
 from tltool.session import seed_everything
+from tltool.stages import STAGE_TABLE, backbone_stages
 from tltool.train import finetune
 
 ALL_MODELS = torchvision.models.list_models(module=torchvision.models)

@@ -20,6 +20,7 @@ import torch
 import torchvision
 
 from tltool import models as tltool_models
+from tltool import stages
 from tltool.config import ModelNames
 from tltool.errors import ModelError
 
@@ -114,9 +115,8 @@ def family_of(name: str) -> str:
 
 
 def _stage_supported(name: str, family: str) -> bool:
-    # STAGE_TABLE (partial unfreezing by stage) may be keyed by family, like HEAD_TABLE, or by model name;
-    # getattr keeps this working whether or not the installed tltool.models has it yet.
-    table = getattr(tltool_models, "STAGE_TABLE", {}) or {}
+    # STAGE_TABLE (partial unfreezing by stage) may be keyed by family, like HEAD_TABLE, or by model name.
+    table = stages.STAGE_TABLE
     return family in table or name in table
 
 

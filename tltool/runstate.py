@@ -15,7 +15,7 @@ from typing import Any
 
 from tltool import distributed
 from tltool.checkpoint import Checkpoint, clean_stale_temps, load_checkpoint
-from tltool.config import Config, build_config
+from tltool.config import Config, ModelNames, build_config
 from tltool.errors import CheckpointError, ConfigError
 from tltool.runlog import say
 
@@ -101,13 +101,17 @@ class TrainState:
         return best
 
 
-def with_absolute_paths(cfg: Config) -> Config:
-    """Data paths made absolute, so the checkpoint's config still finds them from another directory."""
+def with_absolute_paths(cfg: Config, names: ModelNames | None = None) -> Config:
+    """Data paths made absolute, so the checkpoint's config still finds them from another directory.
+
+    With `names`, the backbone and weights names are checked too (a run built from the Python API gets
+    the same one-line error as the CLI's).
+    """
     data = cfg.to_dict()
     for key in ("train", "val"):
         if data["data"][key]:
             data["data"][key] = os.path.abspath(data["data"][key])
-    return build_config(data)
+    return build_config(data, names=names)
 
 
 def run_directory(cfg: Config) -> Path:

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tltool import distributed
+from tltool.catalog import TORCHVISION_NAMES
 from tltool.checkpoint import Checkpoint, copy_atomic, restore_rng, rng_state, save_atomic, versions
 from tltool.config import Config
 from tltool.data import (
@@ -364,7 +365,7 @@ def build_session(
     Raises RunFinished when the checkpoint already trained every epoch. Writes nothing: `start()` does.
     """
     wall_start = time.perf_counter()
-    cfg = with_absolute_paths(cfg)
+    cfg = with_absolute_paths(cfg, TORCHVISION_NAMES)
     # Data first: a wrong path or class layout fails before any weights are read.
     split = scan_data(cfg.data, cfg.run.seed)
     # Under torchrun: join the job (gloo on CPU, nccl on CUDA) and take this rank's GPU.

@@ -5,7 +5,7 @@ This module is the one owner of "does the backbone train?": `train.freeze` freez
 config names. The loop, the feature cache, the precision choice and the summary ask the plan
 (`head_only`, `backbone_trains`, `frozen_modules`), never the config. The backbone is cut into *parts*,
 each one optimizer group: the whole backbone ("backbone"), or, when a setting needs stages (gradual
-unfreezing, layer-wise LR decay), one part per stage of `models.STAGE_TABLE` ("backbone.layer4"). The
+unfreezing, layer-wise LR decay), one part per stage of `stages.STAGE_TABLE` ("backbone.layer4"). The
 plan records which part opened at which optimizer step: that record travels in the checkpoint, so a
 resumed run rebuilds the same groups, in the same order, before the optimizer state is loaded.
 """
@@ -21,7 +21,8 @@ from torch import nn
 
 from tltool.config import Config, TrainConfig
 from tltool.errors import CheckpointError, ConfigError
-from tltool.models import TransferModel, backbone_stages, is_module
+from tltool.models import TransferModel
+from tltool.stages import backbone_stages, is_module
 
 # --- freezing ----------------------------------------------------------------------------------------
 
