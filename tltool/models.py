@@ -1,4 +1,4 @@
-"""Backbones: any torchvision classifier, its pretrained weights loaded safely, a new head, freezing.
+"""Backbones: any torchvision classifier, its pretrained weights loaded safely, and a new head.
 
 The model is a `TransferModel` with `.backbone` (the torchvision network whose own head slot is an
 `nn.Identity`, so it returns features) and `.head` (dropout + a new linear layer for our classes). The
