@@ -130,14 +130,6 @@ class Checkpoint:
     def mid_epoch(self) -> bool:
         return bool(self.epoch_progress)
 
-    # TRANSITIONAL (issue 13): dict-style reads while the readers move to attributes; removed before it closes.
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        value = getattr(self, key, default)
-        return default if value is None else value
-
     def rank_state(self, rank: int) -> dict[str, Any]:
         """Rank `rank`'s random states and epoch sums (rank 0's are the top-level keys)."""
         if self.rank_states:
