@@ -176,3 +176,16 @@ def test_bad_files_are_one_line_checkpoint_errors(tmp_path: Path) -> None:
             load_checkpoint(tmp_path / name)
         assert len(caught.value.message().splitlines()) == 1, name
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("dropped", [("config",), ("preprocess",), ("config", "preprocess")])
+def test_a_checkpoint_without_a_required_key_is_a_one_line_error(tmp_path: Path, dropped: tuple[str, ...]) -> None:
+    """It has format_version, model, arch and class_names, so it looks like a tltool checkpoint, but cannot be read."""
+    full = full_checkpoint().to_dict()
+    torch.save({key: value for key, value in full.items() if key not in dropped}, tmp_path / "cut.pt")
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"not a valid tltool checkpoint (missing {', '.join(dropped)})")
+    ) as caught:
+        load_checkpoint(tmp_path / "cut.pt")
+    assert len(caught.value.message().splitlines()) == 1
+    assert "use an intact copy" in caught.value.message()

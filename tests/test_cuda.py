@@ -34,15 +34,15 @@ def test_cuda_training_in_each_precision(tmp_path: Path, dataset: Path, precisio
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in lines)
     assert lines[-1]["val_acc1"] > 0.5
     checkpoint = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
-    assert all(t.device.type == "cpu" for t in checkpoint["model"].values())
+    assert all(t.device.type == "cpu" for t in checkpoint.model.values())
     if summary["precision"] == "fp16":
-        assert checkpoint["scaler"]["scale"] > 0  # the GradScaler's state travels for resume
+        assert checkpoint.scaler["scale"] > 0  # the GradScaler's state travels for resume
 
 
 def test_cuda_checkpoint_evaluates_on_cpu(tmp_path: Path, dataset: Path) -> None:
     cuda_run(tmp_path / "r", dataset, "train.precision=fp32")
     best = tmp_path / "r" / "checkpoints" / "best.pt"
-    recorded = load_checkpoint(best)["metrics"]
+    recorded = load_checkpoint(best).metrics
     metrics = run_eval(best, device_name="cpu")
     assert metrics["acc1"] == pytest.approx(recorded["val_acc1"])
     assert metrics["loss"] == pytest.approx(recorded["val_loss"], rel=1e-3)
@@ -67,8 +67,8 @@ def test_cuda_resume_matches_within_tolerance(tmp_path: Path, dataset: Path, mon
         cuda_run(tmp_path / "resumed", dataset, *extra)
     monkeypatch.setattr(session_module, "evaluate", real)
     cuda_run(tmp_path / "resumed", dataset, *extra, resume="auto")
-    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
-    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["model"]
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt").model
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt").model
     for key in a:
         torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-3)
 
@@ -90,4 +90,4 @@ def test_nccl_ddp_with_sync_batchnorm_on_two_gpus(tmp_path: Path, dataset: Path)
     lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(math.isfinite(r["val_loss"]) for r in lines)
     checkpoint = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
-    assert checkpoint["world_size"] == 2 and all(t.device.type == "cpu" for t in checkpoint["model"].values())
+    assert checkpoint.world_size == 2 and all(t.device.type == "cpu" for t in checkpoint.model.values())

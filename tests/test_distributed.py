@@ -8,6 +8,7 @@ batch 2B at every step (each rank takes every second index of the same order), s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -161,10 +162,10 @@ def test_two_processes_train_as_one_with_the_global_batch(one_process: Path, two
         load_checkpoint(run_dir / "checkpoints" / "last.pt"),
         load_checkpoint(one_process / "checkpoints" / "last.pt"),
     )
-    assert a["model"].keys() == b["model"].keys()  # the unwrapped model: no "module." prefix
-    for key, value in a["model"].items():
-        torch.testing.assert_close(value, b["model"][key], rtol=1e-5, atol=1e-6)
-    assert a["world_size"] == 2 and len(a["rank_states"]) == 2
+    assert a.model.keys() == b.model.keys()  # the unwrapped model: no "module." prefix
+    for key, value in a.model.items():
+        torch.testing.assert_close(value, b.model[key], rtol=1e-5, atol=1e-6)
+    assert a.world_size == 2 and len(a.rank_states) == 2
     # One set of files, one set of lines: only rank 0 writes and prints.
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "classes.json", "config.yaml",
                                                          "metrics.jsonl", "summary.json"]  # fmt: skip
@@ -187,8 +188,8 @@ def test_ddp_checkpoint_evaluates_and_resumes_in_one_process(two_processes, data
     # An end-of-epoch checkpoint of 2 processes goes on in 1 (a copy of the run, moved to a new directory).
     copy = tmp_path / "copy"
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    checkpoint["config"]["run"]["output_dir"] = str(copy)
-    save_atomic(checkpoint, copy / "checkpoints" / "last.pt")
+    checkpoint.config["run"]["output_dir"] = str(copy)
+    save_atomic(checkpoint.to_dict(), copy / "checkpoints" / "last.pt")
     (copy / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
     config = write_config(tmp_path / "resume.yaml", run_overrides(copy, data, *DDP[:-1], "train.epochs=3"))
     result = cli.invoke(app, ["finetune", str(config), "--resume", "auto", "--quiet"])
@@ -203,8 +204,8 @@ def test_mid_epoch_checkpoint_of_another_world_size_is_refused(tmp_path: Path, d
     path = run_dir / "checkpoints" / "last.pt"
     checkpoint = load_checkpoint(path)
     progress = {"batches_done": 1, "loss_sum": 1.0, "correct": 1, "seen": 8, "data_seconds": 0.0, "seconds": 0.1}
-    checkpoint.update(world_size=2, epoch=0, epoch_progress=progress)
-    save_atomic(checkpoint, path)
+    checkpoint = dataclasses.replace(checkpoint, world_size=2, epoch=0, epoch_progress=progress)
+    save_atomic(checkpoint.to_dict(), path)
     before = path.read_bytes()
     result = cli.invoke(app, ["finetune", str(write_config(tmp_path / "c.yaml", overrides)), "--resume", "auto"])
     assert result.exit_code == 2
@@ -254,8 +255,8 @@ def test_a_killed_rank_restarts_and_the_job_ends_as_an_uninterrupted_one(two_pro
         load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt"),
         load_checkpoint(reference / "checkpoints" / "last.pt"),
     )
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
+    for key, value in a.model.items():
+        assert torch.equal(value, b.model[key]), key
     assert [r["val_loss"] for r in lines(tmp_path / "run")] == [r["val_loss"] for r in lines(reference)]
 
 
@@ -321,12 +322,12 @@ def test_ctrl_c_on_one_rank_stops_all_mid_epoch_and_the_resumed_job_ends_as_an_u
     assert result.returncode != 0
     assert "stopped at epoch 2, batch 1" in result.stderr  # both ranks stopped at the same step
     checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert checkpoint["epoch_progress"]["batches_done"] == 1 and len(checkpoint["rank_states"]) == 2
+    assert checkpoint.epoch_progress["batches_done"] == 1 and len(checkpoint.rank_states) == 2
     result = torchrun("-m", "tltool", "finetune", str(config), "--resume", "auto")
     assert result.returncode == 0, result.stderr[-3000:]
     reference, _ = two_processes
-    a = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
-    b = load_checkpoint(reference / "checkpoints" / "last.pt")["model"]
+    a = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt").model
+    b = load_checkpoint(reference / "checkpoints" / "last.pt").model
     for key, value in a.items():
         assert torch.equal(value, b[key]), key
     assert [r["train_loss"] for r in lines(tmp_path / "run")] == [r["train_loss"] for r in lines(reference)]

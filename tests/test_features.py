@@ -12,7 +12,7 @@ import torch
 import tltool.features as features_module
 import tltool.session as session_module
 from conftest import run_overrides
-from tltool.checkpoint import load_checkpoint
+from tltool.checkpoint import Checkpoint, load_checkpoint
 from tltool.config import load_config
 from tltool.data import Preprocess
 from tltool.features import cache_applies, cache_key
@@ -25,7 +25,7 @@ def run(run_dir: Path, train: Path, *extra: str, resume: str | None = None) -> d
     return finetune(load_config(None, run_overrides(run_dir, train, *extra)), resume=resume, quiet=True)
 
 
-def last(run_dir: Path) -> dict:
+def last(run_dir: Path) -> Checkpoint:
     return load_checkpoint(run_dir / "checkpoints" / "last.pt")
 
 
@@ -52,7 +52,7 @@ def test_cached_and_uncached_runs_give_the_same_head(tmp_path: Path, dataset: Pa
     cached = run(tmp_path / "cached", dataset, *extra)
     plain = run(tmp_path / "plain", dataset, *extra, "train.feature_cache=off")
     assert cached["feature_cache"] is not None and plain["feature_cache"] is None
-    a, b = last(tmp_path / "cached")["model"], last(tmp_path / "plain")["model"]
+    a, b = last(tmp_path / "cached").model, last(tmp_path / "plain").model
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     for x, y in zip(metrics(tmp_path / "cached"), metrics(tmp_path / "plain"), strict=True):
@@ -105,7 +105,7 @@ def test_large_caches_go_to_disk_and_are_reused_on_resume(
 
     monkeypatch.setattr(features_module, "_extract_views", no_extraction)
     run(tmp_path / "r", dataset, "train.feature_cache_memory_mb=0", "train.epochs=2", resume="auto")
-    assert last(tmp_path / "r")["epoch"] == 2
+    assert last(tmp_path / "r").epoch == 2
 
 
 def test_the_key_changes_with_files_preprocessing_and_weights(tmp_path: Path, dataset: Path) -> None:
@@ -145,7 +145,7 @@ def test_mid_epoch_resume_with_the_cache(tmp_path: Path, dataset: Path, monkeypa
         run(tmp_path / "resumed", dataset, *extra)
     monkeypatch.setattr(session_module, "save_atomic", real_save)
     run(tmp_path / "resumed", dataset, *extra, resume="auto")
-    a, b = last(tmp_path / "straight")["model"], last(tmp_path / "resumed")["model"]
+    a, b = last(tmp_path / "straight").model, last(tmp_path / "resumed").model
     for key in a:
         assert torch.equal(a[key], b[key]), key
 

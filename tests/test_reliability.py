@@ -18,7 +18,7 @@ import torch
 import tltool.checkpoint as checkpoint_module
 import tltool.session as session_module
 from conftest import make_dataset, run_overrides, write_config
-from tltool.checkpoint import TEMP_MARKER, clean_stale_temps, load_checkpoint, save_atomic
+from tltool.checkpoint import TEMP_MARKER, Checkpoint, clean_stale_temps, load_checkpoint, save_atomic
 from tltool.config import load_config
 from tltool.errors import CheckpointError, ConfigError
 from tltool.train import finetune
@@ -33,7 +33,7 @@ def run(run_dir: Path, train: Path, *extra: str, resume: str | None = None) -> d
     return finetune(load_config(None, run_overrides(run_dir, train, *extra)), resume=resume, quiet=True)
 
 
-def final_state(run_dir: Path) -> tuple[dict, list[dict]]:
+def final_state(run_dir: Path) -> tuple[Checkpoint, list[dict]]:
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return checkpoint, lines
@@ -41,17 +41,17 @@ def final_state(run_dir: Path) -> tuple[dict, list[dict]]:
 
 def assert_same_run(a_dir: Path, b_dir: Path, exact: bool = True) -> None:
     (a, a_lines), (b, b_lines) = final_state(a_dir), final_state(b_dir)
-    for key, value in a["model"].items():
+    for key, value in a.model.items():
         if exact:
-            assert torch.equal(value, b["model"][key]), key
+            assert torch.equal(value, b.model[key]), key
         else:
-            torch.testing.assert_close(value, b["model"][key], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(value, b.model[key], rtol=1e-4, atol=1e-5)
     assert [r["epoch"] for r in a_lines] == [r["epoch"] for r in b_lines]
     for key in ("train_loss", "train_acc", "val_loss", "val_acc1", "lr", "global_step"):
         left, right = [r[key] for r in a_lines], [r[key] for r in b_lines]
         assert left == right if exact else left == pytest.approx(right, rel=1e-4), key
     for key in ("epoch", "global_step", "best_metric", "best_epoch", "early_stopping", "trainable", "frozen_modules"):
-        assert a[key] == b[key], key
+        assert getattr(a, key) == getattr(b, key), key
 
 
 def cli_command(config: Path, *args: str) -> list[str]:
@@ -85,19 +85,19 @@ def test_mid_epoch_checkpoint_resumes_from_the_same_batch(
         run(tmp_path / "resumed", dataset, *extra)
     monkeypatch.setattr(session_module, "save_atomic", real_save)
     saved = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
-    assert saved["epoch"] == 0 and saved["epoch_progress"]["batches_done"] == 6 and saved["global_step"] == 6
+    assert saved.epoch == 0 and saved.epoch_progress["batches_done"] == 6 and saved.global_step == 6
     torch.manual_seed(999)  # the process's RNG before resuming must not matter
     run(tmp_path / "resumed", dataset, *extra, resume="auto")
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
     straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
     # Restored one by one: optimizer (momentum buffers), scheduler, scaler, RNG.
-    for index, value in straight["optimizer"]["state"].items():
-        assert torch.equal(value["momentum_buffer"], resumed["optimizer"]["state"][index]["momentum_buffer"])
-    assert straight["scheduler"] == resumed["scheduler"]
-    assert straight["scaler"] == resumed["scaler"]
-    assert torch.equal(straight["rng"]["torch"], resumed["rng"]["torch"])
-    assert straight["rng"]["python"] == resumed["rng"]["python"]
+    for index, value in straight.optimizer["state"].items():
+        assert torch.equal(value["momentum_buffer"], resumed.optimizer["state"][index]["momentum_buffer"])
+    assert straight.scheduler == resumed.scheduler
+    assert straight.scaler == resumed.scaler
+    assert torch.equal(straight.rng["torch"], resumed.rng["torch"])
+    assert straight.rng["python"] == resumed.rng["python"]
 
 
 @pytest.mark.slow
@@ -146,11 +146,11 @@ def test_ctrl_c_saves_and_exits_130_with_the_resume_command(tmp_path: Path) -> N
     assert process.returncode == 130, stderr
     assert f"tltool finetune {config} --resume auto" in stderr and "Traceback" not in stderr
     saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert saved["epoch"] >= 1
+    assert saved.epoch >= 1
     done = subprocess.run(cli_command(config, "--resume", "auto", "-q"), env=env(), capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 6
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt").epoch == 6
 
 
 def test_resume_with_workers_is_within_tolerance(tmp_path: Path, dataset: Path, monkeypatch) -> None:
@@ -190,7 +190,7 @@ def test_full_disk_stops_the_run_and_keeps_the_previous_checkpoint(
         run(tmp_path / "r", dataset, "train.epochs=3")
     monkeypatch.setattr(checkpoint_module.os, "fsync", real_fsync)
     assert "No space left on device" in exc.value.message()
-    assert load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["epoch"] == 1
+    assert load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt").epoch == 1
     assert not [p for p in (tmp_path / "r" / "checkpoints").iterdir() if TEMP_MARKER in p.name]
 
 

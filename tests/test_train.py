@@ -29,7 +29,7 @@ def run(run_dir: Path, train: Path, *extra: str, resume: str | None = None, **kw
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path)["model"]
+    return load_checkpoint(path).model
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -91,8 +91,8 @@ def test_frozen_backbone_and_its_batch_norm_statistics_are_bitwise_unchanged(tmp
         assert torch.equal(initial[key], final[key]), key
     assert not torch.equal(initial["head.1.weight"], final["head.1.weight"])
     checkpoint = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
-    assert checkpoint["trainable"] == ["head.1.weight", "head.1.bias"]
-    assert checkpoint["frozen_modules"] == ["backbone"]
+    assert checkpoint.trainable == ["head.1.weight", "head.1.bias"]
+    assert checkpoint.frozen_modules == ["backbone"]
 
 
 class Crash(Exception):
@@ -126,7 +126,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(
     monkeypatch.setattr(session_module, "evaluate", crash_in_third_epoch)
     with pytest.raises(Crash):
         run(tmp_path / "resumed", dataset, *extra)
-    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["epoch"] == 2
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt").epoch == 2
     monkeypatch.setattr(session_module, "evaluate", real_evaluate)
     # A different process state before resuming must not matter: RNG comes from the checkpoint.
     torch.manual_seed(12345)
@@ -143,8 +143,8 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(
     straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
     for key in ("epoch", "global_step", "best_metric", "best_epoch", "early_stopping", "trainable"):
-        assert straight[key] == resumed[key], key
-    assert straight["scheduler"]["last_epoch"] == resumed["scheduler"]["last_epoch"]
+        assert getattr(straight, key) == getattr(resumed, key), key
+    assert straight.scheduler["last_epoch"] == resumed.scheduler["last_epoch"]
 
 
 def test_resume_rules(tmp_path: Path, dataset: Path) -> None:
@@ -185,8 +185,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_finite_checkpoint(
     assert "nan at epoch 2, batch 1" in exc.value.message() and "train.lr" in exc.value.message()
     for name in ("last.pt", "best.pt"):
         checkpoint = load_checkpoint(tmp_path / "r" / "checkpoints" / name)
-        assert checkpoint["epoch"] == 1
-        assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+        assert checkpoint.epoch == 1
+        assert all(torch.isfinite(v).all() for v in checkpoint.model.values() if v.is_floating_point())
 
 
 def test_reading_the_device_sums_every_few_batches_changes_nothing(
@@ -229,7 +229,7 @@ def test_early_stopping(tmp_path: Path, dataset: Path, monkeypatch: pytest.Monke
     summary = run(tmp_path / "r", dataset, "train.epochs=6", "train.early_stopping_patience=2")
     assert summary["stopped_early"] and summary["epochs_completed"] == 4
     assert summary["best_epoch"] == 2 and summary["best_metric"] == 0.7
-    assert load_checkpoint(tmp_path / "r" / "checkpoints" / "best.pt")["epoch"] == 2
+    assert load_checkpoint(tmp_path / "r" / "checkpoints" / "best.pt").epoch == 2
 
 
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path: Path, dataset: Path) -> None:
@@ -315,7 +315,7 @@ def test_run_compile_trains_the_same_head_and_reports_the_compile_time(tmp_path:
         overrides = run_overrides(tmp_path / flag, dataset, f"run.compile={flag}", "train.epochs=2")
         runs[flag] = finetune(load_config(None, overrides), quiet=True)
     assert runs["false"]["compile_seconds"] is None and runs["true"]["compile_seconds"] > 0
-    plain, compiled = (load_checkpoint(tmp_path / f / "checkpoints" / "last.pt")["model"] for f in ("false", "true"))
+    plain, compiled = (load_checkpoint(tmp_path / f / "checkpoints" / "last.pt").model for f in ("false", "true"))
     assert plain.keys() == compiled.keys()  # the uncompiled model's names: no _orig_mod prefix
     for key in plain:
         torch.testing.assert_close(compiled[key], plain[key], rtol=1e-4, atol=1e-5)

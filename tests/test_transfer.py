@@ -15,7 +15,7 @@ from torch import nn
 import tltool.objective as objective_module
 import tltool.session as session_module
 from conftest import make_dataset, run_overrides
-from tltool.checkpoint import load_checkpoint
+from tltool.checkpoint import Checkpoint, load_checkpoint
 from tltool.config import load_config
 from tltool.data import BalancedSampler
 from tltool.errors import ConfigError
@@ -39,7 +39,7 @@ def run(run_dir: Path, train: Path, *extra: str, resume: str | None = None) -> d
     return finetune(load_config(None, run_overrides(run_dir, train, *extra)), resume=resume, quiet=True)
 
 
-def last(run_dir: Path) -> dict:
+def last(run_dir: Path) -> Checkpoint:
     return load_checkpoint(run_dir / "checkpoints" / "last.pt")
 
 
@@ -175,17 +175,17 @@ def test_gradual_unfreezing_opens_stages_at_their_epochs_with_their_lr(
     assert any(k.startswith("backbone.layer3.") for k in moved) and any("running_mean" in k for k in moved)
     assert all(k.startswith(("backbone.layer3.", "backbone.layer4.")) for k in moved)
     checkpoint = last(tmp_path / "r")
-    assert checkpoint["transfer"]["opened"] == [
+    assert checkpoint.transfer["opened"] == [
         {"part": "backbone.layer4", "step": 4, "epoch": 2},
         {"part": "backbone.layer3", "step": 8, "epoch": 3},
     ]
-    assert [g["name"] for g in checkpoint["optimizer"]["param_groups"]] == [
+    assert [g["name"] for g in checkpoint.optimizer["param_groups"]] == [
         "head",
         "backbone.layer4",
         "backbone.layer3",
     ]
-    assert checkpoint["frozen_modules"] == ["backbone.conv1", "backbone.bn1", "backbone.layer1", "backbone.layer2"]
-    assert all(n.startswith(("head.", "backbone.layer3.", "backbone.layer4.")) for n in checkpoint["trainable"])
+    assert checkpoint.frozen_modules == ["backbone.conv1", "backbone.bn1", "backbone.layer1", "backbone.layer2"]
+    assert all(n.startswith(("head.", "backbone.layer3.", "backbone.layer4.")) for n in checkpoint.trainable)
     # LR per group: head 0.01; layer4 0.01 x 0.5; layer3 one stage further, x 0.5 again. Each opened group
     # warms up over 2 epochs (8 steps) from its opening step: after 4 of them it is at 5/8 of its peak.
     lrs = [r["lr_groups"] for r in metrics(tmp_path / "r")]
@@ -211,13 +211,13 @@ def test_two_phase_with_the_feature_cache_equals_without(
     assert cached["method"] == "two-phase (unfreeze at epoch 2) + frozen batch norm"
     assert changed(initial, saved[0], "backbone.") == []  # epoch 1: the head only
     a, b = last(tmp_path / "cached"), last(tmp_path / "plain")
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+    for key in a.model:
+        torch.testing.assert_close(a.model[key], b.model[key], rtol=1e-5, atol=1e-6)
     for x, y in zip(metrics(tmp_path / "cached"), metrics(tmp_path / "plain"), strict=True):
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-5)
-    assert [g["name"] for g in a["optimizer"]["param_groups"]] == ["head", "backbone"]
+    assert [g["name"] for g in a.optimizer["param_groups"]] == ["head", "backbone"]
     # Epoch 2 trained the backbone; bn_policy frozen kept its batch-norm statistics (and eval mode).
-    moved = changed(initial, a["model"], "backbone.")
+    moved = changed(initial, a.model, "backbone.")
     assert any(k.endswith("conv1.weight") for k in moved) and any(k.endswith("bn1.weight") for k in moved)
     assert not [k for k in moved if "running" in k or "num_batches" in k]
 
@@ -271,25 +271,25 @@ def test_resume_in_the_middle_of_a_plan_equals_uninterrupted(
         run(tmp_path / "resumed", dataset, *MID_PLAN)
     monkeypatch.setattr(session_module, "save_atomic", real)
     saved = last(tmp_path / "resumed")
-    assert saved["transfer"]["opened"] == [
+    assert saved.transfer["opened"] == [
         {"part": "backbone.layer4", "step": 4, "epoch": 2}, {"part": "backbone.layer3", "step": 4, "epoch": 2}
     ]  # fmt: skip
     torch.manual_seed(4321)  # the process's RNG before resuming must not matter
     run(tmp_path / "resumed", dataset, *MID_PLAN, resume="auto")
     a, b = last(straight), last(tmp_path / "resumed")
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a.model:
+        assert torch.equal(a.model[key], b.model[key]), key
     for key in ("transfer", "trainable", "frozen_modules", "global_step", "scheduler"):
-        assert a[key] == b[key], key
-    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
-    for index, value in a["optimizer"]["state"].items():
-        assert torch.equal(value["momentum_buffer"], b["optimizer"]["state"][index]["momentum_buffer"])
-    for key, value in a["l2sp_reference"].items():
-        assert torch.equal(value, b["l2sp_reference"][key]), key
+        assert getattr(a, key) == getattr(b, key), key
+    assert a.optimizer["param_groups"] == b.optimizer["param_groups"]
+    for index, value in a.optimizer["state"].items():
+        assert torch.equal(value["momentum_buffer"], b.optimizer["state"][index]["momentum_buffer"])
+    for key, value in a.l2sp_reference.items():
+        assert torch.equal(value, b.l2sp_reference[key]), key
     for x, y in zip(metrics(straight), metrics(tmp_path / "resumed"), strict=True):
         for key in ("train_loss", "val_loss", "lr_groups"):
             assert x[key] == y[key], key
-    assert [r["part"] for r in a["transfer"]["opened"]][2:] == ["backbone.layer2", "backbone.layer1", "backbone.stem"]
+    assert [r["part"] for r in a.transfer["opened"]][2:] == ["backbone.layer2", "backbone.layer1", "backbone.stem"]
 
 
 # --- discriminative LR ------------------------------------------------------------------------------
@@ -329,14 +329,14 @@ def test_l2sp_replaces_weight_decay_in_the_loop(tmp_path: Path, dataset: Path, m
         name: torch.zeros_like(p) for name, p in model.backbone.named_parameters(prefix="backbone")})  # fmt: skip
     summary = run(tmp_path / "r", dataset, *extra)
     final = last(tmp_path / "r")
-    steps = final["global_step"]
+    steps = final.global_step
     assert steps == 4 and summary["method"] == "full fine-tune + L2-SP (alpha 0.4, beta 0.2)"
-    assert {g["weight_decay"] for g in final["optimizer"]["param_groups"]} == {0.0}
-    assert len(final["trainable"]) == 62  # every parameter of resnet18 and its head
-    for name in final["trainable"]:
+    assert {g["weight_decay"] for g in final.optimizer["param_groups"]} == {0.0}
+    assert len(final.trainable) == 62  # every parameter of resnet18 and its head
+    for name in final.trainable:
         factor = (1 - 0.1 * (0.2 if name.startswith("head.") else 0.4)) ** steps
-        torch.testing.assert_close(final["model"][name], initial[name] * factor, rtol=1e-5, atol=1e-7)
-    assert all(not v.any() for v in final["l2sp_reference"].values())
+        torch.testing.assert_close(final.model[name], initial[name] * factor, rtol=1e-5, atol=1e-7)
+    assert all(not v.any() for v in final.l2sp_reference.values())
 
 
 # --- class imbalance --------------------------------------------------------------------------------
@@ -383,7 +383,7 @@ def test_imbalanced_data_with_the_cache_equals_without(tmp_path: Path, monkeypat
     expected = torch.tensor([16 / (3 * c) for c in counts])
     torch.testing.assert_close(torch.tensor(cached["transfer"]["class_weights"]), expected)
     assert seen and all(torch.equal(w, expected) for w in seen if w is not None)
-    a, b = last(tmp_path / "cached")["model"], last(tmp_path / "plain")["model"]
+    a, b = last(tmp_path / "cached").model, last(tmp_path / "plain").model
     torch.testing.assert_close(a["head.1.weight"], b["head.1.weight"], rtol=1e-5, atol=1e-6)
     for x, y in zip(metrics(tmp_path / "cached"), metrics(tmp_path / "plain"), strict=True):
         assert x["train_acc"] == y["train_acc"] and x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-5)

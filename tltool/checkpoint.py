@@ -12,7 +12,7 @@ import random
 import shutil
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -117,6 +117,11 @@ class Checkpoint:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
+    def required(cls) -> list[str]:
+        """The keys without a default: a file that lacks one cannot be read."""
+        return [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Checkpoint:
         known = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in known})
@@ -124,14 +129,6 @@ class Checkpoint:
     @property
     def mid_epoch(self) -> bool:
         return bool(self.epoch_progress)
-
-    # TRANSITIONAL (issue 13): dict-style reads while the readers move to attributes; removed before it closes.
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        value = getattr(self, key, default)
-        return default if value is None else value
 
     def rank_state(self, rank: int) -> dict[str, Any]:
         """Rank `rank`'s random states and epoch sums (rank 0's are the top-level keys)."""
@@ -152,6 +149,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(
             f"{path} has checkpoint format {obj['format_version']}, newer than this tltool reads ({FORMAT_VERSION})",
             "upgrade tltool",
+        )
+    missing = [name for name in Checkpoint.required() if name not in obj]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a valid tltool checkpoint (missing {', '.join(missing)})", "use an intact copy"
         )
     return Checkpoint.from_dict(obj)
 
