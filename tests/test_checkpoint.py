@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from tltool.checkpoint import FORMAT_VERSION, Checkpoint, load_checkpoint, rng_state, save_atomic
+from tltool.config import load_config
 from tltool.errors import CheckpointError
+from tltool.models import build_model
 
 # What runstate.checkpoint_payload wrote before the Checkpoint dataclass (format 1).
 OLD_KEYS = (
@@ -189,3 +191,7 @@ def test_a_checkpoint_without_a_required_key_is_a_one_line_error(tmp_path: Path,
         load_checkpoint(tmp_path / "cut.pt")
     assert len(caught.value.message().splitlines()) == 1
     assert "use an intact copy" in caught.value.message()
+    # The same file as the source weights of a new run: the same one line.
+    cfg = load_config(None, ["data.train=.", "model.backbone=resnet18", f"model.weights={tmp_path / 'cut.pt'}"])
+    with pytest.raises(CheckpointError, match=re.escape(f"(missing {', '.join(dropped)})")):
+        build_model(cfg.model, cfg.data, 3)

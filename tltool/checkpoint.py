@@ -139,7 +139,11 @@ class Checkpoint:
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """A tltool checkpoint, safely loaded and checked for the keys eval/export/predict need."""
-    obj = safe_load(path, "tltool checkpoint")
+    return as_checkpoint(safe_load(path, "tltool checkpoint"), path)
+
+
+def as_checkpoint(obj: Any, path: str | Path) -> Checkpoint:
+    """The Checkpoint of a safely loaded file, or a one-line CheckpointError naming what it lacks."""
     if not is_tltool_checkpoint(obj):
         raise CheckpointError(
             f"{path} is not a valid tltool checkpoint (no format_version/arch/model/class_names)",

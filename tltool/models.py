@@ -19,7 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tltool.checkpoint import Checkpoint, is_tltool_checkpoint, safe_load
+from tltool.checkpoint import Checkpoint, as_checkpoint, is_tltool_checkpoint, safe_load
 from tltool.config import DataConfig, ModelConfig, weights_is_file
 from tltool.data import Preprocess
 from tltool.errors import CheckpointError, ConfigError, ModelError
@@ -238,7 +238,7 @@ def build_model(
     if weights_is_file(weights_name):
         loaded = safe_load(weights_name, what="model.weights file")
         if is_tltool_checkpoint(loaded):
-            source_ckpt = Checkpoint.from_dict(loaded)
+            source_ckpt = as_checkpoint(loaded, weights_name)
             source_backbone = source_ckpt.arch["backbone"]
             if source_backbone != backbone:
                 raise CheckpointError(
