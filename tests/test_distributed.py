@@ -331,3 +331,26 @@ def test_ctrl_c_on_one_rank_stops_all_mid_epoch_and_the_resumed_job_ends_as_an_u
     for key, value in a.items():
         assert torch.equal(value, b[key]), key
     assert [r["train_loss"] for r in lines(tmp_path / "run")] == [r["train_loss"] for r in lines(reference)]
+
+
+@pytest.mark.slow
+def test_a_second_stream_trains_with_two_processes_as_with_one_at_twice_the_batch(
+    tmp_path_factory: pytest.TempPathFactory, data: Path
+) -> None:
+    """adapt.unlabeled under torchrun: each rank draws its shard of the unlabelled order, and MCC's class
+    confusion is computed over the global batch, so 2 x 4 trains as 1 x 8."""
+    root = tmp_path_factory.mktemp("adapt")
+    target = make_dataset(root / "target", classes=3, per_class=4, size=24, seed=5)
+    extra = (f"adapt.unlabeled={target}", "adapt.method=mcc", "adapt.warmup=none")
+    one = root / "one"
+    finetune(load_config(None, run_overrides(one, data, *ONE, *extra)), quiet=True)
+    config = write_config(root / "ddp.yaml", run_overrides(root / "two", data, *DDP, *extra))
+    result = torchrun("-m", "tltool", "finetune", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = lines(root / "two"), lines(one)
+    for key in ("train_loss", "val_loss", "val_acc1"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5, abs=1e-6), key
+    assert [r["loss_terms"]["mcc"] for r in a] == pytest.approx([r["loss_terms"]["mcc"] for r in b], rel=1e-5)
+    two_model = load_checkpoint(root / "two" / "checkpoints" / "last.pt").model
+    for key, value in load_checkpoint(one / "checkpoints" / "last.pt").model.items():
+        torch.testing.assert_close(two_model[key], value, rtol=1e-5, atol=1e-6)

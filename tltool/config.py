@@ -259,6 +259,39 @@ class CheckpointConfig(_Section):
     """Also save `last.pt` every this many optimizer steps within an epoch (a resume continues from that batch)."""
 
 
+class AdaptConfig(_Section):
+    """Feature-based domain adaptation: unlabelled images of the target domain next to the labelled ones."""
+
+    unlabeled: str | None = Field(None, examples=["data/target_unlabeled"])
+    """A folder of unlabelled target-domain images (any depth, no class folders needed); each training step draws
+    a batch of them beside the labelled batch (the same batch size)."""
+    bn_stats: Literal["source", "target"] = Field("source", examples=["target"])
+    """target: batch-norm statistics re-estimated on the unlabelled images (AdaBN, Li et al. 2016); each domain is
+    normalized with its own during training and the saved model carries the target's. Needs a frozen backbone."""
+    method: Literal["none", "mcc", "dann"] = Field("none", examples=["mcc"])
+    """The adaptation loss on the unlabelled images: mcc (Minimum Class Confusion, Jin et al. 2020) or dann
+    (domain-adversarial training with a gradient-reversal layer, Ganin et al. 2016; the backbone must train)."""
+    weight: float = Field(1.0, ge=0.0, le=100.0, examples=[0.5])
+    """Weight of the adaptation loss term."""
+    warmup: Literal["ganin", "none"] = Field("ganin", examples=["none"])
+    """ganin: the adaptation ramps in as 2 / (1 + exp(-10 p)) - 1 over training progress p (the term's weight for
+    mcc, the gradient-reversal coefficient for dann); none: full strength from the first step."""
+    mcc_temperature: float = Field(2.5, gt=0.0, le=100.0, examples=[3.0])
+    """MCC's softmax temperature (the paper's and TLlib's default: 2.5)."""
+    dann_hidden: int = Field(1024, ge=8, le=8192, examples=[256])
+    """Width of the domain discriminator's two hidden layers (Linear-BN-ReLU twice, then one logit)."""
+
+    @model_validator(mode="after")
+    def _needs_images(self) -> AdaptConfig:
+        if self.unlabeled is None and (self.method != "none" or self.bn_stats == "target"):
+            raise ValueError("adapt.method and adapt.bn_stats=target need adapt.unlabeled (a folder of target images)")
+        if self.unlabeled is not None and self.method == "none" and self.bn_stats == "source":
+            raise ValueError(
+                "adapt.unlabeled is set but nothing uses it: set adapt.method (mcc, dann) or adapt.bn_stats"
+            )
+        return self
+
+
 class LogConfig(_Section):
     progress: bool = Field(True, examples=[False])
     """Show a progress bar per epoch (never when the output is not a terminal, or with --quiet)."""
@@ -279,6 +312,8 @@ class Config(_Section):
     """The backbone, its pretrained weights and the new head."""
     train: TrainConfig = Field(default_factory=TrainConfig)
     """The training loop."""
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig)
+    """Domain adaptation from unlabelled target images."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """What is kept of the run."""
     log: LogConfig = Field(default_factory=LogConfig)

@@ -145,6 +145,24 @@ def any_rank(*flags: bool) -> tuple[bool, ...]:
     return tuple(value > 0 for value in all_reduce_max([float(bool(f)) for f in flags]))
 
 
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """The rows of `tensor` of every rank, in rank order, differentiable (itself in a single process).
+
+    For a loss computed over the global batch (MCC's class confusion): every rank computes it on the
+    gathered rows, and the backward sends each rank the gradient of its own rows summed over ranks, which
+    DDP's average turns into the single-process gradient. Ranks whose row counts differ (an image that
+    failed to decode) each keep their own rows.
+    """
+    if not current().enabled:
+        return tensor
+    counts = all_reduce_max([float(tensor.shape[0]), -float(tensor.shape[0])])
+    if counts[0] != -counts[1]:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor.contiguous()))
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj` (picklable), in rank order; `[obj]` in a single process."""
     if not current().enabled:

@@ -24,9 +24,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tltool import __version__
+from tltool.adapt import using_bn_stats
 from tltool.checkpoint import safe_load, save_atomic
 from tltool.config import Config
-from tltool.data import EpochSampler, Preprocess, Sample, eval_transform, make_loader, train_transform
+from tltool.data import CyclingSampler, EpochSampler, Preprocess, Sample, eval_transform, make_loader, train_transform
 from tltool.device import autocast
 from tltool.distributed import all_gather_objects, any_rank, barrier, current, shard_bounds
 from tltool.transfer import freezes_backbone
@@ -66,8 +67,9 @@ def cache_key(cfg: Config, weights_source: str, preprocess: Preprocess, samples:
         "weights_source": weights_source,
         "weights_stat": weights_stat,
         "preprocess": preprocess.to_dict(),
-        "augment": cfg.data.augment if kind == "train" else "none",
-        "views": views_for(cfg) if kind == "train" else 1,
+        "augment": cfg.data.augment if kind in ("train", "unlabeled") else "none",
+        "views": views_for(cfg) if kind in ("train", "unlabeled") else 1,
+        "bn_stats": cfg.adapt.bn_stats if kind == "unlabeled" else "source",
         "seed": cfg.run.seed,
         "precision": cfg.train.precision,
         "tltool": __version__,
@@ -111,9 +113,13 @@ class FeatureCache:
     val_loader: DataLoader
     extract_seconds: float
     location: str
+    unlabeled: FeatureDataset | None = None  # adapt.unlabeled's features (K views, as train)
+    unlabeled_loader: DataLoader | None = None  # one unlabelled batch per training batch (CyclingSampler)
 
     def set_epoch(self, epoch: int) -> None:
         self.train.view = epoch % self.train.features.shape[0]
+        if self.unlabeled is not None:
+            self.unlabeled.view = epoch % self.unlabeled.features.shape[0]
 
 
 @torch.inference_mode()
@@ -225,20 +231,29 @@ def build_cache(
     device: torch.device,
     precision: str,
     cache_dir: Path,
+    unlabeled: tuple[Sequence[Sample], int, dict[str, torch.Tensor] | None] | None = None,
 ) -> FeatureCache:
-    """Extract (or reuse from `cache_dir`) the train and val features and wrap them in loaders."""
+    """Extract (or reuse from `cache_dir`) the train and val features and wrap them in loaders.
+
+    `unlabeled`: (samples, the stream's seed, the batch-norm statistics to extract them with, or None for
+    the backbone's own) of adapt.unlabeled; they get K views as the training images.
+    """
     start = time.perf_counter()
     views = views_for(cfg)
     parts = {}
     location = "memory"
-    for kind, samples, transform, count in (
-        ("train", train_samples, train_transform(preprocess, cfg.data.augment), views),
-        ("val", val_samples, eval_transform(preprocess), 1),
-    ):
+    kinds = [
+        ("train", train_samples, train_transform(preprocess, cfg.data.augment), views, None),
+        ("val", val_samples, eval_transform(preprocess), 1, None),
+    ]
+    if unlabeled is not None:
+        kinds.append(("unlabeled", unlabeled[0], train_transform(preprocess, cfg.data.augment), views, unlabeled[2]))
+    for kind, samples, transform, count, stats in kinds:
         key = cache_key(cfg, weights_source, preprocess, samples, kind)
         stored = _load_stored(cache_dir, key)
         if stored is None:
-            features, labels = _extract_views(model.backbone, samples, transform, count, cfg, device, precision)
+            with using_bn_stats(model.backbone, stats):
+                features, labels = _extract_views(model.backbone, samples, transform, count, cfg, device, precision)
             stored, where = _store({"features": features, "labels": labels}, cache_dir, key,
                                    cfg.train.feature_cache_memory_mb)  # fmt: skip
         else:
@@ -261,4 +276,14 @@ def build_cache(
         sampler=EpochSampler(len(parts["val"]), cfg.run.seed, shuffle=False, shard=shard, pad=False),
         collate_fn=_as_batch,
     )
-    return FeatureCache(parts["train"], parts["val"], train_loader, val_loader, time.perf_counter() - start, location)
+    cache = FeatureCache(parts["train"], parts["val"], train_loader, val_loader, 0.0, location)
+    if unlabeled is not None:
+        cache.unlabeled = parts["unlabeled"]
+        cache.unlabeled_loader = DataLoader(
+            parts["unlabeled"],
+            batch_size=cfg.data.batch_size,
+            sampler=CyclingSampler(len(parts["unlabeled"]), unlabeled[1], len(parts["train"]), shard=shard),
+            collate_fn=_as_batch,
+        )
+    cache.extract_seconds = time.perf_counter() - start
+    return cache

@@ -61,13 +61,15 @@ class TransferModel(nn.Module):
         # Kept by the unfreeze plan (transfer.py): a frozen backbone needs no autograd graph (less memory and time).
         self.frozen_backbone = False
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's output (without an autograd graph while the backbone is frozen)."""
         if self.frozen_backbone:
             with torch.no_grad():
-                features = self.backbone(images)
-        else:
-            features = self.backbone(images)
-        return self.head(features)
+                return self.backbone(images)
+        return self.backbone(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
 
 
 @dataclass

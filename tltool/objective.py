@@ -19,8 +19,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from tltool.adapt import DomainDiscriminator, domain_adversarial_loss, ganin_ramp, mcc_loss, reverse_gradient
 from tltool.config import Config
+from tltool.distributed import gather_rows
 from tltool.errors import ConfigError
 from tltool.models import TransferModel
 
@@ -29,18 +32,28 @@ from tltool.models import TransferModel
 class StepOutputs:
     """What one training step's forward produced: the terms' input."""
 
-    logits: torch.Tensor  # (batch, classes), float32
+    logits: torch.Tensor  # (batch, classes), float32: the labelled batch
     labels: torch.Tensor  # (batch,)
+    features: torch.Tensor | None = None  # the labelled batch's backbone features (adapting runs)
+    unlabeled_logits: torch.Tensor | None = None  # the unlabelled batch's (adapt.unlabeled), float32
+    unlabeled_features: torch.Tensor | None = None
+    progress: float = 0.0  # how far training is, 0 to 1 (for warm-ups)
 
 
 @dataclass
 class Term:
-    """One named part of the objective: `weight * compute(outputs)`."""
+    """One named part of the objective: `weight * compute(outputs)`.
+
+    A term with trainable parameters of its own (DANN's discriminator) holds them in `module`: the session
+    gives them an optimizer group named after the term, wraps them for DDP (`forward`), and saves them.
+    """
 
     name: str
     compute: Callable[[StepOutputs], torch.Tensor]
     weight: float = 1.0
     state: dict[str, Any] = field(default_factory=dict)  # what a resume needs (saved in the checkpoint)
+    module: nn.Module | None = None
+    forward: nn.Module | None = None  # `module` as the step calls it (DDP-wrapped under torchrun)
 
 
 class Objective:
@@ -61,7 +74,15 @@ class Objective:
         return total, values
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
-        return {term.name: term.state for term in self.terms if term.state}
+        out = {term.name: dict(term.state) for term in self.terms if term.state}
+        for term in self.terms:
+            if term.module is not None:
+                out.setdefault(term.name, {})["module"] = term.module.state_dict()
+        return out
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The terms' own trainable modules, by term name."""
+        return {term.name: term.module for term in self.terms if term.module is not None}
 
     def term(self, name: str) -> Term | None:
         return next((term for term in self.terms if term.name == name), None)
@@ -74,8 +95,10 @@ def build_objective(
     labels: Sequence[int],
     device: torch.device,
     saved: dict[str, dict[str, Any]] | None = None,
+    in_features: int = 0,
 ) -> Objective:
-    """The run's loss terms, from the config; `saved` is the state of a resumed run's terms."""
+    """The run's loss terms, from the config; `saved` is the state of a resumed run's terms; `in_features`
+    the width of the backbone's features (DANN's discriminator input)."""
     saved = saved or {}
     train = cfg.train
     weight = class_weight_tensor(train.class_weights, class_names, labels)
@@ -93,6 +116,34 @@ def build_objective(
             return l2sp_penalty(model, reference, train.l2sp_alpha, train.l2sp_beta)
 
         terms.append(Term("l2sp", l2sp, state={"reference": reference}))
+    adapt = cfg.adapt
+    ramp = ganin_ramp if adapt.warmup == "ganin" else (lambda progress: 1.0)
+    if adapt.method == "mcc":
+
+        def mcc(out: StepOutputs) -> torch.Tensor:
+            if out.unlabeled_logits is None or not out.unlabeled_logits.numel():
+                return out.logits.new_zeros(())
+            # (over the global batch under torchrun: a class confusion is not a mean over samples)
+            return ramp(out.progress) * mcc_loss(gather_rows(out.unlabeled_logits), adapt.mcc_temperature)
+
+        terms.append(Term("mcc", mcc, adapt.weight))
+    elif adapt.method == "dann":
+        discriminator = DomainDiscriminator(in_features, adapt.dann_hidden).to(device)
+        if "module" in saved.get("dann", {}):
+            discriminator.load_state_dict(saved["dann"]["module"])
+        term = Term("dann", lambda out: out.logits.new_zeros(()), adapt.weight, module=discriminator)
+
+        def dann(out: StepOutputs) -> torch.Tensor:
+            if out.unlabeled_features is None or not out.unlabeled_features.numel():
+                return out.logits.new_zeros(())
+            # (one discriminator pass over both domains: its batch norm sees them together, as in TLlib)
+            both = reverse_gradient(torch.cat([out.features, out.unlabeled_features]), ramp(out.progress))
+            domain = (term.forward or term.module)(both)
+            count = out.features.shape[0]
+            return domain_adversarial_loss(domain[:count], domain[count:])
+
+        term.compute = dann
+        terms.append(term)
     return Objective(terms, class_weight=weight)
 
 

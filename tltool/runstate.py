@@ -108,9 +108,9 @@ def with_absolute_paths(cfg: Config, names: ModelNames | None = None) -> Config:
     the same one-line error as the CLI's).
     """
     data = cfg.to_dict()
-    for key in ("train", "val"):
-        if data["data"][key]:
-            data["data"][key] = os.path.abspath(data["data"][key])
+    for section, key in (("data", "train"), ("data", "val"), ("adapt", "unlabeled")):
+        if data[section][key]:
+            data[section][key] = os.path.abspath(data[section][key])
     return build_config(data, names=names)
 
 
@@ -170,7 +170,14 @@ def open_resume(
     if resume == "auto" and not path.exists():
         raise CheckpointError(f"--resume auto: no checkpoint at {path}", "start the run without --resume")
     resumed = load_checkpoint(path)
-    differences = _config_differences(resumed.config, cfg.to_dict())
+    # (through the config model: keys added to tltool since the checkpoint was written take their defaults)
+    try:
+        saved_config = build_config(resumed.config).to_dict()
+    except ConfigError as exc:
+        raise CheckpointError(
+            f"{path}: its config no longer validates ({exc.what})", "resume with its tltool version"
+        ) from None
+    differences = _config_differences(saved_config, cfg.to_dict())
     if differences:
         raise ConfigError(
             f"the config differs from the checkpoint's in {len(differences)} key(s); only "

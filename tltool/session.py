@@ -28,21 +28,25 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tltool import distributed
+from tltool.adapt import TrainForward, bn_stats, estimate_bn_stats, load_bn_stats
 from tltool.catalog import TORCHVISION_NAMES
 from tltool.checkpoint import Checkpoint, copy_atomic, restore_rng, rng_state, save_atomic, versions
 from tltool.config import Config
 from tltool.data import (
+    IMAGE_EXTENSIONS,
     BalancedSampler,
     DataSplit,
+    Sample,
     epoch_seed,
     eval_transform,
+    image_files,
     make_loader,
     scan_data,
     set_loader_epoch,
     train_transform,
 )
 from tltool.device import configure_backends, resolve_precision, use_channels_last
-from tltool.errors import CheckpointError, ConfigError
+from tltool.errors import CheckpointError, ConfigError, DataError
 from tltool.evaluate import evaluate
 from tltool.features import FeatureCache, build_cache, cache_applies
 from tltool.models import BuiltModel, build_model, built_from_checkpoint
@@ -86,6 +90,7 @@ class Stream:
     name: str
     loader: Iterable[Any]
     batch_size: int = 1
+    seed: int | None = None  # the stream's own seed (None: run.seed)
 
     def num_batches(self) -> int:
         """Batches this rank draws per epoch."""
@@ -96,6 +101,7 @@ class Stream:
 
     def set_epoch(self, seed: int, epoch: int, skip_batches: int, rank: int) -> None:
         if isinstance(self.loader, DataLoader):
+            seed = seed if self.seed is None else self.seed
             set_loader_epoch(self.loader, seed, epoch, skip_batches=skip_batches, rank=rank)
 
 
@@ -132,6 +138,8 @@ class TrainingSession:
     steps_per_epoch: int
     image_streams: dict[str, Stream]
     image_val: Iterable[Any]
+    unlabeled: list[Sample] | None = None  # adapt.unlabeled's images (label -1)
+    bn_stats: dict[str, dict[str, torch.Tensor]] | None = None  # AdaBN: {"source": ..., "target": ...}
     resumed: Checkpoint | None = None
     cache: FeatureCache | None = None
     inputs: Inputs | None = None
@@ -161,6 +169,11 @@ class TrainingSession:
     def forward(self) -> nn.Module:
         return self.inputs.forward
 
+    @property
+    def adapting(self) -> bool:
+        """A run with unlabelled target images: steps go through `adapt.TrainForward`."""
+        return self.unlabeled is not None
+
     def set_streams(self, streams: dict[str, Stream]) -> None:
         """Train on these batches instead (the benchmark's prepared batches), through the same forward."""
         self.inputs.streams = streams
@@ -174,8 +187,14 @@ class TrainingSession:
         self.state.history = prepare_run_directory(cfg, split.class_names, self.state.epoch, self.world.is_main)
         if cache_applies(cfg) and self.plan.head_only(self.state.epoch):
             built = self.built
-            self.cache = build_cache(cfg, self.model, built.weights_source, built.preprocess, split.train, split.val,
-                                     self.device, self.precision, self.run_dir / "feature_cache")  # fmt: skip
+            unlabeled = None
+            if self.adapting:
+                target = self.bn_stats["target"] if self.bn_stats else None
+                unlabeled = (self.unlabeled, self.image_streams["unlabeled"].seed, target)
+            self.cache = build_cache(
+                cfg, self.model, built.weights_source, built.preprocess, split.train, split.val, self.device,
+                self.precision, self.run_dir / "feature_cache", unlabeled,
+            )  # fmt: skip
             if cfg.data.sampler == "balanced":  # the same class-balanced draw over the cached features
                 sampler = BalancedSampler(self.cache.train.labels.tolist(), cfg.run.seed, shard=self.world.shard)
                 self.cache.train_loader = DataLoader(self.cache.train, cfg.data.batch_size, sampler=sampler,
@@ -206,10 +225,17 @@ class TrainingSession:
         if cached:
             cache = self.cache
             streams = {"train": Stream("train", cache.train_loader, self.cfg.data.batch_size)}
+            if cache.unlabeled_loader is not None:
+                seed = self.image_streams["unlabeled"].seed
+                streams["unlabeled"] = Stream("unlabeled", cache.unlabeled_loader, self.cfg.data.batch_size, seed)
             inputs = (streams, cache.val_loader, self.model.head)
         else:
             inputs = (dict(self.image_streams), self.image_val, self.model)
-        forward = distributed.wrap(inputs[2], self.device)
+        step_module = inputs[2]
+        if self.adapting:  # both domains in one module (DDP wraps it whole); AdaBN's target statistics inside
+            target = self.bn_stats["target"] if self.bn_stats and not cached else None
+            step_module = TrainForward(self.model, head_only=cached, target_stats=target)
+        forward = distributed.wrap(step_module, self.device)
         if self.cfg.run.compile:
             # Checkpoints save the uncompiled model's state_dict, and evaluation runs uncompiled (ranks may see
             # different batch sizes there, and a compile per size would cost more than it saves).
@@ -257,6 +283,9 @@ class TrainingSession:
         model, state = self.model, self.state
         terms = {name: value for name, value in self.objective.state_dict().items() if name != "l2sp"}
         l2sp = self.objective.state_dict().get("l2sp")
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if self.bn_stats:  # AdaBN: the saved model carries the target's statistics (the source's are kept aside)
+            weights.update({f"backbone.{k}": v.detach().cpu() for k, v in self.bn_stats["target"].items()})
         return Checkpoint(
             **versions(),
             config=self.cfg.to_dict(),
@@ -264,7 +293,8 @@ class TrainingSession:
             preprocess=self.built.preprocess.to_dict(),
             arch=self.built.arch,
             weights_source=self.built.weights_source,
-            model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+            model=weights,
+            bn_stats=_to_cpu(self.bn_stats),
             trainable=[name for name, p in model.named_parameters() if p.requires_grad],
             frozen_modules=list(self.plan.frozen_modules()),
             optimizer=self.optimizer.state_dict(),
@@ -320,6 +350,13 @@ class TrainingSession:
             "method": describe_method(cfg, self.plan.base_frozen),
             "transfer": transfer_summary(cfg, self.plan, self.optimizer, self.objective.class_weight),
             "loss_terms": self.objective.names,
+            "adapt": {
+                "unlabeled": cfg.adapt.unlabeled,
+                "unlabeled_images": len(self.unlabeled),
+                **cfg.adapt.model_dump(exclude={"unlabeled"}),
+            }
+            if self.unlabeled is not None
+            else None,
             "epochs_completed": state.epoch,
             "stopped_early": stopped_early,
             "monitor": cfg.checkpoint.monitor,
@@ -401,6 +438,7 @@ def build_session(
     groups = plan.initial_groups()
     if not groups:
         raise ConfigError("train.freeze leaves no parameter to train", "freeze less (e.g. train.freeze=backbone)")
+    check_adaptation(cfg, plan)
     # (auto on CPU depends on the model and on whether its backbone ever trains: device.py)
     precision = resolve_precision(cfg.train.precision, device, model, plan.backbone_ever_trains())
     model.to(device)
@@ -431,7 +469,30 @@ def build_session(
         pin_memory=pin,
         shard=world.shard,
     )
+    streams = {"train": Stream("train", train_loader, cfg.data.batch_size)}
+    unlabeled, stats = None, None
+    if cfg.adapt.unlabeled:
+        unlabeled = scan_unlabeled(cfg.adapt.unlabeled)
+        seed = cfg.run.seed * 1_000_033 + 17  # (its own order, not the labelled stream's)
+        loader = make_loader(unlabeled, train_transform(built.preprocess, cfg.data.augment), cfg.data.batch_size,
+                             cfg.data.num_workers, seed, shuffle=True, pin_memory=pin, shard=world.shard, seeded=True,
+                             draws=len(split.train))  # fmt: skip
+        streams["unlabeled"] = Stream("unlabeled", loader, cfg.data.batch_size, seed)
+        if cfg.adapt.bn_stats == "target":
+            stats = adabn_stats(cfg, model, built, unlabeled, resumed, device, precision)
     steps = math.ceil(len(train_loader) / cfg.train.accumulate_steps)
+    saved_terms = None
+    if resumed is not None:
+        saved_terms = dict(resumed.loss_terms or {})
+        if resumed.l2sp_reference:
+            saved_terms["l2sp"] = {"reference": resumed.l2sp_reference}
+    labels = [label for _, label in split.train]
+    objective = build_objective(cfg, model, split.class_names, labels, device, saved_terms, built.arch["in_features"])
+    for name, module in objective.modules().items():  # (after the plan's groups, before any it opens later)
+        decay = 0.0 if cfg.train.regularization == "l2sp" else cfg.train.weight_decay
+        groups.append({"params": list(module.parameters()), "name": name, "lr": cfg.train.lr,
+                       "initial_lr": cfg.train.lr, "weight_decay": decay})  # fmt: skip
+        objective.term(name).forward = distributed.wrap(module, device)
     optimizer = make_optimizer(cfg.train, groups)
     if resumed is not None:
         # The same groups in the same order as when the checkpoint was written, before its state loads.
@@ -442,11 +503,6 @@ def build_session(
                 "the checkpoint's trainable parameters differ from what its config and unfreeze record give",
                 "resume with the original config and tltool version",
             )
-    saved_terms = None
-    if resumed is not None:
-        saved_terms = dict(resumed.loss_terms or {})
-        if resumed.l2sp_reference:
-            saved_terms["l2sp"] = {"reference": resumed.l2sp_reference}
     session = TrainingSession(
         cfg=cfg,
         world=world,
@@ -459,16 +515,69 @@ def build_session(
         optimizer=optimizer,
         scheduler=make_scheduler(optimizer, cfg.train, steps, plan.opened_steps()),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-        objective=build_objective(
-            cfg, model, split.class_names, [label for _, label in split.train], device, saved_terms
-        ),  # fmt: skip
+        objective=objective,
         state=TrainState(),
         steps_per_epoch=steps,
-        image_streams={"train": Stream("train", train_loader, cfg.data.batch_size)},
+        image_streams=streams,
         image_val=val_loader,
+        unlabeled=unlabeled,
+        bn_stats=stats,
         resumed=resumed,
         wall_start=wall_start,
     )
     if resumed is not None and not dry_run:
         session.restore(resumed)
     return session
+
+
+def scan_unlabeled(folder: str) -> list[Sample]:
+    """The images of `adapt.unlabeled` (any depth, no class folders), as samples with label -1."""
+    root = Path(folder)
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(f"adapt.unlabeled {folder} {what}", "give a folder of target-domain images")
+    samples = [(str(path), -1) for path in image_files(root)]
+    if not samples:
+        raise DataError(
+            f"adapt.unlabeled {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})",
+            "give a folder of target-domain images, or leave adapt.unlabeled unset",
+        )
+    return samples
+
+
+def check_adaptation(cfg: Config, plan: UnfreezePlan) -> None:
+    """What the adaptation methods need of what trains (the plan's answer)."""
+    if cfg.adapt.method == "dann" and not plan.backbone_ever_trains():
+        raise ConfigError(
+            "adapt.method=dann needs a backbone that trains: with it frozen the features cannot align",
+            "set train.freeze=none (or an unfreeze plan), or use adapt.method=mcc",
+        )
+    if cfg.adapt.bn_stats == "target" and plan.backbone_ever_trains():
+        raise ConfigError(
+            "adapt.bn_stats=target (AdaBN) needs a frozen backbone: the statistics are estimated once, for its weights",
+            "set train.freeze=backbone without an unfreeze plan, or adapt.bn_stats=source",
+        )
+
+
+def adabn_stats(
+    cfg: Config,
+    model: nn.Module,
+    built: BuiltModel,
+    unlabeled: list[Sample],
+    resumed: Checkpoint | None,
+    device: torch.device,
+    precision: str,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """AdaBN's two sets of batch-norm statistics: the source's (the backbone's own) and the target's.
+
+    A new run estimates the target's on the unlabelled images (every rank on all of them: the same numbers
+    everywhere). A resumed one takes both from its checkpoint, whose model carries the target's, and puts
+    the source's back in the model: the labelled images are normalized with them during training.
+    """
+    if resumed is not None and resumed.bn_stats:
+        stats = {which: {k: v.to(device) for k, v in part.items()} for which, part in resumed.bn_stats.items()}
+        load_bn_stats(model.backbone, stats["source"])
+        return stats
+    batches = make_loader(unlabeled, eval_transform(built.preprocess), cfg.data.batch_size, cfg.data.num_workers,
+                          cfg.run.seed, shuffle=False, pin_memory=device.type == "cuda")  # fmt: skip
+    return {"source": bn_stats(model.backbone), "target": estimate_bn_stats(model.backbone, batches, device, precision)}

@@ -9,6 +9,7 @@ same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -80,6 +81,12 @@ def train_one_epoch(
     cfg, sums = session.cfg.train, state.in_epoch
     stream = session.streams["train"]
     num_batches = stream.num_batches()
+    # adapt.unlabeled: one unlabelled batch beside each labelled one (the two loaders are positioned alike).
+    unlabeled = iter(session.streams["unlabeled"].loader) if "unlabeled" in session.streams else None
+    wrapped = [forward, *(term.forward for term in objective.terms if term.forward is not None)]
+    for module in objective.modules().values():
+        module.train()
+    total_steps = max(1, session.cfg.train.epochs * session.steps_per_epoch)
     every_n_steps = session.cfg.checkpoint.every_n_steps
     distributed = session.world.enabled  # under torchrun: forward is DDP-wrapped and per-step flags are agreed on
     set_train_mode(model, session.plan.frozen_modules())  # frozen modules stay in eval mode: BN statistics never move
@@ -126,19 +133,33 @@ def train_one_epoch(
         steps_now = index - group_start + 1 == group_size
         # None: every image of this batch failed to decode (each was reported); the batch is skipped.
         missing = batch is None
+        extra = next(unlabeled) if unlabeled is not None else None
+        no_extra = extra is None
         if distributed:  # every rank takes the same branch: none waits alone in a collective
             # (before the forward: DDP broadcasts the batch-norm buffers in it)
-            missing, stopping = any_rank(missing, stop is not None and stop.requested)
+            missing, no_extra, stopping = any_rank(missing, no_extra, stop is not None and stop.requested)
         read_now = (index + 1) % read_every == 0
         # Under DDP the gradients of a micro-batch that only accumulates are not all-reduced yet.
-        with no_sync(forward, steps_now):
+        with contextlib.ExitStack() as held:
+            for module in wrapped:
+                held.enter_context(no_sync(module, steps_now))
             if not missing:
                 images, labels = batch
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 with autocast(device, session.precision):
-                    logits = forward(images)
-                    value, terms = objective(StepOutputs(logits.float(), labels))
+                    if session.adapting:
+                        extra_images = None if no_extra else extra[0].to(device, non_blocking=True)
+                        logits, features, extra_logits, extra_features = forward(images, extra_images)
+                        outputs = StepOutputs(
+                            logits.float(), labels, features,
+                            extra_logits.float() if extra_logits is not None else None, extra_features,
+                            progress=state.global_step / total_steps,
+                        )  # fmt: skip
+                    else:
+                        logits = forward(images)
+                        outputs = StepOutputs(logits.float(), labels)
+                    value, terms = objective(outputs)
                 hits = (logits.argmax(dim=1) == labels).sum()
                 values = torch.stack([value.detach(), *(term.detach() for term in terms), hits]).to(sum_dtype(device))
                 pending.append((index, labels.numel(), values))

@@ -320,6 +320,13 @@ def describe_method(cfg: Config, frozen: list[str]) -> str:
         text += f" + class weights ({train.class_weights if isinstance(train.class_weights, str) else 'given'})"
     if cfg.data.sampler == "balanced":
         text += " + balanced sampler"
+    adapt = cfg.adapt
+    if adapt.bn_stats == "target":
+        text += " + AdaBN (target batch-norm statistics)"
+    if adapt.method == "mcc":
+        text += f" + MCC on unlabelled target images (weight {adapt.weight:g}, T {adapt.mcc_temperature:g})"
+    elif adapt.method == "dann":
+        text += f" + DANN on unlabelled target images (weight {adapt.weight:g})"
     return text
 
 

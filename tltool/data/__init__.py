@@ -22,6 +22,7 @@ from tltool.data.folders import (
 from tltool.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, image_problem, load_image, to_rgb
 from tltool.data.loading import (
     BalancedSampler,
+    CyclingSampler,
     EpochSampler,
     ImageDataset,
     collate_skip_bad,
@@ -39,6 +40,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS",
     "BalancedSampler",
+    "CyclingSampler",
     "DataSplit",
     "EpochSampler",
     "ImageDataset",

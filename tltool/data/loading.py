@@ -134,6 +134,29 @@ class EpochSampler(Sampler[int]):
         return max(0, self.shard_size() - self.skip)
 
 
+class CyclingSampler(EpochSampler):
+    """`draws` draws per epoch from a pool of `pool` samples: shuffled passes over the pool, one after another,
+    cut at `draws` (a second stream drawn beside the training set, e.g. unlabelled target images, one batch
+    per training batch whatever the two sizes).
+
+    Pass k of epoch e is a permutation seeded by (seed, e, k): a function of (seed, epoch) alone, so, as with
+    EpochSampler, `skip` resumes it mid-epoch and `shard` splits it across ranks.
+    """
+
+    def __init__(self, pool: int, seed: int, draws: int, shard: tuple[int, int] = (0, 1), seeded: bool = False) -> None:
+        super().__init__(draws, seed, shuffle=True, shard=shard, pad=True, seeded=seeded)
+        self.pool = pool
+
+    def order(self) -> list[int]:
+        out: list[int] = []
+        passes = 0
+        while len(out) < self.size and self.pool:
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_009 + passes)
+            out += torch.randperm(self.pool, generator=generator).tolist()
+            passes += 1
+        return out[: self.size]
+
+
 class BalancedSampler(EpochSampler):
     """`data.sampler: balanced`: each epoch draws as many samples as there are, with replacement, every class
     equally likely (torch's WeightedRandomSampler with weights 1 / class count).
@@ -193,16 +216,20 @@ def make_loader(
     balanced: bool = False,
     shard: tuple[int, int] = (0, 1),
     seeded: bool = False,
+    draws: int | None = None,
 ) -> DataLoader:
-    """A loader whose order is a function of (seed, epoch); `balanced` draws classes equally often.
+    """A loader whose order is a function of (seed, epoch); `balanced` draws classes equally often; `draws`
+    makes each epoch that many draws from the samples, pass after shuffled pass (`CyclingSampler`).
 
     `shard=(rank, world)`: this rank's part of each epoch (training loaders, `shuffle`, are padded to
     equal parts; evaluation loaders see each sample exactly once over all ranks). `seeded`: every draw's
     random transform is seeded by the sampler (training and augmented-view loaders). Workers persist
     across epochs (no fork and dataset copy per epoch) and prefetch two batches each.
     """
-    if balanced:
-        sampler: EpochSampler = BalancedSampler([label for _, label in samples], seed, shard=shard, seeded=seeded)
+    if draws is not None:
+        sampler: EpochSampler = CyclingSampler(len(samples), seed, draws, shard=shard, seeded=seeded)
+    elif balanced:
+        sampler = BalancedSampler([label for _, label in samples], seed, shard=shard, seeded=seeded)
     else:
         sampler = EpochSampler(len(samples), seed, shuffle=shuffle, shard=shard, pad=shuffle, seeded=seeded)
     workers = resolve_num_workers(num_workers)

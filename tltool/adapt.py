@@ -1,0 +1,201 @@
+"""Feature-based domain adaptation from unlabelled target images (`adapt.*`).
+
+A run with `adapt.unlabeled` draws, beside each labelled batch (the source domain), a batch of unlabelled
+target-domain images (session.py's `unlabeled` stream). `TrainForward` runs both through the model in one
+step: one concatenated pass, or, with `adapt.bn_stats: target` (AdaBN), one pass per domain, each with
+its own batch-norm statistics. The adaptation losses are terms of the objective (objective.py):
+
+- MCC, Minimum Class Confusion (Jin, Wang, Long, Wang, ECCV 2020): the class confusion of the target
+  predictions, weighted by their certainty, off the diagonal (`mcc_loss`).
+- DANN, domain-adversarial training (Ganin et al., JMLR 2016): a domain discriminator on the backbone's
+  features, trained through a gradient-reversal layer, so the features stop telling the domains apart.
+- AdaBN (Li, Wang, Shi, Liu, Hou 2016): the backbone's batch-norm statistics re-estimated on the target
+  images (`estimate_bn_stats`); the saved model carries them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tltool.device import autocast
+
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def ganin_ramp(progress: float) -> float:
+    """2 / (1 + exp(-10 p)) - 1: 0 at the start of training, about 0.99 halfway, 1 at the end (Ganin et al.)."""
+    return 2.0 / (1.0 + math.exp(-10.0 * min(max(progress, 0.0), 1.0))) - 1.0
+
+
+def mcc_loss(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Minimum Class Confusion of a batch of target logits (B, C).
+
+    Y = softmax(logits / T); each sample's certainty weight W_i = B (1 + exp(-H_i)) / sum_k (1 + exp(-H_k)),
+    H_i the entropy of Y_i (weights are not differentiated, as in the authors' code); the class correlation
+    C = Y^T diag(W) Y, each row normalized to sum 1; the loss is the sum of the off-diagonal entries over the
+    number of classes.
+    """
+    batch, classes = logits.shape
+    probabilities = F.softmax(logits.float() / temperature, dim=1)
+    entropy = -(probabilities * torch.log(probabilities + 1e-5)).sum(dim=1).detach()
+    weights = 1.0 + torch.exp(-entropy)
+    weights = batch * weights / weights.sum()
+    confusion = (probabilities * weights[:, None]).T @ probabilities
+    confusion = confusion / confusion.sum(dim=1, keepdim=True)
+    return (confusion.sum() - confusion.trace()) / classes
+
+
+class _GradientReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, coefficient: float) -> torch.Tensor:
+        ctx.coefficient = coefficient
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.coefficient * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, coefficient: float = 1.0) -> torch.Tensor:
+    """The identity forward; the gradient multiplied by -coefficient on the way back (the GRL)."""
+    return _GradientReverse.apply(x, coefficient)
+
+
+class DomainDiscriminator(nn.Module):
+    """Features -> one logit (source: 1, target: 0): Linear-BN-ReLU twice, then Linear (TLlib's layout)."""
+
+    def __init__(self, in_features: int, hidden: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(in_features, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features.float()).squeeze(1)
+
+
+def domain_adversarial_loss(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """0.5 (BCE(d(source), 1) + BCE(d(target), 0)) on the discriminator's logits."""
+    return 0.5 * (
+        F.binary_cross_entropy_with_logits(source, torch.ones_like(source))
+        + F.binary_cross_entropy_with_logits(target, torch.zeros_like(target))
+    )
+
+
+# --- AdaBN --------------------------------------------------------------------------------------------
+
+
+def batch_norms(module: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def bn_stats(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The batch-norm buffers of `module` (copies), keyed as in its state_dict."""
+    return {
+        f"{name}.{buffer}": getattr(m, buffer).detach().clone()
+        for name, m in batch_norms(module).items()
+        for buffer in BN_BUFFERS
+        if getattr(m, buffer, None) is not None
+    }
+
+
+def load_bn_stats(module: nn.Module, stats: dict[str, torch.Tensor]) -> None:
+    """Copy `stats` (from `bn_stats`) into the batch-norm buffers of `module`, in place."""
+    norms = batch_norms(module)
+    for key, value in stats.items():
+        name, _, buffer = key.rpartition(".")
+        getattr(norms[name], buffer).copy_(value)
+
+
+@contextlib.contextmanager
+def using_bn_stats(module: nn.Module, stats: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """Run with `stats` in the batch-norm buffers of `module`; its own come back afterwards."""
+    if stats is None:
+        yield
+        return
+    own = bn_stats(module)
+    load_bn_stats(module, stats)
+    try:
+        yield
+    finally:
+        load_bn_stats(module, own)
+
+
+@torch.no_grad()
+def estimate_bn_stats(
+    backbone: nn.Module, batches: Iterable[Any], device: torch.device, precision: str
+) -> dict[str, torch.Tensor]:
+    """AdaBN: the batch-norm statistics of `backbone` on the images of `batches`, its weights untouched.
+
+    Each batch-norm layer's running mean and variance become the plain average over the batches of its
+    batch mean and (unbiased) variance, as torch computes with momentum=None; no gradient, dropout off.
+    The backbone's own buffers are left as they were; the new ones are returned.
+    """
+    norms = batch_norms(backbone)
+    own, modes = bn_stats(backbone), {name: m.training for name, m in backbone.named_modules()}
+    momenta = {name: m.momentum for name, m in norms.items()}
+    backbone.eval()
+    for m in norms.values():
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+        m.train()
+    try:
+        for batch in batches:
+            if batch is None:
+                continue
+            with autocast(device, precision):
+                backbone(batch[0].to(device, non_blocking=True))
+        estimated = bn_stats(backbone)
+    finally:
+        for name, m in norms.items():
+            m.momentum = momenta[name]
+        for name, m in backbone.named_modules():
+            m.train(modes[name])
+        load_bn_stats(backbone, own)
+    return estimated
+
+
+class TrainForward(nn.Module):
+    """What a training step of an adapting run computes, as one module (DDP wraps it whole).
+
+    `forward(inputs, unlabeled)` returns the labelled and the unlabelled logits and backbone features.
+    `inputs` are images through the whole model, or cached features through its head (`head_only`). With
+    `target_stats` (AdaBN), the unlabelled images pass the backbone separately, with the target's
+    batch-norm statistics; otherwise both go through one concatenated pass.
+    """
+
+    def __init__(self, model: nn.Module, head_only: bool, target_stats: dict[str, torch.Tensor] | None) -> None:
+        super().__init__()
+        self.model, self.head_only, self.target_stats = model, head_only, target_stats
+
+    def forward(
+        self, inputs: torch.Tensor, unlabeled: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        count = inputs.shape[0]
+        if unlabeled is None:
+            features = inputs if self.head_only else self.model.features(inputs)
+            return self.model.head(features), features, None, None
+        if self.head_only:
+            features = torch.cat([inputs, unlabeled])
+        elif self.target_stats is not None:
+            source = self.model.features(inputs)
+            with using_bn_stats(self.model.backbone, self.target_stats):
+                target = self.model.features(unlabeled)
+            features = torch.cat([source, target])
+        else:
+            features = self.model.features(torch.cat([inputs, unlabeled]))
+        logits = self.model.head(features)
+        return logits[:count], features[:count], logits[count:], features[count:]
