@@ -31,6 +31,8 @@ def test_example_config_validates_and_dry_runs(path: Path, dataset: Path, tmp_pa
         f"run.output_dir={tmp_path / 'run'}",
         "run.device=cpu",
     ]
+    if config.adapt.unlabeled:  # (the example's target images are not here either)
+        overrides.append(f"adapt.unlabeled={dataset}")
     result = CliRunner().invoke(app, ["finetune", str(path), *overrides, "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "dry run" in result.output and config.model.backbone in result.output
