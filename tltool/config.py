@@ -285,11 +285,19 @@ class AdaptConfig(_Section):
     def _needs_images(self) -> AdaptConfig:
         if self.unlabeled is None and (self.method != "none" or self.bn_stats == "target"):
             raise ValueError("adapt.method and adapt.bn_stats=target need adapt.unlabeled (a folder of target images)")
-        if self.unlabeled is not None and self.method == "none" and self.bn_stats == "source":
-            raise ValueError(
-                "adapt.unlabeled is set but nothing uses it: set adapt.method (mcc, dann) or adapt.bn_stats"
-            )
         return self
+
+
+class DistillConfig(_Section):
+    """Knowledge distillation (Hinton et al. 2015) from a trained model: relation-based transfer."""
+
+    teacher: str | None = Field(None, examples=["runs/big/checkpoints/best.pt"])
+    """A tltool checkpoint with the same classes (e.g. a big fine-tuned model) whose softened predictions the
+    model learns to match, on the labelled images and, with adapt.unlabeled, on the unlabelled ones too."""
+    weight: float = Field(1.0, ge=0.0, le=100.0, examples=[0.5])
+    """Weight of the distillation term (T^2 KL(teacher || student) at the temperature below)."""
+    temperature: float = Field(4.0, gt=0.0, le=100.0, examples=[2.0])
+    """Softmax temperature of both models' predictions in the distillation term."""
 
 
 class LogConfig(_Section):
@@ -314,10 +322,22 @@ class Config(_Section):
     """The training loop."""
     adapt: AdaptConfig = Field(default_factory=AdaptConfig)
     """Domain adaptation from unlabelled target images."""
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    """Knowledge distillation from a trained tltool checkpoint."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """What is kept of the run."""
     log: LogConfig = Field(default_factory=LogConfig)
     """What is shown while training."""
+
+    @model_validator(mode="after")
+    def _unlabeled_used(self) -> Config:
+        adapt = self.adapt
+        if adapt.unlabeled and adapt.method == "none" and adapt.bn_stats == "source" and not self.distill.teacher:
+            raise ValueError(
+                "adapt.unlabeled is set but nothing uses it: set adapt.method (mcc, dann), adapt.bn_stats or "
+                "distill.teacher"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML/JSON-safe dict with every default filled in."""

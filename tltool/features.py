@@ -39,7 +39,7 @@ def cache_applies(cfg: Config) -> bool:
     (Whether the backbone is frozen in a given epoch is the unfreeze plan's answer: `UnfreezePlan.head_only`.)
     """
     mode = cfg.train.feature_cache
-    if mode == "off" or not freezes_backbone(cfg.train):
+    if mode == "off" or not freezes_backbone(cfg.train) or cfg.distill.teacher:  # (a teacher needs the images)
         return False
     if mode == "on":
         return True

@@ -23,6 +23,7 @@ from torch import nn
 
 from tltool.adapt import DomainDiscriminator, domain_adversarial_loss, ganin_ramp, mcc_loss, reverse_gradient
 from tltool.config import Config
+from tltool.distill import distillation_loss
 from tltool.distributed import gather_rows
 from tltool.errors import ConfigError
 from tltool.models import TransferModel
@@ -38,6 +39,8 @@ class StepOutputs:
     unlabeled_logits: torch.Tensor | None = None  # the unlabelled batch's (adapt.unlabeled), float32
     unlabeled_features: torch.Tensor | None = None
     progress: float = 0.0  # how far training is, 0 to 1 (for warm-ups)
+    images: torch.Tensor | None = None  # the step's inputs (a teacher's), labelled then unlabelled
+    unlabeled_images: torch.Tensor | None = None
 
 
 @dataclass
@@ -96,9 +99,10 @@ def build_objective(
     device: torch.device,
     saved: dict[str, dict[str, Any]] | None = None,
     in_features: int = 0,
+    teacher: nn.Module | None = None,
 ) -> Objective:
     """The run's loss terms, from the config; `saved` is the state of a resumed run's terms; `in_features`
-    the width of the backbone's features (DANN's discriminator input)."""
+    the width of the backbone's features (DANN's discriminator input); `teacher` distill.teacher's model."""
     saved = saved or {}
     train = cfg.train
     weight = class_weight_tensor(train.class_weights, class_names, labels)
@@ -144,6 +148,18 @@ def build_objective(
 
         term.compute = dann
         terms.append(term)
+    if teacher is not None:
+        temperature = cfg.distill.temperature
+
+        def distill(out: StepOutputs) -> torch.Tensor:
+            # On every image of the step, labelled and unlabelled alike: the teacher needs no label.
+            student, images = out.logits, out.images
+            if out.unlabeled_logits is not None and out.unlabeled_images is not None:
+                student = torch.cat([student, out.unlabeled_logits])
+                images = torch.cat([images, out.unlabeled_images])
+            return distillation_loss(student, teacher(images), temperature)
+
+        terms.append(Term("distill", distill, cfg.distill.weight))
     return Objective(terms, class_weight=weight)
 
 

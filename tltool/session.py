@@ -46,6 +46,7 @@ from tltool.data import (
     train_transform,
 )
 from tltool.device import configure_backends, resolve_precision, use_channels_last
+from tltool.distill import open_teacher
 from tltool.errors import CheckpointError, ConfigError, DataError
 from tltool.evaluate import evaluate
 from tltool.features import FeatureCache, build_cache, cache_applies
@@ -487,7 +488,12 @@ def build_session(
         if resumed.l2sp_reference:
             saved_terms["l2sp"] = {"reference": resumed.l2sp_reference}
     labels = [label for _, label in split.train]
-    objective = build_objective(cfg, model, split.class_names, labels, device, saved_terms, built.arch["in_features"])
+    teacher = (
+        open_teacher(cfg.distill.teacher, split.class_names, built.preprocess, device) if cfg.distill.teacher else None
+    )
+    objective = build_objective(
+        cfg, model, split.class_names, labels, device, saved_terms, built.arch["in_features"], teacher
+    )
     for name, module in objective.modules().items():  # (after the plan's groups, before any it opens later)
         decay = 0.0 if cfg.train.regularization == "l2sp" else cfg.train.weight_decay
         groups.append({"params": list(module.parameters()), "name": name, "lr": cfg.train.lr,

@@ -154,11 +154,11 @@ def train_one_epoch(
                         outputs = StepOutputs(
                             logits.float(), labels, features,
                             extra_logits.float() if extra_logits is not None else None, extra_features,
-                            progress=state.global_step / total_steps,
+                            progress=state.global_step / total_steps, images=images, unlabeled_images=extra_images,
                         )  # fmt: skip
                     else:
                         logits = forward(images)
-                        outputs = StepOutputs(logits.float(), labels)
+                        outputs = StepOutputs(logits.float(), labels, images=images)
                     value, terms = objective(outputs)
                 hits = (logits.argmax(dim=1) == labels).sum()
                 values = torch.stack([value.detach(), *(term.detach() for term in terms), hits]).to(sum_dtype(device))
