@@ -169,33 +169,49 @@ def estimate_bn_stats(
 
 
 class TrainForward(nn.Module):
-    """What a training step of an adapting run computes, as one module (DDP wraps it whole).
+    """What a training step with more than one stream computes, as one module (DDP wraps it whole).
 
-    `forward(inputs, unlabeled)` returns the labelled and the unlabelled logits and backbone features.
-    `inputs` are images through the whole model, or cached features through its head (`head_only`). With
-    `target_stats` (AdaBN), the unlabelled images pass the backbone separately, with the target's
-    batch-norm statistics; otherwise both go through one concatenated pass.
+    `forward(inputs, unlabeled, source)` returns, for the labelled batch, the unlabelled batch
+    (adapt.unlabeled) and the source batch (source.train), their logits and backbone features (None for a
+    stream without a batch; no source logits when the source has classes of its own: its head is the
+    source term's). `inputs` are images through the whole model, or cached features through its head
+    (`head_only`). All batches go through one concatenated pass, except that with `target_stats` (AdaBN)
+    the unlabelled images pass the backbone on their own, with the target's batch-norm statistics.
     """
 
-    def __init__(self, model: nn.Module, head_only: bool, target_stats: dict[str, torch.Tensor] | None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        head_only: bool,
+        target_stats: dict[str, torch.Tensor] | None,
+        source_shares_head: bool = True,
+    ) -> None:
         super().__init__()
         self.model, self.head_only, self.target_stats = model, head_only, target_stats
+        self.source_shares_head = source_shares_head
+
+    def _features(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch if self.head_only else self.model.features(batch)
 
     def forward(
-        self, inputs: torch.Tensor, unlabeled: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        count = inputs.shape[0]
-        if unlabeled is None:
-            features = inputs if self.head_only else self.model.features(inputs)
-            return self.model.head(features), features, None, None
-        if self.head_only:
-            features = torch.cat([inputs, unlabeled])
-        elif self.target_stats is not None:
-            source = self.model.features(inputs)
+        self, inputs: torch.Tensor, unlabeled: torch.Tensor | None = None, source: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, ...]:
+        parts = [inputs, unlabeled, source]
+        sizes = [0 if part is None else part.shape[0] for part in parts]
+        if self.target_stats is not None and unlabeled is not None and not self.head_only:
+            own = self._features(torch.cat([p for p in (inputs, source) if p is not None]))
             with using_bn_stats(self.model.backbone, self.target_stats):
-                target = self.model.features(unlabeled)
-            features = torch.cat([source, target])
+                target = self._features(unlabeled)
+            features = torch.cat([own[: sizes[0]], target, own[sizes[0] :]])
         else:
-            features = self.model.features(torch.cat([inputs, unlabeled]))
-        logits = self.model.head(features)
-        return logits[:count], features[:count], logits[count:], features[count:]
+            features = self._features(torch.cat([p for p in parts if p is not None]))
+        heads = sizes[0] + sizes[1] + (sizes[2] if self.source_shares_head else 0)
+        logits = self.model.head(features[:heads])
+        bounds = [0, sizes[0], sizes[0] + sizes[1], sum(sizes)]
+        out: list[torch.Tensor | None] = []
+        for index in range(3):
+            start, stop = bounds[index], bounds[index + 1]
+            present = sizes[index] > 0
+            shares = index < 2 or self.source_shares_head
+            out += [logits[start:stop] if present and shares else None, features[start:stop] if present else None]
+        return tuple(out)

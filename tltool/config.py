@@ -288,6 +288,31 @@ class AdaptConfig(_Section):
         return self
 
 
+class SourceConfig(_Section):
+    """Instance-based transfer: a labelled source dataset trained on beside the target's (co-training)."""
+
+    train: str | None = Field(None, examples=["data/source/train"])
+    """An ImageFolder of labelled source images; each step draws a batch of them beside the labelled batch. Its
+    classes may equal the target's (one head) or differ (a head of its own, trained and saved with the run)."""
+    weight: float = Field(1.0, ge=0.0, le=100.0, examples=[0.3])
+    """Weight of the source images' cross-entropy term."""
+    select: Literal["all", "nearest"] = Field("all", examples=["nearest"])
+    """nearest: keep only the source images nearest to the target training images in the pretrained feature
+    space, `select_k` per target image (selective joint fine-tuning, Ge & Yu 2017); all: every source image."""
+    select_k: int = Field(10, ge=1, le=10_000, examples=[50])
+    """With select=nearest: the source images kept per target training image (their union is used)."""
+    class_weights: Literal["none", "target_prior"] = Field("none", examples=["target_prior"])
+    """target_prior: weigh each source class by how often the model predicts it on the target training images,
+    re-estimated at the start of every epoch from the second on and scaled to a maximum of 1 (PADA, Cao et al.
+    2018): source classes the target lacks fade out."""
+
+    @model_validator(mode="after")
+    def _needs_source(self) -> SourceConfig:
+        if self.train is None and (self.select != "all" or self.class_weights != "none"):
+            raise ValueError("source.select and source.class_weights need source.train (a folder of class folders)")
+        return self
+
+
 class DistillConfig(_Section):
     """Knowledge distillation (Hinton et al. 2015) from a trained model: relation-based transfer."""
 
@@ -322,6 +347,8 @@ class Config(_Section):
     """The training loop."""
     adapt: AdaptConfig = Field(default_factory=AdaptConfig)
     """Domain adaptation from unlabelled target images."""
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    """A labelled source dataset to co-train on."""
     distill: DistillConfig = Field(default_factory=DistillConfig)
     """Knowledge distillation from a trained tltool checkpoint."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)

@@ -15,7 +15,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +67,8 @@ def cache_key(cfg: Config, weights_source: str, preprocess: Preprocess, samples:
         "weights_source": weights_source,
         "weights_stat": weights_stat,
         "preprocess": preprocess.to_dict(),
-        "augment": cfg.data.augment if kind in ("train", "unlabeled") else "none",
-        "views": views_for(cfg) if kind in ("train", "unlabeled") else 1,
+        "augment": cfg.data.augment if kind != "val" else "none",
+        "views": views_for(cfg) if kind != "val" else 1,
         "bn_stats": cfg.adapt.bn_stats if kind == "unlabeled" else "source",
         "seed": cfg.run.seed,
         "precision": cfg.train.precision,
@@ -113,13 +113,14 @@ class FeatureCache:
     val_loader: DataLoader
     extract_seconds: float
     location: str
-    unlabeled: FeatureDataset | None = None  # adapt.unlabeled's features (K views, as train)
-    unlabeled_loader: DataLoader | None = None  # one unlabelled batch per training batch (CyclingSampler)
+    # The other streams' features (adapt.unlabeled, source.train), K views as train, by stream name, and their
+    # loaders: one batch per training batch (CyclingSampler).
+    extras: dict[str, FeatureDataset] = field(default_factory=dict)
+    extra_loaders: dict[str, DataLoader] = field(default_factory=dict)
 
     def set_epoch(self, epoch: int) -> None:
-        self.train.view = epoch % self.train.features.shape[0]
-        if self.unlabeled is not None:
-            self.unlabeled.view = epoch % self.unlabeled.features.shape[0]
+        for part in (self.train, *self.extras.values()):
+            part.view = epoch % part.features.shape[0]
 
 
 @torch.inference_mode()
@@ -231,12 +232,12 @@ def build_cache(
     device: torch.device,
     precision: str,
     cache_dir: Path,
-    unlabeled: tuple[Sequence[Sample], int, dict[str, torch.Tensor] | None] | None = None,
+    extras: dict[str, tuple[Sequence[Sample], int, dict[str, torch.Tensor] | None]] | None = None,
 ) -> FeatureCache:
     """Extract (or reuse from `cache_dir`) the train and val features and wrap them in loaders.
 
-    `unlabeled`: (samples, the stream's seed, the batch-norm statistics to extract them with, or None for
-    the backbone's own) of adapt.unlabeled; they get K views as the training images.
+    `extras`: the other streams (adapt.unlabeled, source.train) by name: (samples, the stream's seed, the
+    batch-norm statistics to extract them with, or None for the backbone's own); K views as train.
     """
     start = time.perf_counter()
     views = views_for(cfg)
@@ -246,8 +247,8 @@ def build_cache(
         ("train", train_samples, train_transform(preprocess, cfg.data.augment), views, None),
         ("val", val_samples, eval_transform(preprocess), 1, None),
     ]
-    if unlabeled is not None:
-        kinds.append(("unlabeled", unlabeled[0], train_transform(preprocess, cfg.data.augment), views, unlabeled[2]))
+    for name, (samples, _, stats) in (extras or {}).items():
+        kinds.append((name, samples, train_transform(preprocess, cfg.data.augment), views, stats))
     for kind, samples, transform, count, stats in kinds:
         key = cache_key(cfg, weights_source, preprocess, samples, kind)
         stored = _load_stored(cache_dir, key)
@@ -277,12 +278,12 @@ def build_cache(
         collate_fn=_as_batch,
     )
     cache = FeatureCache(parts["train"], parts["val"], train_loader, val_loader, 0.0, location)
-    if unlabeled is not None:
-        cache.unlabeled = parts["unlabeled"]
-        cache.unlabeled_loader = DataLoader(
-            parts["unlabeled"],
+    for name, (_, seed, _) in (extras or {}).items():
+        cache.extras[name] = parts[name]
+        cache.extra_loaders[name] = DataLoader(
+            parts[name],
             batch_size=cfg.data.batch_size,
-            sampler=CyclingSampler(len(parts["unlabeled"]), unlabeled[1], len(parts["train"]), shard=shard),
+            sampler=CyclingSampler(len(parts[name]), seed, len(parts["train"]), shard=shard),
             collate_fn=_as_batch,
         )
     cache.extract_seconds = time.perf_counter() - start

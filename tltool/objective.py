@@ -26,7 +26,8 @@ from tltool.config import Config
 from tltool.distill import distillation_loss
 from tltool.distributed import gather_rows
 from tltool.errors import ConfigError
-from tltool.models import TransferModel
+from tltool.models import TransferModel, make_head
+from tltool.source import SourceData
 
 
 @dataclass
@@ -41,6 +42,9 @@ class StepOutputs:
     progress: float = 0.0  # how far training is, 0 to 1 (for warm-ups)
     images: torch.Tensor | None = None  # the step's inputs (a teacher's), labelled then unlabelled
     unlabeled_images: torch.Tensor | None = None
+    source_logits: torch.Tensor | None = None  # source.train's batch through the shared head (same classes)
+    source_features: torch.Tensor | None = None
+    source_labels: torch.Tensor | None = None  # in the source's own class indices
 
 
 @dataclass
@@ -100,6 +104,7 @@ def build_objective(
     saved: dict[str, dict[str, Any]] | None = None,
     in_features: int = 0,
     teacher: nn.Module | None = None,
+    source: SourceData | None = None,
 ) -> Objective:
     """The run's loss terms, from the config; `saved` is the state of a resumed run's terms; `in_features`
     the width of the backbone's features (DANN's discriminator input); `teacher` distill.teacher's model."""
@@ -148,6 +153,29 @@ def build_objective(
 
         term.compute = dann
         terms.append(term)
+    if source is not None:
+        own_head = (
+            None if source.shares_head else make_head(in_features, len(source.class_names), cfg.model.head_dropout)
+        )
+        if own_head is not None:
+            own_head = own_head.to(device)
+            if "module" in saved.get("source", {}):
+                own_head.load_state_dict(saved["source"]["module"])
+        state = {}
+        if cfg.source.class_weights == "target_prior":  # (re-estimated each epoch by the session)
+            prior = saved.get("source", {}).get("class_weights")
+            state["class_weights"] = (prior if prior is not None else torch.ones(len(source.class_names))).to(device)
+        source_term = Term("source", lambda out: out.logits.new_zeros(()), cfg.source.weight, state, own_head)
+
+        def source_loss(out: StepOutputs) -> torch.Tensor:
+            if out.source_labels is None or not out.source_labels.numel():
+                return out.logits.new_zeros(())
+            logits = out.source_logits if own_head is None else (source_term.forward or own_head)(out.source_features)
+            weight = source_term.state.get("class_weights")
+            return F.cross_entropy(logits.float(), out.source_labels, weight=weight)
+
+        source_term.compute = source_loss
+        terms.append(source_term)
     if teacher is not None:
         temperature = cfg.distill.temperature
 

@@ -108,7 +108,13 @@ def with_absolute_paths(cfg: Config, names: ModelNames | None = None) -> Config:
     the same one-line error as the CLI's).
     """
     data = cfg.to_dict()
-    for section, key in (("data", "train"), ("data", "val"), ("adapt", "unlabeled"), ("distill", "teacher")):
+    for section, key in (
+        ("data", "train"),
+        ("data", "val"),
+        ("adapt", "unlabeled"),
+        ("source", "train"),
+        ("distill", "teacher"),
+    ):
         if data[section][key]:
             data[section][key] = os.path.abspath(data[section][key])
     return build_config(data, names=names)

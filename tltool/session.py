@@ -45,7 +45,7 @@ from tltool.data import (
     set_loader_epoch,
     train_transform,
 )
-from tltool.device import configure_backends, resolve_precision, use_channels_last
+from tltool.device import autocast, configure_backends, resolve_precision, use_channels_last
 from tltool.distill import open_teacher
 from tltool.errors import CheckpointError, ConfigError, DataError
 from tltool.evaluate import evaluate
@@ -62,6 +62,7 @@ from tltool.runstate import (
     run_directory,
     with_absolute_paths,
 )
+from tltool.source import SourceData, open_source, target_prior
 from tltool.transfer import UnfreezePlan, describe_method, freeze_modules, transfer_summary
 
 
@@ -140,6 +141,7 @@ class TrainingSession:
     image_streams: dict[str, Stream]
     image_val: Iterable[Any]
     unlabeled: list[Sample] | None = None  # adapt.unlabeled's images (label -1)
+    source: SourceData | None = None  # source.train's images (after source.select) and classes
     bn_stats: dict[str, dict[str, torch.Tensor]] | None = None  # AdaBN: {"source": ..., "target": ...}
     resumed: Checkpoint | None = None
     cache: FeatureCache | None = None
@@ -171,9 +173,9 @@ class TrainingSession:
         return self.inputs.forward
 
     @property
-    def adapting(self) -> bool:
-        """A run with unlabelled target images: steps go through `adapt.TrainForward`."""
-        return self.unlabeled is not None
+    def multi_stream(self) -> bool:
+        """A run with unlabelled target or labelled source images: steps go through `adapt.TrainForward`."""
+        return self.unlabeled is not None or self.source is not None
 
     def set_streams(self, streams: dict[str, Stream]) -> None:
         """Train on these batches instead (the benchmark's prepared batches), through the same forward."""
@@ -188,13 +190,15 @@ class TrainingSession:
         self.state.history = prepare_run_directory(cfg, split.class_names, self.state.epoch, self.world.is_main)
         if cache_applies(cfg) and self.plan.head_only(self.state.epoch):
             built = self.built
-            unlabeled = None
-            if self.adapting:
+            extras = {}
+            if self.unlabeled is not None:
                 target = self.bn_stats["target"] if self.bn_stats else None
-                unlabeled = (self.unlabeled, self.image_streams["unlabeled"].seed, target)
+                extras["unlabeled"] = (self.unlabeled, self.image_streams["unlabeled"].seed, target)
+            if self.source is not None:
+                extras["source"] = (self.source.samples, self.image_streams["source"].seed, None)
             self.cache = build_cache(
                 cfg, self.model, built.weights_source, built.preprocess, split.train, split.val, self.device,
-                self.precision, self.run_dir / "feature_cache", unlabeled,
+                self.precision, self.run_dir / "feature_cache", extras,
             )  # fmt: skip
             if cfg.data.sampler == "balanced":  # the same class-balanced draw over the cached features
                 sampler = BalancedSampler(self.cache.train.labels.tolist(), cfg.run.seed, shard=self.world.shard)
@@ -226,16 +230,16 @@ class TrainingSession:
         if cached:
             cache = self.cache
             streams = {"train": Stream("train", cache.train_loader, self.cfg.data.batch_size)}
-            if cache.unlabeled_loader is not None:
-                seed = self.image_streams["unlabeled"].seed
-                streams["unlabeled"] = Stream("unlabeled", cache.unlabeled_loader, self.cfg.data.batch_size, seed)
+            for name, loader in cache.extra_loaders.items():
+                streams[name] = Stream(name, loader, self.cfg.data.batch_size, self.image_streams[name].seed)
             inputs = (streams, cache.val_loader, self.model.head)
         else:
             inputs = (dict(self.image_streams), self.image_val, self.model)
         step_module = inputs[2]
-        if self.adapting:  # both domains in one module (DDP wraps it whole); AdaBN's target statistics inside
+        if self.multi_stream:  # every stream in one module (DDP wraps it whole); AdaBN's target statistics inside
             target = self.bn_stats["target"] if self.bn_stats and not cached else None
-            step_module = TrainForward(self.model, head_only=cached, target_stats=target)
+            shares = self.source is None or self.source.shares_head
+            step_module = TrainForward(self.model, head_only=cached, target_stats=target, source_shares_head=shares)
         forward = distributed.wrap(step_module, self.device)
         if self.cfg.run.compile:
             # Checkpoints save the uncompiled model's state_dict, and evaluation runs uncompiled (ranks may see
@@ -254,6 +258,8 @@ class TrainingSession:
             # This epoch's randomness (order, augmentation, dropout) depends on (seed, epoch, rank) only.
             torch.manual_seed(epoch_seed(cfg.run.seed, epoch, self.world.rank))
             state.in_epoch = EpochProgress()
+            if cfg.source.class_weights == "target_prior" and epoch > 0:  # (epoch 1: the untrained head's is noise)
+                self.objective.term("source").state["class_weights"] = self._source_prior()
         opening = self.plan.due(epoch)
         if opening:  # the unfreeze plan opens parts of the backbone from this epoch on
             self.plan.open(opening, self.optimizer, state.global_step, epoch + 1)
@@ -268,6 +274,23 @@ class TrainingSession:
             self.cache.set_epoch(epoch)
         for stream in self.streams.values():
             stream.set_epoch(cfg.run.seed, epoch, state.in_epoch.batches_done, self.world.rank)
+
+    @torch.no_grad()
+    def _source_prior(self) -> torch.Tensor:
+        """PADA's source class weights from the model's predictions on the target training images (eval mode;
+        every rank on all of them: the same weights everywhere)."""
+        head = self.model.head if self.source.shares_head else self.objective.term("source").module
+        self.model.eval()
+        head.eval()
+        if self.inputs.cached:
+            batches = [self.cache.train.features[0]]
+        else:
+            loader = make_loader(self.split.train, eval_transform(self.built.preprocess), self.cfg.data.batch_size,
+                                 self.cfg.data.num_workers, self.cfg.run.seed, shuffle=False)  # fmt: skip
+            batches = [self.model.features(b[0].to(self.device)) for b in loader if b is not None]
+        with autocast(self.device, self.precision):
+            probabilities = torch.cat([head(f.to(self.device)).float().softmax(dim=1) for f in batches])
+        return target_prior(probabilities)
 
     def evaluate(self) -> dict[str, Any]:
         return evaluate(self.inputs.module, self.inputs.val, self.device, self.precision, len(self.split.class_names))
@@ -357,6 +380,16 @@ class TrainingSession:
                 **cfg.adapt.model_dump(exclude={"unlabeled"}),
             }
             if self.unlabeled is not None
+            else None,
+            "source": {
+                "train": cfg.source.train,
+                "classes": len(self.source.class_names),
+                "shares_head": self.source.shares_head,
+                "images": len(self.source.samples),
+                "scanned": self.source.scanned,
+                "class_weights": self.objective.term("source").state.get("class_weights", torch.ones(0)).tolist(),
+            }
+            if self.source is not None
             else None,
             "epochs_completed": state.epoch,
             "stopped_early": stopped_early,
@@ -481,6 +514,14 @@ def build_session(
         streams["unlabeled"] = Stream("unlabeled", loader, cfg.data.batch_size, seed)
         if cfg.adapt.bn_stats == "target":
             stats = adabn_stats(cfg, model, built, unlabeled, resumed, device, precision)
+    source = None
+    if cfg.source.train:
+        source = open_source(cfg, split, built, device, precision)
+        seed = cfg.run.seed * 1_000_033 + 29
+        loader = make_loader(source.samples, train_transform(built.preprocess, cfg.data.augment), cfg.data.batch_size,
+                             cfg.data.num_workers, seed, shuffle=True, pin_memory=pin, shard=world.shard, seeded=True,
+                             draws=len(split.train))  # fmt: skip
+        streams["source"] = Stream("source", loader, cfg.data.batch_size, seed)
     steps = math.ceil(len(train_loader) / cfg.train.accumulate_steps)
     saved_terms = None
     if resumed is not None:
@@ -492,7 +533,7 @@ def build_session(
         open_teacher(cfg.distill.teacher, split.class_names, built.preprocess, device) if cfg.distill.teacher else None
     )
     objective = build_objective(
-        cfg, model, split.class_names, labels, device, saved_terms, built.arch["in_features"], teacher
+        cfg, model, split.class_names, labels, device, saved_terms, built.arch["in_features"], teacher, source
     )
     for name, module in objective.modules().items():  # (after the plan's groups, before any it opens later)
         decay = 0.0 if cfg.train.regularization == "l2sp" else cfg.train.weight_decay
@@ -527,6 +568,7 @@ def build_session(
         image_streams=streams,
         image_val=val_loader,
         unlabeled=unlabeled,
+        source=source,
         bn_stats=stats,
         resumed=resumed,
         wall_start=wall_start,

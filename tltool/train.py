@@ -81,8 +81,8 @@ def train_one_epoch(
     cfg, sums = session.cfg.train, state.in_epoch
     stream = session.streams["train"]
     num_batches = stream.num_batches()
-    # adapt.unlabeled: one unlabelled batch beside each labelled one (the two loaders are positioned alike).
-    unlabeled = iter(session.streams["unlabeled"].loader) if "unlabeled" in session.streams else None
+    # adapt.unlabeled, source.train: one batch of each beside each labelled one (the loaders are positioned alike).
+    others = {name: iter(s.loader) for name, s in session.streams.items() if name != "train"}
     wrapped = [forward, *(term.forward for term in objective.terms if term.forward is not None)]
     for module in objective.modules().values():
         module.train()
@@ -133,11 +133,13 @@ def train_one_epoch(
         steps_now = index - group_start + 1 == group_size
         # None: every image of this batch failed to decode (each was reported); the batch is skipped.
         missing = batch is None
-        extra = next(unlabeled) if unlabeled is not None else None
-        no_extra = extra is None
+        extra = {name: next(loader) for name, loader in others.items()}
+        absent = [name for name in others if extra[name] is None]
         if distributed:  # every rank takes the same branch: none waits alone in a collective
             # (before the forward: DDP broadcasts the batch-norm buffers in it)
-            missing, no_extra, stopping = any_rank(missing, no_extra, stop is not None and stop.requested)
+            missing, stopping, *flags = any_rank(missing, stop is not None and stop.requested,
+                                                 *(name in absent for name in others))  # fmt: skip
+            absent = [name for name, flag in zip(others, flags, strict=True) if flag]
         read_now = (index + 1) % read_every == 0
         # Under DDP the gradients of a micro-batch that only accumulates are not all-reduced yet.
         with contextlib.ExitStack() as held:
@@ -148,13 +150,19 @@ def train_one_epoch(
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 with autocast(device, session.precision):
-                    if session.adapting:
-                        extra_images = None if no_extra else extra[0].to(device, non_blocking=True)
-                        logits, features, extra_logits, extra_features = forward(images, extra_images)
+                    if session.multi_stream:
+                        inputs = {name: None if name in absent else [t.to(device, non_blocking=True) for t in b]
+                                  for name, b in extra.items()}  # fmt: skip
+                        unlabeled, source = inputs.get("unlabeled"), inputs.get("source")
+                        logits, features, u_logits, u_features, s_logits, s_features = forward(
+                            images, unlabeled[0] if unlabeled else None, source[0] if source else None
+                        )
                         outputs = StepOutputs(
-                            logits.float(), labels, features,
-                            extra_logits.float() if extra_logits is not None else None, extra_features,
-                            progress=state.global_step / total_steps, images=images, unlabeled_images=extra_images,
+                            logits.float(), labels, features, u_logits.float() if u_logits is not None else None,
+                            u_features, progress=state.global_step / total_steps, images=images,
+                            unlabeled_images=unlabeled[0] if unlabeled else None,
+                            source_logits=s_logits, source_features=s_features,
+                            source_labels=source[1] if source else None,
                         )  # fmt: skip
                     else:
                         logits = forward(images)

@@ -327,6 +327,9 @@ def describe_method(cfg: Config, frozen: list[str]) -> str:
         text += f" + MCC on unlabelled target images (weight {adapt.weight:g}, T {adapt.mcc_temperature:g})"
     elif adapt.method == "dann":
         text += f" + DANN on unlabelled target images (weight {adapt.weight:g})"
+    if cfg.source.train:
+        text += f" + source co-training ({cfg.source.select}, weight {cfg.source.weight:g}"
+        text += ", target-prior class weights)" if cfg.source.class_weights == "target_prior" else ")"
     if cfg.distill.teacher:
         text += (
             f" + distillation from {cfg.distill.teacher} (weight {cfg.distill.weight:g}, T {cfg.distill.temperature:g})"
