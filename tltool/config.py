@@ -183,6 +183,8 @@ class TrainConfig(_Section):
     """torchrun on GPUs: batch-norm statistics of the global batch (SyncBatchNorm), not of each process's part."""
     class_weights: Literal["none", "balanced"] | list[float] = Field("none", examples=["balanced"])
     """Loss weight per class: none, balanced (n_images / (n_classes x images of the class)), or one number per class."""
+    head_init: Literal["random", "probe"] = Field("random", examples=["probe"])
+    """New head's start: random, or probe (LP-FT): `tltool baseline`'s linear probe on the frozen train features."""
 
     @field_validator("feature_cache", "channels_last", mode="before")
     @classmethod

@@ -45,6 +45,7 @@ from tltool.device import configure_backends, resolve_precision, use_channels_la
 from tltool.errors import CheckpointError, ConfigError
 from tltool.evaluate import evaluate
 from tltool.features import FeatureCache, build_cache, cache_applies
+from tltool.lpft import init_head_from_probe
 from tltool.models import BuiltModel, build_model, built_from_checkpoint
 from tltool.objective import Objective, build_objective
 from tltool.optim import make_optimizer, make_scheduler, optimizer_impl
@@ -407,6 +408,9 @@ def build_session(
     if use_channels_last(cfg.train.channels_last, model):
         # Weights in NHWC; convolutions then run NHWC (the input is converted by the first one).
         model.to(memory_format=torch.channels_last)
+    init_head_from_probe(
+        cfg, built, split, device, precision, resumed=resumed is not None, dry_run=dry_run, quiet=quiet
+    )
 
     pin = device.type == "cuda"
     train_loader = make_loader(

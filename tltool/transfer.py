@@ -308,6 +308,8 @@ def describe_method(cfg: Config, frozen: list[str]) -> str:
         text = "full fine-tune"
     else:
         text = f"partial fine-tune (frozen: {frozen})"
+    if train.head_init == "probe":
+        text += " + LP-FT (head from the linear probe)"
     backbone_trains = train.freeze != "backbone" or train.unfreeze_at_epoch or train.unfreeze_schedule
     if backbone_trains and (train.backbone_lr_mult != 1.0 or train.layer_lr_decay != 1.0):
         text += f" + discriminative LR (backbone x{train.backbone_lr_mult:g}"
