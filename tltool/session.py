@@ -59,6 +59,7 @@ from tltool.runstate import (
     with_absolute_paths,
 )
 from tltool.transfer import UnfreezePlan, describe_method, freeze_modules, transfer_summary
+from tltool.wise_run import WiseStart, start_wise, wise_holdout
 
 
 def seed_everything(seed: int) -> None:
@@ -134,6 +135,7 @@ class TrainingSession:
     image_streams: dict[str, Stream]
     image_val: Iterable[Any]
     resumed: Checkpoint | None = None
+    wise: WiseStart | None = None  # train.wise_alpha: theta0 and the train images held out to choose alpha
     cache: FeatureCache | None = None
     inputs: Inputs | None = None
     compile_pending: bool = False  # the next epoch's first step compiles (its time is reported)
@@ -274,6 +276,7 @@ class TrainingSession:
             transfer=self.plan.state_dict(),  # which parts of the backbone opened, at which step
             l2sp_reference={k: v.detach().cpu() for k, v in l2sp["reference"].items()} if l2sp else None,
             loss_terms=_to_cpu(terms) if terms else None,
+            initial_model=self.wise.initial if self.wise is not None else None,
             **state.checkpoint_fields(),
             rng=rank_states[0]["rng"],
             world_size=len(rank_states),
@@ -369,6 +372,7 @@ def build_session(
     cfg = with_absolute_paths(cfg, TORCHVISION_NAMES)
     # Data first: a wrong path or class layout fails before any weights are read.
     split = scan_data(cfg.data, cfg.run.seed)
+    split, wise_held = wise_holdout(cfg, split)  # train.wise_alpha=auto: train images that only choose alpha
     # Under torchrun: join the job (gloo on CPU, nccl on CUDA) and take this rank's GPU.
     world, device = distributed.setup(cfg.run.device, cfg.run.dist_timeout_s)
     quiet = quiet or not world.is_main  # only rank 0 prints and writes
@@ -411,6 +415,7 @@ def build_session(
     init_head_from_probe(
         cfg, built, split, device, precision, resumed=resumed is not None, dry_run=dry_run, quiet=quiet
     )
+    wise = start_wise(cfg, model, resumed, wise_held)  # theta0: after the head is set, before the first step
 
     pin = device.type == "cuda"
     train_loader = make_loader(
@@ -471,6 +476,7 @@ def build_session(
         image_streams={"train": Stream("train", train_loader, cfg.data.batch_size)},
         image_val=val_loader,
         resumed=resumed,
+        wise=wise,
         wall_start=wall_start,
     )
     if resumed is not None and not dry_run:
