@@ -217,7 +217,7 @@ def run_eval(
 ) -> dict[str, Any]:
     """`tltool eval`: metrics of a checkpoint on `data` or on the val split its run used.
 
-    `wise_alpha`: of WiSE-FT's theta(alpha) of the checkpoint instead (`trained.open_trained`).
+    `wise_alpha`: measure WiSE-FT's theta(alpha) of the checkpoint instead of its weights (`trained.open_trained`).
     """
     trained = open_trained(checkpoint_path, resolve_device(device_name), wise_alpha)
     samples, source = trained.samples(data)
