@@ -111,6 +111,7 @@ def full_checkpoint() -> Checkpoint:
         transfer={"opened": ["layer4"], "step": 12},
         l2sp_reference={"0.weight": torch.ones(3, 4)},
         loss_terms={"toy": {"count": torch.tensor(2)}},
+        initial_model={"0.weight": torch.zeros(3, 4)},
     )
 
 
@@ -125,9 +126,9 @@ def test_a_checkpoint_round_trips_through_a_weights_only_file(tmp_path: Path) ->
     assert loaded.mid_epoch and loaded.rank_state(1)["epoch_progress"] is None
 
 
-def test_the_file_has_the_26_keys_of_format_1_and_loss_terms() -> None:
+def test_the_file_has_the_26_keys_of_format_1_and_the_later_ones() -> None:
     assert len(set(OLD_KEYS)) == 26
-    assert set(full_checkpoint().to_dict()) == {*OLD_KEYS, "loss_terms"}
+    assert set(full_checkpoint().to_dict()) == {*OLD_KEYS, "loss_terms", "initial_model", "bn_stats"}
 
 
 def test_a_checkpoint_written_before_loss_terms_loads_with_its_default(tmp_path: Path) -> None:
@@ -136,7 +137,7 @@ def test_a_checkpoint_written_before_loss_terms_loads_with_its_default(tmp_path:
     assert len(old) == 26
     torch.save(old, tmp_path / "old.pt")
     loaded = load_checkpoint(tmp_path / "old.pt")
-    assert loaded.loss_terms is None
+    assert loaded.loss_terms is None and loaded.initial_model is None and loaded.bn_stats is None
     assert_same({key: value for key, value in loaded.to_dict().items() if key in OLD_KEYS}, old)
 
 

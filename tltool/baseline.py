@@ -23,14 +23,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from tltool.config import Config
 from tltool.errors import DataError
+
+if TYPE_CHECKING:
+    from tltool.data import Preprocess, Sample
 
 HOLDOUT_FRACTION = 0.2
 L2_GRID = (10.0, 1.0, 1e-1, 1e-2, 1e-3, 1e-4)  # strongest first: each fit warm-starts the next
@@ -65,9 +69,8 @@ def extract_features(cfg: Config, quiet: bool = False) -> FeatureSet:
     The same pieces as the feature cache (`tltool.features.extract` over `make_loader`), but both splits
     use the eval transform: a baseline of augmented views would measure the augmentation, not the features.
     """
-    from tltool.data import eval_transform, make_loader, scan_data
+    from tltool.data import scan_data
     from tltool.device import resolve_device, resolve_precision, use_channels_last
-    from tltool.features import extract
     from tltool.models import build_model
 
     start = time.perf_counter()
@@ -81,25 +84,10 @@ def extract_features(cfg: Config, quiet: bool = False) -> FeatureSet:
     backbone = built.model.backbone.to(device).eval()
     if use_channels_last(cfg.train.channels_last, built.model):
         backbone.to(memory_format=torch.channels_last)
-    transform = eval_transform(built.preprocess)
-    show = not quiet and cfg.log.progress
-    parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for kind, samples in (("train", split.train), ("val", split.val)):
-        loader = make_loader(
-            samples,
-            transform,
-            max(cfg.data.batch_size, 64),
-            cfg.data.num_workers,
-            seed=cfg.run.seed,
-            shuffle=False,
-            pin_memory=device.type == "cuda",
-        )
-        bar = tqdm(loader, desc=f"features ({kind})", leave=False, disable=None if show else True, file=sys.stderr)
-        features, labels = extract(backbone, bar, device, precision)
-        if labels.numel() == 0:
-            raise DataError(f"no {kind} image could be read", "check the dataset with `tltool doctor`")
-        # extract() runs in inference mode; a clone made outside it can take part in autograd (the probe).
-        parts[kind] = (features.flatten(1).clone(), labels.clone())
+    parts = {
+        kind: frozen_features(cfg, backbone, built.preprocess, samples, device, precision, kind, quiet)
+        for kind, samples in (("train", split.train), ("val", split.val))
+    }
     seconds = time.perf_counter() - start
     info = {
         "backbone": cfg.model.backbone,
@@ -114,6 +102,42 @@ def extract_features(cfg: Config, quiet: bool = False) -> FeatureSet:
         "extract_seconds": seconds,
     }
     return FeatureSet(*parts["train"], *parts["val"], len(split.class_names), list(split.class_names), info)
+
+
+def frozen_features(
+    cfg: Config,
+    backbone: nn.Module,
+    preprocess: Preprocess,
+    samples: Sequence[Sample],
+    device: torch.device,
+    precision: str,
+    kind: str,
+    quiet: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, D) float32 on CPU, labels) of `samples` through `backbone` with the eval transform.
+
+    What the read-outs fit (here) and what LP-FT's probe head is fitted on (tltool.lpft): one extraction.
+    `kind` names the images in the progress bar and in the error when none could be read.
+    """
+    from tltool.data import eval_transform, make_loader
+    from tltool.features import extract
+
+    loader = make_loader(
+        samples,
+        eval_transform(preprocess),
+        max(cfg.data.batch_size, 64),
+        cfg.data.num_workers,
+        seed=cfg.run.seed,
+        shuffle=False,
+        pin_memory=device.type == "cuda",
+    )
+    show = not quiet and cfg.log.progress
+    bar = tqdm(loader, desc=f"features ({kind})", leave=False, disable=None if show else True, file=sys.stderr)
+    features, labels = extract(backbone, bar, device, precision)
+    if labels.numel() == 0:
+        raise DataError(f"no {kind} image could be read", "check the dataset with `tltool doctor`")
+    # extract() runs in inference mode; a clone made outside it can take part in autograd (the probe).
+    return features.flatten(1).clone(), labels.clone()
 
 
 # --- shared pieces ---------------------------------------------------------------------------------
@@ -152,14 +176,19 @@ def _pick(grid: list[dict[str, Any]]) -> dict[str, Any]:
 # --- linear probe ----------------------------------------------------------------------------------
 
 
+def feature_stats(reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature (mean, std) of `reference` that `standardize` uses (a constant feature gets std 1)."""
+    mean = reference.mean(dim=0)
+    std = reference.std(dim=0, unbiased=False)
+    return mean, torch.where(std > 1e-6, std, torch.ones_like(std))
+
+
 def standardize(reference: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
     """Zero mean, unit variance per feature with `reference`'s statistics (constant features left at 0).
 
     The penalty grid then means the same for every backbone, whatever the scale of its features.
     """
-    mean = reference.mean(dim=0)
-    std = reference.std(dim=0, unbiased=False)
-    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    mean, std = feature_stats(reference)
     return [(x - mean) / std for x in (reference, *others)]
 
 
@@ -202,17 +231,35 @@ def fit_logistic(
     return weight.detach(), bias.detach()
 
 
-def linear_probe(
-    train: torch.Tensor,
-    train_labels: torch.Tensor,
-    val: torch.Tensor,
-    val_labels: torch.Tensor,
-    num_classes: int,
-    seed: int,
-    grid: Sequence[float] = L2_GRID,
-) -> dict[str, Any]:
-    """Pick the L2 penalty on held-out train features, refit on all of train, score val."""
-    start = time.perf_counter()
+@dataclass
+class Probe:
+    """A fitted linear probe: scores = ((x - mean) / std) @ weight + bias, on raw backbone features x."""
+
+    weight: torch.Tensor  # (D, K)
+    bias: torch.Tensor  # (K,)
+    mean: torch.Tensor  # (D,): the train features' statistics (feature_stats)
+    std: torch.Tensor  # (D,)
+    l2: float  # the penalty chosen (DEFAULT_L2 when no image could be held out)
+    grid: list[dict[str, Any]]  # one row per penalty tried: l2, holdout_acc1, holdout_loss
+    holdout_images: int  # train images held out to choose the penalty (0: none could be)
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """The probe's decision scores (logits) of raw backbone features, (N, D) -> (N, K)."""
+        return ((features - self.mean) / self.std) @ self.weight + self.bias
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same map as one nn.Linear's (weight (K, D), bias (K,)): W' = W / std, b' = b - W' . mean."""
+        weight = self.weight / self.std[:, None]
+        return weight.T.contiguous(), self.bias - self.mean @ weight
+
+
+def fit_probe(
+    train: torch.Tensor, train_labels: torch.Tensor, num_classes: int, seed: int, grid: Sequence[float] = L2_GRID
+) -> Probe:
+    """Pick the L2 penalty on a held-out 20% of the train features, then refit on all of them.
+
+    Only train features are seen: `tltool baseline` scores the result on val, LP-FT starts a head from it.
+    """
     fit_index, held_index = holdout_split(train_labels, HOLDOUT_FRACTION, seed)
     rows: list[dict[str, Any]] = []
     if held_index.numel():
@@ -229,19 +276,35 @@ def linear_probe(
         chosen, init = best["l2"], best["solution"]
     else:
         chosen, init = DEFAULT_L2, None
-    train_x, val_x = standardize(train, val)
+    mean, std = feature_stats(train)
     # Warm start from the chosen grid fit: all-train statistics differ little from the fit fold's.
-    weight, bias = fit_logistic(train_x, train_labels, num_classes, chosen, init=init)
-    logits = val_x @ weight + bias
+    weight, bias = fit_logistic((train - mean) / std, train_labels, num_classes, chosen, init=init)
+    table = [{k: v for k, v in row.items() if k not in ("tiebreak", "solution")} for row in rows]
+    return Probe(weight, bias, mean, std, chosen, table, int(held_index.numel()))
+
+
+def linear_probe(
+    train: torch.Tensor,
+    train_labels: torch.Tensor,
+    val: torch.Tensor,
+    val_labels: torch.Tensor,
+    num_classes: int,
+    seed: int,
+    grid: Sequence[float] = L2_GRID,
+) -> dict[str, Any]:
+    """Pick the L2 penalty on held-out train features, refit on all of train, score val."""
+    start = time.perf_counter()
+    probe = fit_probe(train, train_labels, num_classes, seed, grid)
+    logits = probe.scores(val)
     return {
         "method": "linear probe: multinomial logistic regression (L-BFGS) on standardized features",
-        "l2": chosen,
-        "C": 1.0 / (chosen * train.shape[0]),
+        "l2": probe.l2,
+        "C": 1.0 / (probe.l2 * train.shape[0]),
         "val_acc1": topk_accuracy(logits, val_labels, 1),
         "val_acc5": topk_accuracy(logits, val_labels, 5),
         "val_loss": F.cross_entropy(logits, val_labels).item(),
-        "chosen_by": "held-out 20% of train" if rows else "default (no train image could be held out)",
-        "grid": [{k: v for k, v in row.items() if k not in ("tiebreak", "solution")} for row in rows],
+        "chosen_by": "held-out 20% of train" if probe.grid else "default (no train image could be held out)",
+        "grid": probe.grid,
         "seconds": time.perf_counter() - start,
     }
 

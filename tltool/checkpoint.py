@@ -112,6 +112,7 @@ class Checkpoint:
     l2sp_reference: dict[str, Any] | None = None  # L2-SP's w0 (the backbone at the start of training)
     loss_terms: dict[str, Any] | None = None  # the state of loss terms other than L2-SP, by term name
     bn_stats: dict[str, Any] | None = None  # AdaBN: the backbone's batch-norm statistics {"source", "target"}
+    initial_model: dict[str, Any] | None = None  # WiSE-FT's theta0: the model at the start of fine-tuning
 
     def to_dict(self) -> dict[str, Any]:
         """The dict that goes into the file (`torch.save`); read back by `from_dict`."""

@@ -41,6 +41,15 @@ Overrides = Annotated[
 ]
 CheckpointPath = Annotated[str, typer.Argument(help="A tltool checkpoint (runs/<name>/checkpoints/best.pt).")]
 Device = Annotated[str, typer.Option("--device", help=f"{DEVICE_NAMES}.")]
+WiseAlpha = Annotated[
+    float | None,
+    typer.Option(
+        "--wise-alpha",
+        help="WiSE-FT: use (1-A) x starting + A x fine-tuned weights, 0 <= A <= 1 (a checkpoint of a run "
+        "trained with train.wise_alpha set).",
+        show_default=False,
+    ),
+]
 
 
 @contextlib.contextmanager
@@ -142,14 +151,16 @@ def eval_command(
     device: Device = "auto",
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Default: the run's.")] = None,
     num_workers: Annotated[int | None, typer.Option("--num-workers", min=0, help="Default: the run's.")] = None,
+    wise_alpha: WiseAlpha = None,
 ) -> None:
     """Measure a checkpoint: loss, top-1/top-5, per-class precision/recall/F1, confusion matrix."""
     with user_errors():
         check_device(device, "--device")
         from tltool.evaluate import format_report, run_eval
 
-        metrics = run_eval(checkpoint, data, json_path, device, batch_size, num_workers)
-        typer.echo(f"{checkpoint} on {metrics['data']}")
+        metrics = run_eval(checkpoint, data, json_path, device, batch_size, num_workers, wise_alpha)
+        wise = f" (WiSE-FT alpha {wise_alpha:g})" if wise_alpha is not None else ""
+        typer.echo(f"{checkpoint}{wise} on {metrics['data']}")
         typer.echo(format_report(metrics, metrics["class_names"]))
         if json_path:
             typer.echo(f"metrics written to {json_path}")
@@ -195,6 +206,7 @@ def export(
         bool, typer.Option("--benchmark", help="Print batch-1 latency and batch-32 throughput vs eager PyTorch.")
     ] = False,
     device: Annotated[str, typer.Option("--device", help=f"Device for --benchmark: {DEVICE_NAMES}.")] = "auto",
+    wise_alpha: WiseAlpha = None,
 ) -> None:
     """Write deployable files (ONNX, TorchScript, ExportedProgram, safetensors) with classes and preprocessing inside.
 
@@ -217,6 +229,7 @@ def export(
             dynamic_size=dynamic_size,
             benchmark=benchmark,
             device=device,
+            wise_alpha=wise_alpha,
         )
 
 

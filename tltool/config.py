@@ -183,6 +183,10 @@ class TrainConfig(_Section):
     """torchrun on GPUs: batch-norm statistics of the global batch (SyncBatchNorm), not of each process's part."""
     class_weights: Literal["none", "balanced"] | list[float] = Field("none", examples=["balanced"])
     """Loss weight per class: none, balanced (n_images / (n_classes x images of the class)), or one number per class."""
+    head_init: Literal["random", "probe"] = Field("random", examples=["probe"])
+    """New head's start: random, or probe (LP-FT): `tltool baseline`'s linear probe on the frozen train features."""
+    wise_alpha: float | Literal["auto"] | None = Field(None, examples=[0.5])
+    """WiSE-FT: checkpoints/wise.pt = (1-a) x start + a x fine-tuned weights; auto picks a on held-out train images."""
 
     @field_validator("feature_cache", "channels_last", mode="before")
     @classmethod
@@ -213,6 +217,14 @@ class TrainConfig(_Section):
     def _class_weights(cls, value: str | list[float]) -> str | list[float]:
         if isinstance(value, list) and (not value or not all(w > 0 and w < float("inf") for w in value)):
             raise ValueError("a list of class weights needs one positive number per class")
+        return value
+
+    @field_validator("wise_alpha", mode="before")
+    @classmethod
+    def _wise_alpha(cls, value: Any) -> Any:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if value not in (None, "auto") and not (number and 0.0 <= value <= 1.0):
+            raise ValueError("must be a number from 0 (the starting weights) to 1 (the fine-tuned ones), or auto")
         return value
 
     @field_validator("unfreeze_schedule")

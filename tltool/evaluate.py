@@ -213,12 +213,17 @@ def run_eval(
     device_name: str = "auto",
     batch_size: int | None = None,
     num_workers: int | None = None,
+    wise_alpha: float | None = None,
 ) -> dict[str, Any]:
-    """`tltool eval`: metrics of a checkpoint on `data` or on the val split its run used."""
-    trained = open_trained(checkpoint_path, resolve_device(device_name))
+    """`tltool eval`: metrics of a checkpoint on `data` or on the val split its run used.
+
+    `wise_alpha`: measure WiSE-FT's theta(alpha) of the checkpoint instead of its weights (`trained.open_trained`).
+    """
+    trained = open_trained(checkpoint_path, resolve_device(device_name), wise_alpha)
     samples, source = trained.samples(data)
     metrics = evaluate_trained(trained, samples, batch_size, num_workers)
     metrics["data"] = source
+    metrics["wise_alpha"] = wise_alpha
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

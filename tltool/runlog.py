@@ -56,10 +56,16 @@ def hparams(cfg: Config) -> dict[str, Any]:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The end-of-run table: best epoch and metric, time, speed, where the files are, what to run next."""
-    best = summary["checkpoints"]["best"] or summary["checkpoints"]["last"]
+    wise = summary.get("wise")
+    best = wise["checkpoint"] if wise else summary["checkpoints"]["best"] or summary["checkpoints"]["last"]
     final = {"val_acc1": float("nan"), "val_acc5": float("nan"), "val_loss": float("nan"), **(summary["final"] or {})}
     metric = f"{summary['best_metric']:.4f}" if summary["best_metric"] is not None else "n/a"
     cache = summary.get("feature_cache")
+    wise_lines = (
+        [f"wise-ft      alpha {wise['alpha']:g} ({wise['chosen_by']}), val top-1 {wise['val_acc1']:.1%}"]
+        if wise
+        else []
+    )
     lines = [
         f"best epoch   {summary['best_epoch']} of {summary['epochs_completed']}"
         f" ({summary['monitor']} {metric})" + ("  [stopped early]" if summary["stopped_early"] else ""),
@@ -68,6 +74,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"time         {summary['wall_seconds']:.1f} s on {summary['device']} ({summary['precision']})"
         + (f", features extracted once in {cache['extract_seconds']:.1f} s" if cache else ""),
         f"speed        {final.get('images_per_second', 0):.0f} train images/s (last epoch)",
+        *wise_lines,
         f"files        {summary['run_dir']}/  config.yaml metrics.jsonl summary.json checkpoints/",
         f"next         tltool eval {best}",
         f"             tltool export {best} --format onnx",

@@ -50,6 +50,7 @@ from tltool.distill import open_teacher
 from tltool.errors import CheckpointError, ConfigError, DataError
 from tltool.evaluate import evaluate
 from tltool.features import FeatureCache, build_cache, cache_applies
+from tltool.lpft import init_head_from_probe
 from tltool.models import BuiltModel, build_model, built_from_checkpoint
 from tltool.objective import Objective, build_objective
 from tltool.optim import make_optimizer, make_scheduler, optimizer_impl
@@ -64,6 +65,7 @@ from tltool.runstate import (
 )
 from tltool.source import SourceData, open_source, target_prior
 from tltool.transfer import UnfreezePlan, describe_method, freeze_modules, transfer_summary
+from tltool.wise_run import WiseStart, start_wise, wise_holdout
 
 
 def seed_everything(seed: int) -> None:
@@ -144,6 +146,7 @@ class TrainingSession:
     source: SourceData | None = None  # source.train's images (after source.select) and classes
     bn_stats: dict[str, dict[str, torch.Tensor]] | None = None  # AdaBN: {"source": ..., "target": ...}
     resumed: Checkpoint | None = None
+    wise: WiseStart | None = None  # train.wise_alpha: theta0 and the train images held out to choose alpha
     cache: FeatureCache | None = None
     inputs: Inputs | None = None
     compile_pending: bool = False  # the next epoch's first step compiles (its time is reported)
@@ -327,6 +330,7 @@ class TrainingSession:
             transfer=self.plan.state_dict(),  # which parts of the backbone opened, at which step
             l2sp_reference={k: v.detach().cpu() for k, v in l2sp["reference"].items()} if l2sp else None,
             loss_terms=_to_cpu(terms) if terms else None,
+            initial_model=self.wise.initial if self.wise is not None else None,
             **state.checkpoint_fields(),
             rng=rank_states[0]["rng"],
             world_size=len(rank_states),
@@ -439,6 +443,7 @@ def build_session(
     cfg = with_absolute_paths(cfg, TORCHVISION_NAMES)
     # Data first: a wrong path or class layout fails before any weights are read.
     split = scan_data(cfg.data, cfg.run.seed)
+    split, wise_held = wise_holdout(cfg, split)  # train.wise_alpha=auto: train images that only choose alpha
     # Under torchrun: join the job (gloo on CPU, nccl on CUDA) and take this rank's GPU.
     world, device = distributed.setup(cfg.run.device, cfg.run.dist_timeout_s)
     quiet = quiet or not world.is_main  # only rank 0 prints and writes
@@ -479,6 +484,10 @@ def build_session(
     if use_channels_last(cfg.train.channels_last, model):
         # Weights in NHWC; convolutions then run NHWC (the input is converted by the first one).
         model.to(memory_format=torch.channels_last)
+    init_head_from_probe(
+        cfg, built, split, device, precision, resumed=resumed is not None, dry_run=dry_run, quiet=quiet
+    )
+    wise = start_wise(cfg, model, resumed, wise_held)  # theta0: after the head is set, before the first step
 
     pin = device.type == "cuda"
     train_loader = make_loader(
@@ -571,6 +580,7 @@ def build_session(
         source=source,
         bn_stats=stats,
         resumed=resumed,
+        wise=wise,
         wall_start=wall_start,
     )
     if resumed is not None and not dry_run:

@@ -33,6 +33,7 @@ from tltool.runlog import describe, epoch_line, hparams, log_tensorboard, open_t
 from tltool.runstate import write_text_atomic
 from tltool.session import RunFinished, TrainingSession, build_session
 from tltool.transfer import set_train_mode
+from tltool.wise_run import finish_wise
 
 
 class StopRequest:
@@ -298,6 +299,8 @@ def finetune(
                 f"continue with: tltool finetune {config_path} --resume auto",
             ) from None
         summary = session.summary(stopped_early)
+        if cfg.train.wise_alpha is not None:  # (every rank: its evaluations are sharded)
+            summary["wise"] = finish_wise(session)
         if not is_main:
             return {**summary, "rank": session.world.rank}  # (the CLI prints rank 0's only)
         write_text_atomic(session.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -10,6 +10,7 @@ with), so eval, report and the export parity check all see the same images.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tltool.config import DataConfig
 from tltool.data import Preprocess, Sample, scan_data, scan_eval_folder
 from tltool.errors import CheckpointError, DataError
 from tltool.models import TransferModel, load_trained_model
+from tltool.wise import wise_weights
 
 
 @dataclass(frozen=True)
@@ -90,13 +92,17 @@ class TrainedModel:
         return samples, source
 
 
-def open_trained(path: str | Path, device: torch.device | str = "cpu") -> TrainedModel:
+def open_trained(path: str | Path, device: torch.device | str = "cpu", wise_alpha: float | None = None) -> TrainedModel:
     """The trained model of the tltool checkpoint at `path`, in eval mode on `device`.
 
+    With `wise_alpha`, the model is WiSE-FT's theta(alpha) of the checkpoint's starting and fine-tuned weights
+    (`wise.wise_weights`: a ConfigError for alpha outside [0, 1], a CheckpointError without theta0).
     Every problem with the file (missing, truncated, unsafe pickle, not a tltool checkpoint, a newer
     format, weights that do not fit its architecture) is a one-line CheckpointError.
     """
     checkpoint = load_checkpoint(path)
+    if wise_alpha is not None:
+        checkpoint = dataclasses.replace(checkpoint, model=wise_weights(checkpoint, wise_alpha, path))
     device = torch.device(device)
     model = load_trained_model(checkpoint).to(device)
     return TrainedModel(Path(path), checkpoint, model, Preprocess.from_dict(checkpoint.preprocess), device)

@@ -308,6 +308,11 @@ def describe_method(cfg: Config, frozen: list[str]) -> str:
         text = "full fine-tune"
     else:
         text = f"partial fine-tune (frozen: {frozen})"
+    if train.head_init == "probe":
+        text += " + LP-FT (head from the linear probe)"
+    if train.wise_alpha is not None:
+        alpha = "chosen on held-out train images" if train.wise_alpha == "auto" else f"{train.wise_alpha:g}"
+        text += f" + WiSE-FT (alpha {alpha})"
     backbone_trains = train.freeze != "backbone" or train.unfreeze_at_epoch or train.unfreeze_schedule
     if backbone_trains and (train.backbone_lr_mult != 1.0 or train.layer_lr_decay != 1.0):
         text += f" + discriminative LR (backbone x{train.backbone_lr_mult:g}"

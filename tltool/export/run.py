@@ -204,9 +204,11 @@ def run_export(
     dynamic_size: bool = False,
     benchmark: bool = False,
     device: str = "auto",
+    wise_alpha: float | None = None,
 ) -> list[Path]:
     """`tltool export`: write the checkpoint's model in `format` (or `all`), parity-checked unless not `verify`.
 
+    `wise_alpha`: export WiSE-FT's theta(alpha) of the checkpoint (`trained.open_trained`).
     Returns the paths written, in format order. On any failure nothing is left under a final name, and a
     file that was there before is untouched (the exports live in temp files until all have passed).
     """
@@ -220,7 +222,7 @@ def run_export(
     if benchmark:
         bench_device = resolve_device(device, "--device")
     checkpoint_path = Path(checkpoint)
-    trained = open_trained(checkpoint_path, torch.device("cpu"))
+    trained = open_trained(checkpoint_path, torch.device("cpu"), wise_alpha)
     model, preprocess = trained.model, trained.preprocess
     base = ExportSpec(
         format=formats[0],
@@ -248,6 +250,7 @@ def run_export(
         (include_preprocessing, f"uint8 {layout.upper()} input"),
         (softmax, "softmax"),
         (dynamic_size, "any size"),
+        (wise_alpha is not None, f"WiSE-FT alpha {wise_alpha}"),
     )
     extras = [text for given, text in options if given]
     echo(
