@@ -41,10 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tltool.config import load_config  # noqa: E402
-from tltool.data import Preprocess  # noqa: E402
+from tltool.data import Preprocess, Stream  # noqa: E402
 from tltool.models import build_model  # noqa: E402
 from tltool.runstate import EpochProgress  # noqa: E402
-from tltool.session import Stream, build_session  # noqa: E402
+from tltool.session import build_session  # noqa: E402
 from tltool.train import finetune, train_one_epoch  # noqa: E402
 
 

@@ -16,11 +16,12 @@ import tltool.train as train_module
 from conftest import run_overrides, tree_checksum
 from tltool.checkpoint import load_checkpoint
 from tltool.config import TrainConfig, load_config
+from tltool.data import Stream
 from tltool.errors import CheckpointError, ConfigError, TrainingError
 from tltool.models import build_model
 from tltool.optim import lr_factor
 from tltool.runstate import EpochProgress
-from tltool.session import Stream, build_session, seed_everything
+from tltool.session import build_session, seed_everything
 from tltool.train import finetune, train_one_epoch
 
 

@@ -18,13 +18,20 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tltool.checkpoint import Checkpoint
+from tltool.config import Config
+from tltool.data import IMAGE_EXTENSIONS, Sample, eval_transform, image_files, make_loader
 from tltool.device import autocast
+from tltool.errors import ConfigError, DataError
+from tltool.models import BuiltModel
+from tltool.transfer import UnfreezePlan
 
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -215,3 +222,59 @@ class TrainForward(nn.Module):
             shares = index < 2 or self.source_shares_head
             out += [logits[start:stop] if present and shares else None, features[start:stop] if present else None]
         return tuple(out)
+
+
+# --- what a run needs of adaptation ---------------------------------------------------------------
+
+
+def scan_unlabeled(folder: str) -> list[Sample]:
+    """The images of `adapt.unlabeled` (any depth, no class folders), as samples with label -1."""
+    root = Path(folder)
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(f"adapt.unlabeled {folder} {what}", "give a folder of target-domain images")
+    samples = [(str(path), -1) for path in image_files(root)]
+    if not samples:
+        raise DataError(
+            f"adapt.unlabeled {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})",
+            "give a folder of target-domain images, or leave adapt.unlabeled unset",
+        )
+    return samples
+
+
+def check_adaptation(cfg: Config, plan: UnfreezePlan) -> None:
+    """What the adaptation methods need of what trains (the plan's answer)."""
+    if cfg.adapt.method == "dann" and not plan.backbone_ever_trains():
+        raise ConfigError(
+            "adapt.method=dann needs a backbone that trains: with it frozen the features cannot align",
+            "set train.freeze=none (or an unfreeze plan), or use adapt.method=mcc",
+        )
+    if cfg.adapt.bn_stats == "target" and plan.backbone_ever_trains():
+        raise ConfigError(
+            "adapt.bn_stats=target (AdaBN) needs a frozen backbone: the statistics are estimated once, for its weights",
+            "set train.freeze=backbone without an unfreeze plan, or adapt.bn_stats=source",
+        )
+
+
+def adabn_stats(
+    cfg: Config,
+    model: nn.Module,
+    built: BuiltModel,
+    unlabeled: list[Sample],
+    resumed: Checkpoint | None,
+    device: torch.device,
+    precision: str,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """AdaBN's two sets of batch-norm statistics: the source's (the backbone's own) and the target's.
+
+    A new run estimates the target's on the unlabelled images (every rank on all of them: the same numbers
+    everywhere). A resumed one takes both from its checkpoint, whose model carries the target's, and puts
+    the source's back in the model: the labelled images are normalized with them during training.
+    """
+    if resumed is not None and resumed.bn_stats:
+        stats = {which: {k: v.to(device) for k, v in part.items()} for which, part in resumed.bn_stats.items()}
+        load_bn_stats(model.backbone, stats["source"])
+        return stats
+    batches = make_loader(unlabeled, eval_transform(built.preprocess), cfg.data.batch_size, cfg.data.num_workers,
+                          cfg.run.seed, shuffle=False, pin_memory=device.type == "cuda")  # fmt: skip
+    return {"source": bn_stats(model.backbone), "target": estimate_bn_stats(model.backbone, batches, device, precision)}

@@ -7,6 +7,10 @@ reported at once, each with its dotted key, the bad value and an example of a va
 Validating a config imports neither torch nor torchvision. Whether `model.backbone` and `model.weights`
 name a torchvision model and its weights is asked of `ModelNames` given to `load_config` (the CLI gives
 torchvision's, `tltool.catalog.TORCHVISION_NAMES`): the answer needs torchvision, ~3 s to import.
+
+Past 500 lines on purpose: this file is the contract of every config key, one section class per config
+section, each field with its docstring (the docs are generated from it, in config_docs.py); splitting the
+sections across files would scatter that one reference. YAML reading and override parsing are below it.
 """
 
 from __future__ import annotations

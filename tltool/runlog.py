@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from tltool.config import Config
 from tltool.data import resolve_num_workers
@@ -12,7 +15,7 @@ from tltool.errors import ConfigError
 from tltool.features import cache_applies
 from tltool.models import count_parameters
 from tltool.optim import optimizer_impl
-from tltool.transfer import describe_method
+from tltool.transfer import describe_method, transfer_summary
 
 if TYPE_CHECKING:
     from tltool.session import TrainingSession
@@ -159,3 +162,57 @@ def describe(session: TrainingSession) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+def run_summary(session: TrainingSession, stopped_early: bool) -> dict[str, Any]:
+    """summary.json: the run's method, its best and last metrics, and how it ran."""
+    cfg, state, cache = session.cfg, session.state, session.cache
+    summary = {
+        "run_dir": str(session.run_dir),
+        "backbone": cfg.model.backbone,
+        "weights": session.built.weights_source,
+        "method": describe_method(cfg, session.plan.base_frozen),
+        "transfer": transfer_summary(cfg, session.plan, session.optimizer, session.objective.class_weight),
+        "loss_terms": session.objective.names,
+        "adapt": {
+            "unlabeled": cfg.adapt.unlabeled,
+            "unlabeled_images": len(session.unlabeled),
+            **cfg.adapt.model_dump(exclude={"unlabeled"}),
+        }
+        if session.unlabeled is not None
+        else None,
+        "source": {
+            "train": cfg.source.train,
+            "classes": len(session.source.class_names),
+            "shares_head": session.source.shares_head,
+            "images": len(session.source.samples),
+            "scanned": session.source.scanned,
+            "class_weights": session.objective.term("source").state.get("class_weights", torch.ones(0)).tolist(),
+        }
+        if session.source is not None
+        else None,
+        "epochs_completed": state.epoch,
+        "stopped_early": stopped_early,
+        "monitor": cfg.checkpoint.monitor,
+        "best_metric": state.best_metric,
+        "best_epoch": state.best_epoch,
+        "final": state.history[-1] if state.history else {},
+        "num_classes": len(session.split.class_names),
+        "train_images": len(session.split.train),
+        "val_images": len(session.split.val),
+        "skipped_images": len(session.split.bad),
+        "feature_cache": {"extract_seconds": cache.extract_seconds, "location": cache.location} if cache else None,
+        "device": str(session.device),
+        "precision": session.precision,
+        "optimizer_impl": optimizer_impl(session.optimizer),
+        "compile_seconds": session.compile_seconds if cfg.run.compile else None,
+        "wall_seconds": time.perf_counter() - session.wall_start,
+        "checkpoints": {
+            "last": str(session.checkpoint_dir / "last.pt"),
+            "best": str(session.checkpoint_dir / "best.pt") if cfg.checkpoint.save_best else None,
+        },
+    }
+    if session.world.enabled:
+        summary["processes"] = session.world.world_size
+        summary["global_batch"] = session.world.world_size * cfg.data.batch_size
+    return summary

@@ -9,7 +9,8 @@ CheckpointManager gathers model, optimizers, schedulers and train state).
 
 The loop (train.py) asks the session for an epoch (`enter_epoch`: the epoch's seeds, what the unfreeze
 plan opens, feature cache on or off, each stream positioned), trains on its named `streams`, then
-`evaluate()` and `save_last()`.
+`evaluate()` and `save_last()`. (Just past 500 lines: the session and the one function that builds it
+belong together; what a method adds lives in its own module: adapt, source, distill, lpft, wise_run.)
 """
 
 from __future__ import annotations
@@ -28,32 +29,30 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tltool import distributed
-from tltool.adapt import TrainForward, bn_stats, estimate_bn_stats, load_bn_stats
+from tltool.adapt import TrainForward, adabn_stats, check_adaptation, scan_unlabeled
 from tltool.catalog import TORCHVISION_NAMES
 from tltool.checkpoint import Checkpoint, copy_atomic, restore_rng, rng_state, save_atomic, versions
 from tltool.config import Config
 from tltool.data import (
-    IMAGE_EXTENSIONS,
     BalancedSampler,
     DataSplit,
     Sample,
+    Stream,
     epoch_seed,
     eval_transform,
-    image_files,
     make_loader,
     scan_data,
-    set_loader_epoch,
     train_transform,
 )
 from tltool.device import autocast, configure_backends, resolve_precision, use_channels_last
 from tltool.distill import open_teacher
-from tltool.errors import CheckpointError, ConfigError, DataError
+from tltool.errors import CheckpointError, ConfigError
 from tltool.evaluate import evaluate
 from tltool.features import FeatureCache, build_cache, cache_applies
 from tltool.lpft import init_head_from_probe
 from tltool.models import BuiltModel, build_model, built_from_checkpoint
 from tltool.objective import Objective, build_objective
-from tltool.optim import make_optimizer, make_scheduler, optimizer_impl
+from tltool.optim import make_optimizer, make_scheduler
 from tltool.runlog import say
 from tltool.runstate import (
     EpochProgress,
@@ -64,7 +63,7 @@ from tltool.runstate import (
     with_absolute_paths,
 )
 from tltool.source import SourceData, open_source, target_prior
-from tltool.transfer import UnfreezePlan, describe_method, freeze_modules, transfer_summary
+from tltool.transfer import UnfreezePlan, freeze_modules
 from tltool.wise_run import WiseStart, start_wise, wise_holdout
 
 
@@ -80,33 +79,6 @@ class RunFinished(Exception):
     def __init__(self, message: str, epochs: int, run_dir: Path) -> None:
         super().__init__(message)
         self.epochs, self.run_dir = epochs, run_dir
-
-
-@dataclass
-class Stream:
-    """A named stream of training batches: images from a folder, cached features, or given batches.
-
-    A loader's order, augmentation and worker seeds are functions of (seed, epoch, position) through its
-    sampler; `set_epoch` positions it for an epoch, skipping the batches a mid-epoch checkpoint already did.
-    A plain list of batches (the benchmark's) is taken as it is.
-    """
-
-    name: str
-    loader: Iterable[Any]
-    batch_size: int = 1
-    seed: int | None = None  # the stream's own seed (None: run.seed)
-
-    def num_batches(self) -> int:
-        """Batches this rank draws per epoch."""
-        sampler = getattr(self.loader, "sampler", None)
-        if sampler is not None and hasattr(sampler, "shard_size"):
-            return math.ceil(sampler.shard_size() / self.batch_size)
-        return len(self.loader)  # type: ignore[arg-type]
-
-    def set_epoch(self, seed: int, epoch: int, skip_batches: int, rank: int) -> None:
-        if isinstance(self.loader, DataLoader):
-            seed = seed if self.seed is None else self.seed
-            set_loader_epoch(self.loader, seed, epoch, skip_batches=skip_batches, rank=rank)
 
 
 @dataclass
@@ -366,61 +338,6 @@ class TrainingSession:
         if self.cfg.checkpoint.save_best and self.world.is_main:
             copy_atomic(self.checkpoint_dir / "last.pt", self.checkpoint_dir / "best.pt")
 
-    # --- what it did ---
-
-    def summary(self, stopped_early: bool) -> dict[str, Any]:
-        """summary.json: the run's method, its best and last metrics, and how it ran."""
-        cfg, state, cache = self.cfg, self.state, self.cache
-        summary = {
-            "run_dir": str(self.run_dir),
-            "backbone": cfg.model.backbone,
-            "weights": self.built.weights_source,
-            "method": describe_method(cfg, self.plan.base_frozen),
-            "transfer": transfer_summary(cfg, self.plan, self.optimizer, self.objective.class_weight),
-            "loss_terms": self.objective.names,
-            "adapt": {
-                "unlabeled": cfg.adapt.unlabeled,
-                "unlabeled_images": len(self.unlabeled),
-                **cfg.adapt.model_dump(exclude={"unlabeled"}),
-            }
-            if self.unlabeled is not None
-            else None,
-            "source": {
-                "train": cfg.source.train,
-                "classes": len(self.source.class_names),
-                "shares_head": self.source.shares_head,
-                "images": len(self.source.samples),
-                "scanned": self.source.scanned,
-                "class_weights": self.objective.term("source").state.get("class_weights", torch.ones(0)).tolist(),
-            }
-            if self.source is not None
-            else None,
-            "epochs_completed": state.epoch,
-            "stopped_early": stopped_early,
-            "monitor": cfg.checkpoint.monitor,
-            "best_metric": state.best_metric,
-            "best_epoch": state.best_epoch,
-            "final": state.history[-1] if state.history else {},
-            "num_classes": len(self.split.class_names),
-            "train_images": len(self.split.train),
-            "val_images": len(self.split.val),
-            "skipped_images": len(self.split.bad),
-            "feature_cache": {"extract_seconds": cache.extract_seconds, "location": cache.location} if cache else None,
-            "device": str(self.device),
-            "precision": self.precision,
-            "optimizer_impl": optimizer_impl(self.optimizer),
-            "compile_seconds": self.compile_seconds if cfg.run.compile else None,
-            "wall_seconds": time.perf_counter() - self.wall_start,
-            "checkpoints": {
-                "last": str(self.checkpoint_dir / "last.pt"),
-                "best": str(self.checkpoint_dir / "best.pt") if cfg.checkpoint.save_best else None,
-            },
-        }
-        if self.world.enabled:
-            summary["processes"] = self.world.world_size
-            summary["global_batch"] = self.world.world_size * cfg.data.batch_size
-        return summary
-
 
 def _to_cpu(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
@@ -586,56 +503,3 @@ def build_session(
     if resumed is not None and not dry_run:
         session.restore(resumed)
     return session
-
-
-def scan_unlabeled(folder: str) -> list[Sample]:
-    """The images of `adapt.unlabeled` (any depth, no class folders), as samples with label -1."""
-    root = Path(folder)
-    if not root.is_dir():
-        what = "is not a folder" if root.exists() else "does not exist"
-        raise DataError(f"adapt.unlabeled {folder} {what}", "give a folder of target-domain images")
-    samples = [(str(path), -1) for path in image_files(root)]
-    if not samples:
-        raise DataError(
-            f"adapt.unlabeled {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})",
-            "give a folder of target-domain images, or leave adapt.unlabeled unset",
-        )
-    return samples
-
-
-def check_adaptation(cfg: Config, plan: UnfreezePlan) -> None:
-    """What the adaptation methods need of what trains (the plan's answer)."""
-    if cfg.adapt.method == "dann" and not plan.backbone_ever_trains():
-        raise ConfigError(
-            "adapt.method=dann needs a backbone that trains: with it frozen the features cannot align",
-            "set train.freeze=none (or an unfreeze plan), or use adapt.method=mcc",
-        )
-    if cfg.adapt.bn_stats == "target" and plan.backbone_ever_trains():
-        raise ConfigError(
-            "adapt.bn_stats=target (AdaBN) needs a frozen backbone: the statistics are estimated once, for its weights",
-            "set train.freeze=backbone without an unfreeze plan, or adapt.bn_stats=source",
-        )
-
-
-def adabn_stats(
-    cfg: Config,
-    model: nn.Module,
-    built: BuiltModel,
-    unlabeled: list[Sample],
-    resumed: Checkpoint | None,
-    device: torch.device,
-    precision: str,
-) -> dict[str, dict[str, torch.Tensor]]:
-    """AdaBN's two sets of batch-norm statistics: the source's (the backbone's own) and the target's.
-
-    A new run estimates the target's on the unlabelled images (every rank on all of them: the same numbers
-    everywhere). A resumed one takes both from its checkpoint, whose model carries the target's, and puts
-    the source's back in the model: the labelled images are normalized with them during training.
-    """
-    if resumed is not None and resumed.bn_stats:
-        stats = {which: {k: v.to(device) for k, v in part.items()} for which, part in resumed.bn_stats.items()}
-        load_bn_stats(model.backbone, stats["source"])
-        return stats
-    batches = make_loader(unlabeled, eval_transform(built.preprocess), cfg.data.batch_size, cfg.data.num_workers,
-                          cfg.run.seed, shuffle=False, pin_memory=device.type == "cuda")  # fmt: skip
-    return {"source": bn_stats(model.backbone), "target": estimate_bn_stats(model.backbone, batches, device, precision)}

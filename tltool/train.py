@@ -29,7 +29,7 @@ from tltool.device import autocast, host_read_interval, sum_dtype
 from tltool.distributed import all_reduce_max, all_reduce_sum, any_rank, no_sync
 from tltool.errors import TrainingError
 from tltool.objective import StepOutputs
-from tltool.runlog import describe, epoch_line, hparams, log_tensorboard, open_tensorboard, say
+from tltool.runlog import describe, epoch_line, hparams, log_tensorboard, open_tensorboard, run_summary, say
 from tltool.runstate import write_text_atomic
 from tltool.session import RunFinished, TrainingSession, build_session
 from tltool.transfer import set_train_mode
@@ -298,7 +298,7 @@ def finetune(
                 f"{exc.what}; {session.checkpoint_dir / 'last.pt'} holds the state",
                 f"continue with: tltool finetune {config_path} --resume auto",
             ) from None
-        summary = session.summary(stopped_early)
+        summary = run_summary(session, stopped_early)
         if cfg.train.wise_alpha is not None:  # (every rank: its evaluations are sharded)
             summary["wise"] = finish_wise(session)
         if not is_main:

@@ -11,7 +11,8 @@ import random
 import signal
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -263,3 +264,30 @@ def set_loader_epoch(loader: DataLoader, seed: int, epoch: int, skip_batches: in
         loader.sampler.set_epoch(epoch, skip=skip_batches * loader.batch_size)
     if loader.generator is not None:
         loader.generator.manual_seed(epoch_seed(seed, epoch, rank))
+
+
+@dataclass
+class Stream:
+    """A named stream of training batches: images from a folder, cached features, or given batches.
+
+    A loader's order, augmentation and worker seeds are functions of (seed, epoch, position) through its
+    sampler; `set_epoch` positions it for an epoch, skipping the batches a mid-epoch checkpoint already did.
+    A plain list of batches (the benchmark's) is taken as it is.
+    """
+
+    name: str
+    loader: Iterable[Any]
+    batch_size: int = 1
+    seed: int | None = None  # the stream's own seed (None: run.seed)
+
+    def num_batches(self) -> int:
+        """Batches this rank draws per epoch."""
+        sampler = getattr(self.loader, "sampler", None)
+        if sampler is not None and hasattr(sampler, "shard_size"):
+            return math.ceil(sampler.shard_size() / self.batch_size)
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def set_epoch(self, seed: int, epoch: int, skip_batches: int, rank: int) -> None:
+        if isinstance(self.loader, DataLoader):
+            seed = seed if self.seed is None else self.seed
+            set_loader_epoch(self.loader, seed, epoch, skip_batches=skip_batches, rank=rank)
