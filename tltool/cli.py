@@ -303,6 +303,9 @@ def doctor(
         str, typer.Argument(help="The dataset: a folder of class sub-folders, or one with train/ and val/ inside.")
     ],
     json_output: Annotated[bool, typer.Option("--json", help="Print the findings as JSON (for scripts).")] = False,
+    deep: Annotated[
+        bool, typer.Option("--deep", help="Decode every image (slower), not only its header: finds truncated files.")
+    ] = False,
 ) -> None:
     """Check a dataset before training: layout, images per class, unreadable files, duplicates, sizes.
 
@@ -311,7 +314,7 @@ def doctor(
     with user_errors():
         from tltool.doctor import diagnose, format_diagnosis
 
-        diagnosis = diagnose(data_dir)
+        diagnosis = diagnose(data_dir, deep=deep)
     if json_output:
         import json
 
