@@ -195,6 +195,9 @@ def export(
         bool, typer.Option("--benchmark", help="Print batch-1 latency and batch-32 throughput vs eager PyTorch.")
     ] = False,
     device: Annotated[str, typer.Option("--device", help=f"Device for --benchmark: {DEVICE_NAMES}.")] = "auto",
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing output that is not a tltool export of its format.")
+    ] = False,
 ) -> None:
     """Write deployable files (ONNX, TorchScript, ExportedProgram, safetensors) with classes and preprocessing inside.
 
@@ -217,6 +220,7 @@ def export(
             dynamic_size=dynamic_size,
             benchmark=benchmark,
             device=device,
+            force=force,
         )
 
 
