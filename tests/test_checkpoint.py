@@ -178,9 +178,11 @@ def test_bad_files_are_one_line_checkpoint_errors(tmp_path: Path) -> None:
     torch.save(newer, tmp_path / "newer.pt")
     torch.save({"just": torch.zeros(1)}, tmp_path / "plain.pt")
     torch.save({"model": Payload(str(tmp_path / "pwned"))}, tmp_path / "evil.pt")
+    torch.save(newer, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # old format: still read
     (tmp_path / "empty.pt").write_bytes(b"")
     for name, message in (
         ("newer.pt", f"has checkpoint format {FORMAT_VERSION + 1}, newer than this tltool reads"),
+        ("legacy.pt", f"has checkpoint format {FORMAT_VERSION + 1}, newer than this tltool reads"),
         ("plain.pt", "is not a valid tltool checkpoint"),
         ("evil.pt", "refused"),
         ("empty.pt", "the file is empty"),
@@ -230,6 +232,8 @@ def hostile_files(folder: Path) -> dict[str, tuple[Path, str]]:
     add("payload.pt", "refused: its pickle needs globals that could run code", lambda p: torch.save(
         {"model": Payload(marker)}, p))  # fmt: skip
     add("numpy.pt", "refused", lambda p: torch.save({"w": np.ones(3)}, p))
+    add("legacy4.pt", "an old-format torch.save file with pickle protocol 4", lambda p: torch.save(
+        {"w": torch.ones(2)}, p, _use_new_zipfile_serialization=False, pickle_protocol=4))  # fmt: skip
 
     def truncated(path: Path) -> None:
         torch.save({"w": torch.ones(1000)}, path)

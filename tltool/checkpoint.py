@@ -67,6 +67,18 @@ def _pickle_globals(path: Path, limit: int = 1 << 20) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _first_pickled_value(head: bytes) -> Any:
+    """The argument of the first value-pushing opcode of a pickle's first bytes (torch's magic number in an
+    old-format torch.save file), or None; read from the opcodes, nothing is executed."""
+    try:
+        for opcode, arg, _ in pickletools.genops(io.BytesIO(head)):
+            if opcode.name not in ("PROTO", "FRAME"):
+                return arg
+    except Exception:  # the first bytes only: a cut opcode ends the look
+        return None
+    return None
+
+
 def _unsafe_globals(path: Path) -> list[str]:
     """The globals a torch.save file needs that weights_only refuses (they could run code)."""
     try:
@@ -159,6 +171,12 @@ def safe_load(path: str | Path, what: str = "checkpoint") -> Any:
         if kind != TORCH_SAVE:
             raise CheckpointError(f"{path} is not a valid {what}: it is {ARCHIVE_NAMES[kind]}", NOT_PYTORCH_FIX)
     elif head.startswith(b"\x80") and not head.startswith(LEGACY_MAGIC):
+        if _first_pickled_value(head) == torch.serialization.MAGIC_NUMBER:
+            raise CheckpointError(
+                f"{path} is not a valid {what}: an old-format torch.save file with pickle protocol {head[1]}, "
+                "which safe loading cannot read",
+                "have it re-saved with torch.save in the default format (from a source you trust)",
+            )
         names = _pickle_globals(path)
         called = f"; it would import {', '.join(names[:5])}" if names else ""
         raise CheckpointError(f"{path} refused: a plain Python pickle, not a PyTorch checkpoint{called}", REFUSED_FIX)
