@@ -28,7 +28,14 @@ from tltool.config import load_config
 from tltool.errors import CheckpointError, ConfigError, TrainingError
 from tltool.evaluate import run_eval
 from tltool.files import FileWriteError
-from tltool.runstate import append_metrics, open_resume, prepare_run_directory, read_metrics
+from tltool.runstate import (
+    append_metrics,
+    check_run_directory,
+    open_resume,
+    prepare_run_directory,
+    read_metrics,
+    tensor_bytes,
+)
 from tltool.train import finetune
 
 REPO = Path(__file__).resolve().parents[1]
@@ -332,6 +339,27 @@ def test_eval_json_to_an_unwritable_place_fails_before_evaluating(tmp_path: Path
     result = cli.invoke(app, ["eval", str(tmp_path / "missing.pt"), "--json", str(blocker / "m.json")])
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
     assert "Traceback" not in result.output
+
+
+def test_the_run_directory_is_checked_for_writing_and_room_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = torch.nn.Linear(1000, 250)  # 1,001,000 bytes of weights
+    size = tensor_bytes(model.state_dict())
+    assert size == 4 * (1000 * 250 + 250)
+    check_run_directory(tmp_path / "run", size)  # plenty of room: creates the folder, writes nothing else
+    assert list((tmp_path / "run").iterdir()) == []
+    monkeypatch.setattr(files_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1500000))
+    with pytest.raises(TrainingError) as exc:
+        check_run_directory(tmp_path / "run", size)
+    assert exc.value.message().startswith(
+        f"error: {tmp_path / 'run'} has 1.5 MB free; saving a checkpoint needs about 2.0 MB"
+    )
+    check_run_directory(tmp_path / "run", size, copies=1)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(TrainingError, match="is a file, not a folder"):
+        check_run_directory(blocker / "run", size)
 
 
 # --- metrics.jsonl ------------------------------------------------------------------------------------------

@@ -255,6 +255,28 @@ def check_writable(path: str | Path, error: type[TltoolError] = FileWriteError, 
                 temp.unlink(missing_ok=True)
 
 
+def size_text(num_bytes: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as file managers show them)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1000 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1000
+    return f"{num_bytes:.1f} TB"  # unreachable; keeps the type checker sure of a return
+
+
+def check_free_space(
+    directory: str | Path, needed: int, what: str, error: type[TltoolError] = FileWriteError, fix: str = WRITE_FIX
+) -> None:
+    """One `error` line when the file system of `directory` has fewer than `needed` bytes free for `what`.
+
+    Asked before work that would fail at its end (a save after an epoch), not as a guarantee: other
+    processes share the disk. Unknown free space (an odd file system) passes.
+    """
+    free = _free_bytes(Path(directory))
+    if free is not None and free < needed:
+        raise error(f"{directory} has {size_text(free)} free; {what} needs about {size_text(needed)}", fix)
+
+
 def clean_stale_temps(directory: str | Path) -> list[Path]:
     """Remove the temp files that writes killed in the middle (kill -9, power loss) left in `directory`."""
     directory = Path(directory)

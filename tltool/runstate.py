@@ -141,6 +141,28 @@ def write_text_atomic(path: Path, text: str) -> None:
     files.write_text_atomic(path, text, TrainingError, RUN_WRITE_FIX)
 
 
+def check_run_directory(run_dir: Path, checkpoint_bytes: int, copies: int = 2) -> None:
+    """A write check and a free-space check of the run directory: one line now instead of a failed save later.
+
+    `checkpoint_bytes` is a checkpoint's size (the last one's on disk, or an estimate: the model's and the
+    optimizer's tensors). `copies`: 2 before the run starts (during a save the temp file and the old
+    checkpoint coexist), 1 before a save whose old file is already on disk. Creates `run_dir`.
+    """
+    files.check_writable(run_dir / "config.yaml", TrainingError, RUN_WRITE_FIX)
+    files.check_free_space(run_dir, copies * checkpoint_bytes, "saving a checkpoint", TrainingError, RUN_WRITE_FIX)
+
+
+def tensor_bytes(tensors: Any) -> int:
+    """The bytes of every tensor in a nested dict/list (a state_dict, an optimizer state): a checkpoint's size."""
+    if hasattr(tensors, "element_size") and hasattr(tensors, "numel"):
+        return int(tensors.element_size() * tensors.numel())
+    if isinstance(tensors, dict):
+        return sum(tensor_bytes(value) for value in tensors.values())
+    if isinstance(tensors, list | tuple):
+        return sum(tensor_bytes(value) for value in tensors)
+    return 0
+
+
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     """Append one epoch's record to `run_dir/metrics.jsonl`, flushed and fsynced before the checkpoint is saved.
 

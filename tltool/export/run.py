@@ -33,7 +33,7 @@ from tltool.export.spec import (
     require,
     sidecar_path,
 )
-from tltool.files import failure_reason, path_problem, temp_path
+from tltool.files import failure_reason, path_problem, size_text, temp_path
 from tltool.trained import TrainedModel, open_trained
 
 
@@ -107,18 +107,6 @@ def check_overwrites(paths: dict[str, Path], force: bool) -> None:
                 f"{what}{target} exists and is not a {format} file of tltool export",
                 "give another --output, or add --force to replace it",
             )
-
-
-def _size_text(num_bytes: int) -> str:
-    """1234567 -> '1.2 MB' (decimal units, as file managers show them)."""
-    if num_bytes < 1000:
-        return f"{num_bytes} B"
-    value = float(num_bytes)
-    for unit in ("KB", "MB", "GB"):
-        value /= 1000
-        if value < 1000 or unit == "GB":
-            break
-    return f"{value:.1f} {unit}"
 
 
 # --- options -------------------------------------------------------------------------------------------
@@ -337,7 +325,7 @@ def run_export(
     )
     _write_all(job, specs, paths, images, echo)
     for name in formats:
-        echo(f"wrote {paths[name]} ({_size_text(paths[name].stat().st_size)}) and {sidecar_path(paths[name]).name}")
+        echo(f"wrote {paths[name]} ({size_text(paths[name].stat().st_size)}) and {sidecar_path(paths[name]).name}")
     if bench_device is not None:
         from tltool.export.benchmark import run_benchmark
 
