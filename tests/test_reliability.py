@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -241,7 +242,7 @@ def test_every_kind_of_full_disk_is_one_line_and_no_temp_file(
 
     failing = {"oserror": plain_enospc, "torch-runtime-error": torch_writer_enospc}.get(cause, bare_torch_failure)
     if cause == "torch-without-errno":  # the error names no cause: a nearly full disk says which
-        monkeypatch.setattr(files_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
+        monkeypatch.setattr(files_module.shutil, "disk_usage", lambda path: SimpleNamespace(total=10, used=10, free=0))
     monkeypatch.setattr(checkpoint_module.torch, "save", failing)
     with pytest.raises(CheckpointError) as exc:
         save_atomic({"w": torch.zeros(3)}, target)
@@ -349,7 +350,9 @@ def test_the_run_directory_is_checked_for_writing_and_room_before_any_work(
     assert size == 4 * (1000 * 250 + 250)
     check_run_directory(tmp_path / "run", size)  # plenty of room: creates the folder, writes nothing else
     assert list((tmp_path / "run").iterdir()) == []
-    monkeypatch.setattr(files_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1500000))
+    monkeypatch.setattr(
+        files_module.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9, free=1_500_000)
+    )
     with pytest.raises(TrainingError) as exc:
         check_run_directory(tmp_path / "run", size)
     assert exc.value.message().startswith(
