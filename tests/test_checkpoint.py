@@ -6,19 +6,31 @@ keys of OLD_KEYS in it. Every later key must have a default, so those files keep
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from tltool.checkpoint import FORMAT_VERSION, Checkpoint, load_checkpoint, rng_state, save_atomic
+from tltool.checkpoint import (
+    FORMAT_VERSION,
+    Checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_atomic,
+    state_dict_mismatch,
+)
 from tltool.config import load_config
 from tltool.errors import CheckpointError
 from tltool.models import build_model
+from tltool.trained import open_trained
 
 # What runstate.checkpoint_payload wrote before the Checkpoint dataclass (format 1).
 OLD_KEYS = (
@@ -167,9 +179,11 @@ def test_bad_files_are_one_line_checkpoint_errors(tmp_path: Path) -> None:
     torch.save(newer, tmp_path / "newer.pt")
     torch.save({"just": torch.zeros(1)}, tmp_path / "plain.pt")
     torch.save({"model": Payload(str(tmp_path / "pwned"))}, tmp_path / "evil.pt")
+    torch.save(newer, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # old format: still read
     (tmp_path / "empty.pt").write_bytes(b"")
     for name, message in (
         ("newer.pt", f"has checkpoint format {FORMAT_VERSION + 1}, newer than this tltool reads"),
+        ("legacy.pt", f"has checkpoint format {FORMAT_VERSION + 1}, newer than this tltool reads"),
         ("plain.pt", "is not a valid tltool checkpoint"),
         ("evil.pt", "refused"),
         ("empty.pt", "the file is empty"),
@@ -196,3 +210,102 @@ def test_a_checkpoint_without_a_required_key_is_a_one_line_error(tmp_path: Path,
     cfg = load_config(None, ["data.train=.", "model.backbone=resnet18", f"model.weights={tmp_path / 'cut.pt'}"])
     with pytest.raises(CheckpointError, match=re.escape(f"(missing {', '.join(dropped)})")):
         build_model(cfg.model, cfg.data, 3)
+
+
+# --- hostile and odd files: every failure is one line, and none suggests weights_only=False ---------------
+
+
+def hostile_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, what the one-line error must say)."""
+    marker = str(folder / "pwned")
+    files: dict[str, tuple[Path, str]] = {}
+
+    def add(name: str, expected: str, write: Any) -> None:
+        path = folder / name
+        write(path)
+        files[name] = (path, expected)
+
+    add("text-t.pt", "it is a text file", lambda p: p.write_text("this is not a checkpoint\n"))
+    add("text-a.pt", "it is a text file", lambda p: p.write_text("a = 1\n"))
+    add("random.pt", "not a PyTorch file", lambda p: p.write_bytes(bytes(range(256)) * 3))
+    add("sidecar.pt.json", "it is a JSON file", lambda p: p.write_text(json.dumps({"format": "onnx"})))
+    add("pickle.pt", "refused: a plain Python pickle", lambda p: p.write_bytes(pickle.dumps(Payload(marker))))
+    add("payload.pt", "refused: its pickle needs globals that could run code", lambda p: torch.save(
+        {"model": Payload(marker)}, p))  # fmt: skip
+    add("numpy.pt", "refused", lambda p: torch.save({"w": np.ones(3)}, p))
+    add("legacy4.pt", "an old-format torch.save file with pickle protocol 4", lambda p: torch.save(
+        {"w": torch.ones(2)}, p, _use_new_zipfile_serialization=False, pickle_protocol=4))  # fmt: skip
+
+    def truncated(path: Path) -> None:
+        torch.save({"w": torch.ones(1000)}, path)
+        path.write_bytes(path.read_bytes()[:600])
+
+    add("truncated.pt", "truncated or damaged", truncated)
+
+    def other_zip(path: Path) -> None:
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("photos/a.txt", "hello")
+
+    add("archive.pt", "a zip archive that is not a PyTorch file", other_zip)
+    add("script.pt", "a TorchScript export, not a checkpoint", lambda p: torch.jit.save(
+        torch.jit.script(nn.Linear(2, 2)), str(p)))  # fmt: skip
+    os.mkfifo(folder / "pipe.pt")
+    files["pipe.pt"] = (folder / "pipe.pt", "is a FIFO (named pipe), not a file")
+    return files
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")
+def test_hostile_and_odd_files_are_one_line_and_never_advise_weights_only_false(tmp_path: Path) -> None:
+    for name, (path, expected) in hostile_files(tmp_path).items():
+        with pytest.raises(CheckpointError) as caught:
+            load_checkpoint(path)
+        message = caught.value.message()
+        assert len(message.splitlines()) == 1, (name, message)
+        assert expected in message, (name, message)
+        assert "weights_only" not in message, (name, message)
+    assert not (tmp_path / "pwned").exists()
+    # The refused globals are named, so the user knows what the file wanted to run.
+    for name in ("pickle.pt", "payload.pt"):
+        with pytest.raises(CheckpointError, match="system"):
+            load_checkpoint(tmp_path / name)
+    with pytest.raises(CheckpointError, match="numpy"):
+        load_checkpoint(tmp_path / "numpy.pt")
+
+
+def small_checkpoint(classes: int = 3) -> Checkpoint:
+    """A real (untrained) resnet18 tltool checkpoint at 32 px."""
+    cfg = load_config(None, ["data.train=.", "model.backbone=resnet18", "model.weights=none", "data.image_size=32"])
+    built = build_model(cfg.model, cfg.data, classes)
+    return Checkpoint(
+        config=cfg.to_dict(),
+        class_names=[f"class_{i}" for i in range(classes)],
+        preprocess=built.preprocess.to_dict(),
+        arch=built.arch,
+        model=built.model.state_dict(),
+    )
+
+
+def test_weights_of_another_architecture_name_the_first_key_and_both_shapes(tmp_path: Path) -> None:
+    checkpoint = small_checkpoint()
+    checkpoint.model["head.1.weight"] = torch.zeros(5, 512)
+    save_atomic(checkpoint.to_dict(), tmp_path / "mixed.pt")
+    with pytest.raises(CheckpointError) as caught:
+        open_trained(tmp_path / "mixed.pt")
+    message = caught.value.message()
+    assert len(message.splitlines()) == 1
+    assert "head.1.weight is [5, 512] in the checkpoint, [3, 512] in the model" in message, message
+    del checkpoint.model["backbone.conv1.weight"]
+    save_atomic(checkpoint.to_dict(), tmp_path / "cut.pt")
+    with pytest.raises(
+        CheckpointError, match=r"backbone.conv1.weight is missing from the checkpoint \(2 keys differ\)"
+    ):
+        open_trained(tmp_path / "cut.pt")
+
+
+def test_state_dict_mismatch_orders_and_counts() -> None:
+    expected = {"a": torch.zeros(2), "b": torch.zeros(3)}
+    assert state_dict_mismatch(expected, {"a": torch.ones(2), "b": torch.ones(3)}) is None
+    assert state_dict_mismatch(expected, {"a": torch.ones(2), "b": torch.ones(4), "c": torch.ones(1)}) == (
+        "b is [4] in the file, [3] in the model (2 keys differ)"
+    )
+    assert state_dict_mismatch(expected, ["not", "a", "dict"]) == "the file holds a list, not a state_dict of tensors"

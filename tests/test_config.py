@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,65 @@ def test_backbone_names_are_checked_with_the_rest_and_suggest_the_closest() -> N
         None, ["model.backbone=mobilenet_v3_small", "model.weights=IMAGENET1K_V1"], names=TORCHVISION_NAMES
     )
     assert cfg.model.backbone == "mobilenet_v3_small"
+
+
+# --- YAML that silently changes or floods a config is refused -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("train:\n  epochs: 3\nmodel:\n  backbone: resnet18\ntrain:\n  lr: 0.1\n", "(line 5): duplicate key 'train' "
+         "(first given on line 1)"),
+        ("train:\n  epochs: 3\n  lr: 0.1\n  epochs: 30\n", "(line 4): duplicate key 'epochs' (first given on line 2)"),
+        ("run: &r [*r]\n", "(line 1): an alias refers to the node that contains it"),
+    ],
+)  # fmt: skip
+def test_duplicate_keys_and_recursive_aliases_are_refused(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path / "c.yaml", text))
+    assert expected in problems(exc) and len(problems(exc).splitlines()) == 1, problems(exc)
+
+
+def test_an_alias_bomb_is_refused_without_expanding_it(tmp_path: Path) -> None:
+    """Nine levels of nine aliases: 9**9 (387 million) values once expanded; refused in milliseconds."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    with pytest.raises(ConfigError, match="aliases expand to more than 10000 values"):
+        load_config(write(tmp_path / "bomb.yaml", "\n".join(lines) + "\n"))
+
+
+def test_aliases_and_merge_keys_within_the_limit_still_work(tmp_path: Path) -> None:
+    text = "data:\n  train: &images data/flowers\n  val: *images\ntrain: {<<: {epochs: 4}, lr: 0.01}\n"
+    cfg = load_config(write(tmp_path / "c.yaml", text))
+    assert (cfg.data.train, cfg.data.val, cfg.train.epochs, cfg.train.lr) == ("data/flowers",) * 2 + (4, 0.01)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("train:\n  epochs: true\n", "train.epochs: must be a number, not true (a YAML boolean); e.g. epochs: 20"),
+        ("data:\n  num_workers: off\n", "data.num_workers: must be a number, not false"),
+        ("data:\n  mean: [0.5, yes, 0.5]\n", "data.mean[1]: must be a number, not true"),
+        ("checkpoint:\n  save_best: 0\n", "checkpoint.save_best: must be true or false, not 0"),
+        ("log:\n  progress: 'no'\n", "log.progress: must be true or false, not 'no'"),
+    ],
+)
+def test_booleans_and_numbers_are_strict(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path / "c.yaml", text))
+    assert expected in problems(exc) and "problem " in problems(exc).splitlines()[0], problems(exc)
+    assert len(problems(exc).splitlines()) == 2  # the summary line and this one problem, once
+
+
+def test_strict_checks_are_reported_with_the_other_problems(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["train.epochs=true", "train.lr=-1", "train.feature_cache=on", "run.compile=false"])
+    text = problems(exc)
+    assert "has 2 problems" in text and "train.epochs: must be a number" in text and "train.lr:" in text
+
+
+def test_a_fifo_as_config_is_named_as_such(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.yaml")
+    with pytest.raises(ConfigError, match=r"pipe.yaml is a FIFO \(named pipe\), not a file"):
+        load_config(tmp_path / "pipe.yaml")

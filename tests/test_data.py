@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -27,6 +28,7 @@ from tltool.data import (
     stratified_split,
     train_transform,
 )
+from tltool.data.folders import walk_images
 from tltool.errors import DataError
 
 
@@ -246,3 +248,28 @@ def test_loader_workers_persist_across_epochs(tmp_path: Path) -> None:
     _, samples = scan_folder(make_dataset(tmp_path / "d", classes=2, per_class=2))
     assert make_loader(samples, eval_transform(Preprocess(16, 16)), 2, 1, seed=0, shuffle=False).persistent_workers
     assert not make_loader(samples, eval_transform(Preprocess(16, 16)), 2, 0, seed=0, shuffle=False).persistent_workers
+
+
+def test_symlink_loops_and_repeated_links_add_no_images(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "d", classes=2, per_class=3, size=8)
+    (root / "class_0" / "up").symlink_to("..")  # back to the root: a loop through every class
+    (root / "class_0" / "self").symlink_to(".")
+    classes, samples = scan_folder(root)
+    assert classes == ["class_0", "class_1"]
+    counts = [sum(1 for _, label in samples if label == i) for i in range(2)]
+    # class_0 reaches class_1's 3 images through `up` once (a link outside it, followed), never 12 -> 1,452
+    assert counts == [6, 3] and len({path for path, _ in samples}) == len(samples)
+    walk = walk_images(root / "class_0")
+    assert sorted(p.name for p in walk.repeated) == ["class_0", "self"]  # up/class_0 is class_0 again
+    assert [p.name for p in walk.outside] == ["up"]
+
+
+def test_a_fifo_named_like_an_image_is_reported_as_one_and_never_opened(tmp_path: Path, capsys) -> None:
+    root = make_dataset(tmp_path / "d", classes=2, per_class=10, size=8)
+    os.mkfifo(root / "class_0" / "pipe.jpg")
+    split = scan_data(DataConfig(train=str(root), max_bad_fraction=0.1), seed=0)  # would block if opened
+    assert split.bad == [(str(root / "class_0" / "pipe.jpg"), "is a FIFO (named pipe), not a file")]
+    assert "pipe.jpg: is a FIFO" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(DataError, match=r"data.train folder .*pipe is a FIFO \(named pipe\), not a folder"):
+        scan_folder(tmp_path / "pipe")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -157,3 +158,41 @@ def test_nothing_to_train_on(tmp_path: Path) -> None:
     assert "no_validation_images" in {f.code for f in diagnose(singles).problems}
     with pytest.raises(DataError, match="does not exist"):
         diagnose(tmp_path / "nowhere")
+
+
+def test_deep_decodes_every_image_and_counts_the_truncated_ones(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "data", classes=2, per_class=6, size=32)
+    for name in ("000.png", "001.png"):  # headers intact, pixel data cut: only decoding finds them
+        path = root / "class_0" / name
+        path.write_bytes(path.read_bytes()[:-200])
+    shallow = diagnose(root)
+    assert shallow.decode_failures == 0 and not shallow.split("train").unreadable
+    assert "headers read; --deep decodes each" in format_diagnosis(shallow)
+    deep = diagnose(root, deep=True)
+    assert deep.decode_failures == 2
+    assert sorted(Path(p).name for p, _ in deep.split("train").unreadable) == ["000.png", "001.png"]
+    assert all(why.startswith("cannot be decoded") for _, why in deep.split("train").unreadable)
+    assert {f.code for f in deep.problems} == {"unreadable_files"}  # 2 of 12: above the 1% limit
+    assert "10 readable (each decoded, 2 failed to decode)" in format_diagnosis(deep)
+    result = CliRunner().invoke(app, ["doctor", str(root), "--deep", "--json"])
+    assert result.exit_code == 2 and json.loads(result.stdout)["decode_failures"] == 2
+    assert CliRunner().invoke(app, ["doctor", str(root)]).exit_code == 0
+
+
+def test_link_loops_and_links_outside_are_warned_about_and_fifos_named(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "data", classes=2, per_class=6, size=8)
+    (root / "class_0" / "loop").symlink_to(".")
+    elsewhere = make_dataset(tmp_path / "elsewhere", classes=1, per_class=2, size=8, seed=5)
+    (root / "class_1" / "more").symlink_to(elsewhere / "class_0")
+    os.mkfifo(root / "class_1" / "pipe.png")
+    diagnosis = diagnose(root)  # a FIFO opened for hashing or decoding would block here
+    warnings = codes(diagnosis.warnings)
+    assert warnings["folder_link_loop"].paths == [str(root / "class_0" / "loop")]
+    assert warnings["folder_link_outside"].paths == [str(root / "class_1" / "more")]
+    assert diagnosis.split("train").class_counts == {"class_0": 6, "class_1": 9}
+    assert (str(root / "class_1" / "pipe.png"), "is a FIFO (named pipe), not a file") in diagnosis.split(
+        "train"
+    ).unreadable
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(DataError, match=r"is a FIFO \(named pipe\), not a folder"):
+        diagnose(tmp_path / "pipe")

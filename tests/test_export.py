@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -307,7 +308,7 @@ def test_failed_parity_keeps_the_previous_file(
     monkeypatch.setattr(parity, "PARITY_TOLERANCE", -1.0)
     path = tmp_path / "model.safetensors"
     path.write_text("the previous export")
-    result = runner.invoke(app, ["export", str(resnet_checkpoint), "-f", "safetensors", "-o", str(path)])
+    result = runner.invoke(app, ["export", str(resnet_checkpoint), "-f", "safetensors", "-o", str(path), "--force"])
     assert result.exit_code == 2 and "error: safetensors parity check failed" in result.stderr
     assert path.read_text() == "the previous export"
     assert not (tmp_path / "model.safetensors.json").exists() and no_temp_files(tmp_path)
@@ -409,6 +410,46 @@ def test_output_over_the_checkpoint_is_refused(runner: CliRunner, resnet_checkpo
     result = runner.invoke(app, ["export", str(resnet_checkpoint), "-f", "torchscript", "-o", str(resnet_checkpoint)])
     assert result.exit_code == 2 and "is the checkpoint itself" in result.output
     assert resnet_checkpoint.stat().st_size == before
+
+
+def test_export_over_the_runs_last_pt_or_any_other_file_needs_force(
+    runner: CliRunner, tmp_path: Path, resnet_checkpoint: Path
+) -> None:
+    last = resnet_checkpoint.with_name("last.pt")
+    before = last.read_bytes()
+    result = runner.invoke(app, ["export", str(resnet_checkpoint), "-f", "torchscript", "-o", str(last)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: {last} exists and is not a torchscript file of tltool export — "
+        "give another --output, or add --force to replace it"
+    ]
+    assert last.read_bytes() == before and no_temp_files(last.parent)
+    # A copy of it, replaced on purpose; then the export it became may be replaced by one of its kind only.
+    copy = tmp_path / "last.pt"
+    copy.write_bytes(before)
+    args = ["export", str(resnet_checkpoint), "-f", "safetensors", "-o", str(copy), "--no-verify"]
+    assert runner.invoke(app, [*args, "--force"]).exit_code == 0
+    assert runner.invoke(app, args).exit_code == 0  # a safetensors export over a safetensors export
+    other = runner.invoke(app, ["export", str(resnet_checkpoint), "-f", "torchscript", "-o", str(copy)])
+    assert other.exit_code == 2 and "is not a torchscript file of tltool export" in other.stderr
+
+
+def test_check_overwrites_tells_exports_from_other_files(tmp_path: Path) -> None:
+    from tltool.errors import ExportError
+    from tltool.export.run import check_overwrites
+
+    check_overwrites({"onnx": tmp_path / "new.onnx"}, force=False)  # nothing there: fine
+    (tmp_path / "mine.onnx").write_bytes(b"\x08\x07 an onnx file of someone else")
+    with pytest.raises(ExportError, match="is not a onnx file of tltool export"):
+        check_overwrites({"onnx": tmp_path / "mine.onnx"}, force=False)
+    check_overwrites({"onnx": tmp_path / "mine.onnx"}, force=True)
+    (tmp_path / "x.onnx.json").write_text("my notes")  # a sidecar name the user had taken
+    (tmp_path / "x.onnx").write_bytes(b"\x08\x07" + json.dumps({"tltool_version": "0"}).encode())
+    with pytest.raises(ExportError, match="its sidecar .*x.onnx.json exists"):
+        check_overwrites({"onnx": tmp_path / "x.onnx"}, force=False)
+    os.mkfifo(tmp_path / "pipe.onnx")
+    with pytest.raises(ExportError, match=r"is a FIFO \(named pipe\), not a file"):
+        check_overwrites({"onnx": tmp_path / "pipe.onnx"}, force=True)
 
 
 def test_compare_counts_nan_shape_and_ties() -> None:

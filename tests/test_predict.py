@@ -22,7 +22,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import ExportRun, export_all, export_uint8_all, shared_dataset, trained_checkpoint
+from tltool.checkpoint import load_checkpoint, save_atomic
 from tltool.cli import app
+from tltool.export.spec import ExportSpec
 from tltool.trained import open_trained
 
 ROW = re.compile(r"^(?P<file>\S+)((?:\s+class_\d \(\d+\.\d%\))+)$")
@@ -235,6 +237,37 @@ def test_an_export_without_embedded_metadata_uses_its_sidecar(
     shutil.copy(sidecar, tmp_path / "plain.pt.json")
     expected = [e["predictions"][0]["label"] for e in predict_json(cli, run.checkpoint, dataset)]
     assert [e["predictions"][0]["label"] for e in predict_json(cli, plain, dataset)] == expected
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")
+def test_a_class_list_that_does_not_fit_the_model_is_a_one_line_error(
+    cli: CliRunner, checkpoint: Path, dataset: Path, tmp_path: Path
+) -> None:
+    """The class names come from metadata that can be edited or mixed up; the model's outputs decide."""
+    trained = open_trained(checkpoint)
+    plain = tmp_path / "plain.pt"
+    torch.jit.save(torch.jit.script(trained.model), str(plain))
+    spec = ExportSpec("torchscript", ("cat", "dog"), trained.preprocess, trained.backbone)
+    (tmp_path / "plain.pt.json").write_text(json.dumps(spec.metadata()))
+    result = cli.invoke(app, ["predict", str(plain), str(dataset)])
+    assert f"{plain} gives 3 scores per image but its metadata lists 2 class names" in error_line(result)
+    edited = load_checkpoint(checkpoint)
+    edited.class_names = [*edited.class_names, "extra"]
+    save_atomic(edited.to_dict(), tmp_path / "edited.pt")
+    result = cli.invoke(app, ["predict", str(tmp_path / "edited.pt"), str(dataset), "--topk", "4"])
+    assert "gives 3 scores per image but the checkpoint lists 4 class names" in error_line(result)
+
+
+def test_a_fifo_input_is_named_and_never_opened(
+    cli: CliRunner, checkpoint: Path, dataset: Path, tmp_path: Path
+) -> None:
+    os.mkfifo(tmp_path / "pipe.jpg")
+    result = cli.invoke(app, ["predict", str(checkpoint), str(tmp_path / "pipe.jpg")])
+    assert "pipe.jpg is a FIFO (named pipe), not a file" in error_line(result)
+    shutil.copy(next(dataset.rglob("*.png")), tmp_path / "photo.png")
+    entries = predict_json(cli, checkpoint, tmp_path)  # the folder's FIFO is reported, not waited on
+    assert [Path(e["file"]).name for e in entries] == ["photo.png", "pipe.jpg"]
+    assert entries[1]["error"] == "is a FIFO (named pipe), not a file" and "predictions" in entries[0]
 
 
 def test_bad_device_and_sizes_are_one_line_errors(cli: CliRunner, checkpoint: Path, dataset: Path) -> None:

@@ -6,12 +6,15 @@ tltool reads with torch.load (checkpoints, weights files, the torch hub cache) g
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import pickletools
 import random
+import re
 import shutil
 import zipfile
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -22,56 +25,193 @@ import torch
 from tltool import __version__
 from tltool.distributed import current
 from tltool.errors import CheckpointError
+from tltool.files import TEMP_MARKER as TEMP_MARKER  # re-exported: where checkpoint temp files are recognised
+from tltool.files import clean_stale_temps as clean_stale_temps
+from tltool.files import fsync_dir, path_problem, reported_writes, temp_path, write_atomic
 
 FORMAT_VERSION = 1
-TEMP_MARKER = ".tmp-"
 
 
 def is_tltool_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and {"format_version", "model", "arch", "class_names"} <= set(obj)
 
 
+ZIP_MAGIC = b"PK\x03\x04"
+# The start of a torch.save file of the old (pre-1.6, non-zip) format: pickle protocol 2, torch's magic number.
+LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+INTACT_COPY = "use an intact copy"
+NOT_PYTORCH_FIX = "give a .pt file written by tltool finetune or torch.save"
+REFUSED_FIX = (
+    "only open files from people you trust, and have them re-saved as plain tensors "
+    "(torch.save(model.state_dict(), path))"
+)
+# The pickle opcodes that push a string (the module and name a STACK_GLOBAL takes from the stack).
+_STRING_OPCODES = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+
+
+def _pickle_globals(path: Path, limit: int = 1 << 20) -> list[str]:
+    """The globals (module.name) a plain pickle would import, read from its opcodes; nothing is executed."""
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as handle:
+            for opcode, arg, _ in pickletools.genops(io.BytesIO(handle.read(limit))):
+                if opcode.name in _STRING_OPCODES:
+                    strings.append(str(arg))
+                elif opcode.name == "GLOBAL":
+                    names.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # a damaged or cut pickle: the names read so far are what can be told
+        pass
+    return list(dict.fromkeys(names))
+
+
+def _first_pickled_value(head: bytes) -> Any:
+    """The argument of the first value-pushing opcode of a pickle's first bytes (torch's magic number in an
+    old-format torch.save file), or None; read from the opcodes, nothing is executed."""
+    try:
+        for opcode, arg, _ in pickletools.genops(io.BytesIO(head)):
+            if opcode.name not in ("PROTO", "FRAME"):
+                return arg
+    except Exception:  # the first bytes only: a cut opcode ends the look
+        return None
+    return None
+
+
 def _unsafe_globals(path: Path) -> list[str]:
+    """The globals a torch.save file needs that weights_only refuses (they could run code)."""
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    except Exception:  # an unreadable file has no list to give; the caller reports it as invalid
+    except Exception:  # a file torch cannot list: the caller reports it as damaged
         return []
 
 
+def _torch_cause(exc: BaseException) -> str:
+    """A few words of torch's reason for a failed load: its first sentence, never its weights_only advice."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text)
+    text = re.sub(r"^PytorchStreamReader failed\s*", "", text).split(". ")[0].rstrip(".")
+    if "weights_only" in text or not text:
+        return type(exc).__name__
+    return text[:120]
+
+
+def _what_it_is(head: bytes) -> str:
+    """What a file that is not a PyTorch file looks like, from its first bytes."""
+    stripped = head.lstrip()
+    if stripped[:1] in (b"{", b"["):
+        return "a JSON file"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\t\r\n" for c in text[:-4]):
+        return "a text file"
+    return "not a PyTorch file (unknown bytes)"
+
+
+TORCH_SAVE = "torch.save"
+
+
+def archive_entries(path: Path) -> list[str] | None:
+    """The names inside a zip file, or None when it is not one (or a damaged one)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+
+
+def archive_kind(entries: list[str]) -> str:
+    """What a zip of these entries is: "exported-program", "torchscript", "torch.save" (a checkpoint) or "other".
+
+    TorchScript archives and checkpoints both hold `data.pkl`; TorchScript also `code/` and `constants.pkl`,
+    an ExportedProgram `archive_format`.
+    """
+    if any(name.endswith("/archive_format") for name in entries):
+        return "exported-program"
+    if any(name.endswith("/constants.pkl") or "/code/" in name for name in entries):
+        return "torchscript"
+    if any(name.endswith("data.pkl") for name in entries):
+        return TORCH_SAVE
+    return "other"
+
+
+ARCHIVE_NAMES = {
+    "exported-program": "an ExportedProgram (.pt2) export, not a checkpoint (tltool predict runs it)",
+    "torchscript": "a TorchScript export, not a checkpoint (tltool predict runs it)",
+    "other": "a zip archive that is not a PyTorch file",
+}
+
+
 def safe_load(path: str | Path, what: str = "checkpoint") -> Any:
-    """torch.load with weights_only=True, turning every failure into a one-line CheckpointError."""
+    """torch.load with weights_only=True; every failure is one CheckpointError line that says which it is.
+
+    Not a PyTorch file (text, JSON, a plain pickle, another archive), truncated or damaged, or refused
+    (its pickle names globals that could run code: they are listed). Never is the user told to retry
+    with weights_only=False, and the file is only sniffed and parsed, never executed.
+    """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{what} {path} does not exist", "check the path")
-    if not path.is_file():
-        raise CheckpointError(f"{what} {path} is not a file", "give the path of a .pt file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is not a valid {what}: the file is empty", "use an intact copy")
+    problem = path_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{what} {path} {problem}", "check the path" if "exist" in problem else "give a .pt file")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {what} {path}: {exc.strerror or exc}", "check its permissions") from None
+    if not head:
+        raise CheckpointError(f"{path} is not a valid {what}: the file is empty", INTACT_COPY)
     if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise CheckpointError(f"reading {path} needs the safetensors package", "pip install safetensors") from None
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{path} is not a valid safetensors file: {exc}", "use an intact copy") from None
+        return _load_safetensors(path)
+    if head.startswith(ZIP_MAGIC):
+        entries = archive_entries(path)
+        kind = archive_kind(entries) if entries is not None else TORCH_SAVE  # damaged: torch.load names how
+        if kind != TORCH_SAVE:
+            raise CheckpointError(f"{path} is not a valid {what}: it is {ARCHIVE_NAMES[kind]}", NOT_PYTORCH_FIX)
+    elif head.startswith(b"\x80") and not head.startswith(LEGACY_MAGIC):
+        if _first_pickled_value(head) == torch.serialization.MAGIC_NUMBER:
+            raise CheckpointError(
+                f"{path} is not a valid {what}: an old-format torch.save file with pickle protocol {head[1]}, "
+                "which safe loading cannot read",
+                "have it re-saved with torch.save in the default format (from a source you trust)",
+            )
+        names = _pickle_globals(path)
+        called = f"; it would import {', '.join(names[:5])}" if names else ""
+        raise CheckpointError(f"{path} refused: a plain Python pickle, not a PyTorch checkpoint{called}", REFUSED_FIX)
+    elif not head.startswith(LEGACY_MAGIC):
+        raise CheckpointError(f"{path} is not a valid {what}: it is {_what_it_is(head)}", NOT_PYTORCH_FIX)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        names = _unsafe_globals(path)
-        if names or "global" in str(exc).lower():
-            listed = ", ".join(names) if names else str(exc).splitlines()[0]
+        names = _unsafe_globals(path) or _named_global(exc)
+        if names:
             raise CheckpointError(
-                f"{path} refused: its pickle needs globals that could run code ({listed})",
-                "only load files from people you trust, and re-save them as plain tensors (state_dict)",
+                f"{path} refused: its pickle needs globals that could run code ({', '.join(names[:5])})", REFUSED_FIX
             ) from None
-        raise CheckpointError(f"{path} is not a valid {what} ({exc})", "use an intact copy") from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} is not a valid {what}: damaged ({_torch_cause(exc)})", INTACT_COPY) from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError, ...: all mean a damaged file
         raise CheckpointError(
-            f"{path} is not a valid {what} (truncated or not a PyTorch file: {first})", "use an intact copy"
+            f"{path} is not a valid {what}: truncated or damaged ({_torch_cause(exc)})", INTACT_COPY
         ) from None
+
+
+def _named_global(exc: BaseException) -> list[str]:
+    """The global a weights_only refusal names in its message (`Unsupported global: GLOBAL os.system`)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return [found.group(1)] if found else []
+
+
+def _load_safetensors(path: Path) -> Any:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"reading {path} needs the safetensors package", "pip install safetensors") from None
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path} is not a valid safetensors file ({_torch_cause(exc)})", INTACT_COPY) from None
 
 
 @dataclass
@@ -164,45 +304,42 @@ def as_checkpoint(obj: Any, path: str | Path) -> Checkpoint:
     return Checkpoint.from_dict(obj)
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _shape(value: Any) -> str:
+    return str(list(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
-def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """`write` into a temp file beside `path`, fsync it, rename it over `path`, fsync the directory.
+def state_dict_mismatch(expected: Mapping[str, torch.Tensor], given: Any, source: str = "the file") -> str | None:
+    """How weights `given` for a model differ from its `expected` state_dict, in words, or None when they fit.
 
-    A crash at any point leaves either the old file or the new one, never a torn file; a failed write
-    (a full disk) leaves the old file and no temp file.
+    The first differing key in the model's own order, with both shapes ("head.weight is [5, 512] in the
+    file, [3, 512] in the model"), and how many keys differ in all: enough to see which run or backbone
+    the weights belong to.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
-    try:
-        with open(temp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise CheckpointError(
-            f"cannot write {path}: {exc.strerror or exc}",
-            "free disk space or fix permissions; the previous checkpoint is untouched",
-        ) from None
+    if not isinstance(given, Mapping):
+        return f"{source} holds a {type(given).__name__}, not a state_dict of tensors"
+    problems: list[str] = []
+    for key, value in expected.items():
+        if key not in given:
+            problems.append(f"{key} is missing from {source}")
+        elif not isinstance(given[key], torch.Tensor) or tuple(given[key].shape) != tuple(value.shape):
+            problems.append(f"{key} is {_shape(given[key])} in {source}, {_shape(value)} in the model")
+    problems += [f"{key} is in {source} but not in the model" for key in given if key not in expected]
+    if not problems:
+        return None
+    more = f" ({len(problems)} keys differ)" if len(problems) > 1 else ""
+    return problems[0] + more
+
+
+CHECKPOINT_WRITE_FIX = "free disk space or fix permissions; the previous checkpoint is untouched"
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save `obj` to `path` atomically (see `_write_atomic`)."""
-    _write_atomic(Path(path), lambda handle: torch.save(obj, handle))
+    """torch.save `obj` to `path` atomically: the old file or the new one survives a crash, never a torn one.
+
+    A filesystem failure (a full disk: an OSError, or torch's RuntimeError around one) is one CheckpointError
+    line, and the temp file is removed (`tltool.files.write_atomic`).
+    """
+    write_atomic(Path(path), lambda handle: torch.save(obj, handle), CheckpointError, CHECKPOINT_WRITE_FIX)
 
 
 def copy_atomic(source: str | Path, target: str | Path) -> None:
@@ -213,7 +350,7 @@ def copy_atomic(source: str | Path, target: str | Path) -> None:
     `save_atomic` (the link keeps the old file). Elsewhere a copy.
     """
     source, target = Path(source), Path(target)
-    temp = target.with_name(f".{target.name}{TEMP_MARKER}{os.getpid()}")
+    temp = temp_path(target)
     temp.unlink(missing_ok=True)
     try:
         os.link(source, temp)
@@ -223,29 +360,15 @@ def copy_atomic(source: str | Path, target: str | Path) -> None:
             with open(source, "rb") as reader:
                 shutil.copyfileobj(reader, handle, length=16 * 2**20)
 
-        _write_atomic(target, copy)
+        write_atomic(target, copy, CheckpointError, CHECKPOINT_WRITE_FIX)
         return
-    try:
-        os.replace(temp, target)
-        _fsync_dir(target.parent)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise CheckpointError(
-            f"cannot write {target}: {exc.strerror or exc}",
-            "free disk space or fix permissions; the previous checkpoint is untouched",
-        ) from None
-
-
-def clean_stale_temps(directory: str | Path) -> list[Path]:
-    """Remove temp files that a killed save left behind."""
-    directory = Path(directory)
-    removed = []
-    if directory.is_dir():
-        for entry in directory.iterdir():
-            if entry.name.startswith(".") and TEMP_MARKER in entry.name:
-                entry.unlink(missing_ok=True)
-                removed.append(entry)
-    return removed
+    with reported_writes(target, CheckpointError, CHECKPOINT_WRITE_FIX):
+        try:
+            os.replace(temp, target)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        fsync_dir(target.parent)
 
 
 # --- RNG state, as plain tensors and lists ----------------------------------------------------------

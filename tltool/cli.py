@@ -207,6 +207,9 @@ def export(
     ] = False,
     device: Annotated[str, typer.Option("--device", help=f"Device for --benchmark: {DEVICE_NAMES}.")] = "auto",
     wise_alpha: WiseAlpha = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing output that is not a tltool export of its format.")
+    ] = False,
 ) -> None:
     """Write deployable files (ONNX, TorchScript, ExportedProgram, safetensors) with classes and preprocessing inside.
 
@@ -230,6 +233,7 @@ def export(
             benchmark=benchmark,
             device=device,
             wise_alpha=wise_alpha,
+            force=force,
         )
 
 
@@ -316,6 +320,9 @@ def doctor(
         str, typer.Argument(help="The dataset: a folder of class sub-folders, or one with train/ and val/ inside.")
     ],
     json_output: Annotated[bool, typer.Option("--json", help="Print the findings as JSON (for scripts).")] = False,
+    deep: Annotated[
+        bool, typer.Option("--deep", help="Decode every image (slower), not only its header: finds truncated files.")
+    ] = False,
 ) -> None:
     """Check a dataset before training: layout, images per class, unreadable files, duplicates, sizes.
 
@@ -324,7 +331,7 @@ def doctor(
     with user_errors():
         from tltool.doctor import diagnose, format_diagnosis
 
-        diagnosis = diagnose(data_dir)
+        diagnosis = diagnose(data_dir, deep=deep)
     if json_output:
         import json
 

@@ -19,13 +19,15 @@ import difflib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tltool.device import device_problem
 from tltool.errors import ConfigError
+from tltool.files import path_problem
 
 WEIGHTS_FILE_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 
@@ -497,7 +499,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             problems.append(f"{key}: unknown key; {_did_you_mean(key.split('.'))}")
             continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml_text(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         node = tree
@@ -520,21 +522,102 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a config file with `yaml.safe_load` (python tags are refused, never executed)."""
-    path = Path(path)
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
-        raise ConfigError(f"config file {path} {what}", "give the path of a YAML file (see `tltool config init`)")
+# At most this many YAML nodes once aliases are expanded: a whole config is ~100; an alias bomb is billions.
+MAX_YAML_NODES = 10_000
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class StrictYamlLoader(yaml.SafeLoader):
+    """`yaml.safe_load`'s loader (no python tags) that also refuses what silently changes or floods a config.
+
+    A key given twice in one mapping (a duplicated `train:` section would replace the first one whole),
+    and aliases that expand past MAX_YAML_NODES nodes or into themselves (an alias bomb: a few lines that
+    take all memory once a consumer walks them). Both are yaml.YAMLError, reported with their line.
+    """
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+                continue  # `<<: *base` merges on purpose; a complex key is refused by safe_load itself
+            key = self.construct_object(key_node, deep=True)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first given on line {first_line[key] + 1})",
+                    key_node.start_mark,
+                )
+            first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a document whose aliases expand past MAX_YAML_NODES nodes, or refer to themselves.
+
+    Each node's expanded size is computed once (shared alias targets are not walked again), so the check
+    itself costs the size of the text, not of the expansion.
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise yaml.constructor.ConstructorError(
+                None, None, "an alias refers to the node that contains it (a recursive alias)", node.start_mark
+            )
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        open_nodes.discard(key)
+        if total > MAX_YAML_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"aliases expand to more than {MAX_YAML_NODES} values (an alias bomb?)", node.start_mark
+            )
+        sizes[key] = total
+        return total
+
+    size(root)
+
+
+def yaml_text(text: str) -> Any:
+    """Parse YAML text with the strict safe loader (see StrictYamlLoader); yaml.YAMLError when refused."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(text, Loader=StrictYamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config file: safe YAML (python tags are refused, never executed), with no key given twice and
+    no alias bomb (`StrictYamlLoader`); every problem is one ConfigError line with its line number."""
+    path = Path(path)
+    problem = path_problem(path)
+    if problem is not None:
+        raise ConfigError(f"config file {path} {problem}", "give the path of a YAML file (see `tltool config init`)")
+    try:
+        data = yaml_text(path.read_text(encoding="utf-8"))
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark
         where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(
-            f"{path}{where}: {exc.problem}",
-            "tltool configs are plain YAML; python tags (!!python/...) are refused",
-        ) from None
+        fix = (
+            "tltool configs are plain YAML; python tags (!!python/...) are refused"
+            if "tag" in str(exc.problem)
+            else "fix the YAML"
+        )
+        raise ConfigError(f"{path}{where}: {exc.problem}", fix) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -552,17 +635,96 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _value_kinds(annotation: Any) -> set[str]:
+    """What a field's annotation accepts, coarsely: bool, number, str, none, literal, list, dict, model, any."""
+    origin = get_origin(annotation)
+    if origin in (Union, UnionType):
+        return set().union(*(_value_kinds(arg) for arg in get_args(annotation)))
+    if origin is Literal:
+        return {"literal"}
+    if origin in (list, tuple):
+        return {"list"}
+    if origin is dict:
+        return {"dict"}
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {"model"}
+    return {bool: {"bool"}, int: {"number"}, float: {"number"}, str: {"str"}, type(None): {"none"}}.get(
+        annotation, {"any"}
+    )
+
+
+def _element_annotations(annotation: Any, value: Any) -> list[tuple[str, Any, Any]]:
+    """(index or key, annotation, item) of a list/tuple/dict value under a list/tuple/dict annotation."""
+    for member in get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,):
+        origin, args = get_origin(member), get_args(member)
+        if origin is list and isinstance(value, list) and args:
+            return [(f"[{i}]", args[0], item) for i, item in enumerate(value)]
+        if origin is tuple and isinstance(value, list | tuple) and args:
+            items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+            return [(f"[{i}]", item_type, item) for i, (item_type, item) in enumerate(zip(items, value, strict=False))]
+        if origin is dict and isinstance(value, dict) and len(args) == 2:
+            return [(f"[{k}]", args[1], item) for k, item in value.items()]
+    return []
+
+
+def strict_scalar_problems(data: Any, model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, problem) for booleans where numbers belong and numbers or strings where booleans belong.
+
+    pydantic's lax mode would take `epochs: true` as 1 and `save_best: 0` or `"no"` as false: a typo or a
+    YAML 1.1 surprise (`on`, `yes`) would run silently with a value nobody wrote.
+    """
+    if not isinstance(data, dict):
+        return []
+    problems: list[tuple[str, str]] = []
+    for name, info in model.model_fields.items():
+        if name in data:
+            problems += _scalar_problems(data[name], info.annotation, f"{prefix}{name}")
+    return problems
+
+
+def _scalar_problems(value: Any, annotation: Any, dotted: str) -> list[tuple[str, str]]:
+    kinds = _value_kinds(annotation)
+    if "any" in kinds:
+        return []
+    if "model" in kinds:
+        model = next(a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel))
+        return strict_scalar_problems(value, model, dotted + ".")
+    if isinstance(value, bool) and "bool" not in kinds and "number" in kinds:
+        return [(dotted, f"must be a number, not {str(value).lower()} (a YAML boolean)")]
+    if "bool" in kinds and kinds <= {"bool", "none"} and not isinstance(value, bool) and value is not None:
+        return [(dotted, f"must be true or false, not {value!r}")]
+    problems = []
+    for index, item_annotation, item in _element_annotations(annotation, value):
+        problems += _scalar_problems(item, item_annotation, f"{dotted}{index}")
+    return problems
+
+
 def build_config(data: dict[str, Any], source: str = "config", names: ModelNames | None = None) -> Config:
-    """Validate a plain dict into a Config, reporting every problem at once (the model names too, given `names`)."""
+    """Validate a plain dict into a Config, reporting every problem at once (the model names too, given `names`).
+
+    Booleans and numbers are strict (`strict_scalar_problems`): `epochs: true` is refused, not read as 1.
+    """
+    strict = strict_scalar_problems(data)
+    lines = [f"{dotted}: {problem}{_example(dotted)}" for dotted, problem in strict]
     try:
-        return Config.model_validate(data, context={"model_names": names})
+        config = Config.model_validate(data, context={"model_names": names})
     except ValidationError as exc:
-        lines = _format_errors(exc)
-        raise ConfigError(
-            f"{source} has {len(lines)} problem{'s' if len(lines) > 1 else ''}",
-            "fix them and run again",
-            details=lines,
-        ) from None
+        flagged = tuple(f"{dotted}:" for dotted, _ in strict)  # one line per key: the strict one
+        lines += [line for line in _format_errors(exc) if not line.startswith(flagged)]
+    if not lines:
+        return config
+    raise ConfigError(
+        f"{source} has {len(lines)} problem{'s' if len(lines) > 1 else ''}", "fix them and run again", details=lines
+    )
+
+
+def _example(dotted: str) -> str:
+    """ "; e.g. key: value" from the field's first example, as the other config problems end."""
+    info = _field_info(dotted.split("[")[0].split("."))
+    if info is None or not info.examples:
+        return ""
+    text = yaml.safe_dump(info.examples[0], default_flow_style=True).strip().removesuffix("\n...").removesuffix(" ...")
+    return f"; e.g. {dotted.split('[')[0].split('.')[-1]}: {text}"
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = (), names: ModelNames | None = None) -> Config:

@@ -22,6 +22,7 @@ from tltool.data import Sample, eval_transform, make_loader
 from tltool.device import autocast, resolve_device, resolve_precision, sum_dtype
 from tltool.distributed import all_reduce_sum
 from tltool.errors import DataError
+from tltool.files import check_writable, write_text_atomic
 from tltool.trained import TrainedModel, open_trained
 
 
@@ -219,12 +220,13 @@ def run_eval(
 
     `wise_alpha`: measure WiSE-FT's theta(alpha) of the checkpoint instead of its weights (`trained.open_trained`).
     """
+    if json_path:  # before the evaluation: an unwritable --json fails in a moment, not after it
+        check_writable(Path(json_path))
     trained = open_trained(checkpoint_path, resolve_device(device_name), wise_alpha)
     samples, source = trained.samples(data)
     metrics = evaluate_trained(trained, samples, batch_size, num_workers)
     metrics["data"] = source
     metrics["wise_alpha"] = wise_alpha
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(Path(json_path), json.dumps(metrics, indent=2) + "\n")
     return metrics

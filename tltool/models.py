@@ -19,7 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tltool.checkpoint import Checkpoint, as_checkpoint, is_tltool_checkpoint, safe_load
+from tltool.checkpoint import Checkpoint, as_checkpoint, is_tltool_checkpoint, safe_load, state_dict_mismatch
 from tltool.config import DataConfig, ModelConfig, weights_is_file
 from tltool.data import Preprocess
 from tltool.errors import CheckpointError, ConfigError, ModelError
@@ -208,6 +208,9 @@ def _load_into(net: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
             if keys:
                 parts.append(f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+        if wrong_shape:
+            first = wrong_shape[0]
+            parts.append(f"{first} is {list(state_dict[first].shape)} in the file, {list(expected[first].shape)} here")
         raise ModelError(
             f"{source} does not fit this architecture: {'; '.join(parts)}",
             "check model.backbone matches the weights file",
@@ -365,11 +368,13 @@ def load_trained_model(checkpoint: Checkpoint) -> TransferModel:
     checkpoint's preprocessing and run config beside it.
     """
     model = model_from_arch(checkpoint.arch)
-    try:
-        model.load_state_dict(checkpoint.model)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint weights do not fit its architecture: {first}", "re-export it") from None
+    mismatch = state_dict_mismatch(model.state_dict(), checkpoint.model, "the checkpoint")
+    if mismatch is not None:
+        raise CheckpointError(
+            f"checkpoint weights do not fit its {checkpoint.arch.get('backbone', '?')} architecture: {mismatch}",
+            "use the checkpoint as tltool wrote it (its weights were changed or come from another run)",
+        )
+    model.load_state_dict(checkpoint.model)
     return model.eval()
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import sys
 import time
-import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,11 +24,13 @@ from typing import Any
 import torch
 from PIL import Image
 
+from tltool.checkpoint import TORCH_SAVE, archive_entries, archive_kind
 from tltool.data import IMAGE_EXTENSIONS, image_files, image_problem, load_image
 from tltool.device import resolve_device
 from tltool.errors import CheckpointError, ConfigError, DataError
 from tltool.export.formats import EXPORTERS
 from tltool.export.spec import Echo, ExportSpec, Runner, require, sidecar_path, uint8_transform
+from tltool.files import path_problem, write_text_atomic
 
 CHECKPOINT = "checkpoint"
 GLOB_CHARACTERS = "*?["
@@ -85,26 +87,21 @@ def model_kind(path: Path) -> str:
     TorchScript files and checkpoints both end in `.pt`: a TorchScript archive holds `code/` and
     `constants.pkl`, an ExportedProgram `archive_format`, a torch.save file just `data.pkl`.
     """
-    if not path.exists():
-        raise CheckpointError(f"model {path} does not exist", "check the path")
-    if not path.is_file():
-        raise CheckpointError(f"model {path} is not a file", "give a checkpoint (.pt) or an exported file")
+    problem = path_problem(path)
+    if problem is not None:
+        fix = "check the path" if "exist" in problem else "give a checkpoint (.pt) or an exported file"
+        raise CheckpointError(f"model {path} {problem}", fix)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         return "onnx"
     if suffix == ".safetensors":
         return "safetensors"
-    if zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, OSError):
-            names = []
-        if any(name.endswith("/archive_format") for name in names):
-            return "exported-program"
-        if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
-            return "torchscript"
-        if any(name.endswith("data.pkl") for name in names):
+    entries = archive_entries(path)
+    if entries is not None:
+        kind = archive_kind(entries)
+        if kind in EXPORTERS:
+            return kind
+        if kind == TORCH_SAVE:
             return CHECKPOINT
         raise CheckpointError(
             f"{path} is neither a tltool checkpoint nor an exported model",
@@ -187,10 +184,34 @@ def collect_inputs(inputs: Sequence[str]) -> list[str]:
     for item in inputs:
         found = _expand(item)
         if not found:
-            what = "is an empty folder or has no images" if Path(item).is_dir() else "matches no file"
+            path = Path(item)
+            if path.is_dir():
+                what = "is an empty folder or has no images"
+            elif path.exists() or path.is_symlink():
+                what = path_problem(path) or "is not an image file"  # a FIFO or a device: never opened
+            else:
+                what = "matches no file"
             raise DataError(f"INPUT {item} {what}", f"image extensions read: {' '.join(IMAGE_EXTENSIONS)}")
         files.update(dict.fromkeys(found))
     return list(files)
+
+
+def check_output_width(predictor: Predictor, output: torch.Tensor) -> None:
+    """The model's outputs must be one per listed class: otherwise every label it gives would be wrong.
+
+    The class list comes from the file's metadata (or its sidecar), which can be edited or belong to another
+    export; a mismatch is one line (exit 2), never a wrong label or an IndexError.
+    """
+    names = predictor.spec.class_names
+    width = output.shape[1] if output.dim() == 2 else None
+    if width != len(names):
+        where = "its metadata" if predictor.kind != CHECKPOINT else "the checkpoint"
+        got = f"{width} scores per image" if width is not None else f"an output of shape {list(output.shape)}"
+        raise CheckpointError(
+            f"{predictor.path} gives {got} but {where} lists {len(names)} class names",
+            f"the class list does not belong to this model: re-export it with tltool export (or restore "
+            f"{sidecar_path(predictor.path).name})",
+        )
 
 
 def predict_files(
@@ -207,6 +228,7 @@ def predict_files(
     def run_batch() -> None:
         # After resize + center crop every image is image_size x image_size, so a batch always stacks.
         probabilities = predictor.probabilities(torch.stack([pixels for _, pixels in batch]))
+        check_output_width(predictor, probabilities)
         values, indices = probabilities.topk(k, dim=1)
         for (file, _), row_values, row_indices in zip(batch, values.tolist(), indices.tolist(), strict=True):
             answers = tuple(Prediction(names[i], i, p) for p, i in zip(row_values, row_indices, strict=True))
@@ -216,9 +238,12 @@ def predict_files(
 
     for file in files:
         try:
+            problem = path_problem(Path(file))  # a FIFO named like an image would block the read forever
+            if problem is not None:
+                raise OSError(problem)
             batch.append((file, transform(load_image(file))))
         except DECODE_ERRORS as exc:
-            reason = image_problem(file) or f"cannot decode ({exc})"
+            reason = path_problem(Path(file)) or image_problem(file) or f"cannot decode ({exc})"
             echo(f"warning: cannot read {file}: {reason}")
             results[file] = ImageResult(file, error=reason)
             progress.update(1)
@@ -260,17 +285,13 @@ def to_json(results: Sequence[ImageResult]) -> str:
 
 def write_csv(results: Sequence[ImageResult], path: str | Path) -> None:
     """Rows file, rank, label, probability (one per answer; unreadable files have none)."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["file", "rank", "label", "probability"])
-            for result in results:
-                for rank, prediction in enumerate(result.predictions, start=1):
-                    writer.writerow([result.file, rank, prediction.label, f"{prediction.probability:.6f}"])
-    except OSError as exc:
-        raise DataError(f"cannot write --csv {path}: {exc.strerror or exc}", "pick a writable path") from None
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(["file", "rank", "label", "probability"])
+    for result in results:
+        for rank, prediction in enumerate(result.predictions, start=1):
+            writer.writerow([result.file, rank, prediction.label, f"{prediction.probability:.6f}"])
+    write_text_atomic(Path(path), buffer.getvalue(), DataError, "pick a writable path")
 
 
 # --- the command ---------------------------------------------------------------------------------------

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tltool import distributed
-from tltool.checkpoint import Checkpoint, clean_stale_temps, load_checkpoint
+from tltool import distributed, files
+from tltool.checkpoint import Checkpoint, load_checkpoint
 from tltool.config import Config, ModelNames, build_config
-from tltool.errors import CheckpointError, ConfigError
+from tltool.errors import CheckpointError, ConfigError, TrainingError
+from tltool.files import clean_stale_temps
 from tltool.runlog import say
 
+METRICS_FILE = "metrics.jsonl"
+RUN_WRITE_FIX = "free disk space or fix the permissions of the run directory; files already written are untouched"
 # Config keys that may change when a run is resumed (everything else must match the checkpoint).
 RESUMABLE_CHANGES = (
     "train.epochs",
@@ -137,9 +142,92 @@ def _config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = 
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
+    """Write a run file (config.yaml, summary.json, ...) atomically; a full disk or a read-only run directory is
+    one line (exit 2) and leaves no temp file (`tltool.files.write_text_atomic`)."""
+    files.write_text_atomic(path, text, TrainingError, RUN_WRITE_FIX)
+
+
+def check_run_directory(run_dir: Path, checkpoint_bytes: int, copies: int = 2) -> None:
+    """A write check and a free-space check of the run directory: one line now instead of a failed save later.
+
+    `checkpoint_bytes` is a checkpoint's size (the last one's on disk, or an estimate: the model's and the
+    optimizer's tensors). `copies`: 2 before the run starts (during a save the temp file and the old
+    checkpoint coexist), 1 before a save whose old file is already on disk. Creates `run_dir`.
+    """
+    files.check_writable(run_dir / "config.yaml", TrainingError, RUN_WRITE_FIX)
+    files.check_free_space(run_dir, copies * checkpoint_bytes, "saving a checkpoint", TrainingError, RUN_WRITE_FIX)
+
+
+def tensor_bytes(tensors: Any) -> int:
+    """The bytes of every tensor in a nested dict/list (a state_dict, an optimizer state): a checkpoint's size."""
+    if hasattr(tensors, "element_size") and hasattr(tensors, "numel"):
+        return int(tensors.element_size() * tensors.numel())
+    if isinstance(tensors, dict):
+        return sum(tensor_bytes(value) for value in tensors.values())
+    if isinstance(tensors, list | tuple):
+        return sum(tensor_bytes(value) for value in tensors)
+    return 0
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append one epoch's record to `run_dir/metrics.jsonl`, flushed and fsynced before the checkpoint is saved.
+
+    Written first, then the checkpoint: a crash in between re-runs the epoch and rewrites its line. A failed
+    append (a full disk) leaves the file as it was and is one line (exit 2); a kill in the middle of the
+    write can leave a torn last line, which `read_metrics` drops on resume.
+    """
+    files.append_durable(run_dir / METRICS_FILE, json.dumps(record) + "\n", TrainingError, RUN_WRITE_FIX)
+
+
+def read_metrics(path: Path, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a torn last line (a crash mid-append) is dropped with a warning.
+
+    A damaged line before the last is not a crash's trace but a changed file: a one-line CheckpointError.
+    """
+    warn = warn or _warn
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}", "check its permissions") from None
+    numbered = [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+    records = []
+    for position, (number, line) in enumerate(numbered):
+        try:
+            record = json.loads(line.decode("utf-8"))
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                raise ValueError("not an epoch record")
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if position == len(numbered) - 1:
+                warn(f"warning: {path} line {number} is torn (a crash while writing it): dropped, its epoch runs again")
+                break
+            raise CheckpointError(
+                f"{path} line {number} is not an epoch record (the file was changed or damaged)",
+                "restore the file, or remove the line and every line after it (those epochs run again)",
+            ) from None
+        records.append(record)
+    return records
+
+
+def _warn(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+NEW_RUN_HINT = "set run.name (or run.output_dir) for a new run"
+
+
+def _holds_a_run(run_dir: Path) -> bool:
+    """True when `run_dir` has a run's traces: a checkpoint or a metrics line (a new run must not mix with it)."""
+    return any((run_dir / name).exists() for name in ("checkpoints/last.pt", "checkpoints/best.pt", METRICS_FILE))
+
+
+def _how_to_continue(run_dir: Path) -> str:
+    """The advice that works for the run in `run_dir`: never one that the next command refuses in turn."""
+    checkpoints = run_dir / "checkpoints"
+    if (checkpoints / "last.pt").exists():
+        return "continue it with --resume auto"
+    if (checkpoints / "best.pt").exists():
+        return f"continue it from its best epoch with --resume {checkpoints / 'best.pt'}"
+    return f"it saved no checkpoint, so nothing can be resumed: remove {run_dir} to start it over, or {NEW_RUN_HINT}"
 
 
 def open_resume(
@@ -164,17 +252,18 @@ def open_resume(
         say(quiet, f"torchrun restart {distributed.restart_count()}: " + (
             "resuming from checkpoints/last.pt" if resume else "no checkpoint yet, starting over"))  # fmt: skip
     if not resume:
-        if not (dry_run or restarted) and (
-            (checkpoint_dir / "last.pt").exists() or (run_dir / "metrics.jsonl").exists()
-        ):
-            raise ConfigError(
-                f"{run_dir} already holds a run",
-                "continue it with --resume auto, or set run.name (or run.output_dir) for a new one",
-            )
+        if not (dry_run or restarted) and _holds_a_run(run_dir):
+            raise ConfigError(f"{run_dir} already holds a run", f"{_how_to_continue(run_dir)}, or {NEW_RUN_HINT}")
         return None
     path = checkpoint_dir / "last.pt" if resume == "auto" else Path(resume)
     if resume == "auto" and not path.exists():
-        raise CheckpointError(f"--resume auto: no checkpoint at {path}", "start the run without --resume")
+        if _holds_a_run(run_dir):
+            raise CheckpointError(
+                f"--resume auto: {run_dir} holds a run but no checkpoints/last.pt", f"{_how_to_continue(run_dir)}"
+            )
+        raise CheckpointError(
+            f"--resume auto: no checkpoint in {run_dir} (it holds no run)", "start the run without --resume"
+        )
     resumed = load_checkpoint(path)
     # (through the config model: keys added to tltool since the checkpoint was written take their defaults)
     try:
@@ -208,23 +297,27 @@ def open_resume(
     return resumed
 
 
-def prepare_run_directory(cfg: Config, class_names: list[str], epoch: int, writes: bool) -> list[dict[str, Any]]:
+def prepare_run_directory(
+    cfg: Config, class_names: list[str], epoch: int, writes: bool, warn: Callable[[str], None] | None = None
+) -> list[dict[str, Any]]:
     """Write config.yaml and classes.json, drop stale temp files, and return the metrics of epochs <= `epoch`.
 
     Lines of later epochs (written before a crash, or by a first torchrun attempt that saved no checkpoint)
-    are dropped from metrics.jsonl: those epochs are run again. Only the rank that `writes` changes files.
+    and a torn last line are dropped from metrics.jsonl (`warn` says so): those epochs are run again. Only
+    the rank that `writes` changes files; a run directory that cannot be written is one line (exit 2).
     """
     run_dir = run_directory(cfg)
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = run_dir / METRICS_FILE
     if writes:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        files.make_folder(run_dir, TrainingError, RUN_WRITE_FIX)
+        clean_stale_temps(run_dir)
         clean_stale_temps(run_dir / "checkpoints")
         write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
         write_text_atomic(run_dir / "classes.json", json.dumps(class_names, indent=2) + "\n")
     if not metrics_path.exists():
         return []
-    kept = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    kept = [record for record in kept if record["epoch"] <= epoch]
+    records = read_metrics(metrics_path, warn)
+    kept = [record for record in records if record["epoch"] <= epoch]
     if writes:
         write_text_atomic(metrics_path, "".join(json.dumps(record) + "\n" for record in kept))
     return kept

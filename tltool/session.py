@@ -57,9 +57,11 @@ from tltool.runlog import say
 from tltool.runstate import (
     EpochProgress,
     TrainState,
+    check_run_directory,
     open_resume,
     prepare_run_directory,
     run_directory,
+    tensor_bytes,
     with_absolute_paths,
 )
 from tltool.source import SourceData, open_source, target_prior
@@ -162,6 +164,8 @@ class TrainingSession:
         """Write the run directory (config.yaml, classes.json, metrics.jsonl of the epochs kept) and pick the
         first epoch's inputs: cached backbone features when the backbone is frozen then, else images."""
         cfg, split = self.cfg, self.split
+        if self.world.is_main:  # one line now, not a failed save hours later
+            check_run_directory(self.run_dir, self.checkpoint_bytes(), copies=2)
         self.state.history = prepare_run_directory(cfg, split.class_names, self.state.epoch, self.world.is_main)
         if cache_applies(cfg) and self.plan.head_only(self.state.epoch):
             built = self.built
@@ -330,8 +334,15 @@ class TrainingSession:
         mine = {"rng": rng_state(), "epoch_progress": state.in_epoch.to_dict() if state.in_epoch else None}
         rank_states = distributed.all_gather_objects(mine)
         if self.world.is_main:
+            check_run_directory(self.run_dir, self.checkpoint_bytes(), copies=1)
             save_atomic(self.checkpoint(rank_states).to_dict(), self.checkpoint_dir / "last.pt")
         distributed.barrier()
+
+    def checkpoint_bytes(self) -> int:
+        """A checkpoint's size: the last one's on disk, or before any, the model's tensors three times (the
+        weights, and an optimizer state of up to two tensors per trainable weight)."""
+        last = self.checkpoint_dir / "last.pt"
+        return last.stat().st_size if last.is_file() else 3 * tensor_bytes(self.model.state_dict())
 
     def save_best(self) -> None:
         """checkpoints/best.pt: the last.pt just written, under a second name (rank 0)."""

@@ -30,7 +30,7 @@ from tltool.distributed import all_reduce_max, all_reduce_sum, any_rank, no_sync
 from tltool.errors import TrainingError
 from tltool.objective import StepOutputs
 from tltool.runlog import describe, epoch_line, hparams, log_tensorboard, open_tensorboard, run_summary, say
-from tltool.runstate import write_text_atomic
+from tltool.runstate import append_metrics, write_text_atomic
 from tltool.session import RunFinished, TrainingSession, build_session
 from tltool.transfer import set_train_mode
 from tltool.wise_run import finish_wise
@@ -278,8 +278,7 @@ def finetune(
                         log_tensorboard(writer, record)
                     # metrics first, then the checkpoint: a crash in between re-runs this epoch and rewrites its line.
                     if is_main:
-                        with open(session.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-                            handle.write(json.dumps(record) + "\n")
+                        append_metrics(session.run_dir, record)
                     session.save_last()
                     if is_best:
                         session.save_best()

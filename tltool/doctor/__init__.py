@@ -18,11 +18,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tltool.doctor.checks import check_classes, check_duplicates, check_files, check_unreadable, suggest
+from tltool.doctor.checks import check_classes, check_duplicates, check_files, check_links, check_unreadable, suggest
 from tltool.doctor.findings import Diagnosis, Finding, SplitReport
 from tltool.doctor.scan import find_duplicates, find_layout, inspect_file, scan_split
 from tltool.doctor.text import bar, format_diagnosis
 from tltool.errors import DataError
+from tltool.files import path_problem
 
 __all__ = [
     "Diagnosis",
@@ -40,15 +41,18 @@ def _stats(values: Sequence[int]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
-def diagnose(root: str | Path, workers: int = 8) -> Diagnosis:
-    """Inspect the dataset at `root` and return every finding (nothing is written anywhere)."""
+def diagnose(root: str | Path, workers: int = 8, deep: bool = False) -> Diagnosis:
+    """Inspect the dataset at `root` and return every finding (nothing is written anywhere).
+
+    With `deep` every image is decoded (slower: the whole dataset is read), so truncated and corrupt files
+    that pass the header check are counted as unreadable too.
+    """
     root = Path(root)
-    if not root.exists():
-        raise DataError(f"{root} does not exist", "give the folder of your images (class sub-folders, or train/ val/)")
-    if not root.is_dir():
-        raise DataError(f"{root} is not a folder", "give the folder of your images (class sub-folders, or train/ val/)")
+    problem = path_problem(root, "folder")
+    if problem is not None:
+        raise DataError(f"{root} {problem}", "give the folder of your images (class sub-folders, or train/ val/)")
     layout, folders, other_folders = find_layout(root)
-    diagnosis = Diagnosis(root=str(root), layout=layout)
+    diagnosis = Diagnosis(root=str(root), layout=layout, deep=deep)
     keys = {"train": "data.train", "val": "data.val", "test": "--data"}
     files_by_split: dict[str, list[str]] = {}
     for name, folder in folders.items():
@@ -69,17 +73,19 @@ def diagnose(root: str | Path, workers: int = 8) -> Diagnosis:
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         infos = {
-            name: list(pool.map(inspect_file, files)) for name, files in files_by_split.items()
+            name: list(pool.map(lambda path: inspect_file(path, deep), files)) for name, files in files_by_split.items()
         }  # per split, in file order
     for report in diagnosis.splits:
         report.unreadable = [(i.path, i.problem) for i in infos[report.name] if i.problem is not None]
 
     all_infos = [info for split_infos in infos.values() for info in split_infos]
+    diagnosis.decode_failures = sum(info.decode_failed for info in all_infos)
     check_classes(diagnosis)
     training = [info for name in ("train", "val") for info in infos.get(name, [])]
     check_unreadable(diagnosis, training, infos.get("test", []))
     check_duplicates(diagnosis, find_duplicates(all_infos, workers), folders)
     check_files(diagnosis)
+    check_links(diagnosis)
     readable = [i for i in all_infos if i.problem is None]
     if readable:
         diagnosis.image_stats = {

@@ -255,3 +255,28 @@ def suggest(diagnosis: Diagnosis, folders: dict[str, Path], training: Sequence[F
     needed = _unreadable_limit_needed(training)
     if needed is not None:
         diagnosis.suggestions.append(f"data.max_bad_fraction={needed:g}")
+
+
+def check_links(diagnosis: Diagnosis) -> None:
+    """Folder links: a loop (or a second link to one folder) is followed once; links outside the split are used."""
+    for report in diagnosis.splits:
+        if report.repeated_links:
+            diagnosis.warnings.append(
+                Finding(
+                    "folder_link_loop",
+                    f"{report.name}: {len(report.repeated_links)} folder link(s) lead to a folder already read "
+                    f"(a loop or a second link), e.g. {report.repeated_links[0]}; each folder is read once",
+                    "remove the link(s) (ln -s back up the tree makes a loop)",
+                    list(report.repeated_links),
+                )
+            )
+        if report.outside_links:
+            diagnosis.warnings.append(
+                Finding(
+                    "folder_link_outside",
+                    f"{report.name}: {len(report.outside_links)} folder link(s) lead outside {report.path}, e.g. "
+                    f"{report.outside_links[0]}; their images are used",
+                    "copy the images in if the dataset must stand alone (an archive or a copy drops them)",
+                    list(report.outside_links),
+                )
+            )

@@ -29,6 +29,8 @@ class SplitReport:
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     ignored_files: dict[str, int] = field(default_factory=dict)
     loose_images: int = 0
+    repeated_links: list[str] = field(default_factory=list)  # folder links not followed again (loops)
+    outside_links: list[str] = field(default_factory=list)  # folder links that lead outside the split folder
 
     @property
     def num_images(self) -> int:
@@ -52,6 +54,8 @@ class Diagnosis:
     duplicates_within: list[list[str]] = field(default_factory=list)
     duplicates_across: list[list[str]] = field(default_factory=list)
     image_stats: dict[str, Any] = field(default_factory=dict)
+    deep: bool = False  # every image decoded (`--deep`), not only its header read
+    decode_failures: int = 0  # images whose header was fine but that failed to decode (with `deep`)
     problems: list[Finding] = field(default_factory=list)
     warnings: list[Finding] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
@@ -84,3 +88,4 @@ class FileInfo:
     height: int | None = None
     mode: str | None = None
     format: str | None = None
+    decode_failed: bool = False  # the header was fine, decoding the image was not (`--deep`)

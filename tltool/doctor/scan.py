@@ -1,6 +1,7 @@
 """What a dataset holds: its layout, each split's classes and files, the image headers, exact duplicates.
 
-The walk is the one training does (`tltool.data.scan_folder`, `tltool.data.image_problem`); nothing is decoded.
+The walk is the one training does (`tltool.data.scan_folder`, `tltool.data.image_problem`); nothing is decoded
+unless `--deep` asks for it (then each image is decoded as training decodes it).
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from tltool.data import IMAGE_EXTENSIONS, image_files, image_problem, is_visible, scan_folder
+from tltool.data import IMAGE_EXTENSIONS, image_files, is_visible, load_image, scan_folder
+from tltool.data.folders import file_problem, walk_images
 from tltool.doctor.findings import FileInfo, Finding, SplitReport
 from tltool.errors import DataError
 
 # Folder names of the splits, in order of preference (the first one found is used).
+# What a failed decode raises (DecompressionBombError is not an OSError; load_image turns the warning into one).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 SPLIT_NAMES: dict[str, tuple[str, ...]] = {
     "train": ("train", "training"),
     "val": ("val", "valid", "validation", "dev"),
@@ -54,13 +58,16 @@ def scan_split(name: str, folder: Path, key: str) -> tuple[SplitReport, list[str
     the classes are listed with the same walk and the empty ones recorded.
     """
     report = SplitReport(name=name, path=str(folder))
+    for walk in (walk_images(folder / c) for c in _class_folders(folder)):
+        report.repeated_links += [str(p) for p in walk.repeated]
+        report.outside_links += [str(p) for p in walk.outside]
     try:
         classes, samples = scan_folder(folder, key)
         files_by_class: dict[str, list[str]] = {c: [] for c in classes}
         for path, label in samples:
             files_by_class[classes[label]].append(path)
     except DataError as exc:
-        classes = sorted(e.name for e in folder.iterdir() if e.is_dir() and is_visible(e)) if folder.is_dir() else []
+        classes = _class_folders(folder)
         if not classes:
             return report, [], Finding("no_classes", exc.what, exc.fix)
         files_by_class = {c: [str(f) for f in image_files(folder / c)] for c in classes}
@@ -68,6 +75,13 @@ def scan_split(name: str, folder: Path, key: str) -> tuple[SplitReport, list[str
     report.empty_classes = [c for c, files in files_by_class.items() if not files]
     report.ignored_files, report.loose_images = _ignored_files(folder, classes)
     return report, [f for files in files_by_class.values() for f in files], None
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """The visible sub-folders of a split folder (its classes), as `scan_folder` lists them."""
+    if not folder.is_dir():
+        return []
+    return sorted(e.name for e in folder.iterdir() if e.is_dir() and is_visible(e))
 
 
 def _ignored_files(folder: Path, classes: Sequence[str]) -> tuple[dict[str, int], int]:
@@ -84,17 +98,28 @@ def _ignored_files(folder: Path, classes: Sequence[str]) -> tuple[dict[str, int]
     return dict(sorted(ignored.items())), loose
 
 
-def inspect_file(path: str) -> FileInfo:
-    """Size, header problem, and (for a readable image) size/mode/format from the header alone."""
-    size = os.stat(path).st_size
-    problem = image_problem(path)
+def inspect_file(path: str, deep: bool = False) -> FileInfo:
+    """Size, header problem, and (for a readable image) size/mode/format from the header.
+
+    With `deep` the whole image is decoded as training decodes it (`load_image`): a truncated or corrupt
+    file passes the header check but fails here, and is counted as unreadable.
+    """
+    problem = file_problem(path)  # a FIFO or a device is reported as what it is, never opened
     if problem is not None:
-        return FileInfo(path, size, problem)
+        return FileInfo(path, os.stat(path).st_size if os.path.isfile(path) else 0, problem)
+    size = os.stat(path).st_size
     try:
         with Image.open(path) as image:  # header only: nothing is decoded
-            return FileInfo(path, size, None, image.size[0], image.size[1], image.mode, image.format)
+            info = FileInfo(path, size, None, image.size[0], image.size[1], image.mode, image.format)
     except (OSError, SyntaxError, ValueError) as exc:
         return FileInfo(path, size, f"unreadable ({exc})")
+    if deep:
+        try:
+            load_image(path)
+        except DECODE_ERRORS as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return FileInfo(path, size, f"cannot be decoded ({reason})", decode_failed=True)
+    return info
 
 
 def _sha256(path: str) -> str:

@@ -49,11 +49,16 @@ def format_diagnosis(diagnosis: Diagnosis) -> str:
             note = "  EMPTY" if count == 0 else (f"  ({bad[name]} unreadable)" if bad[name] else "")
             lines.append(f"  {name:<{width}}  {count:>{digits}}  {bar(count, largest)}{note}")
     stats = diagnosis.image_stats
+    how_read = (
+        f"each decoded, {diagnosis.decode_failures} failed to decode"
+        if diagnosis.deep
+        else "headers read; --deep decodes each"
+    )
     if stats:
         w, h = stats["width"], stats["height"]
         lines += [
             "",
-            f"images  {stats['count']} readable; width {w['min']:g}/{w['median']:g}/{w['max']:g}, "
+            f"images  {stats['count']} readable ({how_read}); width {w['min']:g}/{w['median']:g}/{w['max']:g}, "
             f"height {h['min']:g}/{h['median']:g}/{h['max']:g} px (min/median/max)",
             "        modes "
             + ", ".join(f"{m} {n}" for m, n in stats["modes"].items())

@@ -17,18 +17,29 @@ from pathlib import Path
 
 import torch
 
-from tltool.checkpoint import TEMP_MARKER
+from tltool.checkpoint import archive_entries, archive_kind
 from tltool.device import resolve_device
 from tltool.errors import ExportError
 from tltool.export.formats import EXPORTERS
 from tltool.export.parity import ParityImages, check_parity, parity_images, reference_logits
-from tltool.export.spec import LAYOUTS, Echo, Exporter, ExportJob, ExportSpec, require, sidecar_path
+from tltool.export.spec import (
+    LAYOUTS,
+    METADATA_FILE,
+    METADATA_KEY,
+    Echo,
+    Exporter,
+    ExportJob,
+    ExportSpec,
+    require,
+    sidecar_path,
+)
+from tltool.files import failure_reason, path_problem, size_text, temp_path
 from tltool.trained import TrainedModel, open_trained
 
 
 def _temp_path(path: Path) -> Path:
     """A hidden name beside `path` that keeps its suffix (torch.export.load insists on `.pt2`)."""
-    return path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}{path.suffix}")
+    return temp_path(path, path.suffix)
 
 
 def _fsync(path: Path) -> None:
@@ -36,16 +47,66 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _size_text(num_bytes: int) -> str:
-    """1234567 -> '1.2 MB' (decimal units, as file managers show them)."""
-    if num_bytes < 1000:
-        return f"{num_bytes} B"
-    value = float(num_bytes)
-    for unit in ("KB", "MB", "GB"):
-        value /= 1000
-        if value < 1000 or unit == "GB":
-            break
-    return f"{value:.1f} {unit}"
+# --- what an existing output is -------------------------------------------------------------------------
+
+
+def _has_tltool_metadata(path: Path, format: str) -> bool:
+    """Whether `path` holds a file of `format` that tltool export wrote (its embedded metadata, read cheaply).
+
+    Archives (TorchScript, ExportedProgram) carry `extra/tltool.json`, safetensors a `tltool` header key,
+    ONNX a `tltool` metadata property (its JSON text is found near the end of the file).
+    """
+    if format in ("torchscript", "exported-program"):
+        entries = archive_entries(path)
+        return (
+            entries is not None
+            and archive_kind(entries) == format
+            and any(name.endswith(f"/extra/{METADATA_FILE}") for name in entries)
+        )
+    try:
+        with open(path, "rb") as handle:
+            if format == "safetensors":
+                size = int.from_bytes(handle.read(8), "little")
+                if not 0 < size <= 100_000_000:
+                    return False
+                header = json.loads(handle.read(size))
+                return METADATA_KEY in (header.get("__metadata__") or {})
+            head = handle.read(1)
+            handle.seek(max(0, path.stat().st_size - (4 << 20)))
+            tail = handle.read()
+    except (OSError, ValueError, AttributeError):  # ValueError: JSONDecodeError, UnicodeDecodeError
+        return False
+    return head == b"\x08" and b'"tltool_version"' in tail  # an ONNX ModelProto starts with its ir_version
+
+
+def _is_tltool_sidecar(path: Path, format: str) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == format and "tltool_version" in data
+
+
+def check_overwrites(paths: dict[str, Path], force: bool) -> None:
+    """Refuse to replace a file that is not a tltool export of the same format (and its sidecar), unless `force`.
+
+    So `-o runs/x/checkpoints/last.pt` never silently turns the run's resume checkpoint (or any other file
+    of the user's) into an export. A FIFO, a device or a folder is never replaced, `force` or not.
+    """
+    for format, path in paths.items():
+        for target, fits in ((path, _has_tltool_metadata), (sidecar_path(path), _is_tltool_sidecar)):
+            if not (target.exists() or target.is_symlink()):
+                continue
+            problem = path_problem(target)
+            if problem is not None:
+                raise ExportError(f"cannot write {target}: it {problem}", "give another --output")
+            if force or fits(target, format):
+                continue
+            what = "its sidecar " if target != path else ""
+            raise ExportError(
+                f"{what}{target} exists and is not a {format} file of tltool export",
+                "give another --output, or add --force to replace it",
+            )
 
 
 # --- options -------------------------------------------------------------------------------------------
@@ -166,9 +227,14 @@ def _write_all(
         for format in specs:
             os.replace(_temp_path(paths[format]), paths[format])
             os.replace(_temp_path(sidecar_path(paths[format])), sidecar_path(paths[format]))
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # a full disk: an OSError, or torch's writer's RuntimeError around one
+        reason = failure_reason(exc, next(iter(paths.values())))
+        if reason is None:
+            raise
+        filename = getattr(exc, "filename", None)
         raise ExportError(
-            f"cannot write {exc.filename or 'the export'}: {exc.strerror or exc}", "free disk space or fix permissions"
+            f"cannot write {filename or 'the export'}: {reason}",
+            "free disk space or fix permissions; files that were there are untouched",
         ) from None
     finally:
         for temp in temps:
@@ -205,12 +271,14 @@ def run_export(
     benchmark: bool = False,
     device: str = "auto",
     wise_alpha: float | None = None,
+    force: bool = False,
 ) -> list[Path]:
     """`tltool export`: write the checkpoint's model in `format` (or `all`), parity-checked unless not `verify`.
 
     `wise_alpha`: export WiSE-FT's theta(alpha) of the checkpoint (`trained.open_trained`).
     Returns the paths written, in format order. On any failure nothing is left under a final name, and a
-    file that was there before is untouched (the exports live in temp files until all have passed).
+    file that was there before is untouched (the exports live in temp files until all have passed). An
+    existing output that is not a tltool export of its format is refused before any work, unless `force`.
     """
     formats = formats_of(format)
     layout = _check_options(formats, include_preprocessing, input_layout, softmax, dynamic_size)
@@ -222,6 +290,8 @@ def run_export(
     if benchmark:
         bench_device = resolve_device(device, "--device")
     checkpoint_path = Path(checkpoint)
+    paths = resolve_outputs(checkpoint_path, formats, str(output) if output else None)
+    check_overwrites(paths, force)  # before any work: an export never silently replaces another file
     trained = open_trained(checkpoint_path, torch.device("cpu"), wise_alpha)
     model, preprocess = trained.model, trained.preprocess
     base = ExportSpec(
@@ -243,7 +313,6 @@ def run_export(
     weights_only = [name for name in formats if not EXPORTERS[name].is_graph]
     if len(formats) > 1 and weights_only and (include_preprocessing or softmax or dynamic_size):
         echo(f"note: {', '.join(weights_only)} holds weights only; the graph options apply to the other formats")
-    paths = resolve_outputs(checkpoint_path, formats, str(output) if output else None)
     job = ExportJob(model, base, dict(trained.checkpoint.arch), dict(trained.checkpoint.config))
     images = parity_images(trained, data, dynamic_size, echo) if verify else None
     options = (
@@ -259,7 +328,7 @@ def run_export(
     )
     _write_all(job, specs, paths, images, echo)
     for name in formats:
-        echo(f"wrote {paths[name]} ({_size_text(paths[name].stat().st_size)}) and {sidecar_path(paths[name]).name}")
+        echo(f"wrote {paths[name]} ({size_text(paths[name].stat().st_size)}) and {sidecar_path(paths[name]).name}")
     if bench_device is not None:
         from tltool.export.benchmark import run_benchmark
 
