@@ -427,7 +427,8 @@ def iter_fields(model: type[BaseModel] = Config, prefix: str = "") -> Iterator[t
             yield from iter_fields(annotation, key + ".")
         else:
             example = info.examples[0] if info.examples else None
-            yield key, info.get_default(call_default_factory=True), info.description or "", example
+            doc = " ".join((info.description or "").split())  # (a docstring over several lines: one line)
+            yield key, info.get_default(call_default_factory=True), doc, example
 
 
 def all_keys() -> list[str]:

@@ -239,20 +239,24 @@ def append_durable(
 def check_writable(path: str | Path, error: type[TltoolError] = FileWriteError, fix: str = WRITE_FIX) -> None:
     """Fail now, in one line, if `path` could not be written later (e.g. before a long evaluation).
 
-    Creates the parent folders and a temp file beside `path` (removed again); the target is not touched.
+    Creates the missing parent folders and a temp file beside `path`, then removes both again: nothing is
+    left behind (a later failure of another input leaves no empty folder); the target is not touched.
     """
     path = Path(path)
     if path.exists() and path_problem(path) is not None:
         raise error(f"cannot write {path}: it {path_problem(path)}", "give a file path")
+    missing = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
     make_folder(path.parent, error, fix)
     temp = temp_path(path)
-    with reported_writes(path, error, fix):
-        try:
-            with open(temp, "wb"):
-                pass
-        finally:
+    try:
+        with reported_writes(path, error, fix), open(temp, "wb"):
+            pass
+    finally:
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)
+        for folder in missing:  # (innermost first)
             with contextlib.suppress(OSError):
-                temp.unlink(missing_ok=True)
+                folder.rmdir()
 
 
 def size_text(num_bytes: float) -> str:

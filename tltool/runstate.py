@@ -154,6 +154,7 @@ def check_run_directory(run_dir: Path, checkpoint_bytes: int, copies: int = 2) -
     optimizer's tensors). `copies`: 2 before the run starts (during a save the temp file and the old
     checkpoint coexist), 1 before a save whose old file is already on disk. Creates `run_dir`.
     """
+    files.make_folder(run_dir, TrainingError, RUN_WRITE_FIX)
     files.check_writable(run_dir / "config.yaml", TrainingError, RUN_WRITE_FIX)
     files.check_free_space(run_dir, copies * checkpoint_bytes, "saving a checkpoint", TrainingError, RUN_WRITE_FIX)
 
