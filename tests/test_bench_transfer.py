@@ -103,6 +103,7 @@ def test_statistics_on_fixed_numbers(bench):
     assert bench.format_mean_std([0.5, 0.7, 0.6]) == "60.0 ± 10.0"
     assert bench.format_mean_std([0.02, 0.04], signed=True) == "+3.0 ± 1.4"
     assert bench.format_mean_std([]) == "-"
+    assert bench.format_mean_std([0.625]) == "62.5"  # one seed: no spread to show
     # Paired: per seed, only the seeds both have, in seed order.
     diffs = bench.paired_differences({0: 0.9, 1: 0.8, 2: 0.7}, {2: 0.6, 0: 0.5})
     assert diffs == pytest.approx([0.4, 0.1])
