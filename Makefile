@@ -42,7 +42,7 @@ bench-decode: install
 	$(PY) benchmarks/bench_decode.py
 
 # Printed -> handwritten digits: each transfer method's target accuracy over 3 seeds against source-only and
-# target-only training (see BENCHMARKS.md). QUICK=1: one seed, smaller settings (~15 min on 2 idle cores).
+# target-only training (see BENCHMARKS.md). QUICK=1: one seed, smaller settings (minutes).
 bench-transfer: install
 	$(PY) benchmarks/bench_transfer.py $(if $(QUICK),--quick)
 
