@@ -19,13 +19,14 @@ import io
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 
-def _png_bytes(scan: np.ndarray) -> bytes:
-    """One 8x8 scan (floats 0-16) as the bytes of an 8-bit greyscale PNG."""
+def png_bytes(scan: np.ndarray) -> bytes:
+    """One scan (floats 0-16, the digits' 8x8 counts of ink) as the bytes of an 8-bit greyscale PNG."""
     from PIL import Image
 
     pixels = np.clip(np.rint(scan * (255.0 / 16.0)), 0, 255).astype(np.uint8)
@@ -51,7 +52,7 @@ def expected_files(train_per_class: int, seed: int) -> dict[str, bytes]:
         chosen = set(rng.choice(indices, size=train_per_class, replace=False).tolist())
         for index in indices.tolist():
             split = "train" if index in chosen else "val"
-            files[f"{split}/{digit}/{index}.png"] = _png_bytes(images[index])
+            files[f"{split}/{digit}/{index}.png"] = png_bytes(images[index])
     return files
 
 
@@ -64,42 +65,43 @@ def _existing_files(out: Path) -> dict[str, Path]:
     return {path.relative_to(out).as_posix(): path for path in _entries(out) if not path.is_dir()}
 
 
-def _looks_generated(out: Path) -> bool:
-    """True when every entry under `out` fits the layout this script writes (so it may be deleted)."""
+def _looks_generated(out: Path, files: dict[str, bytes]) -> bool:
+    """True when every entry under `out` fits the layout of `files` (so it may be deleted).
+
+    That is: each folder is one that `files` has (or a parent of one), each file an `<index>.png` in such a
+    folder, and nothing is a link. Another seed or count of the same generator passes; user data does not.
+    """
+    folders = {parent.as_posix() for name in files for parent in Path(name).parents if parent.parts}
     for path in _entries(out):
-        parts = path.relative_to(out).parts
-        if path.is_symlink() or parts[0] not in ("train", "val") or len(parts) > 3:
+        relative = path.relative_to(out)
+        if path.is_symlink():
             return False
-        if len(parts) == 2 and not (path.is_dir() and parts[1].isdigit()):
-            return False
-        if len(parts) == 3 and not (path.is_file() and path.suffix == ".png" and path.stem.isdigit()):
+        if path.is_dir():
+            if relative.as_posix() not in folders:
+                return False
+        elif not (path.suffix == ".png" and path.stem.isdigit() and relative.parent.as_posix() in folders):
             return False
     return True
 
 
-def write_digits(out: str | Path = "data/digits", train_per_class: int = 10, seed: int = 0) -> dict:
-    """Make `out` hold the digits ImageFolder; returns what it holds and whether anything was written."""
+def write_generated(out: str | Path, files: dict[str, bytes], script: str) -> bool:
+    """Make the generated folder `out` hold exactly `files` (relative path -> bytes); True when it wrote.
+
+    When `out` already holds exactly these files (same names, same bytes) nothing is written, so a re-run
+    keeps every file's timestamp. Otherwise the folder is written beside `out` and swapped in, so an
+    interrupted run never leaves a half-written dataset. A folder holding anything that `script` would not
+    have written is refused (FileExistsError) rather than deleted.
+    """
     out = Path(out)
-    files = expected_files(train_per_class, seed)
-    summary = {
-        "out": str(out),
-        "train": sum(name.startswith("train/") for name in files),
-        "val": sum(name.startswith("val/") for name in files),
-        "classes": len({name.split("/")[1] for name in files}),
-        "written": False,
-    }
     if out.is_dir():
         existing = _existing_files(out)
         if existing.keys() == files.keys() and all(existing[n].read_bytes() == data for n, data in files.items()):
-            return summary
-        if not _looks_generated(out):
-            raise FileExistsError(
-                f"{out} holds files that make_digits.py did not write; remove it or pick another --out"
-            )
+            return False
+        if not _looks_generated(out, files):
+            raise FileExistsError(f"{out} holds files that {script} did not write; remove it or pick another --out")
     elif out.exists():
         raise FileExistsError(f"{out} exists and is not a folder; remove it or pick another --out")
 
-    # Write beside the target, then swap it in: an interrupted run never leaves a half-written dataset.
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(temp, ignore_errors=True)
@@ -113,8 +115,19 @@ def write_digits(out: str | Path = "data/digits", train_per_class: int = 10, see
         os.replace(temp, out)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
-    summary["written"] = True
-    return summary
+    return True
+
+
+def write_digits(out: str | Path = "data/digits", train_per_class: int = 10, seed: int = 0) -> dict:
+    """Make `out` hold the digits ImageFolder; returns what it holds and whether anything was written."""
+    files = expected_files(train_per_class, seed)
+    return {
+        "out": str(out),
+        "train": sum(name.startswith("train/") for name in files),
+        "val": sum(name.startswith("val/") for name in files),
+        "classes": len({name.split("/")[1] for name in files}),
+        "written": write_generated(out, files, "make_digits.py"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,23 +138,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.train_per_class < 1:
         parser.error("--train-per-class must be at least 1")
+    return report(
+        lambda: write_digits(args.out, args.train_per_class, args.seed),
+        lambda s: f"{s['out']}: {s['classes']} classes, {s['train']} train / {s['val']} val 8x8 PNGs",
+    )
+
+
+def report(write: Callable[[], dict], describe: Callable[[dict], str]) -> int:
+    """Run a folder writer for the command line: print what the folder holds (exit 0) or one error line (2).
+
+    `write()` returns a summary with `written`; `describe(summary)` says what the folder holds.
+    """
     try:
-        summary = write_digits(args.out, args.train_per_class, args.seed)
-    except ImportError:
+        summary = write()
+    except ImportError as exc:
         print(
-            "error: the digits come from scikit-learn, which is not installed — "
-            "make install (or pip install -e '.[demo]')",
+            f"error: {exc.name or exc} is not installed (the digits come from scikit-learn, the fonts with "
+            "matplotlib) — make install (or pip install -e '.[demo]')",
             file=sys.stderr,
         )
         return 2
-    except (ValueError, FileExistsError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     state = "written" if summary["written"] else "already up to date"
-    print(
-        f"{summary['out']}: {summary['classes']} classes, {summary['train']} train / {summary['val']} val "
-        f"8x8 PNGs ({state})"
-    )
+    print(f"{describe(summary)} ({state})")
     return 0
 
 
