@@ -129,16 +129,27 @@ def load_bn_stats(module: nn.Module, stats: dict[str, torch.Tensor]) -> None:
 
 @contextlib.contextmanager
 def using_bn_stats(module: nn.Module, stats: dict[str, torch.Tensor] | None) -> Iterator[None]:
-    """Run with `stats` in the batch-norm buffers of `module`; its own come back afterwards."""
+    """Run with the tensors of `stats` as the batch-norm buffers of `module`; its own come back afterwards.
+
+    The tensors themselves are swapped in, not copied: batch norm in train mode updates `stats` in place
+    (domain-specific batch norm: the target's statistics follow the target's batches), and no tensor that
+    autograd saved in the forward is modified when the module's own come back.
+    """
     if stats is None:
         yield
         return
-    own = bn_stats(module)
-    load_bn_stats(module, stats)
+    norms = batch_norms(module)
+    own = {}
+    for key, value in stats.items():
+        name, _, buffer = key.rpartition(".")
+        own[key] = getattr(norms[name], buffer)
+        setattr(norms[name], buffer, value)
     try:
         yield
     finally:
-        load_bn_stats(module, own)
+        for key, value in own.items():
+            name, _, buffer = key.rpartition(".")
+            setattr(norms[name], buffer, value)
 
 
 @torch.no_grad()
@@ -183,7 +194,9 @@ class TrainForward(nn.Module):
     stream without a batch; no source logits when the source has classes of its own: its head is the
     source term's). `inputs` are images through the whole model, or cached features through its head
     (`head_only`). All batches go through one concatenated pass, except that with `target_stats` (AdaBN)
-    the unlabelled images pass the backbone on their own, with the target's batch-norm statistics.
+    the unlabelled images pass the backbone on their own, with the target's batch-norm statistics: as they
+    are (a frozen backbone: batch norm in eval mode), or from the batch, with the target's running
+    statistics updated in place (a backbone that trains: domain-specific batch norm).
     """
 
     def __init__(
@@ -249,11 +262,6 @@ def check_adaptation(cfg: Config, plan: UnfreezePlan) -> None:
             "adapt.method=dann needs a backbone that trains: with it frozen the features cannot align",
             "set train.freeze=none (or an unfreeze plan), or use adapt.method=mcc",
         )
-    if cfg.adapt.bn_stats == "target" and plan.backbone_ever_trains():
-        raise ConfigError(
-            "adapt.bn_stats=target (AdaBN) needs a frozen backbone: the statistics are estimated once, for its weights",
-            "set train.freeze=backbone without an unfreeze plan, or adapt.bn_stats=source",
-        )
 
 
 def adabn_stats(
@@ -269,7 +277,9 @@ def adabn_stats(
 
     A new run estimates the target's on the unlabelled images (every rank on all of them: the same numbers
     everywhere). A resumed one takes both from its checkpoint, whose model carries the target's, and puts
-    the source's back in the model: the labelled images are normalized with them during training.
+    the source's back in the model: the labelled images are normalized with them during training. (When
+    the backbone trains, each set then follows its own domain's batches; under torchrun the target's are
+    rank 0's in the checkpoint, as each rank's batch norm sees its own batches.)
     """
     if resumed is not None and resumed.bn_stats:
         stats = {which: {k: v.to(device) for k, v in part.items()} for which, part in resumed.bn_stats.items()}

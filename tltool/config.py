@@ -285,7 +285,8 @@ class AdaptConfig(_Section):
     a batch of them beside the labelled batch (the same batch size)."""
     bn_stats: Literal["source", "target"] = Field("source", examples=["target"])
     """target: batch-norm statistics re-estimated on the unlabelled images (AdaBN, Li et al. 2016); each domain is
-    normalized with its own during training and the saved model carries the target's. Needs a frozen backbone."""
+    normalized with its own during training (a backbone that trains updates each from its own domain's batches)
+    and the saved model carries the target's."""
     method: Literal["none", "mcc", "dann"] = Field("none", examples=["mcc"])
     """The adaptation loss on the unlabelled images: mcc (Minimum Class Confusion, Jin et al. 2020) or dann
     (domain-adversarial training with a gradient-reversal layer, Ganin et al. 2016; the backbone must train)."""

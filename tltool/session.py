@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tltool import distributed
-from tltool.adapt import TrainForward, adabn_stats, check_adaptation, scan_unlabeled
+from tltool.adapt import TrainForward, adabn_stats, bn_stats, check_adaptation, scan_unlabeled
 from tltool.catalog import TORCHVISION_NAMES
 from tltool.checkpoint import Checkpoint, copy_atomic, restore_rng, rng_state, save_atomic, versions
 from tltool.config import Config
@@ -287,8 +287,10 @@ class TrainingSession:
         terms = {name: value for name, value in self.objective.state_dict().items() if name != "l2sp"}
         l2sp = self.objective.state_dict().get("l2sp")
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        bn = None
         if self.bn_stats:  # AdaBN: the saved model carries the target's statistics (the source's are kept aside)
-            weights.update({f"backbone.{k}": v.detach().cpu() for k, v in self.bn_stats["target"].items()})
+            bn = {"source": bn_stats(model.backbone), "target": self.bn_stats["target"]}  # (the live source's)
+            weights.update({f"backbone.{k}": v.detach().cpu() for k, v in bn["target"].items()})
         return Checkpoint(
             **versions(),
             config=self.cfg.to_dict(),
@@ -297,7 +299,7 @@ class TrainingSession:
             arch=self.built.arch,
             weights_source=self.built.weights_source,
             model=weights,
-            bn_stats=_to_cpu(self.bn_stats),
+            bn_stats=_to_cpu(bn),
             trainable=[name for name, p in model.named_parameters() if p.requires_grad],
             frozen_modules=list(self.plan.frozen_modules()),
             optimizer=self.optimizer.state_dict(),
