@@ -33,6 +33,10 @@ def test_example_config_validates_and_dry_runs(path: Path, dataset: Path, tmp_pa
     ]
     if config.adapt.unlabeled:  # (the example's target images are not here either)
         overrides.append(f"adapt.unlabeled={dataset}")
+    if config.source.train:  # (nor its source images)
+        overrides.append(f"source.train={dataset}")
+    if config.distill.teacher:  # (nor its teacher: the dry run checks the rest of the config)
+        overrides.append("distill.teacher=null")
     result = CliRunner().invoke(app, ["finetune", str(path), *overrides, "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "dry run" in result.output and config.model.backbone in result.output
