@@ -462,3 +462,18 @@ def test_compare_counts_nan_shape_and_ties() -> None:
     assert not parity.compare(reference, torch.tensor([[0.0, 1.0], [0.5, 0.5]])).passed()
     assert not parity.compare(reference, torch.full_like(reference, float("nan"))).passed()
     assert not parity.compare(reference, reference[:1]).passed()
+
+
+def test_parity_limit_is_absolute_up_to_one_and_relative_above() -> None:
+    small = torch.tensor([[0.5, -0.25, 0.1]])
+    assert parity.compare(small, small + 5e-5).passed()
+    assert not parity.compare(small, small + 5e-4).passed()  # absolute 1e-4 where outputs are small
+    # A diverged model's logits in the thousands: an fp32 ulp at 3,000 is 2.4e-4, so an absolute 1e-4 would
+    # fail two correct implementations; the limit is 1e-4 of the largest |logit| there.
+    large = torch.tensor([[3000.0, -1200.0, 10.0], [-2500.0, 2900.0, 0.0]])
+    result = parity.compare(large, large + 2.4e-4)
+    assert result.passed() and result.limit == pytest.approx(0.3)
+    assert not parity.compare(large, large + 0.5).passed()
+    assert not parity.compare(large, large.flip(1)).passed()  # disagreeing at any scale
+    infinite = torch.tensor([[float("inf"), 0.0]])
+    assert parity.compare(infinite, torch.tensor([[1e30, 0.0]])).limit == parity.PARITY_TOLERANCE
