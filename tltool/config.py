@@ -87,14 +87,30 @@ class DataConfig(_Section):
     """Images per training step and process; under torchrun the global batch is this x the number of processes."""
     num_workers: int | Literal["auto"] = Field("auto", examples=[4])
     """DataLoader worker processes that decode images: auto (this process's CPUs, at most 8; 0 below 2) or N."""
-    augment: Literal["none", "light", "standard"] = Field("light", examples=["none"])
-    """Train augmentation: none (eval transform), light (random crop 60-100% + flip), standard (+ colour)."""
+    augment: Literal["none", "light", "standard", "randaugment", "trivialaugment", "augmix"] = Field(
+        "light", examples=["trivialaugment"]
+    )
+    """Train augmentation: none (eval transform), light (random crop 60-100% + flip), standard (crop 25-100%, flip,
+    colour), or standard's crop and flip + a torchvision policy: randaugment, trivialaugment, augmix."""
+    random_erasing: float = Field(0.0, ge=0.0, le=1.0, examples=[0.25])
+    """Probability that a training image gets a random box erased (after normalization); 0 is off."""
+    mixup_alpha: float = Field(0.0, ge=0.0, le=100.0, examples=[0.2])
+    """MixUp: each mixed batch blends images and labels with a Beta(alpha, alpha) weight; 0 is off."""
+    cutmix_alpha: float = Field(0.0, ge=0.0, le=100.0, examples=[1.0])
+    """CutMix: each mixed batch pastes a box of another image, labels by area (Beta(alpha, alpha)); 0 is off."""
+    mix_prob: float = Field(1.0, ge=0.0, le=1.0, examples=[0.5])
+    """Probability that a training batch is mixed (MixUp or CutMix, one of the two at random when both are set)."""
     on_bad_image: Literal["skip", "error"] = Field("skip", examples=["error"])
     """An unreadable image is skipped with a warning (skip) or stops the run before training (error)."""
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0, examples=[0.05])
     """Stop before training when more than this fraction of the images is unreadable."""
     sampler: Literal["shuffle", "balanced"] = Field("shuffle", examples=["balanced"])
     """Training order: shuffle (each image once an epoch), balanced (drawn with replacement, classes equally often)."""
+
+    @property
+    def mixing(self) -> bool:
+        """Whether training batches are mixed (MixUp or CutMix)."""
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.mix_prob > 0
 
 
 class ModelConfig(_Section):
@@ -383,6 +399,15 @@ class Config(_Section):
             raise ValueError(
                 "adapt.unlabeled is set but nothing uses it: set adapt.method (mcc, dann), adapt.bn_stats or "
                 "distill.teacher"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _mixing_needs_images(self) -> Config:
+        if self.data.mixing and self.train.feature_cache == "on":
+            raise ValueError(
+                "train.feature_cache: on cannot serve data.mixup_alpha / data.cutmix_alpha (mixing blends images, "
+                "the cache holds features): set train.feature_cache to auto or off, or turn mixing off"
             )
         return self
 

@@ -41,14 +41,28 @@ def cache_applies(cfg: Config) -> bool:
     mode = cfg.train.feature_cache
     if mode == "off" or not freezes_backbone(cfg.train) or cfg.distill.teacher:  # (a teacher needs the images)
         return False
-    if mode == "on":
+    if mode == "on":  # (config.py refuses `on` with data.mixup_alpha / cutmix_alpha)
         return True
-    return cfg.data.augment == "none" or cfg.train.feature_cache_views > 1  # auto
+    if cfg.data.mixing:  # auto: MixUp / CutMix blend images, which a cache of features cannot serve
+        return False
+    return deterministic_train_transform(cfg) or cfg.train.feature_cache_views > 1  # auto
+
+
+def deterministic_train_transform(cfg: Config) -> bool:
+    return cfg.data.augment == "none" and cfg.data.random_erasing == 0
+
+
+def mixing_turns_cache_off(cfg: Config) -> bool:
+    """Whether `train.feature_cache: auto` would cache this run's features but for MixUp / CutMix (a note)."""
+    mode, data = cfg.train.feature_cache, cfg.data
+    if mode != "auto" or not data.mixing or not freezes_backbone(cfg.train) or cfg.distill.teacher:
+        return False
+    return deterministic_train_transform(cfg) or cfg.train.feature_cache_views > 1
 
 
 def views_for(cfg: Config) -> int:
     """Deterministic transforms give one view; augmented ones K."""
-    return 1 if cfg.data.augment == "none" else cfg.train.feature_cache_views
+    return 1 if deterministic_train_transform(cfg) else cfg.train.feature_cache_views
 
 
 def cache_key(cfg: Config, weights_source: str, preprocess: Preprocess, samples: Sequence[Sample], kind: str) -> str:
@@ -68,6 +82,7 @@ def cache_key(cfg: Config, weights_source: str, preprocess: Preprocess, samples:
         "weights_stat": weights_stat,
         "preprocess": preprocess.to_dict(),
         "augment": cfg.data.augment if kind != "val" else "none",
+        **({"random_erasing": cfg.data.random_erasing} if cfg.data.random_erasing and kind != "val" else {}),
         "views": views_for(cfg) if kind != "val" else 1,
         "bn_stats": cfg.adapt.bn_stats if kind == "unlabeled" else "source",
         "seed": cfg.run.seed,
@@ -243,12 +258,13 @@ def build_cache(
     views = views_for(cfg)
     parts = {}
     location = "memory"
+    augmented = train_transform(preprocess, cfg.data.augment, cfg.data.random_erasing)  # (train and the extras)
     kinds = [
-        ("train", train_samples, train_transform(preprocess, cfg.data.augment), views, None),
+        ("train", train_samples, augmented, views, None),
         ("val", val_samples, eval_transform(preprocess), 1, None),
     ]
     for name, (samples, _, stats) in (extras or {}).items():
-        kinds.append((name, samples, train_transform(preprocess, cfg.data.augment), views, stats))
+        kinds.append((name, samples, augmented, views, stats))
     for kind, samples, transform, count, stats in kinds:
         key = cache_key(cfg, weights_source, preprocess, samples, kind)
         stored = _load_stored(cache_dir, key)

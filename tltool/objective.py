@@ -45,6 +45,7 @@ class StepOutputs:
     source_logits: torch.Tensor | None = None  # source.train's batch through the shared head (same classes)
     source_features: torch.Tensor | None = None
     source_labels: torch.Tensor | None = None  # in the source's own class indices
+    targets: torch.Tensor | None = None  # a mixed batch's soft targets (batch, classes); labels: the dominant ones
 
 
 @dataclass
@@ -114,6 +115,8 @@ def build_objective(
     weight = weight.to(device) if weight is not None else None
 
     def cross_entropy(out: StepOutputs) -> torch.Tensor:
+        if out.targets is not None:  # data.mixup_alpha / cutmix_alpha: the soft form of the same loss
+            return soft_cross_entropy(out.logits, out.targets, weight, train.label_smoothing)
         return F.cross_entropy(out.logits, out.labels, weight=weight, label_smoothing=train.label_smoothing)
 
     terms = [Term("ce", cross_entropy)]
@@ -189,6 +192,26 @@ def build_objective(
 
         terms.append(Term("distill", distill, cfg.distill.weight))
     return Objective(terms, class_weight=weight)
+
+
+# --- soft targets (MixUp / CutMix) ----------------------------------------------------------------------
+
+
+def soft_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Cross-entropy against soft targets t (rows summing to 1), the `ce` term of a mixed batch.
+
+    Label smoothing eps applies to the mixed targets: t' = (1 - eps) t + eps / K (the same as mixing smoothed
+    one-hots, since both are linear). Without class weights: mean over samples of -sum_c t'_c log p_c. With class
+    weights w: sum_n sum_c w_c t'_nc (-log p_nc) / sum_n sum_c w_c t_nc, each sample weighted by its classes'
+    shares. For one-hot t both are exactly F.cross_entropy(logits, labels, weight, label_smoothing).
+    """
+    log_p = logits.float().log_softmax(dim=1)
+    smoothed = targets * (1.0 - label_smoothing) + label_smoothing / logits.shape[1] if label_smoothing else targets
+    if weight is None:
+        return -(smoothed * log_p).sum(dim=1).mean()
+    return -(smoothed * weight * log_p).sum() / (targets * weight).sum()
 
 
 # --- L2-SP (Li, Grandvalet, Davoine 2018, "Explicit inductive bias for transfer learning with CNNs") ------

@@ -12,7 +12,7 @@ from tltool.config import Config
 from tltool.data import resolve_num_workers
 from tltool.distributed import current
 from tltool.errors import ConfigError
-from tltool.features import cache_applies
+from tltool.features import cache_applies, mixing_turns_cache_off
 from tltool.models import count_parameters
 from tltool.optim import optimizer_impl
 from tltool.transfer import describe_method, transfer_summary
@@ -138,6 +138,7 @@ def describe(session: TrainingSession) -> str:
         + (f", skipped {len(split.bad)} unreadable" if split.bad else ""),
         f"input      {pre.image_size}px crop of {pre.resize_size}px resize, {pre.interpolation}, "
         f"mean {list(pre.mean)}, std {list(pre.std)}",
+        f"augment    {describe_augmentation(cfg)}",
         f"training   {cfg.train.epochs} epochs x {steps} steps (batch {cfg.data.batch_size}"
         + (f" x {cfg.train.accumulate_steps} accumulated" if cfg.train.accumulate_steps > 1 else "")
         + f"), {cfg.train.optimizer} ({optimizer_impl(session.optimizer)}) lr {cfg.train.lr:g}, "
@@ -158,10 +159,25 @@ def describe(session: TrainingSession) -> str:
             if cache_applies(cfg) and plan.head_only(0)
             else "off (the backbone trains from epoch 1)"
             if cache_applies(cfg)
+            else "off (MixUp/CutMix mix the images)"
+            if mixing_turns_cache_off(cfg)
             else f"off (train.feature_cache={cfg.train.feature_cache})"
         ),
     ]
     return "\n".join(lines)
+
+
+def describe_augmentation(cfg: Config) -> str:
+    """data.augment, random erasing and batch mixing in words (the dry run's `augment` line)."""
+    data = cfg.data
+    parts = [data.augment]
+    if data.random_erasing:
+        parts.append(f"random erasing p={data.random_erasing:g}")
+    if data.mixing:
+        kinds = [f"{name} alpha={alpha:g}" for name, alpha in (("MixUp", data.mixup_alpha),
+                                                               ("CutMix", data.cutmix_alpha)) if alpha > 0]  # fmt: skip
+        parts.append(" or ".join(kinds) + f" on {data.mix_prob:.0%} of the train batches (soft-target ce)")
+    return ", ".join(parts)
 
 
 def run_summary(session: TrainingSession, stopped_early: bool) -> dict[str, Any]:

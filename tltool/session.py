@@ -44,11 +44,12 @@ from tltool.data import (
     scan_data,
     train_transform,
 )
+from tltool.data.mixing import BatchMixer, make_mixer
 from tltool.device import autocast, configure_backends, resolve_precision, use_channels_last
 from tltool.distill import open_teacher
 from tltool.errors import CheckpointError, ConfigError
 from tltool.evaluate import evaluate
-from tltool.features import FeatureCache, build_cache, cache_applies
+from tltool.features import FeatureCache, build_cache, cache_applies, mixing_turns_cache_off
 from tltool.lpft import init_head_from_probe
 from tltool.models import BuiltModel, build_model, built_from_checkpoint
 from tltool.objective import Objective, build_objective
@@ -123,6 +124,7 @@ class TrainingSession:
     wise: WiseStart | None = None  # train.wise_alpha: theta0 and the train images held out to choose alpha
     cache: FeatureCache | None = None
     inputs: Inputs | None = None
+    mixer: BatchMixer | None = None  # data.mixup_alpha / cutmix_alpha: mixes each labelled training batch
     compile_pending: bool = False  # the next epoch's first step compiles (its time is reported)
     compile_seconds: float = 0.0
     wall_start: float = field(default_factory=time.perf_counter)
@@ -189,6 +191,8 @@ class TrainingSession:
                 f"{len(self.cache.val)} val backbone outputs in {self.cache.extract_seconds:.1f} s "
                 f"({self.cache.location}); epochs train the head only",
             )
+        elif mixing_turns_cache_off(cfg) and self.plan.head_only(self.state.epoch):
+            say(self.quiet, "feature cache: off, MixUp/CutMix mix the images (the frozen backbone runs every step)")
         self._select_inputs(cached=self.cache is not None)
         in_epoch = self.state.in_epoch
         say(
@@ -420,9 +424,10 @@ def build_session(
     wise = start_wise(cfg, model, resumed, wise_held)  # theta0: after the head is set, before the first step
 
     pin = device.type == "cuda"
+    augmented = train_transform(built.preprocess, cfg.data.augment, cfg.data.random_erasing)  # (every image stream)
     train_loader = make_loader(
         split.train,
-        train_transform(built.preprocess, cfg.data.augment),
+        augmented,
         cfg.data.batch_size,
         cfg.data.num_workers,
         cfg.run.seed,
@@ -447,7 +452,7 @@ def build_session(
     if cfg.adapt.unlabeled:
         unlabeled = scan_unlabeled(cfg.adapt.unlabeled)
         seed = cfg.run.seed * 1_000_033 + 17  # (its own order, not the labelled stream's)
-        loader = make_loader(unlabeled, train_transform(built.preprocess, cfg.data.augment), cfg.data.batch_size,
+        loader = make_loader(unlabeled, augmented, cfg.data.batch_size,
                              cfg.data.num_workers, seed, shuffle=True, pin_memory=pin, shard=world.shard, seeded=True,
                              draws=len(split.train))  # fmt: skip
         streams["unlabeled"] = Stream("unlabeled", loader, cfg.data.batch_size, seed)
@@ -457,7 +462,7 @@ def build_session(
     if cfg.source.train:
         source = open_source(cfg, split, built, device, precision)
         seed = cfg.run.seed * 1_000_033 + 29
-        loader = make_loader(source.samples, train_transform(built.preprocess, cfg.data.augment), cfg.data.batch_size,
+        loader = make_loader(source.samples, augmented, cfg.data.batch_size,
                              cfg.data.num_workers, seed, shuffle=True, pin_memory=pin, shard=world.shard, seeded=True,
                              draws=len(split.train))  # fmt: skip
         streams["source"] = Stream("source", loader, cfg.data.batch_size, seed)
@@ -511,6 +516,7 @@ def build_session(
         bn_stats=stats,
         resumed=resumed,
         wise=wise,
+        mixer=make_mixer(cfg.data, len(split.class_names), cfg.run.seed),
         wall_start=wall_start,
     )
     if resumed is not None and not dry_run:

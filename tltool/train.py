@@ -150,6 +150,9 @@ def train_one_epoch(
                 images, labels = batch
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
+                targets = None  # data.mixup_alpha / cutmix_alpha: the batch mixed, seeded by (seed, epoch, index, rank)
+                if session.mixer is not None and not session.inputs.cached:
+                    images, targets, labels = session.mixer(images, labels, state.epoch, index, session.world.rank)
                 with autocast(device, session.precision):
                     if session.multi_stream:
                         inputs = {name: None if name in absent else [t.to(device, non_blocking=True) for t in b]
@@ -168,6 +171,7 @@ def train_one_epoch(
                     else:
                         logits = forward(images)
                         outputs = StepOutputs(logits.float(), labels, images=images)
+                    outputs.targets = targets
                     value, terms = objective(outputs)
                 hits = (logits.argmax(dim=1) == labels).sum()
                 values = torch.stack([value.detach(), *(term.detach() for term in terms), hits]).to(sum_dtype(device))

@@ -5,6 +5,7 @@ One module per responsibility; `from tltool.data import X` names any of their pu
 - `folders`: class folders to samples, the stratified val split, unusable images left out;
 - `transforms`: `Preprocess` (what the weights and checkpoint carry) and the eval / train transforms;
 - `loading`: the dataset, the seeded and resumable epoch samplers, and the DataLoader.
+- `mixing`: MixUp / CutMix of a training batch (`BatchMixer`), seeded per batch, applied by the loop.
 
 Nothing here writes into the dataset folder.
 """

@@ -91,16 +91,43 @@ def eval_transform(pre: Preprocess) -> T.Compose:
     )
 
 
-def train_transform(pre: Preprocess, augment: str) -> T.Compose:
+# `data.augment` policies: torchvision's own (transforms.v2), with the settings of torchvision's reference
+# training recipe (references/classification/presets.py: RandAugment magnitude 9, AugMix severity 3).
+POLICIES = ("randaugment", "trivialaugment", "augmix")
+
+
+def _policy(name: str, interpolation: InterpolationMode) -> T.Transform:
+    # (Their geometric ops take nearest or bilinear only: AugMix runs them on tensors, where bicubic is refused.)
+    if interpolation not in (InterpolationMode.NEAREST, InterpolationMode.BILINEAR):
+        interpolation = InterpolationMode.BILINEAR
+    if name == "randaugment":
+        return T.RandAugment(num_ops=2, magnitude=9, interpolation=interpolation)
+    if name == "trivialaugment":
+        return T.TrivialAugmentWide(interpolation=interpolation)
+    return T.AugMix(severity=3, interpolation=interpolation)
+
+
+def train_transform(pre: Preprocess, augment: str, random_erasing: float = 0.0) -> T.Compose:
+    """The training transform of `data.augment` (+ `data.random_erasing` after normalization).
+
+    Every random choice of these transforms (crop, flip, colour, the policies' operations and magnitudes,
+    AugMix's Dirichlet weights, the erased box) draws from torch's default CPU generator, never from Python's
+    `random` (tests/test_augment.py checks it): ImageDataset's per-draw seeding covers them all.
+    """
     if augment == "none":
-        return eval_transform(pre)
-    interpolation = _interpolation(pre.interpolation)
-    scale = (0.6, 1.0) if augment == "light" else (0.25, 1.0)
-    steps: list[Any] = [
-        T.RandomResizedCrop(pre.image_size, scale=scale, interpolation=interpolation, antialias=True),
-        T.RandomHorizontalFlip(),
-    ]
-    if augment == "standard":
-        steps.append(T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05))
-    steps += [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
+        steps: list[Any] = list(eval_transform(pre).transforms)
+    else:
+        interpolation = _interpolation(pre.interpolation)
+        scale = (0.6, 1.0) if augment == "light" else (0.25, 1.0)
+        steps = [
+            T.RandomResizedCrop(pre.image_size, scale=scale, interpolation=interpolation, antialias=True),
+            T.RandomHorizontalFlip(),
+        ]
+        if augment == "standard":
+            steps.append(T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05))
+        elif augment in POLICIES:  # the crop and flip of standard, then the policy (on the uint8 image)
+            steps.append(_policy(augment, interpolation))
+        steps += [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
+    if random_erasing > 0:
+        steps.append(T.RandomErasing(p=random_erasing))  # (on the normalized tensor, as the reference recipe)
     return T.Compose(steps)
