@@ -194,6 +194,9 @@ class TrainConfig(_Section):
     """New head's start: random, or probe (LP-FT): `tltool baseline`'s linear probe on the frozen train features."""
     wise_alpha: float | Literal["auto"] | None = Field(None, examples=[0.5])
     """WiSE-FT: checkpoints/wise.pt = (1-a) x start + a x fine-tuned weights; auto picks a on held-out train images."""
+    cotuning_weight: float = Field(0.0, ge=0.0, le=100.0, examples=[2.3])
+    """Co-Tuning (You et al. 2020): the pretrained classifier trains on as a second head against p(source class |
+    target class), estimated once from the training images; this term's weight (0: off). The backbone must train."""
 
     @field_validator("feature_cache", "channels_last", mode="before")
     @classmethod
@@ -383,6 +386,15 @@ class Config(_Section):
             raise ValueError(
                 "adapt.unlabeled is set but nothing uses it: set adapt.method (mcc, dann), adapt.bn_stats or "
                 "distill.teacher"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _cotuning_weights(self) -> Config:
+        if self.train.cotuning_weight > 0 and self.model.weights.lower() == "none":
+            raise ValueError(
+                "train.cotuning_weight needs the pretrained classifier of model.weights, but model.weights is none: "
+                "set model.weights (e.g. DEFAULT) or train.cotuning_weight=0"
             )
         return self
 
