@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py            # the full table (make bench)
     python benchmarks/bench_train.py --quick    # a reduced version, under a minute
+    python benchmarks/bench_train.py --costs    # only (c), the methods' costs (its figures of the bench line)
 
 (a) throughput: images/s of a plain loop (forward, loss, zero_grad, backward, step; frozen case with the
     backbone in eval mode and requires_grad off) and of tltool's `train_one_epoch`, on the same batches
@@ -14,8 +15,18 @@
     with its feature cache), each in its own process: 2,000 train + 500 val images at 128 px (--quick: 200 +
     50 at 64 px). Peak memory is each worker's own high-water RSS (VmHWM, see `peak_rss_mb`).
 
+(c) the cost of the transfer methods that add images (issue #14), on mobilenet_v3_small at 64 px, batch 32:
+    - the time of an MCC step and of a DANN step (labelled batch + unlabelled batch through one concatenated
+      forward, backbone training) over a plain step on the same labelled batches, same model and settings; paired
+      and interleaved as in (a), median over rounds;
+    - the start-up (build_session + start: AdaBN's estimate, the feature cache) of a frozen, cached run with
+      `adapt.bn_stats: target` and of one with `source.train` (co-training), minus that of the same run without
+      them, in units of one extraction pass over the extra images (features.extract, eval transform), measured
+      in the same rounds.
+
 It ends with one machine-readable line:
-    bench: full_ratio=... full_auto_ratio=... frozen10_speedup=... peak_rss_mb=...
+    bench: full_ratio=... full_auto_ratio=... frozen10_speedup=... peak_rss_mb=... mcc_step_ratio=...
+    dann_step_ratio=... adabn_startup_passes=... source_startup_passes=...
 """
 
 from __future__ import annotations
@@ -41,7 +52,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tltool.config import load_config  # noqa: E402
-from tltool.data import Preprocess, Stream  # noqa: E402
+from tltool.data import Preprocess, Stream, eval_transform, make_loader, scan_folder  # noqa: E402
+from tltool.features import extract  # noqa: E402
 from tltool.models import build_model  # noqa: E402
 from tltool.runstate import EpochProgress  # noqa: E402
 from tltool.session import build_session  # noqa: E402
@@ -200,6 +212,153 @@ def throughput_table(quick: bool, workdir: Path) -> list[dict]:
     return rows
 
 
+# --- what the methods that add images cost (issue #14) -------------------------------------------------
+
+COST_MODEL, COST_SIZE = "mobilenet_v3_small", 64
+
+
+def cost_overrides(workdir: Path, name: str, *extra: str) -> list[str]:
+    return [
+        f"model.backbone={COST_MODEL}",
+        "model.weights=none",
+        f"data.train={workdir / 'cost' / 'train'}",
+        f"data.image_size={COST_SIZE}",
+        f"data.resize_size={COST_SIZE}",
+        "data.batch_size=32",
+        "data.num_workers=0",
+        "data.augment=none",
+        f"run.output_dir={workdir / 'cost' / 'runs' / name}",
+        "run.device=cpu",
+        "train.precision=fp32",
+        "log.progress=false",
+        *extra,
+    ]
+
+
+def adapt_step_ratios(quick: bool, workdir: Path) -> dict[str, float]:
+    """Seconds per step of MCC and DANN (labelled + unlabelled batch) over a plain step, full fine-tune."""
+    count, rounds = (3, 3) if quick else (4, 7)
+    generator = torch.Generator().manual_seed(1)
+    labelled = batches(COST_SIZE, count)
+    unlabelled = [
+        (torch.randn(32, 3, COST_SIZE, COST_SIZE, generator=generator), torch.full((32,), -1)) for _ in range(count)
+    ]
+    unlabeled_dir = str(workdir / "cost" / "unlabeled")
+    methods = {"plain": (), "mcc": ("adapt.method=mcc",), "dann": ("adapt.method=dann",)}
+    loops = {}
+    for name, extra in methods.items():
+        adapt = (f"adapt.unlabeled={unlabeled_dir}", *extra) if extra else ()
+        torch.manual_seed(0)
+        session = build_session(load_config(None, cost_overrides(workdir, f"step-{name}", "train.freeze=none",
+                                                                 *adapt)), quiet=True)  # fmt: skip
+        session.start()
+
+        def run(items: list, session=session, adapting=bool(extra)) -> float:
+            start = time.perf_counter()
+            streams = {"train": Stream("train", items)}
+            if adapting:
+                streams["unlabeled"] = Stream("unlabeled", unlabelled[: len(items)])
+            session.set_streams(streams)
+            session.state.in_epoch = EpochProgress()
+            train_one_epoch(session)
+            return time.perf_counter() - start
+
+        loops[name] = run
+    for run in loops.values():  # warm-up
+        run(labelled[:2])
+    seconds: dict[str, list[float]] = {name: [] for name in loops}
+    names = list(loops)
+    for index in range(rounds):
+        for name in names[index % 3 :] + names[: index % 3]:
+            seconds[name].append(loops[name](labelled))
+    ratios = {
+        name: statistics.median(t / p for p, t in zip(seconds["plain"], seconds[name], strict=True))
+        for name in ("mcc", "dann")
+    }
+    per_step = {name: 1000 * min(times) / count for name, times in seconds.items()}
+    print(
+        f"{COST_MODEL} {COST_SIZE}px full fine-tune, batch 32 (+32 unlabelled): ms/step plain {per_step['plain']:.0f}, "
+        f"MCC {per_step['mcc']:.0f} ({ratios['mcc']:.2f}x), DANN {per_step['dann']:.0f} ({ratios['dann']:.2f}x)",
+        flush=True,
+    )
+    return {"plain_ms": per_step["plain"], "mcc_ms": per_step["mcc"], "dann_ms": per_step["dann"],
+            "mcc_step_ratio": ratios["mcc"], "dann_step_ratio": ratios["dann"]}  # fmt: skip
+
+
+def startup_costs(quick: bool, workdir: Path) -> dict[str, float]:
+    """Start-up of a frozen, cached run with AdaBN or source co-training, minus the plain one's, in passes over
+    the extra images (one pass: features.extract of the pretrained backbone over them)."""
+    rounds = 2 if quick else 3
+    root = workdir / "cost"
+    unlabeled_dir, source_dir = root / "unlabeled", root / "source"
+    runs = {
+        "plain": (),
+        "adabn": (f"adapt.unlabeled={unlabeled_dir}", "adapt.bn_stats=target"),
+        "source": (f"source.train={source_dir}",),
+    }
+    extra_images = {
+        "adabn": [(str(path), -1) for path in sorted(unlabeled_dir.rglob("*.jpg"))],
+        "source": scan_folder(str(source_dir), key="source.train")[1],
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in [*runs, "pass_adabn", "pass_source"]}
+
+    def start_run(name: str, index: int) -> float:
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        cfg = load_config(None, cost_overrides(workdir, f"start-{name}-{index}", "train.freeze=backbone", *runs[name]))
+        session = build_session(cfg, quiet=True)
+        session.start()
+        assert session.inputs.cached
+        return time.perf_counter() - start
+
+    def one_pass(name: str) -> float:
+        cfg = load_config(None, cost_overrides(workdir, "pass"))
+        model = build_model(cfg.model, cfg.data, 10).model
+        preprocess = Preprocess(COST_SIZE, COST_SIZE)
+        start = time.perf_counter()
+        loader = make_loader(extra_images[name], eval_transform(preprocess), 32, 0, 0, shuffle=False)
+        extract(model.backbone, loader, torch.device("cpu"), "fp32")
+        return time.perf_counter() - start
+
+    start_run("plain", -1)  # warm-up
+    names = [*runs, "pass_adabn", "pass_source"]
+    for index in range(rounds):
+        for name in names[index % len(names) :] + names[: index % len(names)]:
+            seconds[name].append(one_pass(name[5:]) if name.startswith("pass_") else start_run(name, index))
+    out = {}
+    for name in ("adabn", "source"):
+        extra = [t - p for p, t in zip(seconds["plain"], seconds[name], strict=True)]
+        out[f"{name}_startup_passes"] = statistics.median(
+            e / q for e, q in zip(extra, seconds[f"pass_{name}"], strict=True)
+        )
+        out[f"{name}_pass_s"] = statistics.median(seconds[f"pass_{name}"])
+        out[f"{name}_extra_s"] = statistics.median(extra)
+    print(
+        f"{COST_MODEL} {COST_SIZE}px frozen + cache, start-up over a plain run's ({statistics.median(seconds['plain']):.1f} s):"
+        f" AdaBN +{out['adabn_extra_s']:.1f} s = {out['adabn_startup_passes']:.2f} passes over its "
+        f"{len(extra_images['adabn'])} unlabelled images ({out['adabn_pass_s']:.1f} s a pass); source co-training "
+        f"+{out['source_extra_s']:.1f} s = {out['source_startup_passes']:.2f} passes over its "
+        f"{len(extra_images['source'])} source images ({out['source_pass_s']:.1f} s a pass)",
+        flush=True,
+    )
+    return out
+
+
+def cost_figures(costs: dict[str, float]) -> str:
+    """(c)'s part of the machine-readable line."""
+    names = ("mcc_step_ratio", "dann_step_ratio", "adabn_startup_passes", "source_startup_passes")
+    return " ".join(f"{name}={costs[name]:.2f}" for name in names)
+
+
+def method_costs(quick: bool, workdir: Path) -> dict[str, float]:
+    root = workdir / "cost"
+    per_class = 10 if quick else 20
+    make_images(root / "train", classes=10, per_class=per_class, size=COST_SIZE, seed=2)
+    make_images(root / "unlabeled", classes=10, per_class=2 * per_class, size=COST_SIZE, seed=3)
+    make_images(root / "source", classes=10, per_class=2 * per_class, size=COST_SIZE, seed=4)
+    return {**adapt_step_ratios(quick, workdir), **startup_costs(quick, workdir)}
+
+
 # --- 10-epoch frozen runs, one process each ---------------------------------------------------------
 
 
@@ -342,6 +501,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a reduced version (under a minute)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--costs", action="store_true", help="only (c): what the methods that add images cost")
     parser.add_argument("--worker", choices=["plain", "tltool"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -356,9 +516,16 @@ def main() -> None:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
+    if args.costs:
+        with tempfile.TemporaryDirectory() as workdir:
+            costs = method_costs(args.quick, Path(workdir))
+        print("bench: " + cost_figures(costs))
+        return
     print("training images/s, batch 32 (best round; ratios: median over rounds of paired timings):")
     with tempfile.TemporaryDirectory() as workdir:
         rows = throughput_table(args.quick, Path(workdir))
+        print("transfer methods that add images:")
+        costs = method_costs(args.quick, Path(workdir))
     print("whole frozen runs:")
     runs = frozen10(args.quick)
     full = [r for r in rows if r["mode"] == "full"]
@@ -367,10 +534,11 @@ def main() -> None:
     line = (
         f"bench: full_ratio={min(r['ratio_same'] for r in full):.2f} "
         f"full_auto_ratio={min(r['ratio_auto'] for r in resnet_full):.2f} "
-        f"frozen10_speedup={min(r['speedup'] for r in runs):.1f} peak_rss_mb={peak:.0f}"
+        f"frozen10_speedup={min(r['speedup'] for r in runs):.1f} peak_rss_mb={peak:.0f} " + cost_figures(costs)
     )
     if args.json:
-        Path(args.json).write_text(json.dumps({"throughput": rows, "frozen10": runs, "line": line}, indent=2))
+        results = {"throughput": rows, "frozen10": runs, "method_costs": costs, "line": line}
+        Path(args.json).write_text(json.dumps(results, indent=2))
     print(line)
 
 

@@ -127,6 +127,8 @@ METHODS = (
     Method("DANN", "source", ("adapt.unlabeled={unlabeled}", "adapt.method=dann"), "domain-adversarial"),
     Method("LP-FT", "source-then-target", ("train.head_init=probe",), "probe head, then fine-tune"),
     Method("co-training", "target", ("source.train={source}",), "labels + labelled source"),
+    # (weight 2.3: TLlib's default trade-off; the relation is to ImageNet's classes, little help for digits)
+    Method("Co-Tuning", "target", ("train.cotuning_weight=2.3",), "labels + ImageNet classifier relation"),
 )
 
 

@@ -37,6 +37,8 @@ def test_example_config_validates_and_dry_runs(path: Path, dataset: Path, tmp_pa
         overrides.append(f"source.train={dataset}")
     if config.distill.teacher:  # (nor its teacher: the dry run checks the rest of the config)
         overrides.append("distill.teacher=null")
+    if config.train.cotuning_weight:  # (nor the pretrained classifier that model.weights=none lacks)
+        overrides.append("train.cotuning_weight=0")
     result = CliRunner().invoke(app, ["finetune", str(path), *overrides, "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "dry run" in result.output and config.model.backbone in result.output

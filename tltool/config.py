@@ -210,6 +210,9 @@ class TrainConfig(_Section):
     """New head's start: random, or probe (LP-FT): `tltool baseline`'s linear probe on the frozen train features."""
     wise_alpha: float | Literal["auto"] | None = Field(None, examples=[0.5])
     """WiSE-FT: checkpoints/wise.pt = (1-a) x start + a x fine-tuned weights; auto picks a on held-out train images."""
+    cotuning_weight: float = Field(0.0, ge=0.0, le=100.0, examples=[2.3])
+    """Co-Tuning (You et al. 2020): the pretrained classifier trains on as a second head against p(source class |
+    target class), estimated once from the training images; this term's weight (0: off). The backbone must train."""
 
     @field_validator("feature_cache", "channels_last", mode="before")
     @classmethod
@@ -408,6 +411,15 @@ class Config(_Section):
             raise ValueError(
                 "train.feature_cache: on cannot serve data.mixup_alpha / data.cutmix_alpha (mixing blends images, "
                 "the cache holds features): set train.feature_cache to auto or off, or turn mixing off"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _cotuning_weights(self) -> Config:
+        if self.train.cotuning_weight > 0 and self.model.weights.lower() == "none":
+            raise ValueError(
+                "train.cotuning_weight needs the pretrained classifier of model.weights, but model.weights is none: "
+                "set model.weights (e.g. DEFAULT) or train.cotuning_weight=0"
             )
         return self
 

@@ -81,6 +81,9 @@ class BuiltModel:
     preprocess: Preprocess
     weights_source: str
     notes: list[str] = field(default_factory=list)
+    # The pretrained classifier, kept as Co-Tuning's source head (build_model(keep_source_head=True)); never
+    # part of `model`, so never exported.
+    source_head: nn.Linear | None = None
 
 
 def make_head(in_features: int, num_classes: int, dropout: float) -> nn.Sequential:
@@ -230,10 +233,13 @@ def build_model(
     data_cfg: DataConfig,
     num_classes: int,
     class_names: list[str] | None = None,
+    keep_source_head: bool = False,
 ) -> BuiltModel:
     """Build `cfg.backbone` with `cfg.weights` and a new head for `num_classes` classes.
 
     The preprocessing is the weights' own preset (or the source checkpoint's) with the config's overrides.
+    `keep_source_head` (Co-Tuning) keeps the weights' own classifier as `BuiltModel.source_head`, or raises
+    when the weights have none (a tltool checkpoint, none, a file without it) or it is not a Linear layer.
     """
     backbone = cfg.backbone
     weights_name = cfg.weights
@@ -293,6 +299,12 @@ def build_model(
         notes.append(f"loaded backbone weights from {weights_name}")
 
     in_features = _in_features(_get_slot(net, slot_path))
+    source_head = None
+    if keep_source_head:
+        file_state = None
+        if enum is None and source_ckpt is None and weights_is_file(weights_name):
+            file_state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+        source_head = _pretrained_classifier(net, slot_path, slot_prefix, cfg, source_ckpt, file_state)
     _set_slot(net, slot_path, nn.Identity())
     model = TransferModel(net, make_head(in_features, num_classes, cfg.head_dropout))
     check_input_size(model, backbone, preprocess.image_size)
@@ -317,7 +329,50 @@ def build_model(
         "head_dropout": cfg.head_dropout,
         "in_features": in_features,
     }
-    return BuiltModel(model, arch, preprocess, weights_source, notes)
+    return BuiltModel(model, arch, preprocess, weights_source, notes, source_head)
+
+
+COTUNING_FIX = "or set train.cotuning_weight=0"
+
+
+def _pretrained_classifier(
+    net: nn.Module,
+    slot_path: str,
+    slot_prefix: str,
+    cfg: ModelConfig,
+    source_ckpt: Checkpoint | None,
+    file_state: dict[str, torch.Tensor] | None,
+) -> nn.Linear:
+    """The classifier the weights were trained with (Co-Tuning's source head), or a ConfigError saying why not."""
+    slot = _get_slot(net, slot_path)
+    need = "train.cotuning_weight needs the pretrained classifier"
+    if not isinstance(slot, nn.Linear):
+        raise ConfigError(
+            f"{need}, but {cfg.backbone}'s is a {type(slot).__name__}, not a Linear layer",
+            f"use a backbone whose classifier is a Linear layer (resnet, mobilenet, efficientnet, ...) {COTUNING_FIX}",
+        )
+    if source_ckpt is not None:
+        raise ConfigError(
+            f"{need}, but model.weights {cfg.weights} is a tltool checkpoint, which keeps only its own head",
+            f"set model.weights to the backbone's torchvision weights (e.g. DEFAULT) {COTUNING_FIX}",
+        )
+    if cfg.weights.lower() == "none":
+        raise ConfigError(f"{need}, but model.weights is none", f"set model.weights (e.g. DEFAULT) {COTUNING_FIX}")
+    if file_state is None:  # torchvision weights: loaded into the slot with the rest
+        return slot
+    weight, bias = (file_state.get(slot_prefix + name) for name in ("weight", "bias"))
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != slot.in_features:
+        raise ConfigError(
+            f"{need}, but model.weights {cfg.weights} holds no {slot_prefix}weight of shape [classes, "
+            f"{slot.in_features}] (its classifier was left out)",
+            f"give the weights file with the classifier, or torchvision weights (e.g. DEFAULT) {COTUNING_FIX}",
+        )
+    head = nn.Linear(slot.in_features, weight.shape[0], bias=isinstance(bias, torch.Tensor))
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        if isinstance(bias, torch.Tensor):
+            head.bias.copy_(bias)
+    return head
 
 
 def check_input_size(model: TransferModel, backbone: str, image_size: int) -> None:

@@ -23,6 +23,7 @@ from torch import nn
 
 from tltool.adapt import DomainDiscriminator, domain_adversarial_loss, ganin_ramp, mcc_loss, reverse_gradient
 from tltool.config import Config
+from tltool.cotuning import cotuning_loss, restore_source_head
 from tltool.distill import distillation_loss
 from tltool.distributed import gather_rows
 from tltool.errors import ConfigError
@@ -62,6 +63,7 @@ class Term:
     state: dict[str, Any] = field(default_factory=dict)  # what a resume needs (saved in the checkpoint)
     module: nn.Module | None = None
     forward: nn.Module | None = None  # `module` as the step calls it (DDP-wrapped under torchrun)
+    lr_scale: float = 1.0  # `module`'s optimizer group trains at train.lr x this
 
 
 class Objective:
@@ -106,9 +108,11 @@ def build_objective(
     in_features: int = 0,
     teacher: nn.Module | None = None,
     source: SourceData | None = None,
+    source_head: nn.Module | None = None,
 ) -> Objective:
     """The run's loss terms, from the config; `saved` is the state of a resumed run's terms; `in_features`
-    the width of the backbone's features (DANN's discriminator input); `teacher` distill.teacher's model."""
+    the width of the backbone's features (DANN's discriminator input); `teacher` distill.teacher's model;
+    `source_head` Co-Tuning's pretrained classifier (a resumed run's is rebuilt from `saved`)."""
     saved = saved or {}
     train = cfg.train
     weight = class_weight_tensor(train.class_weights, class_names, labels)
@@ -191,6 +195,25 @@ def build_objective(
             return distillation_loss(student, teacher(images), temperature)
 
         terms.append(Term("distill", distill, cfg.distill.weight))
+    if train.cotuning_weight > 0:  # (cotuning.py; the relation of a new run is estimated in session.start)
+        kept = saved.get("cotuning", {})
+        head = restore_source_head(kept["module"]) if "module" in kept else source_head
+        if head is None:
+            raise ValueError("train.cotuning_weight without a source head (build_model(keep_source_head=True))")
+        head = head.to(device)
+        if "module" in kept:
+            head.load_state_dict(kept["module"])
+        relation = kept.get("relation")
+        state = {"relation": relation.to(device) if relation is not None else None}
+        cotuning_term = Term("cotuning", lambda out: out.logits.new_zeros(()), train.cotuning_weight, state, head,
+                             lr_scale=train.backbone_lr_mult)  # fmt: skip
+
+        def cotuning(out: StepOutputs) -> torch.Tensor:
+            soft_targets = cotuning_term.state["relation"][out.labels]
+            return cotuning_loss((cotuning_term.forward or head)(out.features), soft_targets)
+
+        cotuning_term.compute = cotuning
+        terms.append(cotuning_term)
     return Objective(terms, class_weight=weight)
 
 

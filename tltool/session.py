@@ -33,6 +33,7 @@ from tltool.adapt import TrainForward, adabn_stats, bn_stats, check_adaptation, 
 from tltool.catalog import TORCHVISION_NAMES
 from tltool.checkpoint import Checkpoint, copy_atomic, restore_rng, rng_state, save_atomic, versions
 from tltool.config import Config
+from tltool.cotuning import check_cotuning, estimate_relation
 from tltool.data import (
     BalancedSampler,
     DataSplit,
@@ -153,8 +154,9 @@ class TrainingSession:
 
     @property
     def multi_stream(self) -> bool:
-        """A run with unlabelled target or labelled source images: steps go through `adapt.TrainForward`."""
-        return self.unlabeled is not None or self.source is not None
+        """A run with unlabelled target or labelled source images, or with Co-Tuning (its source head needs the
+        backbone's features): steps go through `adapt.TrainForward`."""
+        return self.unlabeled is not None or self.source is not None or self.cfg.train.cotuning_weight > 0
 
     def set_streams(self, streams: dict[str, Stream]) -> None:
         """Train on these batches instead (the benchmark's prepared batches), through the same forward."""
@@ -193,6 +195,14 @@ class TrainingSession:
             )
         elif mixing_turns_cache_off(cfg) and self.plan.head_only(self.state.epoch):
             say(self.quiet, "feature cache: off, MixUp/CutMix mix the images (the frozen backbone runs every step)")
+        cotuning = self.objective.term("cotuning")
+        if cotuning is not None and cotuning.state["relation"] is None:  # a new run: estimated once, then saved
+            cotuning.state["relation"] = estimate_relation(
+                cfg, self.built, cotuning.module, split.train, len(split.class_names), self.device, self.precision,
+                self.cache.train if self.cache is not None else None,
+            ).to(self.device)  # fmt: skip
+            say(self.quiet, f"co-tuning: p(source class | target class) from {len(split.train)} train images, "
+                f"{cotuning.state['relation'].shape[1]} source classes")  # fmt: skip
         self._select_inputs(cached=self.cache is not None)
         in_epoch = self.state.in_epoch
         say(
@@ -396,7 +406,8 @@ def build_session(
     if resumed is not None:
         built = built_from_checkpoint(resumed)
     else:
-        built = build_model(cfg.model, cfg.data, len(split.class_names), split.class_names)
+        built = build_model(cfg.model, cfg.data, len(split.class_names), split.class_names,
+                            keep_source_head=cfg.train.cotuning_weight > 0)  # fmt: skip
     model = built.model
     if cfg.train.sync_batchnorm and world.enabled:
         if device.type != "cuda":
@@ -412,6 +423,7 @@ def build_session(
     if not groups:
         raise ConfigError("train.freeze leaves no parameter to train", "freeze less (e.g. train.freeze=backbone)")
     check_adaptation(cfg, plan)
+    check_cotuning(cfg, plan)
     # (auto on CPU depends on the model and on whether its backbone ever trains: device.py)
     precision = resolve_precision(cfg.train.precision, device, model, plan.backbone_ever_trains())
     model.to(device)
@@ -477,12 +489,22 @@ def build_session(
         open_teacher(cfg.distill.teacher, split.class_names, built.preprocess, device) if cfg.distill.teacher else None
     )
     objective = build_objective(
-        cfg, model, split.class_names, labels, device, saved_terms, built.arch["in_features"], teacher, source
+        cfg,
+        model,
+        split.class_names,
+        labels,
+        device,
+        saved_terms,
+        built.arch["in_features"],
+        teacher,
+        source,
+        built.source_head,
     )
     for name, module in objective.modules().items():  # (after the plan's groups, before any it opens later)
         decay = 0.0 if cfg.train.regularization == "l2sp" else cfg.train.weight_decay
-        groups.append({"params": list(module.parameters()), "name": name, "lr": cfg.train.lr,
-                       "initial_lr": cfg.train.lr, "weight_decay": decay})  # fmt: skip
+        lr = cfg.train.lr * objective.term(name).lr_scale
+        groups.append({"params": list(module.parameters()), "name": name, "lr": lr,
+                       "initial_lr": lr, "weight_decay": decay})  # fmt: skip
         objective.term(name).forward = distributed.wrap(module, device)
     optimizer = make_optimizer(cfg.train, groups)
     if resumed is not None:

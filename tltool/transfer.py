@@ -335,6 +335,8 @@ def describe_method(cfg: Config, frozen: list[str]) -> str:
     if cfg.source.train:
         text += f" + source co-training ({cfg.source.select}, weight {cfg.source.weight:g}"
         text += ", target-prior class weights)" if cfg.source.class_weights == "target_prior" else ")"
+    if train.cotuning_weight > 0:
+        text += f" + Co-Tuning (pretrained classifier, weight {train.cotuning_weight:g})"
     if cfg.distill.teacher:
         text += (
             f" + distillation from {cfg.distill.teacher} (weight {cfg.distill.weight:g}, T {cfg.distill.temperature:g})"
