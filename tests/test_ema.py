@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -216,3 +219,24 @@ def test_bad_ema_settings_are_one_error_exit_2(tmp_path: Path, small: Path, cli)
         assert expected in result.stderr and "Traceback" not in result.output, result.stderr
         assert result.stderr.startswith("error: ")
     assert not (tmp_path / "r").exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_two_processes_average_as_one_with_the_global_batch(tmp_path: Path, small: Path, one_thread: None) -> None:
+    """Under torchrun each rank averages its unwrapped model after the all-reduced step; rank 0 saves it."""
+    # (no feature cache: the EMA is evaluated on images, its averaged head under the live frozen backbone)
+    common = ("train.ema_decay=0.6", "train.feature_cache=off", "train.epochs=2", "train.lr=0.05")
+    run(tmp_path / "one", small, *common, "data.batch_size=8")
+    config = write_config(tmp_path / "c.yaml", run_overrides(tmp_path / "two", small, *common, "data.batch_size=4"))
+    command = [sys.executable, "-m", "tltool", "finetune", str(config), "--nproc", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("ema loss") == 2  # rank 0's epoch lines only
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    for key in ("val_loss_ema", "val_acc1_ema"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-6), key
+    a, b = (load_checkpoint(tmp_path / name / "checkpoints" / "last.pt").ema for name in ("one", "two"))
+    assert a["n_averaged"] == b["n_averaged"] == 4
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
