@@ -88,7 +88,17 @@ def loop(backbone: str, frozen: bool, ema: str, workdir: Path):
         return time.perf_counter() - start
 
     features = session.cache.train.features.shape[-1] if session.cache is not None else None
-    return run, features
+    return run, features, session
+
+
+def update_ms(session, repeats: int = 20) -> float:
+    """One `WeightEMA.update()` alone, in ms (the best of `repeats`): the EMA's own cost, whatever the step's."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.ema.update()
+        times.append(time.perf_counter() - start)
+    return 1000 * min(times)
 
 
 def batches(count: int, features: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -116,8 +126,9 @@ def main() -> None:
             ("resnet18", True, ["head", "model"]),
         ]
         for backbone, frozen, kinds in cases:
-            base, features = loop(backbone, frozen, "none", workdir)
-            loops = {"none": base, **{kind: loop(backbone, frozen, kind, workdir)[0] for kind in kinds}}
+            base, features, _ = loop(backbone, frozen, "none", workdir)
+            built = {kind: loop(backbone, frozen, kind, workdir) for kind in kinds}
+            loops = {"none": base, **{kind: built[kind][0] for kind in kinds}}
             count = 200 if frozen else (4 if args.quick else 6)
             data = batches(count, features)
             for run in loops.values():  # warm-up
@@ -135,7 +146,8 @@ def main() -> None:
                 results[key] = ratio
                 print(
                     f"{backbone:<20} {mode:<15} EMA of the {kind:<5}  step {step_ms:7.2f} ms without, "
-                    f"{1000 * min(seconds[kind]) / count:7.2f} ms with: x{ratio:.3f} per step (median of {rounds})",
+                    f"{1000 * min(seconds[kind]) / count:7.2f} ms with: x{ratio:.3f} per step (median of {rounds}); "
+                    f"the update alone {update_ms(built[kind][2]):.2f} ms",
                     flush=True,
                 )
     print("bench-ema: " + " ".join(f"{key}={value:.3f}" for key, value in results.items()))
