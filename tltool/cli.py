@@ -153,14 +153,16 @@ def eval_command(
     num_workers: Annotated[int | None, typer.Option("--num-workers", min=0, help="Default: the run's.")] = None,
     wise_alpha: WiseAlpha = None,
 ) -> None:
-    """Measure a checkpoint: loss, top-1/top-5, per-class precision/recall/F1, confusion matrix."""
+    """Measure a checkpoint: loss, top-1/top-5, per-class precision/recall/F1, confusion matrix (of the EMA weights
+    when the run monitored an EMA metric: the checkpoint's model is then the EMA, and the first line says so)."""
     with user_errors():
         check_device(device, "--device")
         from tltool.evaluate import format_report, run_eval
 
         metrics = run_eval(checkpoint, data, json_path, device, batch_size, num_workers, wise_alpha)
         wise = f" (WiSE-FT alpha {wise_alpha:g})" if wise_alpha is not None else ""
-        typer.echo(f"{checkpoint}{wise} on {metrics['data']}")
+        weights = " (EMA weights)" if metrics["weights"] == "ema" else ""
+        typer.echo(f"{checkpoint}{weights}{wise} on {metrics['data']}")
         typer.echo(format_report(metrics, metrics["class_names"]))
         if json_path:
             typer.echo(f"metrics written to {json_path}")

@@ -213,6 +213,9 @@ class TrainConfig(_Section):
     cotuning_weight: float = Field(0.0, ge=0.0, le=100.0, examples=[2.3])
     """Co-Tuning (You et al. 2020): the pretrained classifier trains on as a second head against p(source class |
     target class), estimated once from the training images; this term's weight (0: off). The backbone must train."""
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0, examples=[0.9998])
+    """Keep an exponential moving average of the weights, ema = d x ema + (1-d) x w after every optimizer step
+    (batch-norm statistics too), evaluated every epoch as val_*_ema (off when empty)."""
 
     @field_validator("feature_cache", "channels_last", mode="before")
     @classmethod
@@ -289,8 +292,11 @@ class TrainConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    monitor: Literal["val_acc1", "val_acc5", "val_loss"] = Field("val_acc1", examples=["val_loss"])
-    """Metric that picks `best.pt` and drives early stopping (accuracies: higher is better; loss: lower)."""
+    monitor: Literal["val_acc1", "val_acc5", "val_loss", "val_acc1_ema", "val_acc5_ema", "val_loss_ema"] = Field(
+        "val_acc1", examples=["val_loss"]
+    )
+    """Metric that picks `best.pt` and drives early stopping (accuracies: higher is better; loss: lower); a *_ema
+    metric (train.ema_decay) makes the EMA weights the model of the run's checkpoints."""
     save_best: bool = Field(True, examples=[False])
     """Keep `checkpoints/best.pt`, the epoch with the best monitored metric."""
     every_n_steps: int | None = Field(None, ge=1, examples=[500])
@@ -420,6 +426,15 @@ class Config(_Section):
             raise ValueError(
                 "train.cotuning_weight needs the pretrained classifier of model.weights, but model.weights is none: "
                 "set model.weights (e.g. DEFAULT) or train.cotuning_weight=0"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _ema_monitored(self) -> Config:
+        if self.checkpoint.monitor.endswith("_ema") and self.train.ema_decay is None:
+            raise ValueError(
+                f"checkpoint.monitor={self.checkpoint.monitor} needs train.ema_decay (e.g. 0.9998), or monitor "
+                f"{self.checkpoint.monitor.removesuffix('_ema')}"
             )
         return self
 

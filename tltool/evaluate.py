@@ -227,6 +227,7 @@ def run_eval(
     metrics = evaluate_trained(trained, samples, batch_size, num_workers)
     metrics["data"] = source
     metrics["wise_alpha"] = wise_alpha
+    metrics["weights"] = trained.checkpoint.weights  # "ema": the run's EMA of the weights (train.ema_decay)
     if json_path:
         write_text_atomic(Path(json_path), json.dumps(metrics, indent=2) + "\n")
     return metrics

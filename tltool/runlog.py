@@ -40,6 +40,10 @@ def log_tensorboard(writer: Any, record: dict[str, Any]) -> None:
     writer.add_scalar("accuracy/train", record["train_acc"], epoch)
     writer.add_scalar("accuracy/val_top1", record["val_acc1"], epoch)
     writer.add_scalar("accuracy/val_top5", record["val_acc5"], epoch)
+    if "val_acc1_ema" in record:  # train.ema_decay
+        writer.add_scalar("loss/val_ema", record["val_loss_ema"], epoch)
+        writer.add_scalar("accuracy/val_top1_ema", record["val_acc1_ema"], epoch)
+        writer.add_scalar("accuracy/val_top5_ema", record["val_acc5_ema"], epoch)
     writer.add_scalar("lr", record["lr"], epoch)
     writer.add_scalar("speed/images_per_second", record["images_per_second"], epoch)
     writer.flush()
@@ -74,6 +78,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         f" ({summary['monitor']} {metric})" + ("  [stopped early]" if summary["stopped_early"] else ""),
         f"last epoch   val top-1 {final['val_acc1']:.1%}, top-5 {final['val_acc5']:.1%}, "
         f"val loss {final['val_loss']:.4f}",
+        *(
+            [
+                f"last ema     val top-1 {final['val_acc1_ema']:.1%}, top-5 {final['val_acc5_ema']:.1%}, "
+                f"val loss {final['val_loss_ema']:.4f}; checkpoints hold the {summary['checkpoint_weights']} weights"
+            ]
+            if "val_acc1_ema" in final
+            else []
+        ),
         f"time         {summary['wall_seconds']:.1f} s on {summary['device']} ({summary['precision']})"
         + (f", features extracted once in {cache['extract_seconds']:.1f} s" if cache else ""),
         f"speed        {final.get('images_per_second', 0):.0f} train images/s (last epoch)",
@@ -99,7 +111,12 @@ def epoch_line(record: dict[str, Any], epochs: int, is_best: bool) -> str:
         f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  "
         f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.1%}  "
         f"val loss {record['val_loss']:.4f} acc1 {record['val_acc1']:.1%} acc5 {record['val_acc5']:.1%}  "
-        f"lr {record['lr']:.2e}  {record['images_per_second']:.0f} img/s  {record['epoch_seconds']:.1f} s"
+        + (
+            f"ema loss {record['val_loss_ema']:.4f} acc1 {record['val_acc1_ema']:.1%}  "
+            if "val_acc1_ema" in record
+            else ""
+        )
+        + f"lr {record['lr']:.2e}  {record['images_per_second']:.0f} img/s  {record['epoch_seconds']:.1f} s"
         + ("  *best" if is_best else "")
         + (
             "  (" + " + ".join(f"{name} {value:.4f}" for name, value in record["loss_terms"].items()) + ")"
@@ -131,6 +148,14 @@ def describe(session: TrainingSession) -> str:
         f"freeze     {cfg.train.freeze}",
         f"method     {describe_method(cfg, plan.base_frozen)}",
         f"loss       {' + '.join(session.objective.names)}",
+        *(
+            [
+                f"ema        decay {cfg.train.ema_decay:g} of the {'head' if session.ema.head_only else 'whole model'}"
+                f" (checkpoints hold the {'EMA' if cfg.checkpoint.monitor.endswith('_ema') else 'trained'} weights)"
+            ]
+            if session.ema is not None
+            else []
+        ),
         *plan.group_table(),
         f"classes    {len(split.class_names)}: {', '.join(split.class_names[:10])}"
         + (" ..." if len(split.class_names) > 10 else ""),
@@ -210,6 +235,15 @@ def run_summary(session: TrainingSession, stopped_early: bool) -> dict[str, Any]
         "epochs_completed": state.epoch,
         "stopped_early": stopped_early,
         "monitor": cfg.checkpoint.monitor,
+        # which weights are the `model` of last.pt/best.pt: the EMA's when an EMA metric is monitored
+        "checkpoint_weights": "ema" if cfg.checkpoint.monitor.endswith("_ema") else "raw",
+        "ema": {
+            "decay": cfg.train.ema_decay,
+            "averages": "head" if session.ema.head_only else "model",
+            "steps": session.ema.steps,
+        }
+        if session.ema is not None
+        else None,
         "best_metric": state.best_metric,
         "best_epoch": state.best_epoch,
         "final": state.history[-1] if state.history else {},

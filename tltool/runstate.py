@@ -96,7 +96,7 @@ class TrainState:
         """Add the epoch's record; keep the best value of `monitor` (lower for losses). True: a new best."""
         value = record[monitor]
         best = self.best_metric is None or (
-            value < self.best_metric if monitor.endswith("loss") else value > self.best_metric
+            value < self.best_metric if "loss" in monitor else value > self.best_metric  # (val_loss, val_loss_ema)
         )
         if best:
             self.best_metric, self.best_epoch, self.bad_epochs = value, self.epoch, 0

@@ -48,6 +48,7 @@ from tltool.data import (
 from tltool.data.mixing import BatchMixer, make_mixer
 from tltool.device import autocast, configure_backends, resolve_precision, use_channels_last
 from tltool.distill import open_teacher
+from tltool.ema import WeightEMA, build_ema
 from tltool.errors import CheckpointError, ConfigError
 from tltool.evaluate import evaluate
 from tltool.features import FeatureCache, build_cache, cache_applies, mixing_turns_cache_off
@@ -123,6 +124,7 @@ class TrainingSession:
     bn_stats: dict[str, dict[str, torch.Tensor]] | None = None  # AdaBN: {"source": ..., "target": ...}
     resumed: Checkpoint | None = None
     wise: WiseStart | None = None  # train.wise_alpha: theta0 and the train images held out to choose alpha
+    ema: WeightEMA | None = None  # train.ema_decay: the moving average of the weights (ema.py)
     cache: FeatureCache | None = None
     inputs: Inputs | None = None
     mixer: BatchMixer | None = None  # data.mixup_alpha / cutmix_alpha: mixes each labelled training batch
@@ -288,6 +290,11 @@ class TrainingSession:
     def evaluate(self) -> dict[str, Any]:
         return evaluate(self.inputs.module, self.inputs.val, self.device, self.precision, len(self.split.class_names))
 
+    def evaluate_ema(self) -> dict[str, Any]:
+        """`evaluate()` of the EMA weights (train.ema_decay), on the same inputs (cached features or images)."""
+        module = self.ema.module(self.inputs.cached)
+        return evaluate(module, self.inputs.val, self.device, self.precision, len(self.split.class_names))
+
     def head_lr(self) -> float:
         """The head's current LR (the LR of metrics.jsonl); the last group's when the head is frozen."""
         groups = self.optimizer.param_groups
@@ -305,6 +312,9 @@ class TrainingSession:
         if self.bn_stats:  # AdaBN: the saved model carries the target's statistics (the source's are kept aside)
             bn = {"source": bn_stats(model.backbone), "target": self.bn_stats["target"]}  # (the live source's)
             weights.update({f"backbone.{k}": v.detach().cpu() for k, v in bn["target"].items()})
+        # train.ema_decay: the EMA's state; monitored, the EMA is the checkpoint's model (the trained weights aside)
+        ema = self.ema.checkpoint_state(weights) if self.ema is not None else None
+        ema_model = ema is not None and self.cfg.checkpoint.monitor.endswith("_ema")
         return Checkpoint(
             **versions(),
             config=self.cfg.to_dict(),
@@ -312,7 +322,10 @@ class TrainingSession:
             preprocess=self.built.preprocess.to_dict(),
             arch=self.built.arch,
             weights_source=self.built.weights_source,
-            model=weights,
+            model=ema["model"] if ema_model else weights,
+            weights="ema" if ema_model else "raw",
+            raw_model=weights if ema_model else None,
+            ema=ema,
             bn_stats=_to_cpu(bn),
             trainable=[name for name, p in model.named_parameters() if p.requires_grad],
             frozen_modules=list(self.plan.frozen_modules()),
@@ -342,6 +355,8 @@ class TrainingSession:
         if mine.get("epoch_progress"):
             self.state.in_epoch = EpochProgress.from_dict(mine["epoch_progress"])
         restore_rng(mine["rng"])
+        if self.ema is not None:
+            self.ema.restore(checkpoint.ema)
 
     def save_last(self) -> None:
         """checkpoints/last.pt. Every rank calls this at the same step: the RNG and epoch sums of all ranks go
@@ -358,7 +373,10 @@ class TrainingSession:
         """A checkpoint's size: the last one's on disk, or before any, the model's tensors three times (the
         weights, and an optimizer state of up to two tensors per trainable weight)."""
         last = self.checkpoint_dir / "last.pt"
-        return last.stat().st_size if last.is_file() else 3 * tensor_bytes(self.model.state_dict())
+        if last.is_file():
+            return last.stat().st_size
+        ema = tensor_bytes(self.ema.averaged.state_dict()) if self.ema is not None else 0
+        return 3 * tensor_bytes(self.model.state_dict()) + ema
 
     def save_best(self) -> None:
         """checkpoints/best.pt: the last.pt just written, under a second name (rank 0)."""
@@ -404,7 +422,7 @@ def build_session(
 
     seed_everything(cfg.run.seed)
     if resumed is not None:
-        built = built_from_checkpoint(resumed)
+        built = built_from_checkpoint(resumed.resumable())  # (the trained weights, not an EMA saved as the model)
     else:
         built = build_model(cfg.model, cfg.data, len(split.class_names), split.class_names,
                             keep_source_head=cfg.train.cotuning_weight > 0)  # fmt: skip
@@ -434,6 +452,7 @@ def build_session(
         cfg, built, split, device, precision, resumed=resumed is not None, dry_run=dry_run, quiet=quiet
     )
     wise = start_wise(cfg, model, resumed, wise_held)  # theta0: after the head is set, before the first step
+    ema = build_ema(cfg, model, plan.backbone_ever_trains(), cfg.adapt.bn_stats == "target")
 
     pin = device.type == "cuda"
     augmented = train_transform(built.preprocess, cfg.data.augment, cfg.data.random_erasing)  # (every image stream)
@@ -539,6 +558,7 @@ def build_session(
         resumed=resumed,
         wise=wise,
         mixer=make_mixer(cfg.data, len(split.class_names), cfg.run.seed),
+        ema=ema,
         wall_start=wall_start,
     )
     if resumed is not None and not dry_run:

@@ -27,6 +27,7 @@ from tltool import distributed
 from tltool.config import Config
 from tltool.device import autocast, host_read_interval, sum_dtype
 from tltool.distributed import all_reduce_max, all_reduce_sum, any_rank, no_sync
+from tltool.ema import ema_metrics
 from tltool.errors import TrainingError
 from tltool.objective import StepOutputs
 from tltool.runlog import describe, epoch_line, hparams, log_tensorboard, open_tensorboard, run_summary, say
@@ -196,6 +197,8 @@ def train_one_epoch(
             scaler.update()
             scheduler.step()
             state.global_step += 1
+            if session.ema is not None:  # (once per optimizer step, whatever train.accumulate_steps)
+                session.ema.update()
             if first_step is None:  # (with run.compile, the first step compiles the graph)
                 first_step = time.perf_counter() - loop_start
             # Between optimizer steps the state is whole (no half-accumulated gradients): save here.
@@ -349,6 +352,7 @@ def train_and_evaluate(session: TrainingSession, epoch: int, stop: StopRequest) 
             f"the validation loss became {val['loss']} at epoch {epoch + 1}",
             "lower train.lr or set train.grad_clip_norm (the last finite checkpoint is kept)",
         )
+    ema = ema_metrics(session.evaluate_ema()) if session.ema is not None else {}
     state.epoch, state.in_epoch = epoch + 1, None
     return {
         "epoch": state.epoch,
@@ -360,6 +364,7 @@ def train_and_evaluate(session: TrainingSession, epoch: int, stop: StopRequest) 
         "val_loss": val["loss"],
         "val_acc1": val["acc1"],
         "val_acc5": val["acc5"],
+        **ema,
         "epoch_seconds": time.perf_counter() - epoch_start,
         "images_per_second": train["images_per_second"],
         "data_seconds": train["data_seconds"],
