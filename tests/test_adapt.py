@@ -113,9 +113,17 @@ def test_adabn_changes_only_batch_norm_buffers_and_equals_a_recomputation_by_han
 
 
 def test_an_adabn_run_saves_the_target_statistics_and_trains_only_the_head(
-    tmp_path: Path, dataset: Path, target: Path
+    tmp_path: Path, dataset: Path, target: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    cached_streams = []  # AdaBN alone: the unlabelled images pass once (the statistics), never into the cache
+    real_build_cache = session_module.build_cache
+    monkeypatch.setattr(
+        session_module,
+        "build_cache",
+        lambda *a, **k: cached_streams.append(sorted(a[-1] or {})) or real_build_cache(*a, **k),
+    )
     summary = run(tmp_path, "r", dataset, f"adapt.unlabeled={target}", "adapt.bn_stats=target", "train.epochs=1")
+    assert cached_streams == [[]]
     assert summary["feature_cache"] is not None and "AdaBN" in summary["method"]
     assert summary["adapt"]["unlabeled_images"] == 15
     saved = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")

@@ -176,7 +176,9 @@ class TrainingSession:
         if cache_applies(cfg) and self.plan.head_only(self.state.epoch):
             built = self.built
             extras = {}
-            if self.unlabeled is not None:
+            # AdaBN alone reads nothing of the unlabelled images once the frozen backbone's target statistics
+            # are estimated: no second pass over them, and no unlabelled stream while the cache serves.
+            if self.unlabeled is not None and (cfg.adapt.method != "none" or cfg.distill.teacher):
                 target = self.bn_stats["target"] if self.bn_stats else None
                 extras["unlabeled"] = (self.unlabeled, self.image_streams["unlabeled"].seed, target)
             if self.source is not None:
