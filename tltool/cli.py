@@ -118,7 +118,12 @@ def finetune(
         ),
     ] = None,
 ) -> None:
-    """Fine-tune a torchvision backbone on a folder of images (new head, frozen features by default)."""
+    """Fine-tune a torchvision backbone on a folder of images (new head, frozen features by default).
+
+    One run at a time per run directory (a lock). Ctrl-C, SIGTERM, SIGHUP and SIGUSR1 stop it at the next step,
+    saved, with the command that continues it (exit 128+N: 130, 143, 129, 138); run.time_limit does the same
+    in time (exit 75).
+    """
     with user_errors():
         from tltool.train import finetune as run_finetune
 
@@ -133,7 +138,9 @@ def finetune(
             args += (["--resume", resume] if resume else []) + (["--dry-run"] if dry_run else [])
             args += ["--quiet"] if quiet else []
             raise typer.Exit(launch(nproc, args))
-        summary = run_finetune(cfg, resume=resume, dry_run=dry_run, quiet=quiet, config_path=config)
+        summary = run_finetune(
+            cfg, resume=resume, dry_run=dry_run, quiet=quiet, config_path=config, overrides=overrides
+        )
         if summary.get("dry_run") or summary.get("finished") or summary.get("rank"):
             return
         from tltool.runlog import format_summary
