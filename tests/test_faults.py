@@ -348,9 +348,27 @@ def test_sigusr1_to_the_nproc_launcher_is_forwarded_and_every_rank_stops_saved_a
     _, stderr = launcher.communicate(timeout=180)
     assert launcher.returncode == 138, stderr[-3000:]
     stops = re.findall(r"(\[rank 1\] )?error: SIGUSR1: (stopped [^;]*);", stderr)
-    assert len(stops) == 2 and stops[0][1] == stops[1][1], stderr[-3000:]  # both ranks, the same step
+    assert len(stops) == 2 and stops[0][1] == stops[1][1], stderr  # both ranks, the same step
     assert "(with 2 processes again: --nproc 2" in stderr
     saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert len(saved.rank_states) == 2 and saved.epoch < 8
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["stop_reason"] == "SIGUSR1"
     assert not (tmp_path / "run" / LOCK_NAME).exists()
+
+
+@pytest.mark.slow
+def test_a_locked_run_directory_under_nproc_ends_the_job_with_exit_2(tmp_path: Path, dataset: Path) -> None:
+    run_dir = tmp_path / "run"
+    holder = start_holder(run_dir)
+    try:
+        config = write_config(tmp_path / "c.yaml", run_overrides(run_dir, dataset, "run.dist_timeout_s=60"))
+        start = time.monotonic()
+        done = subprocess.run(cli_command(config, "--nproc", "2", "-q"), env=env(), capture_output=True, text=True,
+                              timeout=240)  # fmt: skip
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert f"in use by another tltool run (pid {holder.pid} on host" in done.stderr
+        assert time.monotonic() - start < 120  # rank 1 does not wait for rank 0 until the timeout
+        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME]
+    finally:
+        holder.kill()
+        holder.wait()

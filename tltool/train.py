@@ -368,20 +368,25 @@ def finetune(
                     stop.timed("save", session.save_last)()
                     if is_best:
                         session.save_best()
-                    # a signal that reached one rank during evaluation stops them all
-                    if session.world.enabled and distributed.any_rank(stop.requested)[0]:
-                        stop.agree()
+                    # A signal that reached one rank during evaluation stops them all; every rank decides on
+                    # the agreed flag (one that arrives after this is seen at the next step).
+                    stopping = stop.requested
+                    if session.world.enabled:
+                        stopping = distributed.any_rank(stop.requested)[0]
+                        if stopping:
+                            stop.agree()
                     # run.time_limit: room for the next epoch's first step and its save?
                     next_ends_epoch = session.steps_per_epoch == 1
                     if budget is not None and distributed.any_rank(budget.exhausted(next_ends_epoch))[0]:
                         stop.out_of_time()
+                        stopping = True
                     say(quiet, epoch_line(record, cfg.train.epochs, is_best))
                     patience = cfg.train.early_stopping_patience
                     if patience is not None and state.bad_epochs >= patience and state.epoch < cfg.train.epochs:
                         say(quiet, f"early stopping: {cfg.checkpoint.monitor} did not improve for {patience} epochs")
                         stopped_early = True
                         break
-                    if stop.requested and state.epoch < cfg.train.epochs:
+                    if stopping and state.epoch < cfg.train.epochs:
                         raise Interrupted(f"stopped after epoch {state.epoch}", "")
         except Interrupted as exc:
             reason = stop.reason or "SIGINT"
