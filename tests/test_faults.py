@@ -133,6 +133,25 @@ def test_finetune_on_a_locked_run_directory_is_one_line_and_changes_nothing(tmp_
         holder.wait()
 
 
+def test_a_run_directory_where_no_lock_can_be_made_is_one_line(tmp_path: Path, dataset: Path, cli) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    config = write_config(tmp_path / "c.yaml", run_overrides(blocker / "run", dataset))
+    result = cli.invoke(app, ["finetune", str(config)])
+    assert result.exit_code == 2 and f"cannot create {blocker / 'run'}: {blocker} is a file" in result.output
+    assert "Traceback" not in result.output and blocker.read_text() == "not a folder"
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        if os.access(tmp_path / "ro", os.W_OK):
+            return  # (root ignores permissions: the case above is the one-line path)
+        config = write_config(tmp_path / "c.yaml", run_overrides(tmp_path / "ro", dataset))
+        result = cli.invoke(app, ["finetune", str(config)])
+        assert result.exit_code == 2 and LOCK_NAME in result.output, result.output
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+
+
 # --- signals ----------------------------------------------------------------------------------------------
 
 

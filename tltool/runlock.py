@@ -28,9 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tltool.errors import TltoolError
+from tltool import files
+from tltool.errors import TltoolError, TrainingError
 
 LOCK_NAME = ".tltool.lock"
+LOCK_FIX = "fix the permissions of the run directory, free disk space, or set run.output_dir elsewhere"
 
 try:
     import fcntl
@@ -153,11 +155,12 @@ def acquire(run_dir: Path, warn: Callable[[str], None] | None = None) -> RunLock
     when refused. A stale lock of this host (its process dead) is taken over with a warning (`warn`)."""
     warn = warn or (lambda text: print(text, file=sys.stderr, flush=True))
     created = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()][::-1]
-    run_dir.mkdir(parents=True, exist_ok=True)
+    files.make_folder(run_dir, TrainingError, LOCK_FIX)  # (a path through a file, a read-only disk: one line)
     path = run_dir / LOCK_NAME
     host = socket.gethostname()
     for _ in range(20):  # (retried only while a releasing holder removes the file under our feet)
-        fd, locked = _open_and_flock(path)
+        with files.reported_writes(path, TrainingError, LOCK_FIX):
+            fd, locked = _open_and_flock(path)
         try:
             if not locked:
                 time.sleep(0.05)  # (a holder writes its record right after its flock: read it whole)
@@ -185,10 +188,11 @@ def acquire(run_dir: Path, warn: Callable[[str], None] | None = None) -> RunLock
                 "start_ticks": mine[1] if mine else None,
                 "command": sys.argv,
             }
-            os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)
-            os.write(fd, (json.dumps(record) + "\n").encode())
-            os.fsync(fd)
+            with files.reported_writes(path, TrainingError, LOCK_FIX):
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.write(fd, (json.dumps(record) + "\n").encode())
+                os.fsync(fd)
             return RunLock(path, fd, created)
         except BaseException:
             with contextlib.suppress(OSError):
