@@ -120,9 +120,11 @@ def finetune(
 ) -> None:
     """Fine-tune a torchvision backbone on a folder of images (new head, frozen features by default).
 
-    One run at a time per run directory (a lock). Ctrl-C, SIGTERM, SIGHUP and SIGUSR1 stop it at the next step,
-    saved, with the command that continues it (exit 128+N: 130, 143, 129, 138); run.time_limit does the same
-    in time (exit 75).
+    One run at a time per run directory: a second one is refused (exit 2).
+
+    Ctrl-C, SIGTERM, SIGHUP, SIGUSR1: stops at the next step, saved; exit 128+N (130, 143, 129, 138).
+
+    run.time_limit: stops, saved, before the limit; exit 75. Both print the command that continues the run.
     """
     with user_errors():
         from tltool.train import finetune as run_finetune
