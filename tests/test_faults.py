@@ -398,3 +398,21 @@ def test_a_locked_run_directory_under_nproc_ends_the_job_with_exit_2(tmp_path: P
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_nproc_launcher_asks_torchrun_to_forward_sigusr1_and_exits_128_plus_n(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from tltool.distributed import launch
+
+    seen = {}
+
+    def signalled(args) -> None:
+        seen["signals"], seen["timeout"] = args.signals_to_handle, args.shutdown_timeout
+        raise SignalException("got SIGUSR1", sigval=signal.SIGUSR1)
+
+    monkeypatch.setattr("torch.distributed.run.run", signalled)
+    assert launch(2, ["finetune", "x.yaml"]) == 138
+    assert "SIGUSR1" in seen["signals"].split(",") and "SIGTERM" in seen["signals"] and seen["timeout"] == 60
