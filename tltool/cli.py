@@ -118,7 +118,14 @@ def finetune(
         ),
     ] = None,
 ) -> None:
-    """Fine-tune a torchvision backbone on a folder of images (new head, frozen features by default)."""
+    """Fine-tune a torchvision backbone on a folder of images (new head, frozen features by default).
+
+    One run at a time per run directory: a second one is refused (exit 2).
+
+    Ctrl-C, SIGTERM, SIGHUP, SIGUSR1: stops at the next step, saved; exit 128+N (130, 143, 129, 138).
+
+    run.time_limit: stops, saved, before the limit; exit 75. Both print the command that continues the run.
+    """
     with user_errors():
         from tltool.train import finetune as run_finetune
 
@@ -133,7 +140,9 @@ def finetune(
             args += (["--resume", resume] if resume else []) + (["--dry-run"] if dry_run else [])
             args += ["--quiet"] if quiet else []
             raise typer.Exit(launch(nproc, args))
-        summary = run_finetune(cfg, resume=resume, dry_run=dry_run, quiet=quiet, config_path=config)
+        summary = run_finetune(
+            cfg, resume=resume, dry_run=dry_run, quiet=quiet, config_path=config, overrides=overrides
+        )
         if summary.get("dry_run") or summary.get("finished") or summary.get("rank"):
             return
         from tltool.runlog import format_summary

@@ -33,6 +33,33 @@ from tltool.errors import ConfigError
 WEIGHTS_FILE_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 
 
+DURATION_GRAMMAR = 'seconds, or hours/minutes/seconds like "3h30m", "90m", "1.5h", "45s"'
+
+
+def parse_duration(value: float | int | str) -> float:
+    """The seconds of a duration (`run.time_limit`): a number of seconds, or "<n>h<n>m<n>s" with each part
+    optional but in that order ("3h30m", "90m", "1.5h", "45s"). Raises ValueError naming the grammar."""
+    import re
+
+    seconds = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = r"(\d+(?:\.\d*)?|\.\d+)"
+        match = re.fullmatch(rf"(?:{number}h)?(?:{number}m)?(?:{number}s)?", text)
+        if re.fullmatch(number, text):
+            seconds = float(text)
+        elif text and match is not None:
+            hours, minutes, secs = (float(part) if part else 0.0 for part in match.groups())
+            seconds = hours * 3600 + minutes * 60 + secs
+    if seconds is None:
+        raise ValueError(f"{value!r} is not a duration: give {DURATION_GRAMMAR}")
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"must be more than 0 seconds (got {value!r})")
+    return seconds
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -56,6 +83,9 @@ class RunConfig(_Section):
     """torch.compile the training forward: a slow first step (20-70 s on CPU), then ~1.1-1.2x faster full training."""
     dist_timeout_s: int = Field(1800, ge=10, le=86400, examples=[600])
     """torchrun: seconds a process waits for the others in a collective before the job fails (a rank died or hangs)."""
+    time_limit: float | str | None = Field(None, examples=["3h30m"])
+    """Wall-clock limit of this process's run: seconds, or "3h30m", "90m", "45s"; it saves and stops (exit 75) in time
+    for a last step, evaluation and save; a resume gets the limit again."""
 
     @field_validator("device")
     @classmethod
@@ -64,6 +94,16 @@ class RunConfig(_Section):
         if problem is not None:
             raise ValueError(problem)
         return value
+
+    @field_validator("time_limit")
+    @classmethod
+    def _time_limit(cls, value: float | str | None) -> float | str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    def time_limit_seconds(self) -> float | None:
+        return None if self.time_limit is None else parse_duration(self.time_limit)
 
 
 class DataConfig(_Section):

@@ -54,6 +54,11 @@ def launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def env_rank() -> int:
+    """This process's rank from torchrun's environment, before the process group exists (0 outside torchrun)."""
+    return _env_int("RANK") if launched() else 0
+
+
 def restart_count() -> int:
     """How many times torchrun restarted the workers (`--max-restarts`): 0 on the first attempt."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
@@ -212,16 +217,30 @@ def launch(nproc: int, tltool_args: list[str]) -> int:
     """`tltool finetune --nproc N ...`: what `torchrun --standalone --nproc_per_node N -m tltool ...` does.
 
     Returns the job's exit code: 0, or the exit code of the first process that failed (2 for a bad input,
-    130 for Ctrl-C, 128+N for a process killed by signal N).
+    130 for Ctrl-C, 128+N for a process killed by signal N, 75 for run.time_limit). A stop signal reaching
+    this launcher (FORWARDED_SIGNALS) is forwarded by torchrun's agent to the workers, which save and stop;
+    the agent gives them SHUTDOWN_TIMEOUT_S seconds before SIGKILL, and the launcher exits 128 + N.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "tltool", *tltool_args])
+    args = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", f"--signals-to-handle={FORWARDED_SIGNALS}",
+         f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}", "-m", "tltool", *tltool_args]
+    )  # fmt: skip
     try:
         run(args)
     except ChildFailedError as exc:
         _, failure = exc.get_first_failure()
         code = failure.exitcode
         return code if code > 0 else 128 - code
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
     return 0
+
+
+# The signals torchrun's agent forwards to the workers (its default list plus SIGUSR1, Slurm's warning
+# signal), and how long it waits for them to save and exit before it SIGKILLs them.
+FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+SHUTDOWN_TIMEOUT_S = 60

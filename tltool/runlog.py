@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,6 +97,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"             tltool report {summary['run_dir']}",
     ]
     return "\n".join(lines)
+
+
+def resume_command(config_path: str, overrides: list[str] | None, world_size: int = 1) -> str:
+    """The command that continues a stopped run: the same config and KEY=VALUE overrides, shell-quoted."""
+    command = shlex.join(["tltool", "finetune", config_path, *(overrides or []), "--resume", "auto"])
+    if world_size > 1:
+        command += f" (with {world_size} processes again: --nproc {world_size}, or the same torchrun command)"
+    return command
 
 
 def say(quiet: bool, text: str) -> None:

@@ -29,6 +29,7 @@ RESUMABLE_CHANGES = (
     "train.epochs",
     "run.device",
     "run.dist_timeout_s",
+    "run.time_limit",
     "run.compile",
     "train.optimizer_impl",
     "data.num_workers",

@@ -30,41 +30,106 @@ from tltool.distributed import all_reduce_max, all_reduce_sum, any_rank, no_sync
 from tltool.ema import ema_metrics
 from tltool.errors import TrainingError
 from tltool.objective import StepOutputs
-from tltool.runlog import describe, epoch_line, hparams, log_tensorboard, open_tensorboard, run_summary, say
-from tltool.runstate import append_metrics, write_text_atomic
+from tltool.runlock import acquire
+from tltool.runlog import (
+    describe,
+    epoch_line,
+    hparams,
+    log_tensorboard,
+    open_tensorboard,
+    resume_command,
+    run_summary,
+    say,
+)
+from tltool.runstate import append_metrics, run_directory, write_text_atomic
 from tltool.session import RunFinished, TrainingSession, build_session
+from tltool.timelimit import TimeBudget
 from tltool.transfer import set_train_mode
 from tltool.wise_run import finish_wise
 
+# The signals that stop a run as the first Ctrl-C does: at the next optimizer step, saved, exit 128 + N.
+# SIGTERM: `kill`, Slurm/Kubernetes before their SIGKILL; SIGHUP: the terminal closed; SIGUSR1: Slurm's
+# `--signal=USR1@<seconds>` warning before the time limit.
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1") if hasattr(signal, name)
+)
+TIME_LIMIT_EXIT = 75  # EX_TEMPFAIL (sysexits.h): not finished, saved, run the same command again (README)
+
 
 class StopRequest:
-    """Set by the first Ctrl-C (SIGINT): the loop stops at the next optimizer step, saves, and exits 130."""
+    """Why the run stops before its last epoch: a signal (STOP_SIGNALS), or `run.time_limit` (`budget`).
 
-    def __init__(self) -> None:
+    The first signal sets `requested`: the loop stops at the next optimizer step, saves, and exits 128 + N
+    (130 for Ctrl-C, 143 for SIGTERM). A second Ctrl-C outside torchrun stops at once (KeyboardInterrupt; the
+    atomic writer leaves last.pt whole). Any other second signal is only noted: schedulers and torchrun's
+    agent repeat SIGTERM (the agent forwards to its workers the signal they may already have had), and
+    SIGKILL is the way to stop at once.
+    """
+
+    def __init__(self, budget: TimeBudget | None = None) -> None:
         self.requested = False
+        self.signum: int | None = None
+        self.budget = budget
+        self.reason: str | None = None  # "SIGTERM", ..., or "time_limit"
 
     def handler(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
+        name = signal.Signals(signum).name
+        if self.requested:
+            if signum == signal.SIGINT and self.signum == signal.SIGINT and not distributed.launched():
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            print(f"\n{name}: already stopping after this step (SIGKILL stops at once)", file=sys.stderr, flush=True)
+            return
+        self.requested, self.signum, self.reason = True, signum, name
+        again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT and not distributed.launched() else ""
+        print(f"\n{name}: stopping after this step{again} ...", file=sys.stderr, flush=True)
+
+    def out_of_time(self) -> None:
+        """`run.time_limit` leaves no room for another step: stop at this one."""
+        if not self.requested:
+            self.requested, self.reason = True, "time_limit"
+
+    def agree(self) -> None:
+        """Under torchrun, once every rank knows a stop is agreed on: take the signal of the rank that had one."""
+        code = int(all_reduce_max([float(self.signum or 0)])[0])
         self.requested = True
-        print("\nstopping after this step (Ctrl-C again to stop at once) ...", file=sys.stderr, flush=True)
+        if self.signum is None and code:
+            self.signum, self.reason = code, signal.Signals(code).name
+
+    def timed(self, what: str, action: Callable[[], Any]) -> Callable[[], Any]:
+        """`action` (a save, an evaluation), its time measured for run.time_limit's estimates."""
+        if self.budget is None:
+            return action
+
+        def measured() -> Any:
+            with self.budget.measure(what):
+                return action()
+
+        return measured
+
+    @property
+    def exit_code(self) -> int:
+        return TIME_LIMIT_EXIT if self.signum is None else 128 + self.signum
 
     @contextmanager
     def installed(self) -> Iterator[StopRequest]:
-        """The SIGINT handler for the duration of the loop (only the main thread may set one)."""
+        """The handlers of STOP_SIGNALS for the duration of the loop (only the main thread may set them)."""
         main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self.handler) if main else None
+        previous = {signum: signal.signal(signum, self.handler) for signum in STOP_SIGNALS} if main else {}
         try:
             yield self
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 class Interrupted(TrainingError):
-    """Training stopped on request; the state is saved."""
+    """Training stopped on request (a signal, or run.time_limit); the state is saved."""
 
     exit_code = 130
+
+    def __init__(self, what: str, fix: str = "", exit_code: int = 130) -> None:
+        super().__init__(what, fix)
+        self.exit_code = exit_code
 
 
 def train_one_epoch(
@@ -127,6 +192,9 @@ def train_one_epoch(
     # activations and the backward must fault in fresh pages (5-11% slower per step on CPU, BENCHMARKS.md).
     stale = True  # the gradients held belong to an earlier step (or to none)
     loop_start, first_step = time.perf_counter(), None
+    budget = stop.budget if stop is not None else None
+    if budget is not None:
+        budget.epoch_started()
     for index, batch in enumerate(stream.loader, start=sums.batches_done):
         sums.data_seconds += time.perf_counter() - tick
         # The last group of an epoch may hold fewer batches: divide by its real size.
@@ -142,6 +210,8 @@ def train_one_epoch(
             missing, stopping, *flags = any_rank(missing, stop is not None and stop.requested,
                                                  *(name in absent for name in others))  # fmt: skip
             absent = [name for name, flag in zip(others, flags, strict=True) if flag]
+            if stopping:
+                stop.agree()  # (every rank: which signal, for the exit code)
         read_now = (index + 1) % read_every == 0
         # Under DDP the gradients of a micro-batch that only accumulates are not all-reduced yet.
         with contextlib.ExitStack() as held:
@@ -207,8 +277,13 @@ def train_one_epoch(
             # Under torchrun, the stop request all ranks agreed on at this step (a signal may reach one first).
             if not distributed:
                 stopping = stop is not None and stop.requested
-            elif stopping:
-                stop.requested = True
+            if budget is not None:
+                budget.step_done()
+            if budget is not None and not last_batch:  # run.time_limit: room for one more step and its save?
+                next_ends_epoch = sums.batches_done + accumulate >= num_batches
+                if any_rank(budget.exhausted(next_ends_epoch))[0]:
+                    stop.out_of_time()
+                    stopping = True
             if save is not None and not last_batch and (wants_save or stopping):
                 read_pending()  # the sums saved are whole, and no non-finite step is ever saved
                 sums.seconds = time.perf_counter() - start
@@ -250,13 +325,18 @@ def finetune(
     dry_run: bool = False,
     quiet: bool = False,
     config_path: str = "<config>",
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `cfg.model` on `cfg.data`; returns the run summary (also written to summary.json).
 
-    `config_path` only appears in messages (the command that resumes the run).
+    `config_path` and `overrides` only appear in messages (the command that resumes the run). The run
+    directory is locked (runlock.py) from before anything is read or written to the end, by rank 0 under
+    torchrun (the other ranks write nothing); a dry run takes no lock.
     """
-    writer = None
+    writer, lock, started = None, None, time.monotonic()
     try:
+        if not dry_run and distributed.env_rank() == 0:
+            lock = acquire(run_directory(cfg))
         try:
             session = build_session(cfg, resume, quiet, dry_run)
         except RunFinished as done:
@@ -276,8 +356,14 @@ def finetune(
 
             require_matplotlib()  # fail now, not after hours of training
         stopped_early = False
+        limit = cfg.run.time_limit_seconds()
+        budget = None
+        if limit is not None:
+            budget = TimeBudget(limit, session.checkpoint_bytes(), len(session.inputs.val), cfg.train.accumulate_steps,
+                                start=started)  # fmt: skip
+        stop = StopRequest(budget)
         try:
-            with StopRequest().installed() as stop:
+            with stop.installed():
                 for epoch in range(state.epoch, cfg.train.epochs):
                     record = train_and_evaluate(session, epoch, stop)
                     is_best = state.end_epoch(record, cfg.checkpoint.monitor)
@@ -286,25 +372,44 @@ def finetune(
                     # metrics first, then the checkpoint: a crash in between re-runs this epoch and rewrites its line.
                     if is_main:
                         append_metrics(session.run_dir, record)
-                    session.save_last()
+                    stop.timed("save", session.save_last)()
                     if is_best:
                         session.save_best()
-                    if session.world.enabled:  # a Ctrl-C that reached one rank during evaluation stops them all
-                        stop.requested = distributed.any_rank(stop.requested)[0]
+                    # A signal that reached one rank during evaluation stops them all; every rank decides on
+                    # the agreed flag (one that arrives after this is seen at the next step).
+                    stopping = stop.requested
+                    if session.world.enabled:
+                        stopping = distributed.any_rank(stop.requested)[0]
+                        if stopping:
+                            stop.agree()
+                    # run.time_limit: room for the next epoch's first step and its save?
+                    next_ends_epoch = session.steps_per_epoch == 1
+                    if budget is not None and distributed.any_rank(budget.exhausted(next_ends_epoch))[0]:
+                        stop.out_of_time()
+                        stopping = True
                     say(quiet, epoch_line(record, cfg.train.epochs, is_best))
                     patience = cfg.train.early_stopping_patience
                     if patience is not None and state.bad_epochs >= patience and state.epoch < cfg.train.epochs:
                         say(quiet, f"early stopping: {cfg.checkpoint.monitor} did not improve for {patience} epochs")
                         stopped_early = True
                         break
-                    if stop.requested and state.epoch < cfg.train.epochs:
+                    if stopping and state.epoch < cfg.train.epochs:
                         raise Interrupted(f"stopped after epoch {state.epoch}", "")
         except Interrupted as exc:
+            reason = stop.reason or "SIGINT"
+            if is_main:  # (the state is saved: summary.json says how far the run got and why it stopped)
+                stopped = {**run_summary(session, False), "stop_reason": reason}
+                write_text_atomic(session.run_dir / "summary.json", json.dumps(stopped, indent=2) + "\n")
+            why = f"run.time_limit {cfg.run.time_limit} reached" if reason == "time_limit" else reason
             raise Interrupted(
-                f"{exc.what}; {session.checkpoint_dir / 'last.pt'} holds the state",
-                f"continue with: tltool finetune {config_path} --resume auto",
+                f"{why}: {exc.what}; {session.checkpoint_dir / 'last.pt'} holds the state",
+                f"continue with: {resume_command(config_path, overrides, session.world.world_size)}",
+                stop.exit_code,
             ) from None
-        summary = run_summary(session, stopped_early)
+        summary = {
+            **run_summary(session, stopped_early),
+            "stop_reason": "early_stopping" if stopped_early else "finished",
+        }
         if cfg.train.wise_alpha is not None:  # (every rank: its evaluations are sharded)
             summary["wise"] = finish_wise(session)
         if not is_main:
@@ -324,6 +429,8 @@ def finetune(
         if writer is not None:
             writer.close()
         distributed.teardown()
+        if lock is not None:
+            lock.release()
 
 
 def train_and_evaluate(session: TrainingSession, epoch: int, stop: StopRequest) -> dict[str, Any]:
@@ -341,12 +448,12 @@ def train_and_evaluate(session: TrainingSession, epoch: int, stop: StopRequest) 
         file=sys.stderr,
     )
     with bar:
-        train = train_one_epoch(session, bar, stop, session.save_last)
+        train = train_one_epoch(session, bar, stop, stop.timed("save", session.save_last))
     if session.compile_pending and train["first_step_seconds"] is not None:
         session.compile_pending = False
         session.compile_seconds += train["first_step_seconds"]
         say(session.quiet, f"torch.compile: the first step took {train['first_step_seconds']:.1f} s (compiling)")
-    val = session.evaluate()
+    val = stop.timed("eval", session.evaluate)()
     if not math.isfinite(val["loss"]):
         raise TrainingError(
             f"the validation loss became {val['loss']} at epoch {epoch + 1}",

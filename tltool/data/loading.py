@@ -179,8 +179,11 @@ class BalancedSampler(EpochSampler):
 
 
 def _init_worker(worker_id: int) -> None:
-    # Ctrl-C is the main process's to handle (it saves and exits); workers must not die of it first.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C, SIGTERM, SIGHUP, SIGUSR1 are the main process's to handle (it saves and exits); workers must not
+    # die of them first (a terminal's Ctrl-C and Slurm's signals reach every process of the job).
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     # torch seeds python's `random` and torch in each worker from the loader's generator; numpy too.
     # (tltool's own augmentation does not use these streams: each draw is seeded by the sampler.)
     seed = torch.initial_seed() % 2**32
