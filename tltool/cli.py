@@ -69,14 +69,14 @@ def user_errors() -> Iterator[None]:
 
 
 def _load_run_config(path: str, overrides: list[str] | None) -> Config:
-    """The config of a run: file + overrides, validated with torchvision's backbone and weights names.
+    """The config of a run: file + overrides, validated with the backbone and weights names (torchvision's, timm's).
 
     A name typo is one more line among the config's problems, before any data is read or weights loaded.
     """
-    from tltool.catalog import TORCHVISION_NAMES
+    from tltool.catalog import BACKBONE_NAMES
     from tltool.config import load_config
 
-    return load_config(path, overrides or [], names=TORCHVISION_NAMES)
+    return load_config(path, overrides or [], names=BACKBONE_NAMES)
 
 
 def _version(value: bool) -> None:
