@@ -17,6 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import run_overrides
+from tltool import timm_models
 from tltool.catalog import BACKBONE_NAMES, TORCHVISION_NAMES, catalog
 from tltool.checkpoint import load_checkpoint
 from tltool.cli import app
@@ -110,6 +111,9 @@ def test_preprocessing_is_resolve_data_config_with_the_config_overrides() -> Non
             expected["interpolation"],
         )
         assert pre.resize_size == int(expected["input_size"][-1] / expected["crop_pct"])  # timm's floor(size / crop)
+    # timm's eval resize is floor(size / crop_pct): 224 / 0.9 = 248.9 -> 248 (this tag's own config, not the default's).
+    vit_tiny = timm_models.preset("timm/vit_tiny_patch16_224.augreg_in21k")[0]
+    assert (vit_tiny.image_size, vit_tiny.resize_size, vit_tiny.mean) == (224, 248, (0.5, 0.5, 0.5))
     # resnet10t: 176 px, crop 0.875 -> resize 201, bicubic; the config's keys win over the preset.
     pre = built("timm/resnet10t", "model.weights=none", "data.image_size=64", "data.mean=[0.1,0.2,0.3]").preprocess
     assert (pre.image_size, pre.resize_size, pre.mean, pre.interpolation) == (64, 73, (0.1, 0.2, 0.3), "bicubic")
