@@ -150,7 +150,7 @@ def test_default_weights_from_the_torch_hub_cache() -> None:
     )
 
 
-def test_weights_files_and_tltool_checkpoints(tmp_path: Path) -> None:
+def test_weights_files(tmp_path: Path) -> None:
     source = timm.create_model("test_convnext", pretrained=False, num_classes=7)  # a fine-tuned timm model
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors"))
     result = built("timm/test_convnext", f"model.weights={tmp_path / 'w.safetensors'}", "data.image_size=32")
@@ -246,7 +246,7 @@ def test_stages_are_timms_own_groups(backbone: str) -> None:
     expected = {
         "timm/test_resnet": ["stem", "layer1", "layer2", "layer3", "layer4"],
         "timm/test_vit": ["stem", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4", "blocks.5+norm"],
-        "timm/test_convnext": ["stem", "stages.0", "stages.1", "stages.2", "stages.3", "head"],
+        "timm/test_convnext": ["stem", "stages.0", "stages.1", "stages.2", "stages.3", "pre_logits"],
     }[backbone]
     assert names == expected
 
@@ -294,6 +294,14 @@ def test_cached_features_equal_the_uncached_forward(tmp_path: Path, dataset: Pat
     b = load_checkpoint(tmp_path / "plain" / "checkpoints" / "last.pt").model
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    # The run's checkpoint as model.weights of a new run: backbone and head reused (same classes), its preprocessing.
+    checkpoint = load_checkpoint(tmp_path / "cached" / "checkpoints" / "last.pt")
+    cfg = load_config(
+        None, ["model.backbone=timm/test_vit", f"model.weights={tmp_path / 'cached/checkpoints/last.pt'}"]
+    )
+    reused = build_model(cfg.model, cfg.data, 3, checkpoint.class_names)
+    assert same(reused.model.state_dict(), checkpoint.model) and reused.preprocess.to_dict() == checkpoint.preprocess
+    assert reused.arch["kwargs"] == {"img_size": 32}
 
 
 @pytest.mark.slow

@@ -118,7 +118,7 @@ def finetune(
         ),
     ] = None,
 ) -> None:
-    """Fine-tune a torchvision backbone on a folder of images (new head, frozen features by default)."""
+    """Fine-tune a torchvision or timm backbone on a folder of images (new head, frozen features by default)."""
     with user_errors():
         from tltool.train import finetune as run_finetune
 
@@ -390,15 +390,21 @@ def baseline(
             typer.echo(f"results written to {json_path}")
 
 
-@app.command(epilog="Example: tltool models 'resnet*'   |   tltool models mobilenet --json > models.json")
+@app.command(
+    epilog="Example: tltool models 'resnet*'   |   tltool models mobilenet --json > models.json   |   "
+    "tltool models 'timm/convnext*'"
+)
 def models(
     pattern: Annotated[
         str | None,
-        typer.Argument(help="A glob ('resnet*', 'vit_?_16') or substring ('mobilenet') of names.", show_default=False),
+        typer.Argument(
+            help="A glob ('resnet*', 'vit_?_16') or substring ('mobilenet') of names; 'timm/...' lists timm's.",
+            show_default=False,
+        ),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of the table.")] = False,
 ) -> None:
-    """List torchvision backbones and their weights: parameters, GFLOPS, ImageNet top-1, what tltool supports."""
+    """List torchvision backbones (timm's with 'timm/...') and their weights, parameters, ImageNet top-1, support."""
     with user_errors():
         from tltool.catalog import catalog, format_catalog
 

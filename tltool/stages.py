@@ -229,7 +229,7 @@ def timm_stages(net: nn.Module, wanted_by: str = "a stage-based setting") -> lis
 
 
 def _timm_stage_name(paths: tuple[str, ...], index: int) -> str:
-    """layer1 -> layer1; (stages.1.downsample, stages.1.blocks) -> stages.1; (conv1, bn1) -> stem."""
+    """layer1 -> layer1; (stages.1.downsample, stages.1.blocks) -> stages.1; (conv1, bn1) -> stem; head -> pre_logits"""
     common = paths[0].split(".")
     for path in paths[1:]:
         parts = path.split(".")
@@ -237,6 +237,8 @@ def _timm_stage_name(paths: tuple[str, ...], index: int) -> str:
         while length < min(len(common), len(parts)) and common[length] == parts[length]:
             length += 1
         common = common[:length]
+    if common == ["head"]:  # timm's own head without its classifier (a ConvNeXt's norm): not tltool's head
+        return "pre_logits"
     if common:
         return ".".join(common)
     if index == 0:
