@@ -1,4 +1,4 @@
-"""`tltool models`: the torchvision backbones, their weights, and what tltool supports of them.
+"""`tltool models`: the torchvision backbones (timm's with a `timm/` pattern), their weights, what tltool supports.
 
 Everything comes from torchvision's own records (`weights.meta`), so the list is exactly what the installed
 torchvision offers: parameter count, GFLOPS at the weights' input size, the ImageNet-1K accuracy torchvision
@@ -94,6 +94,28 @@ TORCHVISION_NAMES = ModelNames(backbone_problem, weights_problem)
 """torchvision's backbones and weights, for `load_config(..., names=TORCHVISION_NAMES)`."""
 
 
+def any_backbone_problem(backbone: str) -> str | None:
+    """`backbone_problem`, or timm's for a `timm/` name (timm is imported only then)."""
+    if backbone.startswith("timm/"):
+        from tltool import timm_models
+
+        return timm_models.backbone_problem(backbone)
+    return backbone_problem(backbone)
+
+
+def any_weights_problem(backbone: str, weights: str) -> str | None:
+    """`weights_problem`, or timm's for a `timm/` backbone."""
+    if backbone.startswith("timm/"):
+        from tltool import timm_models
+
+        return timm_models.weights_problem(backbone, weights)
+    return weights_problem(backbone, weights)
+
+
+BACKBONE_NAMES = ModelNames(any_backbone_problem, any_weights_problem)
+"""Every backbone tltool builds (torchvision's, and timm's as `timm/<name>`): what the CLI and sessions check."""
+
+
 def family_of(name: str) -> str:
     """The torchvision class a builder returns (`resnet18` -> `ResNet`), the key of tltool's head table.
 
@@ -135,7 +157,18 @@ def _crop_size(weights: Any) -> int | None:
 
 
 def catalog(pattern: str | None = None) -> list[CatalogEntry]:
-    """Every (backbone, weights) pair of torchvision matching `pattern`, sorted by model name."""
+    """Every (backbone, weights) pair of torchvision matching `pattern`, sorted by model name.
+
+    A pattern that starts with `timm/` lists timm's instead (`timm_models.catalog_rows`): its tags as weights.
+    """
+    if pattern and pattern.startswith("timm/"):
+        from tltool import timm_models
+
+        return [
+            CatalogEntry(**row, gflops=None, acc1=None, acc5=None, min_size=None, file_size_mb=None,
+                         head="reset_classifier")
+            for row in timm_models.catalog_rows(pattern)
+        ]  # fmt: skip
     entries = []
     for name in model_names(pattern):
         family = family_of(name)
@@ -203,13 +236,18 @@ _COLUMNS: list[tuple[str, Any, bool, int]] = [
 ]
 
 
+# Records timm's wheel does not ship (its results tables are in its repository): no column in a timm listing.
+_NOT_IN_TIMM = ("GFLOPS", "acc@1", "acc@5", "MB")
+
+
 def format_catalog(entries: list[CatalogEntry], width: int | None = None) -> str:
     """A plain-text table that fits `width` (default: the terminal's): optional columns go first, then gaps."""
     if width is None:
         width = shutil.get_terminal_size((100, 24)).columns
     cells = [[write(entry) for _, write, _, _ in _COLUMNS] for entry in entries]
     widths = [max(len(header), *(len(row[i]) for row in cells)) for i, (header, *_) in enumerate(_COLUMNS)]
-    shown = list(range(len(_COLUMNS)))
+    timm = bool(entries) and entries[0].model.startswith("timm/")
+    shown = [i for i, (header, *_) in enumerate(_COLUMNS) if not (timm and header in _NOT_IN_TIMM)]
     gap = 2
 
     def total() -> int:
@@ -237,9 +275,20 @@ def format_catalog(entries: list[CatalogEntry], width: int | None = None) -> str
         previous = entry.model
         lines.append(line(row))
     models = len({entry.model for entry in entries})
+    if timm:
+        counted = "" if all(e.num_params is not None for e in entries) else " (patterns of up to 60 models)"
+        return "\n".join(lines + [
+            f"{models} model{'s' if models != 1 else ''}, {len(entries)} weights; weights: timm's pretrained tags, "
+            "* = model.weights: DEFAULT",
+            "another tag: model.backbone: timm/<model>.<tag>   size: the tag's input size",
+            f"params: counted on the meta device{counted}; timm's wheel ships no GFLOPS or ImageNet accuracy",
+            "(its results tables: https://github.com/huggingface/pytorch-image-models/tree/main/results)",
+            "head: tltool fits a new classifier   stages: timm's group_matcher (unfreezing by stage, layer LR)",
+        ])  # fmt: skip
     lines += [
         f"{models} model{'s' if models != 1 else ''}, {len(entries)} weights; * = DEFAULT (model.weights names)",
         "GFLOPS, acc@1 and acc@5 (ImageNet-1K): torchvision's records, at the weights' input size (size)",
         "head: tltool can fit a new classifier   stages: in tltool's stage table (unfreezing by stage)",
+        "timm backbones (with timm installed): tltool models 'timm/<pattern>', e.g. 'timm/convnext*'",
     ]
     return "\n".join(lines)

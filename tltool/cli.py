@@ -69,14 +69,14 @@ def user_errors() -> Iterator[None]:
 
 
 def _load_run_config(path: str, overrides: list[str] | None) -> Config:
-    """The config of a run: file + overrides, validated with torchvision's backbone and weights names.
+    """The config of a run: file + overrides, validated with the backbone and weights names (torchvision's, timm's).
 
     A name typo is one more line among the config's problems, before any data is read or weights loaded.
     """
-    from tltool.catalog import TORCHVISION_NAMES
+    from tltool.catalog import BACKBONE_NAMES
     from tltool.config import load_config
 
-    return load_config(path, overrides or [], names=TORCHVISION_NAMES)
+    return load_config(path, overrides or [], names=BACKBONE_NAMES)
 
 
 def _version(value: bool) -> None:
@@ -118,7 +118,7 @@ def finetune(
         ),
     ] = None,
 ) -> None:
-    """Fine-tune a torchvision backbone on a folder of images (new head, frozen features by default).
+    """Fine-tune a torchvision or timm backbone on a folder of images (new head, frozen features by default).
 
     One run at a time per run directory: a second one is refused (exit 2).
 
@@ -401,15 +401,21 @@ def baseline(
             typer.echo(f"results written to {json_path}")
 
 
-@app.command(epilog="Example: tltool models 'resnet*'   |   tltool models mobilenet --json > models.json")
+@app.command(
+    epilog="Example: tltool models 'resnet*'   |   tltool models mobilenet --json > models.json   |   "
+    "tltool models 'timm/convnext*'"
+)
 def models(
     pattern: Annotated[
         str | None,
-        typer.Argument(help="A glob ('resnet*', 'vit_?_16') or substring ('mobilenet') of names.", show_default=False),
+        typer.Argument(
+            help="A glob ('resnet*', 'vit_?_16') or substring ('mobilenet') of names; 'timm/...' lists timm's.",
+            show_default=False,
+        ),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of the table.")] = False,
 ) -> None:
-    """List torchvision backbones and their weights: parameters, GFLOPS, ImageNet top-1, what tltool supports."""
+    """List torchvision backbones (timm's with 'timm/...') and their weights, parameters, ImageNet top-1, support."""
     with user_errors():
         from tltool.catalog import catalog, format_catalog
 

@@ -155,9 +155,9 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     backbone: str = Field("resnet18", examples=["mobilenet_v3_small"])
-    """Any torchvision classification model name (`torchvision.models.list_models()`)."""
+    """A torchvision classification model name, or timm/<name>[.tag] (`tltool models`; timm: `tltool[timm]`)."""
     weights: str = Field("DEFAULT", examples=["IMAGENET1K_V1"])
-    """none, a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...), a state_dict file, or a tltool checkpoint."""
+    """none, a weights name (DEFAULT; torchvision's IMAGENET1K_V1, ...), a state_dict file, or a tltool checkpoint."""
     head_dropout: float = Field(0.0, ge=0.0, lt=1.0, examples=[0.2])
     """Dropout before the new classification head."""
 

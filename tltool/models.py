@@ -1,4 +1,4 @@
-"""Backbones: any torchvision classifier, its pretrained weights loaded safely, and a new head.
+"""Backbones: any torchvision classifier, its pretrained weights loaded safely, and a new head (timm's: timm_models.py).
 
 The model is a `TransferModel` with `.backbone` (the torchvision network whose own head slot is an
 `nn.Identity`, so it returns features) and `.head` (dropout + a new linear layer for our classes). The
@@ -240,7 +240,18 @@ def build_model(
     The preprocessing is the weights' own preset (or the source checkpoint's) with the config's overrides.
     `keep_source_head` (Co-Tuning) keeps the weights' own classifier as `BuiltModel.source_head`, or raises
     when the weights have none (a tltool checkpoint, none, a file without it) or it is not a Linear layer.
+    A `timm/` backbone is built by `timm_models.build_model` (timm is imported only then).
     """
+    if cfg.backbone.startswith("timm/"):
+        from tltool import timm_models
+
+        if keep_source_head:  # (timm_models drops the pretrained classifier while it loads the weights)
+            raise ConfigError(
+                f"train.cotuning_weight needs the pretrained classifier, which tltool keeps only for torchvision "
+                f"backbones, not for {cfg.backbone}",
+                "use a torchvision backbone for Co-Tuning, or set train.cotuning_weight=0",
+            )
+        return timm_models.build_model(cfg, data_cfg, num_classes, class_names)
     backbone = cfg.backbone
     weights_name = cfg.weights
     enum = None
@@ -394,6 +405,10 @@ def check_input_size(model: TransferModel, backbone: str, image_size: int) -> No
 
 def model_from_arch(arch: dict[str, Any]) -> TransferModel:
     """An untrained TransferModel of the architecture a checkpoint records (no weights are read)."""
+    if arch["backbone"].startswith("timm/"):
+        from tltool import timm_models
+
+        return timm_models.model_from_arch(arch)
     try:
         net = torchvision.models.get_model(arch["backbone"], weights=None, **arch["kwargs"])
     except (ValueError, TypeError, KeyError) as exc:

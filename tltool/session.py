@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from tltool import distributed
 from tltool.adapt import TrainForward, adabn_stats, bn_stats, check_adaptation, scan_unlabeled
-from tltool.catalog import TORCHVISION_NAMES
+from tltool.catalog import BACKBONE_NAMES
 from tltool.checkpoint import Checkpoint, copy_atomic, restore_rng, rng_state, save_atomic, versions
 from tltool.config import Config
 from tltool.cotuning import check_cotuning, estimate_relation
@@ -404,7 +404,7 @@ def build_session(
     Raises RunFinished when the checkpoint already trained every epoch. Writes nothing: `start()` does.
     """
     wall_start = time.perf_counter()
-    cfg = with_absolute_paths(cfg, TORCHVISION_NAMES)
+    cfg = with_absolute_paths(cfg, BACKBONE_NAMES)
     # Data first: a wrong path or class layout fails before any weights are read.
     split = scan_data(cfg.data, cfg.run.seed)
     split, wise_held = wise_holdout(cfg, split)  # train.wise_alpha=auto: train images that only choose alpha

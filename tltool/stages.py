@@ -2,7 +2,7 @@
 
 `STAGE_TABLE` names each torchvision family's stages; `backbone_stages` cuts a built backbone into them
 and checks that every parameter, batch norm and dropout lies in exactly one (transfer.py builds its
-optimizer groups from them).
+optimizer groups from them). A timm backbone's stages come from timm's own grouping (`timm_stages`).
 """
 
 from __future__ import annotations
@@ -133,6 +133,8 @@ def backbone_stages(net: nn.Module, wanted_by: str = "a stage-based setting") ->
     `wanted_by` names the config key that needs them, for the error when the family has no table entry.
     """
     family = type(net).__name__
+    if type(net).__module__.startswith("timm."):  # (timm's ResNet, ConvNeXt, ... are not torchvision's)
+        return _checked(net, f"timm {family}", timm_stages(net, wanted_by))
     if family not in STAGE_TABLE:
         raise ConfigError(
             f"{wanted_by} needs the stages of the backbone, and tltool's stage table has no entry for {family}",
@@ -151,6 +153,11 @@ def backbone_stages(net: nn.Module, wanted_by: str = "a stage-based setting") ->
             stages += found
     # A stage without parameters (a lone pooling layer) has nothing to open or to scale.
     stages = [s for s in stages if any(True for path in s.paths for _ in _parameters_of(net, path))]
+    return _checked(net, family, stages)
+
+
+def _checked(net: nn.Module, family: str, stages: list[Stage]) -> list[Stage]:
+    """`stages`, after checking that every parameter of `net` is in exactly one of them."""
     owners: dict[str, str] = {}
     for stage in stages:
         for path in stage.paths:
@@ -175,3 +182,65 @@ def _parameters_of(net: nn.Module, path: str) -> list[str]:
     if is_module(net, path):
         return [f"{path}.{name}" for name, _ in net.get_submodule(path).named_parameters()]
     return [path]
+
+
+# --- timm: the model's own grouping ---------------------------------------------------------------------
+
+
+def timm_stages(net: nn.Module, wanted_by: str = "a stage-based setting") -> list[Stage]:
+    """The stages of a timm backbone, from timm's own grouping: `group_matcher(coarse=True)`.
+
+    timm's matcher is what its layer-wise LR decay uses: the stem, then each stage (CNNs) or block (ViTs),
+    with what follows the last (a final norm) joined to it. Each group's parameters are gathered into the
+    fewest module paths that hold only that group (so a closed stage's batch norms stay in eval mode): a
+    whole `layer1` or `stages.2` where it can, single parameters (a ViT's `cls_token`) where a module is
+    shared. A stage is named by the path its modules share, else `stem` (the first) or its paths.
+    """
+    if not callable(getattr(net, "group_matcher", None)):
+        raise ConfigError(
+            f"{wanted_by} needs the stages of the backbone, and timm's {type(net).__name__} has no group_matcher",
+            "use train.unfreeze_at_epoch / train.backbone_lr_mult, which need no stages",
+        )
+    from timm.models import group_parameters
+
+    group_of = group_parameters(net, net.group_matcher(coarse=True), reverse=True)
+    paths: dict[int, list[str]] = {}
+
+    def cover(module: nn.Module, prefix: str) -> None:
+        groups = {group_of[f"{prefix}{name}"] for name, _ in module.named_parameters()}
+        if len(groups) == 1:
+            paths.setdefault(groups.pop(), []).append(prefix.rstrip("."))
+            return
+        for name, _ in module.named_parameters(recurse=False):
+            paths.setdefault(group_of[f"{prefix}{name}"], []).append(f"{prefix}{name}")
+        for name, child in module.named_children():
+            if any(True for _ in child.parameters()):
+                cover(child, f"{prefix}{name}.")
+
+    cover(net, "")
+    stages: list[Stage] = []
+    for index, group in enumerate(sorted(paths)):
+        members = tuple(paths[group])
+        stages.append(Stage(_timm_stage_name(members, index), members))
+    names = [stage.name for stage in stages]
+    if len(set(names)) != len(names):  # (never seen; the optimizer groups need distinct names)
+        stages = [Stage(f"group{index}", stage.paths) for index, stage in enumerate(stages)]
+    return [stage for stage in stages if any(True for path in stage.paths for _ in _parameters_of(net, path))]
+
+
+def _timm_stage_name(paths: tuple[str, ...], index: int) -> str:
+    """layer1 -> layer1; (stages.1.downsample, stages.1.blocks) -> stages.1; (conv1, bn1) -> stem; head -> pre_logits"""
+    common = paths[0].split(".")
+    for path in paths[1:]:
+        parts = path.split(".")
+        length = 0
+        while length < min(len(common), len(parts)) and common[length] == parts[length]:
+            length += 1
+        common = common[:length]
+    if common == ["head"]:  # timm's own head without its classifier (a ConvNeXt's norm): not tltool's head
+        return "pre_logits"
+    if common:
+        return ".".join(common)
+    if index == 0:
+        return "stem"
+    return "+".join(paths) if len(paths) <= 3 else f"{paths[0]}+...+{paths[-1]}"
