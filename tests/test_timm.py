@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -171,8 +172,39 @@ def test_offline_and_absent_weights_are_one_line(tmp_path: Path, dataset: Path, 
     assert result.exit_code == 2, result.output
     line = result.stderr.strip()
     assert "\n" not in line and "Traceback" not in result.output
-    assert "timm/test_convnext.r160_in1k is not in the local cache" in line and "hf download" in line
+    assert "cannot download timm/test_convnext.r160_in1k (HF_HUB_OFFLINE is set)" in line and "hf download" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_absent_weights_are_downloaded_when_online_and_offline_is_found_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    # No network here: a host that does not resolve is "offline" at once (the hub client would retry ~20 s).
+    def unresolvable(host, port, *args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(timm_models.socket, "getaddrinfo", unresolvable)
+    with pytest.raises(
+        ModelError, match=r"cannot download timm/test_resnet.r160_in1k \(huggingface.co does not resolve"
+    ):
+        built("timm/test_resnet", "model.weights=DEFAULT", "data.image_size=32")
+    # Online: the repository's model.safetensors comes through huggingface_hub into its cache, then loads.
+    source = timm.create_model("test_resnet", pretrained=False)
+    torch.nn.init.normal_(source.fc.weight)
+    asked = []
+
+    def download(repo_id, filename, revision=None):
+        asked.append((repo_id, filename))
+        return str(hf_cache_file(repo_id, source.state_dict()))
+
+    monkeypatch.setattr(timm_models.socket, "getaddrinfo", lambda *a, **k: [])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    result = built("timm/test_resnet", "model.weights=DEFAULT", "data.image_size=32")
+    assert asked == [("timm/test_resnet.r160_in1k", "model.safetensors")]
+    expected = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    assert same(result.model.backbone.state_dict(), expected)
 
 
 def write_empty(tmp_path: Path) -> Path:

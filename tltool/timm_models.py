@@ -12,9 +12,9 @@ preprocessing (`timm.data.resolve_data_config` of the weights' `pretrained_cfg`)
 `data.image_size`), and the stages (`stages.py`, from the model's `group_matcher`).
 
 Pretrained weights (`model.weights: DEFAULT`, the backbone's tag or timm's default tag) are read from the local
-caches only, never downloaded: the Hugging Face hub cache (`$HF_HOME/hub/models--timm--<name>.<tag>/...`),
-then the torch hub cache (timm's older release URLs). Absent, the error names the repository and the command
-that puts the file there.
+caches: the Hugging Face hub cache (`$HF_HOME/hub/models--timm--<name>.<tag>/...`), then the torch hub cache
+(timm's older release URLs); absent from both, downloaded into the Hugging Face cache when online. Offline,
+the error names the repository and the command that puts the file there.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import math
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -154,11 +156,36 @@ def _hf_cached(repo: str, filename: str | None) -> Path | None:
     return None
 
 
+def _hf_download(repo: str, filename: str | None) -> tuple[Path | None, str]:
+    """`repo`'s weights file downloaded into the Hugging Face cache, or None and why not.
+
+    Offline is found at once: HF_HUB_OFFLINE, or the endpoint's host name does not resolve (huggingface_hub
+    itself would retry for about 20 s before failing).
+    """
+    from huggingface_hub import constants, hf_hub_download
+
+    if constants.HF_HUB_OFFLINE:
+        return None, "HF_HUB_OFFLINE is set"
+    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        return None, f"{host} does not resolve: offline? ({exc.strerror or exc})"
+    repo_id, _, revision = repo.partition("@")
+    name = filename or "model.safetensors"  # (timm's repositories hold model.safetensors unless they say)
+    try:
+        return Path(hf_hub_download(repo_id, name, revision=revision or None)), ""
+    except Exception as exc:  # huggingface_hub's errors: HTTP, missing file, disk; all mean "not here"
+        return None, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def cached_weights(backbone: str) -> tuple[Path, bool]:
     """The local file of the backbone's pretrained weights, and whether timm's own loader must read it.
 
     Hugging Face hub cache first (the repository `pretrained_cfg["hf_hub_id"]`), then the torch hub cache
-    (the file of `pretrained_cfg["url"]`). Nothing is downloaded: absent, a ModelError says where to put it.
+    (the file of `pretrained_cfg["url"]`); absent from both, a repository is downloaded into the Hugging Face
+    cache as torchvision's weights are into torch's (timm's own `pretrained=True` does the same). Offline
+    (HF_HUB_OFFLINE, or the hub's host does not resolve) or failing, a ModelError says where to put the file.
     """
     cfg = pretrained_cfg(backbone)
     repo, url = cfg.get("hf_hub_id"), cfg.get("url")
@@ -173,14 +200,17 @@ def cached_weights(backbone: str) -> tuple[Path, bool]:
     if repo:
         from huggingface_hub import constants
 
-        where = f"the Hugging Face hub repository {repo} is not in the local cache {constants.HF_HUB_CACHE}"
+        downloaded, reason = _hf_download(repo, cfg.get("hf_hub_filename"))
+        if downloaded is not None:
+            return downloaded, False
+        where = f"cannot download {repo} ({reason}) and it is not in the local cache {constants.HF_HUB_CACHE}"
         fix = (
-            f"tltool never downloads timm weights: run `hf download {repo}` where there is internet and copy "
-            "that cache here (HF_HOME), or set model.weights=none"
+            f"run `hf download {repo}` where there is internet and copy that cache here (HF_HOME), "
+            "or set model.weights=none"
         )
     elif url:
         where = f"the weights file {hub_file(url).name} is not in the torch hub cache"
-        fix = f"put {url} at {hub_file(url)} (tltool never downloads timm weights), or set model.weights=none"
+        fix = f"put {url} at {hub_file(url)} (offline: copy it from a machine with internet), or set model.weights=none"
     else:
         raise ModelError(f"{backbone} has no pretrained weights in timm", "set model.weights=none")
     raise ModelError(f"{backbone}: {where}", fix)
