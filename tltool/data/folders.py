@@ -160,6 +160,11 @@ def scan_data(cfg: DataConfig, seed: int) -> DataSplit:
     if not cfg.train:
         raise DataError("data.train is not set", "set data.train to a folder of class sub-folders")
     class_names, train = scan_folder(cfg.train, "data.train")
+    if len(class_names) < 2:  # (a classifier of one class is "100%" right without learning anything)
+        raise DataError(
+            f"data.train folder {cfg.train} has a single class ({class_names[0]}): a classifier needs at least 2",
+            "add a sub-folder of images per class (e.g. the images that are not " + class_names[0] + ")",
+        )
     if cfg.val:
         val_classes, val = scan_folder(cfg.val, "data.val")
         if val_classes != class_names:
