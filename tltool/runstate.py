@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tltool import distributed, files
 from tltool.checkpoint import Checkpoint, load_checkpoint
 from tltool.config import Config, ModelNames, build_config
@@ -25,7 +27,9 @@ from tltool.runlog import say
 METRICS_FILE = "metrics.jsonl"
 RUN_WRITE_FIX = "free disk space or fix the permissions of the run directory; files already written are untouched"
 # Config keys that may change when a run is resumed (everything else must match the checkpoint).
+# run.output_dir is where the run is now (a copied or moved run directory, a relative path given absolute).
 RESUMABLE_CHANGES = (
+    "run.output_dir",
     "train.epochs",
     "run.device",
     "run.dist_timeout_s",
@@ -127,6 +131,33 @@ def with_absolute_paths(cfg: Config, names: ModelNames | None = None) -> Config:
 
 def run_directory(cfg: Config) -> Path:
     return Path(cfg.run.output_dir) if cfg.run.output_dir else Path("runs") / cfg.run.name
+
+
+def resume_location(cfg: Config, resume: str | None, quiet: bool = False) -> Config:
+    """The config with the run directory a `--resume PATH` continues in.
+
+    A checkpoint inside a run directory (`DIR/checkpoints/last.pt`) whose run was moved or copied still
+    carries the old place in its config.yaml: when the config names the same place as DIR's config.yaml
+    (the config travelled with the run), the run continues in DIR, where the checkpoint is, not at the old
+    path. A config that names another place (a deliberate new run.output_dir or run.name) is followed.
+    """
+    if resume in (None, "auto"):
+        return cfg
+    run_dir = Path(resume).parent.parent
+    if Path(resume).parent.name != "checkpoints" or not (run_dir / "config.yaml").is_file():
+        return cfg
+    if os.path.realpath(run_directory(cfg)) == os.path.realpath(run_dir):
+        return cfg
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))["run"]
+    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):
+        return cfg
+    if (saved.get("output_dir"), saved.get("name")) != (cfg.run.output_dir, cfg.run.name):
+        return cfg
+    say(quiet, f"the run directory moved: continuing in {run_dir} (its config names {run_directory(cfg)})")
+    data = cfg.to_dict()
+    data["run"]["output_dir"] = str(run_dir)
+    return build_config(data)
 
 
 def _config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -60,6 +60,7 @@ from tltool.runstate import (
     check_run_directory,
     open_resume,
     prepare_run_directory,
+    resume_location,
     run_directory,
     tensor_bytes,
     with_absolute_paths,
@@ -371,6 +372,7 @@ def build_session(
     """
     wall_start = time.perf_counter()
     cfg = with_absolute_paths(cfg, TORCHVISION_NAMES)
+    cfg = resume_location(cfg, resume, quiet)  # a moved run directory: continue where the checkpoint is
     # Data first: a wrong path or class layout fails before any weights are read.
     split = scan_data(cfg.data, cfg.run.seed)
     split, wise_held = wise_holdout(cfg, split)  # train.wise_alpha=auto: train images that only choose alpha
