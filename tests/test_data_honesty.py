@@ -98,3 +98,101 @@ def test_a_moved_run_directory_resumes_bitwise(tmp_path: Path, cli: CliRunner, m
     assert not (tmp_path / "relative_run").exists()  # nothing written at the old place
     assert_same_weights(tmp_path / "straight", copied)
     assert load_checkpoint(copied / "checkpoints" / "last.pt").config["run"]["output_dir"] == str(copied)
+
+
+# --- a last batch of one under batch norm ---------------------------------------------------------------
+
+
+def test_a_last_batch_of_one_is_left_out_the_same_way_everywhere() -> None:
+    from tltool.data import CyclingSampler, EpochSampler, Stream
+    from torch.utils.data import DataLoader
+
+    plain = EpochSampler(9, seed=3)
+    sampler = EpochSampler(9, seed=3, drop_single=4)
+    for epoch in range(3):
+        plain.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        assert list(sampler) == list(plain)[:8]  # the epoch's last drawn sample is the one left out
+        assert len(sampler) == 8 and sampler.dropped() == 1
+    sampler.set_epoch(2, skip=4)  # a resumed epoch: the second batch, and no batch of one after it
+    plain.set_epoch(2)
+    assert list(sampler) == list(plain)[4:8]
+    # No cut when the last batch holds 2 or more, or with a batch size of 1.
+    assert len(EpochSampler(10, seed=3, drop_single=4)) == 10 and len(EpochSampler(9, seed=3, drop_single=1)) == 9
+    # Under torchrun each rank's padded part is cut alike: 17 samples, 2 ranks -> 9 each -> 8 each.
+    parts = [EpochSampler(17, seed=3, shard=(rank, 2), drop_single=4) for rank in range(2)]
+    assert [len(p) for p in parts] == [8, 8] and [len(list(p)) for p in parts] == [8, 8]
+    # The cycling stream (unlabelled images) drawn beside it is cut the same: equal batch counts.
+    cycling = CyclingSampler(5, seed=7, draws=9, drop_single=4)
+    assert len(list(cycling)) == 8
+    train = Stream("train", DataLoader(list(range(9)), batch_size=4, sampler=sampler), batch_size=4)
+    other = Stream("unlabeled", DataLoader(list(range(5)), batch_size=4, sampler=cycling), batch_size=4)
+    sampler.set_epoch(0)
+    assert train.num_batches() == other.num_batches() == len(list(train.loader)) == len(list(other.loader)) == 2
+
+
+@pytest.mark.slow
+def test_batch_norm_never_sees_a_batch_of_one_and_resumes_exactly(
+    tmp_path: Path, cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 3 classes x 4 images: 9 train (one per class held out), batches of 4: 4 + 4 + 1. resnet18 at 32 px has
+    # 1x1 maps in its last stage: "Expected more than 1 value per channel when training" on the batch of one.
+    data = make_dataset(tmp_path / "images", classes=3, per_class=4, size=32)
+    target = make_dataset(tmp_path / "target", classes=1, per_class=5, size=32, seed=4)  # adapt.unlabeled
+    extra = ("train.freeze=none", "data.batch_size=4", "train.epochs=2", f"adapt.unlabeled={target}",
+             "adapt.bn_stats=target", "adapt.method=mcc", "checkpoint.every_n_steps=1")  # fmt: skip
+    config = write_config(tmp_path / "c.yaml", run_overrides(tmp_path / "straight", data, *extra))
+    result = cli.invoke(app, ["finetune", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "would end in a batch of one" in result.output and result.output.count("batch of one") == 1
+    records = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_images"] for r in records] == [8, 8] and records[-1]["global_step"] == 4
+    # A mid-epoch resume (after the first batch of epoch 2) ends with the same weights.
+    real_save = session_module.save_atomic
+    saves = {"n": 0}
+
+    def crash_after_third_save(payload, path):
+        real_save(payload, path)
+        saves["n"] += 1
+        if saves["n"] == 3:
+            raise Crash()
+
+    monkeypatch.setattr(session_module, "save_atomic", crash_after_third_save)
+    with pytest.raises(Crash):
+        run(tmp_path / "resumed", data, *extra)
+    monkeypatch.setattr(session_module, "save_atomic", real_save)
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt").epoch_progress["batches_done"] == 1
+    run(tmp_path / "resumed", data, *extra, resume="auto")
+    assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
+
+
+# --- decode failures counted per epoch -------------------------------------------------------------------
+
+
+def truncate(path: Path) -> None:
+    """Keep the header (the scan's check passes) and cut the pixel data: decoding fails mid-epoch."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.slow
+def test_undecodable_images_are_counted_per_epoch_and_reported_once(tmp_path: Path, cli: CliRunner) -> None:
+    train = make_dataset(tmp_path / "train", classes=2, per_class=5, size=32)
+    val = make_dataset(tmp_path / "val", classes=2, per_class=2, size=32, seed=2)
+    target = make_dataset(tmp_path / "target", classes=1, per_class=3, size=32, seed=4)
+    for path in (train / "class_0" / "001.png", val / "class_1" / "000.png", target / "class_0" / "002.png"):
+        truncate(path)
+    extra = ("train.freeze=none", "data.batch_size=5", "train.epochs=2", f"adapt.unlabeled={target}", "adapt.method=mcc")
+    config = write_config(tmp_path / "c.yaml", run_overrides(tmp_path / "run", train, *extra, val=val))
+    result = cli.invoke(app, ["finetune", str(config)])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_images"] for r in records] == [{"train": 1, "val": 1}] * 2
+    assert [r["train_images"] for r in records] == [9, 9]
+    assert result.output.count("skipped (undecodable): 1 train, 1 val") == 2  # the epoch lines
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped_in_epochs"] == {"train": 2, "val": 2}
+    # Each undecodable file is reported once, whatever the epochs and the unlabelled stream's passes (3 images
+    # cycled to 10 draws an epoch: the broken one is drawn 6 times).
+    for name in ("train/class_0/001.png", "val/class_1/000.png", "target/class_0/002.png"):
+        assert result.stderr.count(f"{tmp_path / name}: cannot decode") == 1, result.stderr

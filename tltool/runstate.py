@@ -53,6 +53,7 @@ class EpochProgress:
     data_seconds: float = 0.0
     seconds: float = 0.0
     term_sums: dict[str, float] = field(default_factory=dict)  # each loss term's sum over the images seen
+    skipped: int = 0  # images drawn but not trained on: undecodable (or the rest of their batch was)
 
     def to_dict(self) -> dict[str, Any]:
         return {**vars(self), "term_sums": dict(self.term_sums)}

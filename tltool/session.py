@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tltool import distributed
-from tltool.adapt import TrainForward, adabn_stats, bn_stats, check_adaptation, scan_unlabeled
+from tltool.adapt import TrainForward, adabn_stats, batch_norms, bn_stats, check_adaptation, scan_unlabeled
 from tltool.catalog import TORCHVISION_NAMES
 from tltool.checkpoint import Checkpoint, copy_atomic, restore_rng, rng_state, save_atomic, versions
 from tltool.config import Config
@@ -46,7 +46,7 @@ from tltool.data import (
 )
 from tltool.device import autocast, configure_backends, resolve_precision, use_channels_last
 from tltool.distill import open_teacher
-from tltool.errors import CheckpointError, ConfigError
+from tltool.errors import CheckpointError, ConfigError, DataError
 from tltool.evaluate import evaluate
 from tltool.features import FeatureCache, build_cache, cache_applies
 from tltool.lpft import init_head_from_probe
@@ -125,6 +125,7 @@ class TrainingSession:
     cache: FeatureCache | None = None
     inputs: Inputs | None = None
     compile_pending: bool = False  # the next epoch's first step compiles (its time is reported)
+    drops_single: bool = False  # batch norm trains: a batch of one image is never trained on (it cannot be)
     compile_seconds: float = 0.0
     wall_start: float = field(default_factory=time.perf_counter)
 
@@ -184,6 +185,9 @@ class TrainingSession:
                 sampler = BalancedSampler(self.cache.train.labels.tolist(), cfg.run.seed, shard=self.world.shard)
                 self.cache.train_loader = DataLoader(self.cache.train, cfg.data.batch_size, sampler=sampler,
                                                      collate_fn=self.cache.train_loader.collate_fn)  # fmt: skip
+            if self.drops_single:  # (the backbone opens later: cached epochs draw as many batches as image ones)
+                for loader in (self.cache.train_loader, *self.cache.extra_loaders.values()):
+                    loader.sampler.drop_single = cfg.data.batch_size
             say(
                 self.quiet,
                 f"feature cache: {len(self.cache.train)} train x {self.cache.train.features.shape[0]} view(s) + "
@@ -191,6 +195,15 @@ class TrainingSession:
                 f"({self.cache.location}); epochs train the head only",
             )
         self._select_inputs(cached=self.cache is not None)
+        train_sampler = getattr(self.image_streams["train"].loader, "sampler", None)
+        if self.drops_single and getattr(train_sampler, "dropped", lambda: 0)():
+            say(
+                self.quiet,
+                f"note: {train_sampler.full_shard_size()} training images per epoch"
+                + (" per process" if self.world.enabled else "")
+                + f" in batches of {cfg.data.batch_size} would end in a batch of one, which batch norm cannot "
+                "train on: each epoch leaves its last drawn image out (another one each epoch)",
+            )
         in_epoch = self.state.in_epoch
         say(
             self.quiet,
@@ -422,6 +435,9 @@ def build_session(
     wise = start_wise(cfg, model, resumed, wise_held)  # theta0: after the head is set, before the first step
 
     pin = device.type == "cuda"
+    # Batch norm that trains (some epoch) cannot train on a batch of one image: an epoch that would end in one
+    # leaves that image out, the same cut in every stream, epoch, rank and resume (EpochSampler.drop_single).
+    drops_single = bool(batch_norms(model)) and plan.backbone_ever_trains() and cfg.train.bn_policy != "frozen"
     train_loader = make_loader(
         split.train,
         train_transform(built.preprocess, cfg.data.augment),
@@ -433,7 +449,13 @@ def build_session(
         balanced=cfg.data.sampler == "balanced",
         shard=world.shard,
         seeded=True,  # each draw's augmentation: a function of (seed, epoch, position), whatever the workers
+        drop_single=drops_single,
     )
+    if drops_single and train_loader.sampler.full_shard_size() == 1:
+        raise DataError(
+            "a single training image per process: batch norm cannot train on a batch of one",
+            "add training images (or use fewer processes, or train.bn_policy=frozen)",
+        )
     val_loader = make_loader(
         split.val,
         eval_transform(built.preprocess),
@@ -451,7 +473,7 @@ def build_session(
         seed = cfg.run.seed * 1_000_033 + 17  # (its own order, not the labelled stream's)
         loader = make_loader(unlabeled, train_transform(built.preprocess, cfg.data.augment), cfg.data.batch_size,
                              cfg.data.num_workers, seed, shuffle=True, pin_memory=pin, shard=world.shard, seeded=True,
-                             draws=len(split.train))  # fmt: skip
+                             draws=len(split.train), drop_single=drops_single)  # fmt: skip
         streams["unlabeled"] = Stream("unlabeled", loader, cfg.data.batch_size, seed)
         if cfg.adapt.bn_stats == "target":
             stats = adabn_stats(cfg, model, built, unlabeled, resumed, device, precision)
@@ -461,7 +483,7 @@ def build_session(
         seed = cfg.run.seed * 1_000_033 + 29
         loader = make_loader(source.samples, train_transform(built.preprocess, cfg.data.augment), cfg.data.batch_size,
                              cfg.data.num_workers, seed, shuffle=True, pin_memory=pin, shard=world.shard, seeded=True,
-                             draws=len(split.train))  # fmt: skip
+                             draws=len(split.train), drop_single=drops_single)  # fmt: skip
         streams["source"] = Stream("source", loader, cfg.data.batch_size, seed)
     steps = math.ceil(len(train_loader) / cfg.train.accumulate_steps)
     saved_terms = None
@@ -514,6 +536,7 @@ def build_session(
         resumed=resumed,
         wise=wise,
         wall_start=wall_start,
+        drops_single=drops_single,
     )
     if resumed is not None and not dry_run:
         session.restore(resumed)

@@ -82,6 +82,8 @@ def train_one_epoch(
     cfg, sums = session.cfg.train, state.in_epoch
     stream = session.streams["train"]
     num_batches = stream.num_batches()
+    sampler = getattr(stream.loader, "sampler", None)
+    drawn = sampler.shard_size() if hasattr(sampler, "shard_size") else None  # (None: given batches)
     # adapt.unlabeled, source.train: one batch of each beside each labelled one (the loaders are positioned alike).
     others = {name: iter(s.loader) for name, s in session.streams.items() if name != "train"}
     wrapped = [forward, *(term.forward for term in objective.terms if term.forward is not None)]
@@ -132,16 +134,20 @@ def train_one_epoch(
         group_start = index - index % accumulate
         group_size = min(accumulate, num_batches - group_start)
         steps_now = index - group_start + 1 == group_size
-        # None: every image of this batch failed to decode (each was reported); the batch is skipped.
-        missing = batch is None
+        # None: every image of this batch failed to decode (each was reported); the batch is skipped. So is one
+        # that decode failures left with a single image while batch norm trains (it cannot train on one).
+        missing = batch is None or (session.drops_single and len(batch[1]) < 2)
         extra = {name: next(loader) for name, loader in others.items()}
-        absent = [name for name in others if extra[name] is None]
+        absent = [name for name in others if extra[name] is None or (session.drops_single and len(extra[name][1]) < 2)]
         if distributed:  # every rank takes the same branch: none waits alone in a collective
             # (before the forward: DDP broadcasts the batch-norm buffers in it)
             missing, stopping, *flags = any_rank(missing, stop is not None and stop.requested,
                                                  *(name in absent for name in others))  # fmt: skip
             absent = [name for name, flag in zip(others, flags, strict=True) if flag]
         read_now = (index + 1) % read_every == 0
+        if drawn is not None:  # the images this batch drew that are not trained on (decode failures)
+            expected = min(stream.batch_size, drawn - index * stream.batch_size)
+            sums.skipped += expected - (0 if missing else len(batch[1]))
         # Under DDP the gradients of a micro-batch that only accumulates are not all-reduced yet.
         with contextlib.ExitStack() as held:
             for module in wrapped:
@@ -220,8 +226,8 @@ def train_one_epoch(
     sums.seconds = time.perf_counter() - start
     # The epoch's figures over all ranks (sums of counts; the slowest rank's times).
     term_sums = [sums.term_sums.get(name, 0.0) for name in objective.names]
-    totals = torch.tensor([sums.loss_sum, sums.correct, sums.seen, *term_sums], dtype=torch.float64)
-    loss_sum, correct, seen, *term_totals = all_reduce_sum(totals).tolist()
+    totals = torch.tensor([sums.loss_sum, sums.correct, sums.seen, sums.skipped, *term_sums], dtype=torch.float64)
+    loss_sum, correct, seen, skipped, *term_totals = all_reduce_sum(totals).tolist()
     seconds, data_seconds = all_reduce_max([sums.seconds, sums.data_seconds])
     if seen == 0:
         raise TrainingError("no training image of this epoch could be read", "check the dataset")
@@ -230,6 +236,7 @@ def train_one_epoch(
         "train_acc": correct / seen,
         "loss_terms": {name: total / seen for name, total in zip(objective.names, term_totals, strict=True)},
         "train_images": int(seen),
+        "skipped_images": int(skipped),
         "train_seconds": seconds,
         "data_seconds": data_seconds,
         "images_per_second": seen / max(seconds, 1e-9),
@@ -359,5 +366,14 @@ def train_and_evaluate(session: TrainingSession, epoch: int, stop: StopRequest) 
         "epoch_seconds": time.perf_counter() - epoch_start,
         "images_per_second": train["images_per_second"],
         "data_seconds": train["data_seconds"],
+        "train_images": train["train_images"],
+        # Images that could not be decoded this epoch (summed over processes); the val set's are those it
+        # holds but the evaluation could not read (cached features: those whose extraction failed).
+        "skipped_images": {
+            "train": len(session.split.train) - len(session.cache.train)
+            if session.inputs.cached
+            else train["skipped_images"],
+            "val": len(session.split.val) - val["num_images"],
+        },  # fmt: skip
         "global_step": state.global_step,
     }
