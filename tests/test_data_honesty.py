@@ -104,8 +104,9 @@ def test_a_moved_run_directory_resumes_bitwise(tmp_path: Path, cli: CliRunner, m
 
 
 def test_a_last_batch_of_one_is_left_out_the_same_way_everywhere() -> None:
-    from tltool.data import CyclingSampler, EpochSampler, Stream
     from torch.utils.data import DataLoader
+
+    from tltool.data import CyclingSampler, EpochSampler, Stream
 
     plain = EpochSampler(9, seed=3)
     sampler = EpochSampler(9, seed=3, drop_single=4)
@@ -182,7 +183,13 @@ def test_undecodable_images_are_counted_per_epoch_and_reported_once(tmp_path: Pa
     target = make_dataset(tmp_path / "target", classes=1, per_class=3, size=32, seed=4)
     for path in (train / "class_0" / "001.png", val / "class_1" / "000.png", target / "class_0" / "002.png"):
         truncate(path)
-    extra = ("train.freeze=none", "data.batch_size=5", "train.epochs=2", f"adapt.unlabeled={target}", "adapt.method=mcc")
+    extra = (
+        "train.freeze=none",
+        "data.batch_size=5",
+        "train.epochs=2",
+        f"adapt.unlabeled={target}",
+        "adapt.method=mcc",
+    )
     config = write_config(tmp_path / "c.yaml", run_overrides(tmp_path / "run", train, *extra, val=val))
     result = cli.invoke(app, ["finetune", str(config)])
     assert result.exit_code == 0, result.output
@@ -196,3 +203,87 @@ def test_undecodable_images_are_counted_per_epoch_and_reported_once(tmp_path: Pa
     # cycled to 10 draws an epoch: the broken one is drawn 6 times).
     for name in ("train/class_0/001.png", "val/class_1/000.png", "target/class_0/002.png"):
         assert result.stderr.count(f"{tmp_path / name}: cannot decode") == 1, result.stderr
+
+
+# --- the data fingerprint on resume ----------------------------------------------------------------------
+
+
+def test_the_fingerprint_says_what_changed(tmp_path: Path) -> None:
+    from tltool.config import DataConfig
+    from tltool.data import scan_data
+    from tltool.data.fingerprint import compare
+
+    data = make_dataset(tmp_path / "images", classes=2, per_class=6, size=16)
+    before = scan_data(DataConfig(train=str(data)), seed=0)
+    same = scan_data(DataConfig(train=str(data)), seed=0)
+    assert before.fingerprint()["digest"] == same.fingerprint()["digest"]
+    make_dataset(tmp_path / "extra", classes=1, per_class=3, size=16, seed=9)
+    for i, path in enumerate(sorted((tmp_path / "extra" / "class_0").iterdir())):
+        shutil.copy(path, data / "class_0" / f"new_{i}.png")
+    (data / "class_1" / "005.png").unlink()
+    make_dataset(tmp_path / "big", classes=2, per_class=1, size=20, seed=5)
+    shutil.copy(tmp_path / "big" / "class_1" / "000.png", data / "class_1" / "000.png")  # same name, other size
+    after = scan_data(DataConfig(train=str(data)), seed=0)
+    change = compare(before.fingerprint(), after.fingerprint(), {"train": "data.train"})
+    assert change.folders_changed
+    assert change.parts == [
+        "3 images added in data.train/class_0",
+        "1 image removed, 1 image resized in data.train/class_1",
+    ]
+    # class_0's stratified split now draws from 9 images: some images would change side.
+    assert sum(change.val_moves) > 0 and "the val split would change" in change.text()
+    # The fingerprint keeps 16 bytes per image, not the paths.
+    fingerprint = after.fingerprint()
+    assert fingerprint["folders"]["train"]["class_0"]["paths"].dtype == torch.int64
+    assert fingerprint["folders"]["train"]["class_0"]["paths"].numel() == 9
+
+
+@pytest.mark.slow
+def test_resume_on_changed_data_is_refused_or_keeps_the_val_split(tmp_path: Path, cli: CliRunner) -> None:
+    from conftest import tree_checksum
+    from tltool.checkpoint import save_atomic
+    from tltool.data.fingerprint import sample_key
+
+    data = make_dataset(tmp_path / "images", classes=2, per_class=6, size=16)
+    extra = ("train.epochs=1", "data.image_size=16", "data.resize_size=16")  # (a frozen backbone: cached features)
+    config = write_config(tmp_path / "c.yaml", run_overrides(tmp_path / "run", data, *extra))
+    assert cli.invoke(app, ["finetune", str(config)]).exit_code == 0
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    saved = load_checkpoint(last).data_fingerprint
+    old_val = set(saved["val_split"].tolist())
+    assert len(old_val) == 2  # one per class (20% of 6)
+    # Unchanged data resumes without a word about it.
+    result = cli.invoke(app, ["finetune", str(config), "train.epochs=2", "--resume", "auto"])
+    assert result.exit_code == 0 and "data" not in result.stderr, result.output
+    # 3 images added to class_0, a val image of class_1 removed: refused in one line, nothing written.
+    for i in range(3):
+        shutil.copy(data / "class_0" / f"{i:03d}.png", data / "class_0" / f"copy_{i}.png")
+    val_1 = next(p for p in (data / "class_1").iterdir() if sample_key(str(p), str(data)) in old_val)
+    val_1.unlink()
+    before = tree_checksum(tmp_path / "run")
+    line = one_line(cli.invoke(app, ["finetune", str(config), "train.epochs=3", "--resume", "auto"]))
+    assert "the data changed since" in line and "3 images added in data.train/class_0" in line
+    assert "1 image removed in data.train/class_1" in line and "--resume-changed-data" in line
+    assert tree_checksum(tmp_path / "run") == before
+    assert "only applies to a resumed run" in one_line(
+        cli.invoke(app, ["finetune", str(config), "--resume-changed-data"])
+    )
+    # --resume-changed-data: goes on, keeping the checkpoint's val split (the new images train).
+    args = ["finetune", str(config), "train.epochs=3", "--resume", "auto", "--resume-changed-data"]
+    result = cli.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = "keeping the checkpoint's val split (1 val images, 1 of its images gone), 13 train images"
+    assert text in result.output, result.output
+    kept = load_checkpoint(last).data_fingerprint
+    assert set(kept["val_split"].tolist()) == old_val - {sample_key(str(val_1), str(data))}
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["train_images"] == 13
+    # The next resume on this data is the same data: no refusal, and the kept split stays.
+    result = cli.invoke(app, ["finetune", str(config), "train.epochs=4", "--resume", "auto"])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(last).data_fingerprint["val_split"].tolist() == kept["val_split"].tolist()
+    # A checkpoint from before fingerprints resumes, with a note.
+    payload = load_checkpoint(last).to_dict()
+    payload.pop("data_fingerprint")
+    save_atomic(payload, last)
+    result = cli.invoke(app, ["finetune", str(config), "train.epochs=5", "--resume", "auto"])
+    assert result.exit_code == 0 and "has no data fingerprint" in result.output, result.output

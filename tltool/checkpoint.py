@@ -253,6 +253,8 @@ class Checkpoint:
     loss_terms: dict[str, Any] | None = None  # the state of loss terms other than L2-SP, by term name
     bn_stats: dict[str, Any] | None = None  # AdaBN: the backbone's batch-norm statistics {"source", "target"}
     initial_model: dict[str, Any] | None = None  # WiSE-FT's theta0: the model at the start of fine-tuning
+    # The images trained and validated on (tltool.data.fingerprint): checked on resume. None: older checkpoints.
+    data_fingerprint: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The dict that goes into the file (`torch.save`); read back by `from_dict`."""

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,9 @@ import yaml
 from tltool import distributed, files
 from tltool.checkpoint import Checkpoint, load_checkpoint
 from tltool.config import Config, ModelNames, build_config
-from tltool.errors import CheckpointError, ConfigError, TrainingError
+from tltool.data import DataSplit
+from tltool.data.fingerprint import compare, keep_val_split
+from tltool.errors import CheckpointError, ConfigError, DataError, TrainingError
 from tltool.files import clean_stale_temps
 from tltool.runlog import say
 
@@ -328,6 +330,57 @@ def open_resume(
             "resume with the same dataset",
         )
     return resumed
+
+
+CHANGED_DATA_FIX = (
+    "restore the data the run trained on, or continue anyway with --resume-changed-data (the checkpoint's val "
+    "split is kept: new images only train), or start a new run (run.name)"
+)
+
+
+def resume_data(
+    checkpoint: Checkpoint,
+    split: DataSplit,
+    changed_ok: bool = False,
+    where: str = "the checkpoint",
+    quiet: bool = False,
+) -> DataSplit:
+    """The samples a resumed run goes on with: the data now, checked against the checkpoint's fingerprint.
+
+    Unchanged data: the same samples, split as the checkpoint's val split says. Changed data (images added,
+    removed or resized; a val split that would change) is refused in one line naming what changed, unless
+    `changed_ok` (--resume-changed-data): then the run keeps the checkpoint's val split where the images are
+    still there (a val image is never trained on, a trained one never scored), and every new image trains.
+    A checkpoint without a fingerprint (older tltool) resumes unchecked, with a note.
+    """
+    saved = checkpoint.data_fingerprint
+    if saved is None:
+        say(quiet, f"note: {where} has no data fingerprint (an older tltool): the data cannot be checked against it")
+        return split
+    now = split.fingerprint()
+    if now["digest"] == saved["digest"]:
+        return split
+    change = compare(saved, now, {"train": "data.train", "val": "data.val"})
+    keep = split.split_from_train and saved.get("val_split") is not None
+    if change.folders_changed and not changed_ok:
+        raise DataError(f"the data changed since {where}: {change.text()}", CHANGED_DATA_FIX)
+    if keep:  # (unchanged folders whose fresh split differs: a run continued earlier with changed data)
+        train, val, gone = keep_val_split(split.train, split.val, saved["val_split"], split.root)
+        split = replace(split, train=train, val=val)
+        if not val:
+            raise DataError(f"none of the val images of {where} is left", CHANGED_DATA_FIX.split(", or continue")[0])
+    if change.folders_changed:
+        say(
+            quiet,
+            f"--resume-changed-data: {change.text()}; "
+            + (
+                f"keeping the checkpoint's val split ({len(split.val)} val images, {gone} of its images gone), "
+                f"{len(split.train)} train images"
+                if keep
+                else f"data.val as it is now ({len(split.val)} images), {len(split.train)} train images"
+            ),
+        )
+    return split
 
 
 def prepare_run_directory(

@@ -60,6 +60,7 @@ from tltool.runstate import (
     check_run_directory,
     open_resume,
     prepare_run_directory,
+    resume_data,
     resume_location,
     run_directory,
     tensor_bytes,
@@ -126,6 +127,7 @@ class TrainingSession:
     inputs: Inputs | None = None
     compile_pending: bool = False  # the next epoch's first step compiles (its time is reported)
     drops_single: bool = False  # batch norm trains: a batch of one image is never trained on (it cannot be)
+    data_fingerprint: dict[str, Any] | None = None  # the samples' fingerprint (split.fingerprint()), saved
     compile_seconds: float = 0.0
     wall_start: float = field(default_factory=time.perf_counter)
 
@@ -323,6 +325,7 @@ class TrainingSession:
             l2sp_reference={k: v.detach().cpu() for k, v in l2sp["reference"].items()} if l2sp else None,
             loss_terms=_to_cpu(terms) if terms else None,
             initial_model=self.wise.initial if self.wise is not None else None,
+            data_fingerprint=self.data_fingerprint,
             **state.checkpoint_fields(),
             rng=rank_states[0]["rng"],
             world_size=len(rank_states),
@@ -377,9 +380,12 @@ def _to_cpu(value: Any) -> Any:
 
 
 def build_session(
-    cfg: Config, resume: str | None = None, quiet: bool = False, dry_run: bool = False
+    cfg: Config, resume: str | None = None, quiet: bool = False, dry_run: bool = False, changed_data: bool = False
 ) -> TrainingSession:
     """The session of a run: a new one, or the one `resume` ("auto" or a checkpoint path) continues.
+
+    `changed_data` (--resume-changed-data): resume even though the data differs from the checkpoint's
+    fingerprint (runstate.resume_data says what changed and which split the run keeps).
 
     Raises RunFinished when the checkpoint already trained every epoch. Writes nothing: `start()` does.
     """
@@ -388,14 +394,16 @@ def build_session(
     cfg = resume_location(cfg, resume, quiet)  # a moved run directory: continue where the checkpoint is
     # Data first: a wrong path or class layout fails before any weights are read.
     split = scan_data(cfg.data, cfg.run.seed)
-    split, wise_held = wise_holdout(cfg, split)  # train.wise_alpha=auto: train images that only choose alpha
     # Under torchrun: join the job (gloo on CPU, nccl on CUDA) and take this rank's GPU.
     world, device = distributed.setup(cfg.run.device, cfg.run.dist_timeout_s)
     quiet = quiet or not world.is_main  # only rank 0 prints and writes
     configure_backends(device)
     resumed = open_resume(cfg, resume, split.class_names, world, dry_run, quiet)
+    where = run_directory(cfg) / "checkpoints" / "last.pt" if resume in (None, "auto") else resume
+    if resumed is not None:  # the data the checkpoint trained on, or a one-line refusal saying what changed
+        split = resume_data(resumed, split, changed_data, str(where), quiet)
+    split, wise_held = wise_holdout(cfg, split)  # train.wise_alpha=auto: train images that only choose alpha
     if resumed is not None and resumed.epoch >= cfg.train.epochs:
-        where = run_directory(cfg) / "checkpoints" / "last.pt" if resume in (None, "auto") else resume
         raise RunFinished(
             f"{where}: the run already finished {resumed.epoch} of {cfg.train.epochs} epochs; nothing to do — "
             "raise train.epochs to train longer",
@@ -537,6 +545,7 @@ def build_session(
         wise=wise,
         wall_start=wall_start,
         drops_single=drops_single,
+        data_fingerprint=split.fingerprint(),
     )
     if resumed is not None and not dry_run:
         session.restore(resumed)

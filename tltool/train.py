@@ -250,15 +250,17 @@ def finetune(
     dry_run: bool = False,
     quiet: bool = False,
     config_path: str = "<config>",
+    resume_changed_data: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune `cfg.model` on `cfg.data`; returns the run summary (also written to summary.json).
 
-    `config_path` only appears in messages (the command that resumes the run).
+    `config_path` only appears in messages (the command that resumes the run). `resume_changed_data`: resume
+    even though the data changed since the checkpoint (keeping its val split; see runstate.resume_data).
     """
     writer = None
     try:
         try:
-            session = build_session(cfg, resume, quiet, dry_run)
+            session = build_session(cfg, resume, quiet, dry_run, changed_data=resume_changed_data)
         except RunFinished as done:
             if distributed.current().is_main:
                 print(done, flush=True)
