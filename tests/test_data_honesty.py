@@ -243,6 +243,7 @@ def test_resume_on_changed_data_is_refused_or_keeps_the_val_split(tmp_path: Path
     from conftest import tree_checksum
     from tltool.checkpoint import save_atomic
     from tltool.data.fingerprint import sample_key
+    from tltool.trained import open_trained
 
     data = make_dataset(tmp_path / "images", classes=2, per_class=6, size=16)
     extra = ("train.epochs=1", "data.image_size=16", "data.resize_size=16")  # (a frozen backbone: cached features)
@@ -276,6 +277,9 @@ def test_resume_on_changed_data_is_refused_or_keeps_the_val_split(tmp_path: Path
     assert text in result.output, result.output
     kept = load_checkpoint(last).data_fingerprint
     assert set(kept["val_split"].tolist()) == old_val - {sample_key(str(val_1), str(data))}
+    # tltool eval / report score the split the run kept, not a fresh split of today's files.
+    evaluated = open_trained(last, torch.device("cpu")).run_val_samples()
+    assert {sample_key(path, str(data)) for path, _ in evaluated} == set(kept["val_split"].tolist())
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["train_images"] == 13
     # The next resume on this data is the same data: no refusal, and the kept split stays.
     result = cli.invoke(app, ["finetune", str(config), "train.epochs=4", "--resume", "auto"])
