@@ -92,6 +92,7 @@ def test_adabn_changes_only_batch_norm_buffers_and_equals_a_recomputation_by_han
     generator = torch.Generator().manual_seed(3)
     batches = [(torch.randn(4, 3, 32, 32, generator=generator) * 2 + 1, torch.zeros(4)) for _ in range(3)]
     batches.insert(1, None)  # an unreadable batch is skipped
+    batches.append((torch.randn(1, 3, 32, 32, generator=generator), torch.zeros(1)))  # so is one of a single image
 
     # By hand: each BN layer's input per batch, its mean and unbiased variance, averaged over the batches.
     seen: dict[str, list[torch.Tensor]] = {}

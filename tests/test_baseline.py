@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -165,3 +167,39 @@ def test_probe_matches_scikit_learn() -> None:
     ours = (standardized @ weight + bias).softmax(1)
     theirs = torch.from_numpy(reference.predict_proba(standardized.double().numpy())).float()
     torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=0)
+
+
+def test_baseline_json_to_an_unwritable_place_is_one_line_before_any_work(
+    tmp_path: Path, cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = make_dataset(tmp_path / "images", classes=2, per_class=6, size=24)
+    config = write_config(tmp_path / "c.yaml", data)
+    (tmp_path / "a_file").write_text("x")
+
+    def one_line(args: list[str]) -> str:
+        result = cli.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output
+        return lines[0]
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("the features were extracted before the --json path was checked")
+
+    with monkeypatch.context() as patch:  # a path through a file: refused before the (slow) extraction
+        patch.setattr(baseline, "extract_features", no_extraction)
+        assert "a_file" in one_line(["baseline", str(config), "--json", str(tmp_path / "a_file" / "b.json")])
+    # A full disk at the write itself (after the work): one line, no temp file, the old file untouched.
+    target = tmp_path / "out" / "b.json"
+    target.parent.mkdir()
+    target.write_text("old")
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".b.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert "no space left on device" in one_line(["baseline", str(config), "--json", str(target)])
+    assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["b.json"]

@@ -28,6 +28,7 @@ from tltool.checkpoint import (
     state_dict_mismatch,
 )
 from tltool.config import load_config
+from tltool.data.fingerprint import make_fingerprint
 from tltool.errors import CheckpointError
 from tltool.models import build_model
 from tltool.trained import open_trained
@@ -124,6 +125,10 @@ def full_checkpoint() -> Checkpoint:
         l2sp_reference={"0.weight": torch.ones(3, 4)},
         loss_terms={"toy": {"count": torch.tensor(2)}},
         initial_model={"0.weight": torch.zeros(3, 4)},
+        data_fingerprint=make_fingerprint(
+            {"train": {"cat": {"paths": torch.tensor([-5, 7]), "sizes": torch.tensor([100, 120])}}},
+            torch.tensor([7]),
+        ),
     )
 
 
@@ -140,7 +145,7 @@ def test_a_checkpoint_round_trips_through_a_weights_only_file(tmp_path: Path) ->
 
 def test_the_file_has_the_26_keys_of_format_1_and_the_later_ones() -> None:
     assert len(set(OLD_KEYS)) == 26
-    later = {"loss_terms", "initial_model", "bn_stats", "ema", "weights", "raw_model"}
+    later = {"loss_terms", "initial_model", "bn_stats", "ema", "weights", "raw_model", "data_fingerprint"}
     assert set(full_checkpoint().to_dict()) == {*OLD_KEYS, *later}
 
 
@@ -152,6 +157,7 @@ def test_a_checkpoint_written_before_loss_terms_loads_with_its_default(tmp_path:
     loaded = load_checkpoint(tmp_path / "old.pt")
     assert loaded.loss_terms is None and loaded.initial_model is None and loaded.bn_stats is None
     assert loaded.ema is None and loaded.weights == "raw" and loaded.resumable() is loaded
+    assert loaded.data_fingerprint is None
     assert_same({key: value for key, value in loaded.to_dict().items() if key in OLD_KEYS}, old)
 
 

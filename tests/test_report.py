@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import errno
 import json
+import os
 import shutil
 import sys
 from html.parser import HTMLParser
@@ -152,3 +154,42 @@ def test_missing_matplotlib_is_a_clear_error(run_dir: Path, monkeypatch: pytest.
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
     with pytest.raises(ReportError, match=r"tltool\[plots\]"):
         write_report(run_dir, device="cpu")
+
+
+def test_an_unwritable_report_is_one_line_and_checked_before_the_evaluation(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tltool.report as report_module
+
+    runner = CliRunner()
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("report"))
+
+    def one_line(args: list[str]) -> str:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output
+        return lines[0]
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("evaluated before checking that the report can be written")
+
+    (copy / "report").write_text("a file where the report folder goes")
+    with monkeypatch.context() as patch:
+        patch.setattr(report_module, "evaluate_run", no_evaluation)
+        line = one_line(["report", str(copy), "--device", "cpu"])
+    assert "report" in line and "is a file" in line
+    (copy / "report").unlink()
+    # A full disk while writing report.html (after the evaluation): one line, no temp file left.
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".report.html"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert "no space left on device" in one_line(["report", str(copy), "--device", "cpu"])
+    assert not (copy / "report" / "report.html").exists()
+    assert not [p for p in (copy / "report").iterdir() if p.name.startswith(".")]

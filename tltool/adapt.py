@@ -172,7 +172,7 @@ def estimate_bn_stats(
         m.train()
     try:
         for batch in batches:
-            if batch is None:
+            if batch is None or len(batch[0]) < 2:  # (batch norm in training mode cannot take a single image)
                 continue
             with autocast(device, precision):
                 backbone(batch[0].to(device, non_blocking=True))

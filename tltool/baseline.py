@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from tltool.config import Config
 from tltool.errors import DataError
+from tltool.files import check_writable, write_text_atomic
 
 if TYPE_CHECKING:
     from tltool.data import Preprocess, Sample
@@ -409,7 +410,12 @@ def nearest_class_mean(
 def run_baseline(
     cfg: Config, json_path: str | None = None, quiet: bool = False, echo: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
-    """`tltool baseline`: features once, then the three read-outs; writes nothing but `json_path` if given."""
+    """`tltool baseline`: features once, then the three read-outs; writes nothing but `json_path` if given.
+
+    An unwritable `json_path` (read-only folder, a path through a file, a full disk) is one line, checked
+    before the features are extracted; the file is written atomically."""
+    if json_path:  # before the extraction: an unwritable --json fails in a moment, not after it
+        check_writable(Path(json_path))
     features = extract_features(cfg, quiet=quiet)
     if echo is not None and not quiet:
         info = features.info
@@ -438,9 +444,7 @@ def run_baseline(
         "nearest_class_mean": nearest_class_mean(*args),
     }
     if json_path:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_finite(result), indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(Path(json_path), json.dumps(_finite(result), indent=2) + "\n")
     return result
 
 

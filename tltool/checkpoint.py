@@ -257,6 +257,8 @@ class Checkpoint:
     ema: dict[str, Any] | None = None
     weights: str = "raw"  # what `model` holds: "raw" (the optimizer's weights) or "ema" (monitor is an EMA metric)
     raw_model: dict[str, Any] | None = None  # with weights "ema": the optimizer's weights (what a resume trains on)
+    # The images trained and validated on (tltool.data.fingerprint): checked on resume. None: older checkpoints.
+    data_fingerprint: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The dict that goes into the file (`torch.save`); read back by `from_dict`."""

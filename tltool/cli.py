@@ -108,6 +108,15 @@ def finetune(
         bool, typer.Option("--dry-run", help="Print the model, data and plan; train and write nothing.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")] = False,
+    resume_changed_data: Annotated[
+        bool,
+        typer.Option(
+            "--resume-changed-data",
+            help="With --resume: continue although images were added, removed or resized since the checkpoint "
+            "(refused otherwise). The checkpoint's val split is kept: its val images still there stay in val, "
+            "every other image trains.",
+        ),
+    ] = False,
     nproc: Annotated[
         int | None,
         typer.Option(
@@ -130,6 +139,10 @@ def finetune(
         from tltool.train import finetune as run_finetune
 
         cfg = _load_run_config(config, overrides)
+        if resume_changed_data and not resume:
+            from tltool.errors import ConfigError
+
+            raise ConfigError("--resume-changed-data only applies to a resumed run", "add --resume auto (or a path)")
         if nproc is not None:
             from tltool.distributed import launch, launched
             from tltool.errors import ConfigError
@@ -139,10 +152,10 @@ def finetune(
             args = ["finetune", config, *(overrides or [])]
             args += (["--resume", resume] if resume else []) + (["--dry-run"] if dry_run else [])
             args += ["--quiet"] if quiet else []
+            args += ["--resume-changed-data"] if resume_changed_data else []
             raise typer.Exit(launch(nproc, args))
-        summary = run_finetune(
-            cfg, resume=resume, dry_run=dry_run, quiet=quiet, config_path=config, overrides=overrides
-        )
+        summary = run_finetune(cfg, resume=resume, dry_run=dry_run, quiet=quiet, config_path=config,
+                               overrides=overrides, resume_changed_data=resume_changed_data)  # fmt: skip
         if summary.get("dry_run") or summary.get("finished") or summary.get("rank"):
             return
         from tltool.runlog import format_summary

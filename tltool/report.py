@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tltool import __version__
+from tltool import __version__, files
 from tltool.data import Sample
 from tltool.device import resolve_device
 from tltool.errors import CheckpointError, ReportError
@@ -32,6 +32,8 @@ from tltool.plots import (
     require_matplotlib,
 )
 from tltool.trained import open_trained
+
+REPORT_WRITE_FIX = "free disk space, or fix the permissions of the run directory (the run itself is untouched)"
 
 if TYPE_CHECKING:
     pass
@@ -287,6 +289,10 @@ def write_report(
     """
     run = read_run(run_dir)
     require_matplotlib()  # before the (slow) evaluation
+    out = run.run_dir / "report"
+    page = out / "report.html"
+    # Before the evaluation too: an unwritable report folder (read-only run, report/ a file) is one line now.
+    files.check_writable(page, ReportError, REPORT_WRITE_FIX)
     evaluation = evaluate_run(run, data, device, batch_size, num_workers)
     class_names = evaluation.metrics["class_names"]
     best_epoch = run.summary.get("best_epoch") if run.summary else evaluation.metrics.get("checkpoint_epoch")
@@ -296,17 +302,9 @@ def write_report(
         "per_class.png": per_class_figure(evaluation.metrics["per_class"]),
         "errors.png": errors_figure(evaluation.errors),
     }
-    out = run.run_dir / "report"
-    try:
-        out.mkdir(exist_ok=True)
-        images = {}
-        for name, figure in figures.items():
-            images[name] = figure_png(figure)
-            (out / name).write_bytes(images[name])
-        page = out / "report.html"
-        page.write_text(report_html(run, evaluation, images), encoding="utf-8")
-    except OSError as exc:
-        raise ReportError(
-            f"cannot write {out}: {exc.strerror or exc}", "check the permissions and free space"
-        ) from None
+    images = {name: figure_png(figure) for name, figure in figures.items()}
+    # Each file atomically (temp, fsync, rename): a full disk is one line and leaves the previous report's files.
+    for name, png in images.items():
+        files.write_atomic(out / name, lambda handle, png=png: handle.write(png), ReportError, REPORT_WRITE_FIX)
+    files.write_text_atomic(page, report_html(run, evaluation, images), ReportError, REPORT_WRITE_FIX)
     return page

@@ -128,6 +128,11 @@ def epoch_line(record: dict[str, Any], epochs: int, is_best: bool) -> str:
         + f"lr {record['lr']:.2e}  {record['images_per_second']:.0f} img/s  {record['epoch_seconds']:.1f} s"
         + ("  *best" if is_best else "")
         + (
+            "  skipped (undecodable): " + ", ".join(f"{n} {part}" for part, n in record["skipped_images"].items() if n)
+            if any((record.get("skipped_images") or {}).values())
+            else ""
+        )
+        + (
             "  (" + " + ".join(f"{name} {value:.4f}" for name, value in record["loss_terms"].items()) + ")"
             if len(record.get("loss_terms") or {}) > 1
             else ""
@@ -259,7 +264,11 @@ def run_summary(session: TrainingSession, stopped_early: bool) -> dict[str, Any]
         "num_classes": len(session.split.class_names),
         "train_images": len(session.split.train),
         "val_images": len(session.split.val),
-        "skipped_images": len(session.split.bad),
+        "skipped_images": len(session.split.bad),  # (found unreadable by the scan: never drawn)
+        "skipped_in_epochs": {  # drawn, but undecodable: summed over the epochs (metrics.jsonl has each epoch's)
+            part: sum((record.get("skipped_images") or {}).get(part, 0) for record in state.history)
+            for part in ("train", "val")
+        },
         "feature_cache": {"extract_seconds": cache.extract_seconds, "location": cache.location} if cache else None,
         "device": str(session.device),
         "precision": session.precision,

@@ -11,21 +11,27 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from tltool import distributed, files
 from tltool.checkpoint import Checkpoint, load_checkpoint
 from tltool.config import Config, ModelNames, build_config
-from tltool.errors import CheckpointError, ConfigError, TrainingError
+from tltool.data import DataSplit
+from tltool.data.fingerprint import compare, keep_val_split
+from tltool.errors import CheckpointError, ConfigError, DataError, TrainingError
 from tltool.files import clean_stale_temps
 from tltool.runlog import say
 
 METRICS_FILE = "metrics.jsonl"
 RUN_WRITE_FIX = "free disk space or fix the permissions of the run directory; files already written are untouched"
 # Config keys that may change when a run is resumed (everything else must match the checkpoint).
+# run.output_dir is where the run is now (a copied or moved run directory, a relative path given absolute).
 RESUMABLE_CHANGES = (
+    "run.output_dir",
     "train.epochs",
     "run.device",
     "run.dist_timeout_s",
@@ -50,6 +56,7 @@ class EpochProgress:
     data_seconds: float = 0.0
     seconds: float = 0.0
     term_sums: dict[str, float] = field(default_factory=dict)  # each loss term's sum over the images seen
+    skipped: int = 0  # images drawn but not trained on: undecodable (or the rest of their batch was)
 
     def to_dict(self) -> dict[str, Any]:
         return {**vars(self), "term_sums": dict(self.term_sums)}
@@ -128,6 +135,33 @@ def with_absolute_paths(cfg: Config, names: ModelNames | None = None) -> Config:
 
 def run_directory(cfg: Config) -> Path:
     return Path(cfg.run.output_dir) if cfg.run.output_dir else Path("runs") / cfg.run.name
+
+
+def resume_location(cfg: Config, resume: str | None, quiet: bool = False) -> Config:
+    """The config with the run directory a `--resume PATH` continues in.
+
+    A checkpoint inside a run directory (`DIR/checkpoints/last.pt`) whose run was moved or copied still
+    carries the old place in its config.yaml: when the config names the same place as DIR's config.yaml
+    (the config travelled with the run), the run continues in DIR, where the checkpoint is, not at the old
+    path. A config that names another place (a deliberate new run.output_dir or run.name) is followed.
+    """
+    if resume in (None, "auto"):
+        return cfg
+    run_dir = Path(resume).parent.parent
+    if Path(resume).parent.name != "checkpoints" or not (run_dir / "config.yaml").is_file():
+        return cfg
+    if os.path.realpath(run_directory(cfg)) == os.path.realpath(run_dir):
+        return cfg
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))["run"]
+    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):
+        return cfg
+    if (saved.get("output_dir"), saved.get("name")) != (cfg.run.output_dir, cfg.run.name):
+        return cfg
+    say(quiet, f"the run directory moved: continuing in {run_dir} (its config names {run_directory(cfg)})")
+    data = cfg.to_dict()
+    data["run"]["output_dir"] = str(run_dir)
+    return build_config(data)
 
 
 def _config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -297,6 +331,57 @@ def open_resume(
             "resume with the same dataset",
         )
     return resumed
+
+
+CHANGED_DATA_FIX = (
+    "restore the data the run trained on, or continue anyway with --resume-changed-data (the checkpoint's val "
+    "split is kept: new images only train), or start a new run (run.name)"
+)
+
+
+def resume_data(
+    checkpoint: Checkpoint,
+    split: DataSplit,
+    changed_ok: bool = False,
+    where: str = "the checkpoint",
+    quiet: bool = False,
+) -> DataSplit:
+    """The samples a resumed run goes on with: the data now, checked against the checkpoint's fingerprint.
+
+    Unchanged data: the same samples, split as the checkpoint's val split says. Changed data (images added,
+    removed or resized; a val split that would change) is refused in one line naming what changed, unless
+    `changed_ok` (--resume-changed-data): then the run keeps the checkpoint's val split where the images are
+    still there (a val image is never trained on, a trained one never scored), and every new image trains.
+    A checkpoint without a fingerprint (older tltool) resumes unchecked, with a note.
+    """
+    saved = checkpoint.data_fingerprint
+    if saved is None:
+        say(quiet, f"note: {where} has no data fingerprint (an older tltool): the data cannot be checked against it")
+        return split
+    now = split.fingerprint()
+    if now["digest"] == saved["digest"]:
+        return split
+    change = compare(saved, now, {"train": "data.train", "val": "data.val"})
+    keep = split.split_from_train and saved.get("val_split") is not None
+    if change.folders_changed and not changed_ok:
+        raise DataError(f"the data changed since {where}: {change.text()}", CHANGED_DATA_FIX)
+    if keep:  # (unchanged folders whose fresh split differs: a run continued earlier with changed data)
+        train, val, gone = keep_val_split(split.train, split.val, saved["val_split"], split.root)
+        split = replace(split, train=train, val=val)
+        if not val:
+            raise DataError(f"none of the val images of {where} is left", CHANGED_DATA_FIX.split(", or continue")[0])
+    if change.folders_changed:
+        say(
+            quiet,
+            f"--resume-changed-data: {change.text()}; "
+            + (
+                f"keeping the checkpoint's val split ({len(split.val)} val images, {gone} of its images gone), "
+                f"{len(split.train)} train images"
+                if keep
+                else f"data.val as it is now ({len(split.val)} images), {len(split.train)} train images"
+            ),
+        )
+    return split
 
 
 def prepare_run_directory(

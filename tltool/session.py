@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tltool import distributed
-from tltool.adapt import TrainForward, adabn_stats, bn_stats, check_adaptation, scan_unlabeled
+from tltool.adapt import TrainForward, adabn_stats, batch_norms, bn_stats, check_adaptation, scan_unlabeled
 from tltool.catalog import BACKBONE_NAMES
 from tltool.checkpoint import Checkpoint, copy_atomic, restore_rng, rng_state, save_atomic, versions
 from tltool.config import Config
@@ -49,7 +49,7 @@ from tltool.data.mixing import BatchMixer, make_mixer
 from tltool.device import autocast, configure_backends, resolve_precision, use_channels_last
 from tltool.distill import open_teacher
 from tltool.ema import WeightEMA, build_ema
-from tltool.errors import CheckpointError, ConfigError
+from tltool.errors import CheckpointError, ConfigError, DataError
 from tltool.evaluate import evaluate
 from tltool.features import FeatureCache, build_cache, cache_applies, mixing_turns_cache_off
 from tltool.lpft import init_head_from_probe
@@ -63,6 +63,8 @@ from tltool.runstate import (
     check_run_directory,
     open_resume,
     prepare_run_directory,
+    resume_data,
+    resume_location,
     run_directory,
     tensor_bytes,
     with_absolute_paths,
@@ -129,6 +131,8 @@ class TrainingSession:
     inputs: Inputs | None = None
     mixer: BatchMixer | None = None  # data.mixup_alpha / cutmix_alpha: mixes each labelled training batch
     compile_pending: bool = False  # the next epoch's first step compiles (its time is reported)
+    drops_single: bool = False  # batch norm trains: a batch of one image is never trained on (it cannot be)
+    data_fingerprint: dict[str, Any] | None = None  # the samples' fingerprint (split.fingerprint()), saved
     compile_seconds: float = 0.0
     wall_start: float = field(default_factory=time.perf_counter)
 
@@ -191,6 +195,9 @@ class TrainingSession:
                 sampler = BalancedSampler(self.cache.train.labels.tolist(), cfg.run.seed, shard=self.world.shard)
                 self.cache.train_loader = DataLoader(self.cache.train, cfg.data.batch_size, sampler=sampler,
                                                      collate_fn=self.cache.train_loader.collate_fn)  # fmt: skip
+            if self.drops_single:  # (the backbone opens later: cached epochs draw as many batches as image ones)
+                for loader in (self.cache.train_loader, *self.cache.extra_loaders.values()):
+                    loader.sampler.drop_single = cfg.data.batch_size
             say(
                 self.quiet,
                 f"feature cache: {len(self.cache.train)} train x {self.cache.train.features.shape[0]} view(s) + "
@@ -208,6 +215,15 @@ class TrainingSession:
             say(self.quiet, f"co-tuning: p(source class | target class) from {len(split.train)} train images, "
                 f"{cotuning.state['relation'].shape[1]} source classes")  # fmt: skip
         self._select_inputs(cached=self.cache is not None)
+        train_sampler = getattr(self.image_streams["train"].loader, "sampler", None)
+        if self.drops_single and getattr(train_sampler, "dropped", lambda: 0)():
+            say(
+                self.quiet,
+                f"note: {train_sampler.full_shard_size()} training images per epoch"
+                + (" per process" if self.world.enabled else "")
+                + f" in batches of {cfg.data.batch_size} would end in a batch of one, which batch norm cannot "
+                "train on: each epoch leaves its last drawn image out (another one each epoch)",
+            )
         in_epoch = self.state.in_epoch
         say(
             self.quiet,
@@ -338,6 +354,7 @@ class TrainingSession:
             l2sp_reference={k: v.detach().cpu() for k, v in l2sp["reference"].items()} if l2sp else None,
             loss_terms=_to_cpu(terms) if terms else None,
             initial_model=self.wise.initial if self.wise is not None else None,
+            data_fingerprint=self.data_fingerprint,
             **state.checkpoint_fields(),
             rng=rank_states[0]["rng"],
             world_size=len(rank_states),
@@ -397,24 +414,30 @@ def _to_cpu(value: Any) -> Any:
 
 
 def build_session(
-    cfg: Config, resume: str | None = None, quiet: bool = False, dry_run: bool = False
+    cfg: Config, resume: str | None = None, quiet: bool = False, dry_run: bool = False, changed_data: bool = False
 ) -> TrainingSession:
     """The session of a run: a new one, or the one `resume` ("auto" or a checkpoint path) continues.
+
+    `changed_data` (--resume-changed-data): resume even though the data differs from the checkpoint's
+    fingerprint (runstate.resume_data says what changed and which split the run keeps).
 
     Raises RunFinished when the checkpoint already trained every epoch. Writes nothing: `start()` does.
     """
     wall_start = time.perf_counter()
     cfg = with_absolute_paths(cfg, BACKBONE_NAMES)
+    cfg = resume_location(cfg, resume, quiet)  # a moved run directory: continue where the checkpoint is
     # Data first: a wrong path or class layout fails before any weights are read.
     split = scan_data(cfg.data, cfg.run.seed)
-    split, wise_held = wise_holdout(cfg, split)  # train.wise_alpha=auto: train images that only choose alpha
     # Under torchrun: join the job (gloo on CPU, nccl on CUDA) and take this rank's GPU.
     world, device = distributed.setup(cfg.run.device, cfg.run.dist_timeout_s)
     quiet = quiet or not world.is_main  # only rank 0 prints and writes
     configure_backends(device)
     resumed = open_resume(cfg, resume, split.class_names, world, dry_run, quiet)
+    where = run_directory(cfg) / "checkpoints" / "last.pt" if resume in (None, "auto") else resume
+    if resumed is not None:  # the data the checkpoint trained on, or a one-line refusal saying what changed
+        split = resume_data(resumed, split, changed_data, str(where), quiet)
+    split, wise_held = wise_holdout(cfg, split)  # train.wise_alpha=auto: train images that only choose alpha
     if resumed is not None and resumed.epoch >= cfg.train.epochs:
-        where = run_directory(cfg) / "checkpoints" / "last.pt" if resume in (None, "auto") else resume
         raise RunFinished(
             f"{where}: the run already finished {resumed.epoch} of {cfg.train.epochs} epochs; nothing to do — "
             "raise train.epochs to train longer",
@@ -458,6 +481,9 @@ def build_session(
 
     pin = device.type == "cuda"
     augmented = train_transform(built.preprocess, cfg.data.augment, cfg.data.random_erasing)  # (every image stream)
+    # Batch norm that trains (some epoch) cannot train on a batch of one image: an epoch that would end in one
+    # leaves that image out, the same cut in every stream, epoch, rank and resume (EpochSampler.drop_single).
+    drops_single = bool(batch_norms(model)) and plan.backbone_ever_trains() and cfg.train.bn_policy != "frozen"
     train_loader = make_loader(
         split.train,
         augmented,
@@ -469,7 +495,13 @@ def build_session(
         balanced=cfg.data.sampler == "balanced",
         shard=world.shard,
         seeded=True,  # each draw's augmentation: a function of (seed, epoch, position), whatever the workers
+        drop_single=drops_single,
     )
+    if drops_single and train_loader.sampler.full_shard_size() == 1:
+        raise DataError(
+            "a single training image per process: batch norm cannot train on a batch of one",
+            "add training images (or use fewer processes, or train.bn_policy=frozen)",
+        )
     val_loader = make_loader(
         split.val,
         eval_transform(built.preprocess),
@@ -487,7 +519,7 @@ def build_session(
         seed = cfg.run.seed * 1_000_033 + 17  # (its own order, not the labelled stream's)
         loader = make_loader(unlabeled, augmented, cfg.data.batch_size,
                              cfg.data.num_workers, seed, shuffle=True, pin_memory=pin, shard=world.shard, seeded=True,
-                             draws=len(split.train))  # fmt: skip
+                             draws=len(split.train), drop_single=drops_single)  # fmt: skip
         streams["unlabeled"] = Stream("unlabeled", loader, cfg.data.batch_size, seed)
         if cfg.adapt.bn_stats == "target":
             stats = adabn_stats(cfg, model, built, unlabeled, resumed, device, precision)
@@ -497,7 +529,7 @@ def build_session(
         seed = cfg.run.seed * 1_000_033 + 29
         loader = make_loader(source.samples, augmented, cfg.data.batch_size,
                              cfg.data.num_workers, seed, shuffle=True, pin_memory=pin, shard=world.shard, seeded=True,
-                             draws=len(split.train))  # fmt: skip
+                             draws=len(split.train), drop_single=drops_single)  # fmt: skip
         streams["source"] = Stream("source", loader, cfg.data.batch_size, seed)
     steps = math.ceil(len(train_loader) / cfg.train.accumulate_steps)
     saved_terms = None
@@ -562,6 +594,8 @@ def build_session(
         mixer=make_mixer(cfg.data, len(split.class_names), cfg.run.seed),
         ema=ema,
         wall_start=wall_start,
+        drops_single=drops_single,
+        data_fingerprint=split.fingerprint(),
     )
     if resumed is not None and not dry_run:
         session.restore(resumed)

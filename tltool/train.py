@@ -41,7 +41,7 @@ from tltool.runlog import (
     run_summary,
     say,
 )
-from tltool.runstate import append_metrics, run_directory, write_text_atomic
+from tltool.runstate import append_metrics, resume_location, run_directory, write_text_atomic
 from tltool.session import RunFinished, TrainingSession, build_session
 from tltool.timelimit import TimeBudget
 from tltool.transfer import set_train_mode
@@ -148,6 +148,8 @@ def train_one_epoch(
     cfg, sums = session.cfg.train, state.in_epoch
     stream = session.streams["train"]
     num_batches = stream.num_batches()
+    sampler = getattr(stream.loader, "sampler", None)
+    drawn = sampler.shard_size() if hasattr(sampler, "shard_size") else None  # (None: given batches)
     # adapt.unlabeled, source.train: one batch of each beside each labelled one (the loaders are positioned alike).
     others = {name: iter(s.loader) for name, s in session.streams.items() if name != "train"}
     wrapped = [forward, *(term.forward for term in objective.terms if term.forward is not None)]
@@ -201,10 +203,11 @@ def train_one_epoch(
         group_start = index - index % accumulate
         group_size = min(accumulate, num_batches - group_start)
         steps_now = index - group_start + 1 == group_size
-        # None: every image of this batch failed to decode (each was reported); the batch is skipped.
-        missing = batch is None
+        # None: every image of this batch failed to decode (each was reported); the batch is skipped. So is one
+        # that decode failures left with a single image while batch norm trains (it cannot train on one).
+        missing = batch is None or (session.drops_single and len(batch[1]) < 2)
         extra = {name: next(loader) for name, loader in others.items()}
-        absent = [name for name in others if extra[name] is None]
+        absent = [name for name in others if extra[name] is None or (session.drops_single and len(extra[name][1]) < 2)]
         if distributed:  # every rank takes the same branch: none waits alone in a collective
             # (before the forward: DDP broadcasts the batch-norm buffers in it)
             missing, stopping, *flags = any_rank(missing, stop is not None and stop.requested,
@@ -213,6 +216,9 @@ def train_one_epoch(
             if stopping:
                 stop.agree()  # (every rank: which signal, for the exit code)
         read_now = (index + 1) % read_every == 0
+        if drawn is not None:  # the images this batch drew that are not trained on (decode failures)
+            expected = min(stream.batch_size, drawn - index * stream.batch_size)
+            sums.skipped += expected - (0 if missing else len(batch[1]))
         # Under DDP the gradients of a micro-batch that only accumulates are not all-reduced yet.
         with contextlib.ExitStack() as held:
             for module in wrapped:
@@ -302,8 +308,8 @@ def train_one_epoch(
     sums.seconds = time.perf_counter() - start
     # The epoch's figures over all ranks (sums of counts; the slowest rank's times).
     term_sums = [sums.term_sums.get(name, 0.0) for name in objective.names]
-    totals = torch.tensor([sums.loss_sum, sums.correct, sums.seen, *term_sums], dtype=torch.float64)
-    loss_sum, correct, seen, *term_totals = all_reduce_sum(totals).tolist()
+    totals = torch.tensor([sums.loss_sum, sums.correct, sums.seen, sums.skipped, *term_sums], dtype=torch.float64)
+    loss_sum, correct, seen, skipped, *term_totals = all_reduce_sum(totals).tolist()
     seconds, data_seconds = all_reduce_max([sums.seconds, sums.data_seconds])
     if seen == 0:
         raise TrainingError("no training image of this epoch could be read", "check the dataset")
@@ -312,6 +318,7 @@ def train_one_epoch(
         "train_acc": correct / seen,
         "loss_terms": {name: total / seen for name, total in zip(objective.names, term_totals, strict=True)},
         "train_images": int(seen),
+        "skipped_images": int(skipped),
         "train_seconds": seconds,
         "data_seconds": data_seconds,
         "images_per_second": seen / max(seconds, 1e-9),
@@ -326,19 +333,21 @@ def finetune(
     quiet: bool = False,
     config_path: str = "<config>",
     overrides: list[str] | None = None,
+    resume_changed_data: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune `cfg.model` on `cfg.data`; returns the run summary (also written to summary.json).
 
     `config_path` and `overrides` only appear in messages (the command that resumes the run). The run
     directory is locked (runlock.py) from before anything is read or written to the end, by rank 0 under
-    torchrun (the other ranks write nothing); a dry run takes no lock.
+    torchrun (the other ranks write nothing); a dry run takes no lock. `resume_changed_data`: resume even
+    though the data changed since the checkpoint (keeping its val split; see runstate.resume_data).
     """
     writer, lock, started = None, None, time.monotonic()
     try:
-        if not dry_run and distributed.env_rank() == 0:
-            lock = acquire(run_directory(cfg))
+        if not dry_run and distributed.env_rank() == 0:  # (a moved run directory: where the run is now)
+            lock = acquire(run_directory(resume_location(cfg, resume, quiet=True)))
         try:
-            session = build_session(cfg, resume, quiet, dry_run)
+            session = build_session(cfg, resume, quiet, dry_run, changed_data=resume_changed_data)
         except RunFinished as done:
             if distributed.current().is_main:
                 print(done, flush=True)
@@ -475,5 +484,14 @@ def train_and_evaluate(session: TrainingSession, epoch: int, stop: StopRequest) 
         "epoch_seconds": time.perf_counter() - epoch_start,
         "images_per_second": train["images_per_second"],
         "data_seconds": train["data_seconds"],
+        "train_images": train["train_images"],
+        # Images that could not be decoded this epoch (summed over processes); the val set's are those it
+        # holds but the evaluation could not read (cached features: those whose extraction failed).
+        "skipped_images": {
+            "train": len(session.split.train) - len(session.cache.train)
+            if session.inputs.cached
+            else train["skipped_images"],
+            "val": len(session.split.val) - val["num_images"],
+        },  # fmt: skip
         "global_step": state.global_step,
     }

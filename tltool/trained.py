@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from tltool.checkpoint import Checkpoint, load_checkpoint
 from tltool.config import DataConfig
 from tltool.data import Preprocess, Sample, scan_data, scan_eval_folder
+from tltool.data.fingerprint import keep_val_split
 from tltool.errors import CheckpointError, DataError
 from tltool.models import TransferModel, load_trained_model
 from tltool.wise import wise_weights
@@ -66,13 +67,20 @@ class TrainedModel:
         )
 
     def run_val_samples(self) -> list[Sample]:
-        """The run's val split, recomputed: a DataError when its dataset is gone or no longer has its classes."""
+        """The run's val split, recomputed: a DataError when its dataset is gone or no longer has its classes.
+
+        With the checkpoint's data fingerprint, its own val split (a run continued with --resume-changed-data
+        kept the split it started with: the stratified split of today's files may differ).
+        """
         split = scan_data(self.data_config, self.seed)
         if split.class_names != self.class_names:
             raise DataError(
                 "the dataset recorded in the checkpoint no longer has the checkpoint's classes",
                 "give the images to evaluate with --data DIR",
             )
+        saved = (self.checkpoint.data_fingerprint or {}).get("val_split")
+        if saved is not None and split.split_from_train:
+            return keep_val_split(split.train, split.val, saved, split.root)[1]
         return split.val
 
     def samples(self, data: str | None = None, allow_empty: bool = False) -> tuple[list[Sample], str]:

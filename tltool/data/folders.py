@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tltool.config import DataConfig
+from tltool.data.fingerprint import folder_listing, make_fingerprint, val_keys
 from tltool.data.images import IMAGE_EXTENSIONS, image_problem
 from tltool.errors import DataError
 from tltool.files import path_problem
@@ -139,9 +140,16 @@ class DataSplit:
     train: list[Sample]
     val: list[Sample]
     bad: list[tuple[str, str]] = field(default_factory=list)
+    root: str = ""  # data.train, the folder the val split is held out of
+    listing: dict = field(default_factory=dict)  # "train" (and "val") -> class -> file keys and sizes
+    split_from_train: bool = True  # data.val_split held val out of data.train (no data.val)
 
     def counts(self, which: str) -> Counter:
         return Counter(label for _, label in getattr(self, which))
+
+    def fingerprint(self) -> dict:
+        """The checkpoint's `data_fingerprint` of these samples (`tltool.data.fingerprint`)."""
+        return make_fingerprint(self.listing, val_keys(self.val, self.root) if self.split_from_train else None)
 
 
 def _drop_bad(samples: list[Sample], bad: list[tuple[str, str]]) -> list[Sample]:
@@ -160,6 +168,12 @@ def scan_data(cfg: DataConfig, seed: int) -> DataSplit:
     if not cfg.train:
         raise DataError("data.train is not set", "set data.train to a folder of class sub-folders")
     class_names, train = scan_folder(cfg.train, "data.train")
+    listing = {"train": folder_listing(cfg.train, class_names, train)}
+    if len(class_names) < 2:  # (a classifier of one class is "100%" right without learning anything)
+        raise DataError(
+            f"data.train folder {cfg.train} has a single class ({class_names[0]}): a classifier needs at least 2",
+            "add a sub-folder of images per class (e.g. the images that are not " + class_names[0] + ")",
+        )
     if cfg.val:
         val_classes, val = scan_folder(cfg.val, "data.val")
         if val_classes != class_names:
@@ -170,6 +184,7 @@ def scan_data(cfg: DataConfig, seed: int) -> DataSplit:
                 f"only in val: {only_val or 'none'})",
                 "give both the same class sub-folders",
             )
+        listing["val"] = folder_listing(cfg.val, class_names, val)
     else:
         train, val = stratified_split(train, cfg.val_split, seed)
         if not val:
@@ -180,7 +195,7 @@ def scan_data(cfg: DataConfig, seed: int) -> DataSplit:
     bad: list[tuple[str, str]] = []
     train = _drop_bad(train, bad)
     val = _drop_bad(val, bad)
-    split = DataSplit(class_names, train, val, bad)
+    split = DataSplit(class_names, train, val, bad, str(cfg.train), listing, split_from_train=not cfg.val)
     total = len(train) + len(val) + len(bad)
     if bad:
         shown = "; ".join(f"{p}: {why}" for p, why in bad[:3]) + ("; ..." if len(bad) > 3 else "")

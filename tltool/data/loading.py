@@ -35,6 +35,9 @@ class ImageDataset(Dataset):
     def __init__(self, samples: Sequence[Sample], transform: Any) -> None:
         self.samples = list(samples)
         self.transform = transform
+        # Which samples were reported undecodable: in shared memory, so each file is reported once over all
+        # epochs, cycling passes and loader workers (the counts per epoch are the training loop's).
+        self.reported = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -45,7 +48,9 @@ class ImageDataset(Dataset):
         try:
             image = load_image(path)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
-            print(f"warning: skipping {path}: cannot decode ({exc})", file=sys.stderr)
+            if not self.reported[index]:
+                self.reported[index] = True
+                print(f"warning: skipping {path}: cannot decode ({exc}); reported once", file=sys.stderr)
             return None
         if seed is None:
             return self.transform(image), label
@@ -81,6 +86,10 @@ class EpochSampler(Sampler[int]):
 
     `seeded` yields (index, seed) keys instead: the seed of each draw is a function of (seed, epoch, position
     in the epoch's order over all ranks), for ImageDataset's augmentation.
+
+    `drop_single` (a batch size, 0: off): when this rank's part of the epoch would end in a batch of a single
+    sample, that sample is left out (batch norm cannot train on one). The cut depends on the sizes alone, so
+    it is the same at every epoch, on every rank (padded parts are equal) and in a resumed epoch.
     """
 
     def __init__(
@@ -91,10 +100,11 @@ class EpochSampler(Sampler[int]):
         shard: tuple[int, int] = (0, 1),
         pad: bool = True,
         seeded: bool = False,
+        drop_single: int = 0,
     ) -> None:
         self.size, self.seed, self.shuffle, self.epoch, self.skip = size, seed, shuffle, 0, 0
         self.rank, self.world = shard
-        self.pad, self.seeded = pad, seeded
+        self.pad, self.seeded, self.drop_single = pad, seeded, drop_single
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
@@ -107,21 +117,31 @@ class EpochSampler(Sampler[int]):
         return torch.randperm(self.size, generator=generator).tolist()
 
     def indices(self) -> list[int]:
-        """This rank's part of the epoch's order."""
+        """This rank's part of the epoch's order (without a last sample that `drop_single` leaves out)."""
         order = self.order()
-        if self.world == 1:
-            return order
-        if self.pad and order:
-            missing = -len(order) % self.world
-            order = order + (order * (missing // len(order) + 1))[:missing]
-        return order[self.rank :: self.world]
+        if self.world > 1:
+            if self.pad and order:
+                missing = -len(order) % self.world
+                order = order + (order * (missing // len(order) + 1))[:missing]
+            order = order[self.rank :: self.world]
+        return order[: self.shard_size()]
 
-    def shard_size(self) -> int:
+    def full_shard_size(self) -> int:
+        """Samples this rank draws per epoch, before `drop_single`."""
         if self.world == 1:
             return self.size
         if self.pad:
             return math.ceil(self.size / self.world) if self.size else 0
         return len(range(self.rank, self.size, self.world))
+
+    def dropped(self) -> int:
+        """1 when this rank's last batch would hold a single sample and `drop_single` leaves it out, else 0."""
+        size = self.full_shard_size()
+        return int(self.drop_single > 1 and size > 1 and size % self.drop_single == 1)
+
+    def shard_size(self) -> int:
+        """Samples this rank draws per epoch."""
+        return self.full_shard_size() - self.dropped()
 
     def __iter__(self) -> Iterator[Any]:
         shard = self.indices()
@@ -144,8 +164,16 @@ class CyclingSampler(EpochSampler):
     EpochSampler, `skip` resumes it mid-epoch and `shard` splits it across ranks.
     """
 
-    def __init__(self, pool: int, seed: int, draws: int, shard: tuple[int, int] = (0, 1), seeded: bool = False) -> None:
-        super().__init__(draws, seed, shuffle=True, shard=shard, pad=True, seeded=seeded)
+    def __init__(
+        self,
+        pool: int,
+        seed: int,
+        draws: int,
+        shard: tuple[int, int] = (0, 1),
+        seeded: bool = False,
+        drop_single: int = 0,
+    ) -> None:
+        super().__init__(draws, seed, shuffle=True, shard=shard, pad=True, seeded=seeded, drop_single=drop_single)
         self.pool = pool
 
     def order(self) -> list[int]:
@@ -166,8 +194,15 @@ class BalancedSampler(EpochSampler):
     splits it across ranks.
     """
 
-    def __init__(self, labels: Sequence[int], seed: int, shard: tuple[int, int] = (0, 1), seeded: bool = False) -> None:
-        super().__init__(len(labels), seed, shuffle=True, shard=shard, pad=True, seeded=seeded)
+    def __init__(
+        self,
+        labels: Sequence[int],
+        seed: int,
+        shard: tuple[int, int] = (0, 1),
+        seeded: bool = False,
+        drop_single: int = 0,
+    ) -> None:
+        super().__init__(len(labels), seed, shuffle=True, shard=shard, pad=True, seeded=seeded, drop_single=drop_single)
         counts = Counter(labels)
         self.weights = torch.tensor([1.0 / counts[label] for label in labels], dtype=torch.float64)
 
@@ -221,6 +256,7 @@ def make_loader(
     shard: tuple[int, int] = (0, 1),
     seeded: bool = False,
     draws: int | None = None,
+    drop_single: bool = False,
 ) -> DataLoader:
     """A loader whose order is a function of (seed, epoch); `balanced` draws classes equally often; `draws`
     makes each epoch that many draws from the samples, pass after shuffled pass (`CyclingSampler`).
@@ -228,14 +264,16 @@ def make_loader(
     `shard=(rank, world)`: this rank's part of each epoch (training loaders, `shuffle`, are padded to
     equal parts; evaluation loaders see each sample exactly once over all ranks). `seeded`: every draw's
     random transform is seeded by the sampler (training and augmented-view loaders). Workers persist
-    across epochs (no fork and dataset copy per epoch) and prefetch two batches each.
+    across epochs (no fork and dataset copy per epoch) and prefetch two batches each. `drop_single`: an
+    epoch part that would end in a batch of one sample leaves it out (training with batch norm; `EpochSampler`).
     """
+    single = batch_size if drop_single else 0
     if draws is not None:
-        sampler: EpochSampler = CyclingSampler(len(samples), seed, draws, shard=shard, seeded=seeded)
+        sampler: EpochSampler = CyclingSampler(len(samples), seed, draws, shard, seeded, drop_single=single)
     elif balanced:
-        sampler = BalancedSampler([label for _, label in samples], seed, shard=shard, seeded=seeded)
+        sampler = BalancedSampler([label for _, label in samples], seed, shard, seeded, drop_single=single)
     else:
-        sampler = EpochSampler(len(samples), seed, shuffle=shuffle, shard=shard, pad=shuffle, seeded=seeded)
+        sampler = EpochSampler(len(samples), seed, shuffle, shard, pad=shuffle, seeded=seeded, drop_single=single)
     workers = resolve_num_workers(num_workers)
     return DataLoader(
         ImageDataset(samples, transform),
