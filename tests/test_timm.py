@@ -311,16 +311,17 @@ def test_freezing_keeps_batch_norm_in_eval_and_gradual_unfreezing_opens_timm_sta
 # --- runs: feature cache, resume, export --------------------------------------------------------------
 
 
-def vit_run(run_dir: Path, dataset: Path, *extra: str, resume: str | None = None) -> dict:
-    overrides = run_overrides(run_dir, dataset, "model.backbone=timm/test_vit", "train.optimizer=sgd", *extra)
-    return finetune(load_config(None, overrides), resume=resume, quiet=True)
+def vit_run(run_dir: Path, dataset: Path, *extra: str, backbone: str = "timm/test_vit") -> dict:
+    overrides = run_overrides(run_dir, dataset, f"model.backbone={backbone}", "train.optimizer=sgd", *extra)
+    return finetune(load_config(None, overrides), quiet=True)
 
 
-def test_cached_features_equal_the_uncached_forward(tmp_path: Path, dataset: Path) -> None:
+@pytest.mark.parametrize("backbone", ["timm/test_resnet", "timm/test_vit", "timm/test_coatnet"])
+def test_cached_features_equal_the_uncached_forward(tmp_path: Path, dataset: Path, backbone: str) -> None:
     extra = ("train.epochs=2", "model.head_dropout=0.3")
     assert cache_applies(load_config(None, run_overrides(tmp_path, dataset, *extra)))
-    cached = vit_run(tmp_path / "cached", dataset, *extra)
-    plain = vit_run(tmp_path / "plain", dataset, *extra, "train.feature_cache=off")
+    cached = vit_run(tmp_path / "cached", dataset, *extra, backbone=backbone)
+    plain = vit_run(tmp_path / "plain", dataset, *extra, "train.feature_cache=off", backbone=backbone)
     assert cached["feature_cache"] is not None and plain["feature_cache"] is None
     a = load_checkpoint(tmp_path / "cached" / "checkpoints" / "last.pt").model
     b = load_checkpoint(tmp_path / "plain" / "checkpoints" / "last.pt").model
@@ -328,12 +329,10 @@ def test_cached_features_equal_the_uncached_forward(tmp_path: Path, dataset: Pat
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     # The run's checkpoint as model.weights of a new run: backbone and head reused (same classes), its preprocessing.
     checkpoint = load_checkpoint(tmp_path / "cached" / "checkpoints" / "last.pt")
-    cfg = load_config(
-        None, ["model.backbone=timm/test_vit", f"model.weights={tmp_path / 'cached/checkpoints/last.pt'}"]
-    )
+    cfg = load_config(None, [f"model.backbone={backbone}", f"model.weights={tmp_path / 'cached/checkpoints/last.pt'}"])
     reused = build_model(cfg.model, cfg.data, 3, checkpoint.class_names)
     assert same(reused.model.state_dict(), checkpoint.model) and reused.preprocess.to_dict() == checkpoint.preprocess
-    assert reused.arch["kwargs"] == {"img_size": 32}
+    assert reused.arch["kwargs"] == checkpoint.arch["kwargs"]  # (fixed-size families: img_size 32)
 
 
 @pytest.mark.slow
@@ -378,9 +377,10 @@ def test_cli_resume_is_bitwise_and_the_checkpoint_keeps_timms_preprocessing(
 
 
 @pytest.mark.slow  # (the ONNX export of a ViT takes ~30 s on 2 loaded cores)
-def test_onnx_export_parity(tmp_path: Path, dataset: Path, cli: CliRunner) -> None:
+@pytest.mark.parametrize("backbone", ["timm/test_resnet", "timm/test_vit", "timm/test_coatnet"])
+def test_onnx_export_parity(tmp_path: Path, dataset: Path, cli: CliRunner, backbone: str) -> None:
     pytest.importorskip("onnxruntime")
-    vit_run(tmp_path / "run", dataset, "train.epochs=1")
+    vit_run(tmp_path / "run", dataset, "train.epochs=1", backbone=backbone)
     checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
     result = cli.invoke(app, ["export", str(checkpoint), "--format", "onnx"])
     assert result.exit_code == 0, result.output
