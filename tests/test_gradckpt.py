@@ -151,3 +151,18 @@ def test_a_frozen_backbone_says_once_that_nothing_is_checkpointed(tmp_path: Path
     finetune(load_config(None, overrides), dry_run=True)
     out = capsys.readouterr()
     assert (out.out + out.err).count("train.grad_checkpointing: the backbone never trains") == 1
+
+
+def test_under_bf16_autocast_and_channels_last_too() -> None:
+    """The recompute runs under the forward's autocast state: the same bf16 gradients and statistics."""
+    plain, checkpointed = (m.to(memory_format=torch.channels_last) for m in (resnet18(), resnet18()))
+    gradckpt.enable_grad_checkpointing(checkpointed.backbone)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    for model in (plain, checkpointed):
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(images)
+        nn.functional.cross_entropy(logits.float(), labels).backward()
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+    assert_same(plain.state_dict(), checkpointed.state_dict())

@@ -9,8 +9,9 @@ statistics (and `num_batches_tracked`) twice per step: other statistics than wit
 resume that is no longer exact. The recompute therefore runs in a context that snapshots the stage's
 batch-norm buffers on entry and copies them back on exit (also when torch stops a recompute early), so the
 buffers end each step bitwise as without checkpointing. Dropout's random draws are replayed by
-`preserve_rng_state`. timm's own `set_grad_checkpointing()` has no such hook (its ResNets, EfficientNets
-... carry batch norm), so timm backbones are wrapped here too, by timm's own stage groups.
+`preserve_rng_state`. timm's own `set_grad_checkpointing()` has no such hook: with timm 1.0.31 a timm
+resnet18's batch norms count num_batches_tracked=2 after one step. So timm backbones are wrapped here too,
+by timm's own stage groups.
 
 The wrapping replaces the module's `forward` on the instance only: parameter and buffer names, the
 state_dict, checkpoints and exports are unchanged, and a deepcopy (the EMA's copy) stays consistent. A stage
