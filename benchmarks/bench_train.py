@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py            # the full table (make bench)
     python benchmarks/bench_train.py --quick    # a reduced version, under a minute
     python benchmarks/bench_train.py --costs    # only (c), the methods' costs (its figures of the bench line)
+    python benchmarks/bench_train.py --gradckpt # only (d), train.grad_checkpointing's memory and time
 
 (a) throughput: images/s of a plain loop (forward, loss, zero_grad, backward, step; frozen case with the
     backbone in eval mode and requires_grad off) and of tltool's `train_one_epoch`, on the same batches
@@ -24,9 +25,16 @@
       them, in units of one extraction pass over the extra images (features.extract, eval transform), measured
       in the same rounds.
 
+(d) train.grad_checkpointing: a full fine-tune of mobilenet_v2 (no pretrained weights needed: the cost is the
+    same), batch 32 at 128 px (--quick: 16 at 96), AdamW, channels_last (tltool's default layout), fp32: the
+    peak RSS (VmHWM) of a process per setting, with and without checkpointing, and how far it rose above the RSS of the built
+    model; the time per step of both, taken in turn in one process (median of paired ratios). A net with few weights and wide activations (its inverted residuals expand 6x),
+    so the activations are most of the memory; weights, gradients and AdamW state (~56 MB) are the same in both.
+
 It ends with one machine-readable line:
     bench: full_ratio=... full_auto_ratio=... frozen10_speedup=... peak_rss_mb=... mcc_step_ratio=...
-    dann_step_ratio=... adabn_startup_passes=... source_startup_passes=...
+    dann_step_ratio=... adabn_startup_passes=... source_startup_passes=... gradckpt_rss_ratio=...
+    gradckpt_step_ratio=...
 """
 
 from __future__ import annotations
@@ -437,7 +445,80 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB elsewhere
 
 
+def gradckpt_setup(checkpointed: bool, quick: bool):
+    """(d): a full mobilenet_v2 fine-tune (model, AdamW, a batch), with or without checkpointing."""
+    from tltool.gradckpt import enable_grad_checkpointing
+
+    batch, size = (16, 96) if quick else (32, 128)
+    model = build("mobilenet_v2", size, frozen=False, channels_last=True)[1]
+    if checkpointed:
+        enable_grad_checkpointing(model.backbone)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(batch, 3, size, size, generator=generator), torch.randint(0, 10, (batch,))
+
+    def step() -> float:
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    return batch, size, step
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def gradckpt_table(quick: bool) -> dict:
+    """Peak memory: one process per setting (VmHWM over 2 steps, and how far it rose above the RSS before the
+    first step). Time: both settings in this process, steps taken in turn, the median of the paired ratios
+    (the machine's load changes between processes)."""
+    memory = {}
+    for setting in ("plain", "checkpointed"):
+        command = [sys.executable, __file__, "--worker", f"gradckpt-{setting}"] + (["--quick"] if quick else [])
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        memory[setting] = json.loads(done.stdout.strip().splitlines()[-1])
+    batch, size, plain_step = gradckpt_setup(False, quick)
+    ckpt_step = gradckpt_setup(True, quick)[2]
+    plain_step(), ckpt_step()  # warm-up: allocations, AdamW state
+    pairs = [(plain_step(), ckpt_step()) for _ in range(3 if quick else 5)]
+    plain, ckpt = memory["plain"], memory["checkpointed"]
+    row = {
+        "model": "mobilenet_v2",
+        "batch": batch,
+        "px": size,
+        **{f"{k}_{m}": v for k, r in memory.items() for m, v in r.items()},
+        "plain_step_seconds": statistics.median(p for p, _ in pairs),
+        "checkpointed_step_seconds": statistics.median(c for _, c in pairs),
+        "rss_ratio": ckpt["peak_rss_mb"] / plain["peak_rss_mb"],
+        "training_memory_ratio": ckpt["rise_mb"] / plain["rise_mb"],
+        "step_ratio": statistics.median(c / p for p, c in pairs),
+    }
+    print(
+        f"mobilenet_v2 full fine-tune, batch {batch} at {size} px: peak RSS {plain['peak_rss_mb']:.0f} MB -> "
+        f"{ckpt['peak_rss_mb']:.0f} MB (x{row['rss_ratio']:.2f}); its rise above the built model "
+        f"{plain['rise_mb']:.0f} MB -> {ckpt['rise_mb']:.0f} MB (x{row['training_memory_ratio']:.2f}); "
+        f"time per step {row['plain_step_seconds']:.2f} s -> {row['checkpointed_step_seconds']:.2f} s "
+        f"(x{row['step_ratio']:.2f})",
+        flush=True,
+    )
+    return row
+
+
 def run_worker(args: argparse.Namespace) -> None:
+    if args.worker.startswith("gradckpt-"):
+        step = gradckpt_setup(args.worker == "gradckpt-checkpointed", args.quick)[2]
+        before = rss_mb()
+        step(), step()
+        result = {"peak_rss_mb": peak_rss_mb(), "rise_mb": peak_rss_mb() - before}
+        print(json.dumps(result))
+        return
     data = Path(args.data)
     if args.worker == "plain":
         result = frozen_plain_run(data, args.model, args.size, args.epochs)
@@ -502,7 +583,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a reduced version (under a minute)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--costs", action="store_true", help="only (c): what the methods that add images cost")
-    parser.add_argument("--worker", choices=["plain", "tltool"], help=argparse.SUPPRESS)
+    parser.add_argument("--gradckpt", action="store_true", help="only (d): train.grad_checkpointing's memory and time")
+    parser.add_argument(
+        "--worker", choices=["plain", "tltool", "gradckpt-plain", "gradckpt-checkpointed"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -521,6 +605,10 @@ def main() -> None:
             costs = method_costs(args.quick, Path(workdir))
         print("bench: " + cost_figures(costs))
         return
+    if args.gradckpt:
+        row = gradckpt_table(args.quick)
+        print(f"bench: gradckpt_rss_ratio={row['rss_ratio']:.2f} gradckpt_step_ratio={row['step_ratio']:.2f}")
+        return
     print("training images/s, batch 32 (best round; ratios: median over rounds of paired timings):")
     with tempfile.TemporaryDirectory() as workdir:
         rows = throughput_table(args.quick, Path(workdir))
@@ -528,16 +616,20 @@ def main() -> None:
         costs = method_costs(args.quick, Path(workdir))
     print("whole frozen runs:")
     runs = frozen10(args.quick)
+    print("gradient checkpointing (train.grad_checkpointing):")
+    gradckpt = gradckpt_table(args.quick)
     full = [r for r in rows if r["mode"] == "full"]
     resnet_full = [r for r in full if r["model"] == "resnet18"]
     peak = max(max(r["plain_peak_rss_mb"], r["tltool_peak_rss_mb"]) for r in runs)
     line = (
         f"bench: full_ratio={min(r['ratio_same'] for r in full):.2f} "
         f"full_auto_ratio={min(r['ratio_auto'] for r in resnet_full):.2f} "
-        f"frozen10_speedup={min(r['speedup'] for r in runs):.1f} peak_rss_mb={peak:.0f} " + cost_figures(costs)
+        f"frozen10_speedup={min(r['speedup'] for r in runs):.1f} peak_rss_mb={peak:.0f} "
+        + cost_figures(costs)
+        + f" gradckpt_rss_ratio={gradckpt['rss_ratio']:.2f} gradckpt_step_ratio={gradckpt['step_ratio']:.2f}"
     )
     if args.json:
-        results = {"throughput": rows, "frozen10": runs, "method_costs": costs, "line": line}
+        results = {"throughput": rows, "frozen10": runs, "method_costs": costs, "gradckpt": gradckpt, "line": line}
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(line)
 

@@ -139,6 +139,32 @@ def test_demo_method_overrides_validate(demo):
         assert configs[name].train.regularization == "none"
 
 
+def test_demo_recipe_runs_differ_only_by_the_recipe(demo):
+    """make demo-recipe: frozen defaults, the full fine-tune, and the same full fine-tune with the recipe's ideas."""
+    assert demo.parse_args(["--recipe", "--seeds", "3"]).recipe is True and demo.parse_args([]).seeds == 2
+    configs = {
+        name: load_config(REPO / "configs" / "demo_digits.yaml", [*overrides, "run.seed=1"])
+        for name, _, overrides in demo.RECIPE_RUNS
+    }
+    frozen, full, modern = configs["recipe-frozen"], configs["recipe-full"], configs["recipe-modern"]
+    assert frozen.train.freeze == "backbone" and full.train.freeze == modern.train.freeze == "none"
+    assert modern.run.seed == 1 and modern.model == full.model
+    recipe = load_config(REPO / "configs" / "recipe_modern.yaml")
+    assert modern.data.augment == recipe.data.augment and modern.data.random_erasing == recipe.data.random_erasing
+    assert (modern.data.mixup_alpha, modern.data.cutmix_alpha) == (recipe.data.mixup_alpha, recipe.data.cutmix_alpha)
+    assert modern.train.layer_lr_decay == recipe.train.layer_lr_decay and modern.train.ema_decay
+    assert modern.checkpoint.monitor == "val_acc1_ema"
+    # apart from the recipe's keys, the two full fine-tunes are one config
+    recipe_keys = {"augment", "random_erasing", "mixup_alpha", "cutmix_alpha", "layer_lr_decay", "warmup_epochs",
+                   "grad_clip_norm", "ema_decay", "monitor"}  # fmt: skip
+    for section in ("data", "train", "checkpoint", "model"):
+        a, b = getattr(full, section).model_dump(), getattr(modern, section).model_dump()
+        assert {k for k in a if a[k] != b[k]} <= recipe_keys, section
+    runs = [{"acc1": 0.8, "seconds": 10.0}, {"acc1": 0.9, "seconds": 20.0}]
+    table = demo.recipe_table({name: runs for name, _, _ in demo.RECIPE_RUNS})
+    assert "0.850 ± 0.071" in table and "(0.800, 0.900)" in table and table.count("\n") == 4
+
+
 def test_demo_gradual_schedule_fits_mobilenet_v2(demo):
     from tltool.models import build_model
     from tltool.stages import backbone_stages

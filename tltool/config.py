@@ -218,6 +218,9 @@ class TrainConfig(_Section):
     """Stop after this many epochs without improvement of `checkpoint.monitor` (off when empty)."""
     channels_last: Literal["auto", "on", "off"] = Field("auto", examples=["off"])
     """Memory layout of conv nets: channels_last is faster on CPU and CUDA (auto: on except for transformers)."""
+    grad_checkpointing: bool = Field(False, examples=[True])
+    """Keep only each backbone stage's input and recompute the rest in the backward: less activation memory
+    for about one more forward per step; the same gradients and batch-norm statistics (tltool/gradckpt.py)."""
     feature_cache: Literal["auto", "on", "off"] = Field("auto", examples=["off"])
     """Frozen backbone: compute its features once and train the head on them (auto: on when augment is none)."""
     feature_cache_views: int = Field(1, ge=1, le=1000, examples=[5])

@@ -52,6 +52,7 @@ from tltool.ema import WeightEMA, build_ema
 from tltool.errors import CheckpointError, ConfigError, DataError
 from tltool.evaluate import evaluate
 from tltool.features import FeatureCache, build_cache, cache_applies, mixing_turns_cache_off
+from tltool.gradckpt import enable_grad_checkpointing
 from tltool.lpft import init_head_from_probe
 from tltool.models import BuiltModel, build_model, built_from_checkpoint
 from tltool.objective import Objective, build_objective
@@ -473,6 +474,11 @@ def build_session(
     if use_channels_last(cfg.train.channels_last, model):
         # Weights in NHWC; convolutions then run NHWC (the input is converted by the first one).
         model.to(memory_format=torch.channels_last)
+    if cfg.train.grad_checkpointing:  # (before the EMA's copy, before DDP and compile wrap the model)
+        if plan.backbone_ever_trains():
+            enable_grad_checkpointing(model.backbone)
+        else:
+            say(quiet, "train.grad_checkpointing: the backbone never trains (frozen), nothing to checkpoint")
     init_head_from_probe(
         cfg, built, split, device, precision, resumed=resumed is not None, dry_run=dry_run, quiet=quiet
     )
