@@ -120,13 +120,17 @@ BASELINES = (
     Method("source then target", "source-then-target", (), "source-only checkpoint, then the 5 labels"),
 )
 # One line a method. Unsupervised adaptation extends source-only (labelled source + unlabelled target);
-# LP-FT extends source then target; co-training trains on the labels with the source beside them.
+# LP-FT extends source then target; co-training trains on the labels with the source beside them; Co-Tuning
+# extends "target, all layers" (compare the two per seed, --json).
 METHODS = (
     Method("AdaBN", "source", ("adapt.unlabeled={unlabeled}", "adapt.bn_stats=target"), "BN stats of the target"),
     Method("MCC", "source", ("adapt.unlabeled={unlabeled}", "adapt.method=mcc"), "min. class confusion on target"),
     Method("DANN", "source", ("adapt.unlabeled={unlabeled}", "adapt.method=dann"), "domain-adversarial"),
     Method("LP-FT", "source-then-target", ("train.head_init=probe",), "probe head, then fine-tune"),
     Method("co-training", "target", ("source.train={source}",), "labels + labelled source"),
+    # Co-Tuning trains all layers on the 50 labels (its loss reaches the backbone through the ImageNet head), so
+    # its paired baseline is the same run without it: all layers on the labels (target-only trains a head only).
+    Method("target, all layers", "target", (), "5 labels per digit, all layers (Co-Tuning's base)"),
     # (weight 2.3: TLlib's default trade-off; the relation is to ImageNet's classes, little help for digits)
     Method("Co-Tuning", "target", ("train.cotuning_weight=2.3",), "labels + ImageNet classifier relation"),
 )
