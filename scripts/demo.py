@@ -105,11 +105,11 @@ METHOD_RUNS = [
 # are here offline) against tltool's defaults, each for --seeds seeds (run.seed; the data split stays the
 # same). Both full fine-tunes train everything from epoch 1 at the backbone LR x0.01 with ImageNet batch-norm
 # statistics (L2-SP's settings in --methods, the best found there for a run that trains all from epoch 1; at
-# x0.1 the full fine-tune collapsed to chance in its first epoch, 0.097 top-1, as L2-SP did at 1e-3). The recipe adds TrivialAugment
-# (after standard's crop and flip), random erasing 0.25, MixUp 0.8 / CutMix 1.0, layer-wise LR decay 0.7, a
-# 1-epoch warmup, gradient clipping at 1 and an EMA of the weights, best.pt picked by the EMA's top-1. The
-# recipe's EMA decay 0.9998 averages over ~5,000 steps; this run has 70, so 0.95 (~20 steps, a third of the
-# run, by the rule of thumb 1/(1-d)), chosen before any run, as every setting here.
+# x0.1 the full fine-tune collapsed to chance in its first epoch, 0.097 top-1, as L2-SP did at 1e-3). The recipe
+# adds TrivialAugment (after standard's crop and flip), random erasing 0.25, MixUp 0.8 / CutMix 1.0, layer-wise
+# LR decay 0.7, a 1-epoch warmup, gradient clipping at 1 and an EMA of the weights, best.pt picked by the EMA's
+# top-1. The recipe's EMA decay 0.9998 averages over ~5,000 steps; this run has 70, so 0.95 (~20 steps, a third
+# of the run, by the rule of thumb 1/(1-d)), chosen before any run, as every setting here.
 FULL_DEFAULT = [IMAGENET, "train.freeze=none", "train.backbone_lr_mult=0.01", "train.bn_policy=frozen"]
 RECIPE_RUNS = [
     ("recipe-frozen", "frozen backbone (defaults)", []),
