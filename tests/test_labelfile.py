@@ -125,9 +125,13 @@ def test_hidden_rows_are_left_out_and_a_val_file_is_scanned_the_same_way(tmp_pat
     shutil.copy(images / "class_0" / "000.png", images / "class_0" / "._000.png")
     train = write_labels(tmp_path / "train.csv", images)
     val = write_labels(tmp_path / "val.csv", tmp_path / "val")
-    split = scan_data(DataConfig(train=str(train), val=str(val)), seed=0)
-    assert len(split.train) == 8 and len(split.val) == 4 and not split.split_from_train
+    (tmp_path / "val" / "class_1" / "000.png").write_bytes(b"not a png")  # unreadable: skipped, as in a folder
+    split = scan_data(DataConfig(train=str(train), val=str(val), max_bad_fraction=0.5), seed=0)
+    assert len(split.train) == 8 and len(split.val) == 3 and not split.split_from_train
+    assert split.bad == [(str(tmp_path / "val" / "class_1" / "000.png"), "not an image")]
     assert "left out 1 row(s) naming hidden files" in capsys.readouterr().err
+    with pytest.raises(DataError, match="1 unreadable image"):
+        scan_data(DataConfig(train=str(train), val=str(val), on_bad_image="error"), seed=0)
     assert set(split.fingerprint()["folders"]) == {"train", "val"}
 
 
@@ -142,6 +146,9 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     )
     (tmp_path / "unlabelled.csv").write_text("\n".join([rows[0], rows[1].split(",")[0] + ",", *rows[2:]]) + "\n")
     (tmp_path / "other.csv").write_text("\n".join(["filename,class", *rows[1:]]) + "\n")
+    (tmp_path / "latin1.csv").write_bytes(("\n".join([*rows, "images/caf\u00e9.png,class_0"]) + "\n").encode("latin-1"))
+    (tmp_path / "quote.csv").write_text("\n".join([*rows, '"images/class_0/000.png"x,class_0']) + "\n")
+    (tmp_path / "twice.csv").write_text("\n".join([*rows, rows[1].rsplit(",", 1)[0] + ",other"]) + "\n")
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "header.csv").write_text("path,label\n")
     (tmp_path / "semicolon.csv").write_text("\n".join(r.replace(",", ";") for r in rows) + "\n")
@@ -158,6 +165,9 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         ),  # fmt: skip
         "missing": (["data.train=missing.csv"], "5 of 13 listed image(s) do not exist: "),
         "unlabelled": (["data.train=unlabelled.csv"], "1 row(s) with an empty label (line 2)"),
+        "not utf-8": (["data.train=latin1.csv"], "latin1.csv is not UTF-8 text"),
+        "bad quoting": (["data.train=quote.csv"], "quote.csv is not a valid CSV file"),
+        "listed twice": (["data.train=twice.csv"], "1 image(s) listed more than once: "),
         "empty": (["data.train=empty.csv"], "empty.csv is empty — write a header line (path,label)"),
         "header only": (["data.train=header.csv"], "header.csv lists no images"),
         "semicolons": (["data.train=semicolon.csv"], "separated by ';'"),
@@ -166,7 +176,9 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
 
 
 @pytest.mark.parametrize(
-    "case", ["column", "other columns", "missing", "unlabelled", "empty", "header only", "semicolons", "val label"]
+    "case",
+    ["column", "other columns", "missing", "unlabelled", "not utf-8", "bad quoting", "listed twice", "empty",
+     "header only", "semicolons", "val label"],
 )  # fmt: skip
 def test_bad_label_files_are_one_line_exit_2_and_nothing_written(tmp_path: Path, cli: CliRunner, case: str) -> None:
     overrides, says = bad_inputs(tmp_path)[case]
