@@ -167,7 +167,10 @@ def finetune(
 def eval_command(
     checkpoint: CheckpointPath,
     data: Annotated[
-        str | None, typer.Option("--data", help="Folder of class sub-folders; default: the run's val split.")
+        str | None,
+        typer.Option(
+            "--data", help="Folder of class sub-folders or a .csv/.tsv label file; default: the run's val split."
+        ),
     ] = None,
     json_path: Annotated[str | None, typer.Option("--json", help="Also write the metrics to this JSON file.")] = None,
     device: Device = "auto",
@@ -338,15 +341,26 @@ def config_schema() -> None:
     typer.echo(json.dumps(json_schema(), indent=2))
 
 
-@app.command(epilog="Example: tltool doctor data/flowers   |   tltool doctor data/flowers --json > doctor.json")
+@app.command(
+    epilog="Example: tltool doctor data/flowers   |   tltool doctor data/flowers --json > doctor.json"
+    "   |   tltool doctor data/train.csv --val data/val.csv"
+)
 def doctor(
     data_dir: Annotated[
-        str, typer.Argument(help="The dataset: a folder of class sub-folders, or one with train/ and val/ inside.")
+        str,
+        typer.Argument(
+            help="The dataset: a folder of class sub-folders, one with train/ and val/ inside, or a .csv/.tsv file."
+        ),
     ],
     json_output: Annotated[bool, typer.Option("--json", help="Print the findings as JSON (for scripts).")] = False,
     deep: Annotated[
         bool, typer.Option("--deep", help="Decode every image (slower), not only its header: finds truncated files.")
     ] = False,
+    val: Annotated[
+        str | None, typer.Option("--val", help="A label file dataset's validation label file (as data.val).")
+    ] = None,
+    path_column: Annotated[str, typer.Option("--path-column", help="Label files: as data.path_column.")] = "path",
+    label_column: Annotated[str, typer.Option("--label-column", help="Label files: as data.label_column.")] = "label",
 ) -> None:
     """Check a dataset before training: layout, images per class, unreadable files, duplicates, sizes.
 
@@ -355,7 +369,7 @@ def doctor(
     with user_errors():
         from tltool.doctor import diagnose, format_diagnosis
 
-        diagnosis = diagnose(data_dir, deep=deep)
+        diagnosis = diagnose(data_dir, deep=deep, val=val, path_column=path_column, label_column=label_column)
     if json_output:
         import json
 
@@ -376,7 +390,10 @@ def doctor(
 def report(
     run_dir: Annotated[str, typer.Argument(help="A run directory (runs/<name>) written by tltool finetune.")],
     data: Annotated[
-        str | None, typer.Option("--data", help="Folder of class sub-folders; default: the run's val split.")
+        str | None,
+        typer.Option(
+            "--data", help="Folder of class sub-folders or a .csv/.tsv label file; default: the run's val split."
+        ),
     ] = None,
     device: Device = "auto",
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Default: the run's.")] = None,

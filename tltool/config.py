@@ -108,11 +108,19 @@ class RunConfig(_Section):
 
 class DataConfig(_Section):
     train: str | None = Field(None, examples=["data/flowers/train"])
-    """Folder of training images, one sub-folder per class (ImageFolder layout). Required."""
+    """Training images: a folder with one sub-folder per class (ImageFolder layout), or a .csv/.tsv label file
+    (`data.path_column`, `data.label_column`). Required."""
     val: str | None = Field(None, examples=["data/flowers/val"])
-    """Folder of validation images with the same classes; when empty, `data.val_split` of train is held out."""
+    """Validation images with the same classes (a folder or a label file); when empty, `data.val_split` of train
+    is held out."""
     val_split: float = Field(0.2, gt=0.0, lt=1.0, examples=[0.2])
     """Fraction of each class of `data.train` held out for validation when `data.val` is not set (stratified)."""
+    path_column: str = Field("path", min_length=1, examples=["filename"])
+    """Label files: the header of the column of image paths (relative to the file's folder, or absolute)."""
+    label_column: str = Field("label", min_length=1, examples=["class"])
+    """Label files: the header of the column of class names (one per row, not empty)."""
+    classes: list[str] | None = Field(None, examples=[["cat", "dog"]])
+    """The class order (output index of each class): exactly the classes of `data.train`; default: sorted names."""
     image_size: int | None = Field(None, ge=8, le=4096, examples=[224])
     """Side of the square crop fed to the network; default: the pretrained weights' own crop size (often 224)."""
     resize_size: int | None = Field(None, ge=8, le=4096, examples=[256])
@@ -146,6 +154,24 @@ class DataConfig(_Section):
     """Stop before training when more than this fraction of the images is unreadable."""
     sampler: Literal["shuffle", "balanced"] = Field("shuffle", examples=["balanced"])
     """Training order: shuffle (each image once an epoch), balanced (drawn with replacement, classes equally often)."""
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        if len(value) < 2 or not all(name.strip() for name in value):
+            raise ValueError("must list at least 2 class names, none of them empty")
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"lists {', '.join(repeated)} more than once")
+        return value
+
+    @model_validator(mode="after")
+    def _columns(self) -> DataConfig:
+        if self.path_column == self.label_column:
+            raise ValueError(f"data.path_column and data.label_column are both {self.path_column!r}: name two columns")
+        return self
 
     @property
     def mixing(self) -> bool:

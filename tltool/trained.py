@@ -3,7 +3,7 @@
 `open_trained(path, device)` reads a tltool checkpoint (weights_only), rebuilds its model in eval mode on
 `device` and keeps what feeding and judging it takes: the preprocessing, the class names, and the data
 config and seed of the run that trained it. `TrainedModel.samples(data)` gives the images to evaluate it
-on: a `--data` folder, labelled with the checkpoint's class indices, or the run's own val split,
+on: a `--data` folder or label file, labelled with the checkpoint's class indices, or the run's own val split,
 recomputed with `scan_data` from the run's data config and seed (the same stratified split it trained
 with), so eval, report and the export parity check all see the same images.
 """
@@ -21,6 +21,7 @@ from tltool.checkpoint import Checkpoint, load_checkpoint
 from tltool.config import DataConfig
 from tltool.data import Preprocess, Sample, scan_data, scan_eval_folder
 from tltool.data.fingerprint import keep_val_split
+from tltool.data.labelfile import is_label_file
 from tltool.errors import CheckpointError, DataError
 from tltool.models import TransferModel, load_trained_model
 from tltool.wise import wise_weights
@@ -90,13 +91,19 @@ class TrainedModel:
         No readable image is a DataError, unless `allow_empty` (the export parity check then uses random
         pixels).
         """
-        if data:
+        if data and is_label_file(data):  # (read with the run's column names)
+            data_cfg = self.data_config
+            samples = scan_eval_folder(data, self.class_names, data_cfg.path_column, data_cfg.label_column)
+            source = data
+        elif data:
             samples, source = scan_eval_folder(data, self.class_names), data
         else:
             data_cfg = self.data_config
             samples, source = self.run_val_samples(), f"val split of {data_cfg.val or data_cfg.train}"
         if not samples and not allow_empty:
-            raise DataError(f"no images to evaluate in {source}", "give a folder of class sub-folders with --data")
+            raise DataError(
+                f"no images to evaluate in {source}", "give a folder of class sub-folders or a label file with --data"
+            )
         return samples, source
 
 

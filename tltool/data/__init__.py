@@ -2,7 +2,8 @@
 
 One module per responsibility; `from tltool.data import X` names any of their public parts:
 - `images`: which files are images, a cheap header check, decoding to RGB;
-- `folders`: class folders to samples, the stratified val split, unusable images left out;
+- `folders`: class folders (or a label file) to samples, the stratified val split, unusable images left out;
+- `labelfile`: .csv/.tsv label files (a path column, a label column) read and checked as a dataset;
 - `transforms`: `Preprocess` (what the weights and checkpoint carry) and the eval / train transforms;
 - `loading`: the dataset, the seeded and resumable epoch samplers, and the DataLoader.
 - `mixing`: MixUp / CutMix of a training batch (`BatchMixer`), seeded per batch, applied by the loop.
@@ -14,13 +15,14 @@ from tltool.data.folders import (
     DataSplit,
     Sample,
     image_files,
-    is_visible,
     scan_data,
     scan_eval_folder,
     scan_folder,
+    scan_source,
     stratified_split,
 )
-from tltool.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, image_problem, load_image, to_rgb
+from tltool.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, image_problem, is_visible, load_image, to_rgb
+from tltool.data.labelfile import LabelFile, data_root, is_label_file, read_label_file, scan_label_file
 from tltool.data.loading import (
     BalancedSampler,
     CyclingSampler,
@@ -47,20 +49,26 @@ __all__ = [
     "DataSplit",
     "EpochSampler",
     "ImageDataset",
+    "LabelFile",
     "Preprocess",
     "Sample",
     "collate_skip_bad",
+    "data_root",
     "epoch_seed",
     "eval_transform",
     "image_files",
     "image_problem",
+    "is_label_file",
     "is_visible",
     "load_image",
     "make_loader",
+    "read_label_file",
     "resolve_num_workers",
     "scan_data",
     "scan_eval_folder",
     "scan_folder",
+    "scan_label_file",
+    "scan_source",
     "set_loader_epoch",
     "stratified_split",
     "to_rgb",

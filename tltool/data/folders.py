@@ -18,16 +18,12 @@ from pathlib import Path
 
 from tltool.config import DataConfig
 from tltool.data.fingerprint import folder_listing, make_fingerprint, val_keys
-from tltool.data.images import IMAGE_EXTENSIONS, image_problem
+from tltool.data.images import IMAGE_EXTENSIONS, image_problem, is_visible
+from tltool.data.labelfile import data_root, is_label_file, scan_label_file
 from tltool.errors import DataError
 from tltool.files import path_problem
 
 Sample = tuple[str, int]
-
-
-def is_visible(path: Path) -> bool:
-    """False for the entries every folder scan skips: hidden files and folders, `__MACOSX`, `__pycache__`."""
-    return not path.name.startswith((".", "__MACOSX", "__pycache__"))
 
 
 @dataclass
@@ -140,7 +136,7 @@ class DataSplit:
     train: list[Sample]
     val: list[Sample]
     bad: list[tuple[str, str]] = field(default_factory=list)
-    root: str = ""  # data.train, the folder the val split is held out of
+    root: str = ""  # data.train's folder (a label file's own folder): the fingerprint's paths are relative to it
     listing: dict = field(default_factory=dict)  # "train" (and "val") -> class -> file keys and sizes
     split_from_train: bool = True  # data.val_split held val out of data.train (no data.val)
 
@@ -163,28 +159,67 @@ def _drop_bad(samples: list[Sample], bad: list[tuple[str, str]]) -> list[Sample]
     return kept
 
 
-def scan_data(cfg: DataConfig, seed: int) -> DataSplit:
-    """Find the classes and samples of `cfg`, split train/val, and check the images' headers."""
-    if not cfg.train:
-        raise DataError("data.train is not set", "set data.train to a folder of class sub-folders")
-    class_names, train = scan_folder(cfg.train, "data.train")
-    listing = {"train": folder_listing(cfg.train, class_names, train)}
-    if len(class_names) < 2:  # (a classifier of one class is "100%" right without learning anything)
+def scan_source(path: str | Path, key: str, cfg: DataConfig | None = None) -> tuple[list[str], list[Sample]]:
+    """Class names and samples of a dataset given as a folder of class sub-folders or a .csv/.tsv label file
+    (`tltool.data.labelfile`, with `cfg`'s column names): the one place a scan dispatches on the kind."""
+    if is_label_file(path):
+        cfg = cfg or DataConfig()
+        return scan_label_file(path, key, cfg.path_column, cfg.label_column)
+    return scan_folder(path, key)
+
+
+def ordered_classes(
+    classes: list[str], samples: list[Sample], wanted: list[str], key: str, source: str
+) -> tuple[list[str], list[Sample]]:
+    """Re-index `samples` to the class order `wanted` (data.classes, or the train split's), which must name
+    exactly the classes found (a DataError names those only on one side)."""
+    if classes == wanted:
+        return classes, samples
+    missing, extra = sorted(set(wanted) - set(classes)), sorted(set(classes) - set(wanted))
+    if missing or extra:
+        parts = [
+            f"not in {key}: {', '.join(missing)}" if missing else "",
+            f"only in {key}: {', '.join(extra)}" if extra else "",
+        ]
         raise DataError(
-            f"data.train folder {cfg.train} has a single class ({class_names[0]}): a classifier needs at least 2",
-            "add a sub-folder of images per class (e.g. the images that are not " + class_names[0] + ")",
+            f"{key} and {source} have different classes ({'; '.join(p for p in parts if p)})",
+            f"give {key} exactly the classes of {source}",
+        )
+    index = {name: wanted.index(name) for name in classes}
+    return list(wanted), [(path, index[classes[label]]) for path, label in samples]
+
+
+def scan_data(cfg: DataConfig, seed: int) -> DataSplit:
+    """Find the classes and samples of `cfg`, split train/val, and check the images' headers.
+
+    data.train / data.val are each a folder of class sub-folders or a label file (`scan_source`); the class
+    order is sorted, or `data.classes`.
+    """
+    if not cfg.train:
+        raise DataError("data.train is not set", "set data.train to a folder of class sub-folders or a .csv file")
+    class_names, train = scan_source(cfg.train, "data.train", cfg)
+    if cfg.classes is not None:
+        class_names, train = ordered_classes(class_names, train, list(cfg.classes), "data.train", "data.classes")
+    root = data_root(cfg.train)
+    listing = {"train": folder_listing(root, class_names, train)}
+    if len(class_names) < 2:  # (a classifier of one class is "100%" right without learning anything)
+        kind = "label file" if is_label_file(cfg.train) else "folder"
+        raise DataError(
+            f"data.train {kind} {cfg.train} has a single class ({class_names[0]}): a classifier needs at least 2",
+            "add images of another class (e.g. the images that are not " + class_names[0] + ")",
         )
     if cfg.val:
-        val_classes, val = scan_folder(cfg.val, "data.val")
-        if val_classes != class_names:
+        val_classes, val = scan_source(cfg.val, "data.val", cfg)
+        if sorted(val_classes) != sorted(class_names):
             only_train = sorted(set(class_names) - set(val_classes))
             only_val = sorted(set(val_classes) - set(class_names))
             raise DataError(
                 f"data.train and data.val have different classes (only in train: {only_train or 'none'}; "
                 f"only in val: {only_val or 'none'})",
-                "give both the same class sub-folders",
+                "give both the same classes (class sub-folders, or labels)",
             )
-        listing["val"] = folder_listing(cfg.val, class_names, val)
+        _, val = ordered_classes(val_classes, val, class_names, "data.val", "data.train")
+        listing["val"] = folder_listing(data_root(cfg.val), class_names, val)
     else:
         train, val = stratified_split(train, cfg.val_split, seed)
         if not val:
@@ -195,7 +230,7 @@ def scan_data(cfg: DataConfig, seed: int) -> DataSplit:
     bad: list[tuple[str, str]] = []
     train = _drop_bad(train, bad)
     val = _drop_bad(val, bad)
-    split = DataSplit(class_names, train, val, bad, str(cfg.train), listing, split_from_train=not cfg.val)
+    split = DataSplit(class_names, train, val, bad, root, listing, split_from_train=not cfg.val)
     total = len(train) + len(val) + len(bad)
     if bad:
         shown = "; ".join(f"{p}: {why}" for p, why in bad[:3]) + ("; ..." if len(bad) > 3 else "")
@@ -217,9 +252,15 @@ def scan_data(cfg: DataConfig, seed: int) -> DataSplit:
     return split
 
 
-def scan_eval_folder(root: str | Path, class_names: list[str]) -> list[Sample]:
-    """Samples of an evaluation folder, labelled with the checkpoint's class indices."""
-    classes, samples = scan_folder(root, "--data")
+def scan_eval_folder(
+    root: str | Path, class_names: list[str], path_column: str = "path", label_column: str = "label"
+) -> list[Sample]:
+    """Samples of an evaluation folder or label file (with the run's column names), labelled with the
+    checkpoint's class indices."""
+    if is_label_file(root):
+        classes, samples = scan_label_file(root, "--data", path_column, label_column, fix_keys=False)
+    else:
+        classes, samples = scan_folder(root, "--data")
     unknown = sorted(set(classes) - set(class_names))
     if unknown:
         raise DataError(

@@ -17,6 +17,14 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 
 
+HIDDEN_PREFIXES = (".", "__MACOSX", "__pycache__")  # names every scan skips
+
+
+def is_visible(path: Path) -> bool:
+    """False for the entries every scan skips: hidden files and folders, `__MACOSX`, `__pycache__`."""
+    return not path.name.startswith(HIDDEN_PREFIXES)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB: 16/32-bit scaled (not clipped), alpha composited, CMYK/palette converted."""
     mode = image.mode

@@ -1,10 +1,12 @@
-"""`tltool doctor DATA_DIR`: check a dataset before training, and say what to fix.
+"""`tltool doctor DATA_DIR | TRAIN.csv [--val VAL.csv]`: check a dataset before training, and say what to fix.
 
 It finds the layout (train/ and val|valid|validation|test folders, or one ImageFolder that tltool splits
-with `data.val_split`), counts images per class, and looks for what breaks a run (an empty class, a class in
-one split only, too many unreadable files) or quietly spoils it (duplicates across splits inflate val
-accuracy, heavy imbalance, files that are ignored). It reads the dataset and never writes into it; the
-image checks are the ones training runs (`tltool.data.scan_folder`, `tltool.data.image_problem`).
+with `data.val_split`; or a .csv/.tsv label file, `--val` another for validation), counts images per class,
+and looks for what breaks a run (an empty class, a class in one split only, too many unreadable files; a
+label file's missing paths, empty labels, repeated rows) or quietly spoils it (duplicates across splits
+inflate val accuracy, heavy imbalance, files that are ignored). It reads the dataset and never writes into
+it; the image checks are the ones training runs (`tltool.data.scan_folder`, `tltool.data.read_label_file`,
+`tltool.data.image_problem`).
 
 One module per step: `scan` (what the dataset holds), `checks` (what is wrong with it), `text` (the
 report); `findings` holds what they pass along. `diagnose` runs them in order.
@@ -18,9 +20,18 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tltool.doctor.checks import check_classes, check_duplicates, check_files, check_links, check_unreadable, suggest
+from tltool.data.labelfile import is_label_file
+from tltool.doctor.checks import (
+    check_classes,
+    check_duplicates,
+    check_files,
+    check_links,
+    check_listed_twice,
+    check_unreadable,
+    suggest,
+)
 from tltool.doctor.findings import Diagnosis, Finding, SplitReport
-from tltool.doctor.scan import find_duplicates, find_layout, inspect_file, scan_split
+from tltool.doctor.scan import find_duplicates, find_layout, inspect_file, scan_label_split, scan_split
 from tltool.doctor.text import bar, format_diagnosis
 from tltool.errors import DataError
 from tltool.files import path_problem
@@ -41,26 +52,55 @@ def _stats(values: Sequence[int]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
-def diagnose(root: str | Path, workers: int = 8, deep: bool = False) -> Diagnosis:
+def diagnose(
+    root: str | Path,
+    workers: int = 8,
+    deep: bool = False,
+    val: str | Path | None = None,
+    path_column: str = "path",
+    label_column: str = "label",
+) -> Diagnosis:
     """Inspect the dataset at `root` and return every finding (nothing is written anywhere).
 
+    `root` is a folder (class sub-folders, or train/ val/ inside) or a .csv/.tsv label file (`val`: the
+    validation label file, if any; `path_column`, `label_column`: as data.path_column, data.label_column).
     With `deep` every image is decoded (slower: the whole dataset is read), so truncated and corrupt files
     that pass the header check are counted as unreadable too.
     """
     root = Path(root)
-    problem = path_problem(root, "folder")
-    if problem is not None:
-        raise DataError(f"{root} {problem}", "give the folder of your images (class sub-folders, or train/ val/)")
-    layout, folders, other_folders = find_layout(root)
-    diagnosis = Diagnosis(root=str(root), layout=layout, deep=deep)
     keys = {"train": "data.train", "val": "data.val", "test": "--data"}
     files_by_split: dict[str, list[str]] = {}
-    for name, folder in folders.items():
-        report, files, failure = scan_split(name, folder, keys[name])
-        diagnosis.splits.append(report)
-        files_by_split[name] = files
-        if failure is not None:
-            diagnosis.problems.append(Finding(failure.code, failure.message, failure.fix, [str(folder)]))
+    other_folders: list[str] = []
+    if val is not None and not is_label_file(root):
+        raise DataError(
+            "--val is for a label file dataset", "give the train label file first: doctor train.csv --val val.csv"
+        )
+    if is_label_file(root):
+        folders = {"train": root} | ({"val": Path(val)} if val is not None else {})
+        diagnosis = Diagnosis(root=str(root), layout="labelfile", deep=deep)
+        for name, file in folders.items():
+            if not is_label_file(file):
+                raise DataError(f"{keys[name]} {file} is not a .csv or .tsv file", "give a label file to --val")
+            report, files, problems, warnings = scan_label_split(name, file, keys[name], path_column, label_column)
+            diagnosis.splits.append(report)
+            files_by_split[name] = files
+            diagnosis.problems += problems
+            diagnosis.warnings += warnings
+        check_listed_twice(diagnosis)
+    else:
+        problem = path_problem(root, "folder")
+        if problem is not None:
+            raise DataError(
+                f"{root} {problem}", "give the folder of your images (class sub-folders, or train/ val/) or a .csv file"
+            )
+        layout, folders, other_folders = find_layout(root)
+        diagnosis = Diagnosis(root=str(root), layout=layout, deep=deep)
+        for name, folder in folders.items():
+            report, files, failure = scan_split(name, folder, keys[name])
+            diagnosis.splits.append(report)
+            files_by_split[name] = files
+            if failure is not None:
+                diagnosis.problems.append(Finding(failure.code, failure.message, failure.fix, [str(folder)]))
     if other_folders:
         diagnosis.warnings.append(
             Finding(
@@ -83,7 +123,8 @@ def diagnose(root: str | Path, workers: int = 8, deep: bool = False) -> Diagnosi
     check_classes(diagnosis)
     training = [info for name in ("train", "val") for info in infos.get(name, [])]
     check_unreadable(diagnosis, training, infos.get("test", []))
-    check_duplicates(diagnosis, find_duplicates(all_infos, workers), folders)
+    unique = list({info.path: info for info in all_infos}.values())  # (a file two label files list: check_listed_twice)
+    check_duplicates(diagnosis, find_duplicates(unique, workers), folders)
     check_files(diagnosis)
     check_links(diagnosis)
     readable = [i for i in all_infos if i.problem is None]
@@ -95,5 +136,5 @@ def diagnose(root: str | Path, workers: int = 8, deep: bool = False) -> Diagnosi
             "modes": dict(Counter(i.mode for i in readable).most_common()),
             "formats": dict(Counter(i.format or "?" for i in readable).most_common()),
         }
-    suggest(diagnosis, folders, training)
+    suggest(diagnosis, folders, training, path_column, label_column)
     return diagnosis

@@ -29,7 +29,7 @@ def check_classes(diagnosis: Diagnosis) -> None:
                     "empty_class",
                     f"{report.name}: class folder(s) without images: {', '.join(report.empty_classes)}",
                     f"add images or remove the folder(s) from {report.path}",
-                    [str(Path(report.path) / c) for c in report.empty_classes],
+                    [report.class_path(c) for c in report.empty_classes],
                 )
             )
     train, val, test = diagnosis.split("train"), diagnosis.split("val"), diagnosis.split("test")
@@ -47,7 +47,7 @@ def check_classes(diagnosis: Diagnosis) -> None:
                     "one_split_class",
                     "train and val have different classes (" + "; ".join(p for p in parts if p) + ")",
                     "give both splits the same class folders (add the missing ones or remove the extra ones)",
-                    [str(Path(train.path) / c) for c in only_train] + [str(Path(val.path) / c) for c in only_val],
+                    [train.class_path(c) for c in only_train] + [val.class_path(c) for c in only_val],
                 )
             )
     if train is not None and test is not None and train.class_counts and test.class_counts:
@@ -59,7 +59,7 @@ def check_classes(diagnosis: Diagnosis) -> None:
                     "test_class_unknown",
                     f"test has classes that train lacks: {', '.join(unknown)} (tltool eval --data refuses them)",
                     "remove them from test or add training images for them",
-                    [str(Path(test.path) / c) for c in unknown],
+                    [test.class_path(c) for c in unknown],
                 )
             )
     if train is None or not train.class_counts:
@@ -72,7 +72,7 @@ def check_classes(diagnosis: Diagnosis) -> None:
                 "no_usable_images",
                 f"train: every image of class(es) {', '.join(unusable)} is unreadable",
                 "replace the unreadable files with intact copies",
-                [str(Path(train.path) / c) for c in unusable],
+                [train.class_path(c) for c in unusable],
             )
         )
     counts = {c: n for c, n in usable.items() if n > 0}
@@ -109,7 +109,7 @@ def check_classes(diagnosis: Diagnosis) -> None:
                     "class_without_val",
                     f"class(es) with a single image get no validation image: {', '.join(single)}",
                     "add images of them",
-                    [str(Path(train.path) / c) for c in single],
+                    [train.class_path(c) for c in single],
                 )
             )
 
@@ -168,7 +168,10 @@ def _listed(items: Sequence[str]) -> str:
     return "; ".join(items[:SHOWN_PATHS]) + ("; ..." if len(items) > SHOWN_PATHS else "")
 
 
-def _split_and_class(path: str, folders: dict[str, Path]) -> tuple[str, str]:
+def _split_and_class(path: str, folders: dict[str, Path], diagnosis: Diagnosis | None = None) -> tuple[str, str]:
+    for report in diagnosis.splits if diagnosis is not None else []:
+        if path in report.labels:
+            return report.name, report.labels[path]
     for name, folder in folders.items():
         try:
             return name, Path(path).relative_to(folder).parts[0]
@@ -180,12 +183,12 @@ def _split_and_class(path: str, folders: dict[str, Path]) -> tuple[str, str]:
 def check_duplicates(diagnosis: Diagnosis, groups: list[list[str]], folders: dict[str, Path]) -> None:
     """Exact copies: across splits they leak val into train; within one, they weigh double or clash in label."""
     for group in groups:
-        where = [_split_and_class(path, folders) for path in group]
+        where = [_split_and_class(path, folders, diagnosis) for path in group]
         if len({split for split, _ in where}) > 1:
             diagnosis.duplicates_across.append(group)
         else:
             diagnosis.duplicates_within.append(group)
-    clashes = [g for g in groups if len({_split_and_class(p, folders)[1] for p in g}) > 1]
+    clashes = [g for g in groups if len({_split_and_class(p, folders, diagnosis)[1] for p in g}) > 1]
     copies = (
         (
             "duplicate_across_splits",
@@ -240,11 +243,46 @@ def check_files(diagnosis: Diagnosis) -> None:
             )
 
 
-def suggest(diagnosis: Diagnosis, folders: dict[str, Path], training: Sequence[FileInfo]) -> None:
+def check_listed_twice(diagnosis: Diagnosis) -> None:
+    """Label files: an image that both train and val list is trained on and scored (val accuracy is inflated)."""
+    train, val = diagnosis.split("train"), diagnosis.split("val")
+    if train is None or val is None:
+        return
+    both = sorted(set(train.labels) & set(val.labels))
+    if both:
+        diagnosis.warnings.append(
+            Finding(
+                "duplicate_across_splits",
+                f"{len(both)} image(s) are listed in both {train.path} and {val.path} (val accuracy is inflated), "
+                f"e.g. {both[0]}",
+                "delete their rows from one of the two files",
+                both,
+            )
+        )
+
+
+def suggest(
+    diagnosis: Diagnosis,
+    folders: dict[str, Path],
+    training: Sequence[FileInfo],
+    path_column: str = "path",
+    label_column: str = "label",
+) -> None:
     """The config keys (KEY=VALUE overrides) that point tltool at this dataset."""
     if "train" not in folders:
         return
-    if diagnosis.layout == "splits":
+    if diagnosis.layout == "labelfile":
+        diagnosis.suggestions.append(f"data.train={folders['train']}")
+        if "val" in folders:
+            diagnosis.suggestions.append(f"data.val={folders['val']}")
+        else:
+            diagnosis.suggestions.append(f"data.val_split={DataConfig().val_split:g}")
+        defaults = DataConfig()
+        if path_column != defaults.path_column:
+            diagnosis.suggestions.append(f"data.path_column={path_column}")
+        if label_column != defaults.label_column:
+            diagnosis.suggestions.append(f"data.label_column={label_column}")
+    elif diagnosis.layout == "splits":
         diagnosis.suggestions.append(f"data.train={folders['train']}")
         if "val" in folders:
             diagnosis.suggestions.append(f"data.val={folders['val']}")

@@ -31,14 +31,23 @@ class SplitReport:
     loose_images: int = 0
     repeated_links: list[str] = field(default_factory=list)  # folder links not followed again (loops)
     outside_links: list[str] = field(default_factory=list)  # folder links that lead outside the split folder
+    labels: dict[str, str] = field(default_factory=dict, repr=False)  # a label file's images -> class (not in JSON)
 
     @property
     def num_images(self) -> int:
         return sum(self.class_counts.values())
 
+    def class_of(self, path: str) -> str:
+        """The class of one of this split's images: its label file row, or its class folder."""
+        return self.labels[path] if self.labels else Path(path).relative_to(self.path).parts[0]
+
+    def class_path(self, name: str) -> str:
+        """Where a class lives, for a finding's paths: its folder, or the label file that lists it."""
+        return self.path if self.labels or Path(self.path).is_file() else str(Path(self.path) / name)
+
     def usable_counts(self) -> dict[str, int]:
         """Images per class that pass the header check (what training would keep)."""
-        bad = Counter(Path(path).relative_to(self.path).parts[0] for path, _ in self.unreadable)
+        bad = Counter(self.class_of(path) for path, _ in self.unreadable)
         return {name: count - bad[name] for name, count in self.class_counts.items()}
 
 
@@ -47,7 +56,7 @@ class Diagnosis:
     """Everything `tltool doctor` found. `problems` break training; `warnings` are worth a look."""
 
     root: str
-    layout: str  # "splits" (train/ + val/...) or "single" (one ImageFolder, split by data.val_split)
+    layout: str  # "splits" (train/ + val/...), "single" (one ImageFolder, split by data.val_split), "labelfile"
     splits: list[SplitReport] = field(default_factory=list)
     classes_only_in: dict[str, list[str]] = field(default_factory=dict)
     imbalance_ratio: float | None = None
@@ -71,6 +80,7 @@ class Diagnosis:
         """A JSON-safe dict (`tltool doctor --json`)."""
         out = asdict(self)
         for split, report in zip(out["splits"], self.splits, strict=True):
+            del split["labels"]
             split["num_images"] = report.num_images
             split["unreadable"] = [{"path": p, "reason": why} for p, why in report.unreadable]
         out["ok"] = self.ok

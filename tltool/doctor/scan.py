@@ -17,6 +17,7 @@ from PIL import Image
 
 from tltool.data import IMAGE_EXTENSIONS, image_files, is_visible, load_image, scan_folder
 from tltool.data.folders import file_problem, walk_images
+from tltool.data.labelfile import SHOWN, read_label_file
 from tltool.doctor.findings import FileInfo, Finding, SplitReport
 from tltool.errors import DataError
 
@@ -75,6 +76,75 @@ def scan_split(name: str, folder: Path, key: str) -> tuple[SplitReport, list[str
     report.empty_classes = [c for c, files in files_by_class.items() if not files]
     report.ignored_files, report.loose_images = _ignored_files(folder, classes)
     return report, [f for files in files_by_class.values() for f in files], None
+
+
+def scan_label_split(
+    name: str, file: Path, key: str, path_column: str, label_column: str
+) -> tuple[SplitReport, list[str], list[Finding], list[Finding]]:
+    """One split given as a label file, read as training reads it (`tltool.data.read_label_file`): its report,
+    its images, and the problems and warnings of its rows, every one of them (training stops at the first)."""
+    report = SplitReport(name=name, path=str(file))
+    try:
+        labels = read_label_file(file, key, path_column, label_column)
+    except DataError as exc:
+        return report, [], [Finding("label_file", exc.what, exc.fix, [str(file)])], []
+    report.labels = {row.path: row.label for row in labels.rows}
+    report.class_counts = dict(sorted(Counter(report.labels.values()).items()))
+    problems, warnings = [], []
+    lines = ", ".join
+    if labels.empty_paths:
+        problems.append(
+            Finding(
+                "empty_paths",
+                f"{name}: {len(labels.empty_paths)} row(s) of {file} have no path (line "
+                f"{lines(map(str, labels.empty_paths[:SHOWN]))}{', ...' if len(labels.empty_paths) > SHOWN else ''})",
+                "fill in the image path of each row or delete the row",
+                [str(file)],
+            )
+        )
+    if labels.empty_labels:
+        problems.append(
+            Finding(
+                "empty_labels",
+                f"{name}: {len(labels.empty_labels)} row(s) of {file} have an empty label (line "
+                f"{lines(map(str, labels.empty_labels[:SHOWN]))}{', ...' if len(labels.empty_labels) > SHOWN else ''})",
+                "give every image its class name, or delete the rows of unlabelled images",
+                [str(file)],
+            )
+        )
+    if labels.missing:
+        problems.append(
+            Finding(
+                "missing_files",
+                f"{name}: {len(labels.missing)} image(s) listed in {file} do not exist, e.g. "
+                + lines(f"{row.path} (line {row.line})" for row in labels.missing[:SHOWN]),
+                f"fix the paths (relative ones are taken from {file.parent}) or delete those rows",
+                [row.path for row in labels.missing],
+            )
+        )
+    if labels.repeated:
+        problems.append(
+            Finding(
+                "repeated_rows",
+                f"{name}: {len(labels.repeated)} image(s) are listed more than once in {file}, e.g. "
+                + lines(f"{p} (lines {', '.join(map(str, n))})" for p, n in list(labels.repeated.items())[:SHOWN]),
+                "list each image once, with its one class",
+                list(labels.repeated),
+            )
+        )
+    if labels.hidden:
+        warnings.append(
+            Finding(
+                "hidden_files",
+                f"{name}: {len(labels.hidden)} row(s) of {file} name hidden files and are left out, e.g. "
+                + lines(row.path for row in labels.hidden[:SHOWN]),
+                "delete those rows (hidden files such as ._name.jpg are not images)",
+                [row.path for row in labels.hidden],
+            )
+        )
+    if not labels.rows and not problems:
+        problems.append(Finding("no_classes", f"{name}: {file} lists no images", "add a row per image", [str(file)]))
+    return report, list(report.labels), problems, warnings
 
 
 def _class_folders(folder: Path) -> list[str]:

@@ -27,11 +27,14 @@ def _finding_lines(finding: Finding, mark: str) -> list[str]:
 
 def format_diagnosis(diagnosis: Diagnosis) -> str:
     """The human report: layout, a bar per class and split, image statistics, problems, warnings, suggestions."""
-    layout = (
-        "splits: " + ", ".join(f"{s.name} = {Path(s.path).name}/" for s in diagnosis.splits)
-        if diagnosis.layout == "splits"
-        else "one folder of classes (tltool holds out data.val_split of each class for validation)"
-    )
+    if diagnosis.layout == "splits":
+        layout = "splits: " + ", ".join(f"{s.name} = {Path(s.path).name}/" for s in diagnosis.splits)
+    elif diagnosis.layout == "labelfile":
+        layout = "label file(s): " + ", ".join(f"{s.name} = {Path(s.path).name}" for s in diagnosis.splits)
+        if diagnosis.split("val") is None:
+            layout += " (tltool holds out data.val_split of each class for validation)"
+    else:
+        layout = "one folder of classes (tltool holds out data.val_split of each class for validation)"
     lines = [f"dataset {diagnosis.root}", f"layout  {layout}"]
     for report in diagnosis.splits:
         if not report.class_counts:
