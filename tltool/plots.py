@@ -223,6 +223,12 @@ def lr_find_figure(
     ax.axvline(suggestion, color="tab:red", label=f"suggested {suggestion:.3g} ({rule})")
     ax.axvline(minimum_over_10, color="tab:gray", linestyle=":", label=f"minimum / 10: {minimum_over_10:.3g}")
     ax.set_xscale("log")
+    finite = [value for value in smoothed if math.isfinite(value)]
+    if finite:  # y spans the smoothed loss from its start down to its minimum: the diverging tail leaves upward
+        lowest = min(finite)
+        highest = max(finite[: finite.index(lowest) + 1])
+        pad = 0.1 * (highest - lowest) or 0.1 * abs(highest) or 1.0
+        ax.set_ylim(lowest - pad, highest + 3 * pad)
     ax.set_xlabel("learning rate (train.lr; each group at its configured multiple)")
     ax.set_ylabel("training loss (objective)")
     ax.legend(fontsize="small")
