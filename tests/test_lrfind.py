@@ -172,3 +172,19 @@ def test_bad_input_is_one_line_and_exit_2(
     assert all(line.startswith("  ") for line in lines[1:])  # (a config's problems: one indented line each)
     assert "Traceback" not in result.output
     assert not run_dir.exists()
+
+
+def test_the_figure_is_log_x_with_the_suggestion_marked(cli: CliRunner) -> None:
+    from tltool.plots import lr_find_figure
+
+    lrs = lr_schedule(1e-5, 1.0, 11)
+    smoothed = [2.0, 2.0, 1.9, 1.5, 1.0, 0.8, 0.7, 0.9, 1.5, 3.0, 9.0]
+    figure = lr_find_figure(lrs, smoothed, smoothed, 1e-3, 1e-2, RULE)
+    ax = figure.axes[0]
+    assert ax.get_xscale() == "log"
+    marked = {line.get_label().split(" ")[0]: line.get_xdata()[0] for line in ax.get_lines()[2:]}
+    assert marked == {"suggested": 1e-3, "minimum": 1e-2}
+    bottom, top = ax.get_ylim()  # from the start down to the minimum; the diverging tail leaves the figure
+    assert bottom < 0.7 and 2.0 < top < 3.0
+    result = cli.invoke(app, ["lr-find", "--help"])
+    assert result.exit_code == 0 and "Example: tltool lr-find" in result.output
