@@ -432,6 +432,37 @@ def baseline(
 
 
 @app.command(
+    "lr-find",
+    epilog="Example: tltool lr-find configs/mobilenet_v2_frozen.yaml data.train=data/flowers --out lr-find/flowers",
+)
+def lr_find(
+    config: ConfigPath,
+    overrides: Overrides = None,
+    start: Annotated[float, typer.Option("--start", help="First learning rate (train.lr) of the range.")] = 1e-7,
+    end: Annotated[float, typer.Option("--end", help="Last learning rate of the range.")] = 10.0,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps from --start to --end (exponential).")] = 100,
+    out: Annotated[
+        str | None,
+        typer.Option("--out", help="Folder for lr_find.png/.json/.csv; default lr-find/<run.name> (never the run's)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the result lines.")] = False,
+) -> None:
+    """LR range test on the run's real session (model, freeze plan, feature cache, optimizer groups, loss terms):
+    the LR grows exponentially per step; stops when the smoothed loss passes 4x its minimum.
+
+    Prints the steepest-descent suggestion (and the minimum / 10) and the override to use. Writes nothing into
+    the run directory and saves no model.
+    """
+    with user_errors():
+        from tltool.lrfind import check_range, format_result, run_lr_find
+
+        check_range(start, end, steps)
+        cfg = _load_run_config(config, overrides)
+        result = run_lr_find(cfg, start, end, steps, out, quiet, echo=typer.echo)
+        typer.echo(format_result(result))
+
+
+@app.command(
     epilog="Example: tltool models 'resnet*'   |   tltool models mobilenet --json > models.json   |   "
     "tltool models 'timm/convnext*'"
 )

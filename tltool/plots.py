@@ -23,18 +23,18 @@ CELL_NUMBERS_UP_TO = 30  # classes; above that the confusion matrix shows colour
 DPI = 100
 
 
-def require_matplotlib() -> None:
+def require_matplotlib(command: str = "tltool report") -> None:
     """Fail now, with the install line, when matplotlib is missing (call it before a long run that reports)."""
-    _figure(1, 1)
+    _figure(1, 1, command)
 
 
-def _figure(width: float, height: float) -> Figure:
+def _figure(width: float, height: float, command: str = "tltool report") -> Figure:
     """A matplotlib Figure on an Agg canvas (no pyplot, no display); a clear error without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise ReportError("tltool report needs matplotlib", "pip install 'tltool[plots]'") from None
+        raise ReportError(f"{command} needs matplotlib", "pip install 'tltool[plots]'") from None
     figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
@@ -203,6 +203,36 @@ def errors_figure(errors: Sequence[dict[str, Any]], columns: int = 4) -> Figure:
             color="tab:red",
         )
     figure.suptitle("most confidently wrong images", fontsize=11)
+    return figure
+
+
+def lr_find_figure(
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    smoothed: Sequence[float],
+    suggestion: float,
+    minimum_over_10: float,
+    rule: str,
+) -> Figure:
+    """`tltool lr-find`'s curve: the loss per step (faint) and its smoothed value against the LR (log x), the
+    suggestion (solid line, by `rule`) and the minimum / 10 (dotted)."""
+    figure = _figure(7, 4.5, "tltool lr-find")
+    ax = figure.subplots()
+    ax.plot(lrs, losses, color="tab:blue", alpha=0.25, linewidth=1, label="loss per step")
+    ax.plot(lrs, smoothed, color="tab:blue", linewidth=2, label="smoothed (EMA 0.98, bias-corrected)")
+    ax.axvline(suggestion, color="tab:red", label=f"suggested {suggestion:.3g} ({rule})")
+    ax.axvline(minimum_over_10, color="tab:gray", linestyle=":", label=f"minimum / 10: {minimum_over_10:.3g}")
+    ax.set_xscale("log")
+    finite = [value for value in smoothed if math.isfinite(value)]
+    if finite:  # y spans the smoothed loss from its start down to its minimum: the diverging tail leaves upward
+        lowest = min(finite)
+        highest = max(finite[: finite.index(lowest) + 1])
+        pad = 0.1 * (highest - lowest) or 0.1 * abs(highest) or 1.0
+        ax.set_ylim(lowest - pad, highest + 3 * pad)
+    ax.set_xlabel("learning rate (train.lr; each group at its configured multiple)")
+    ax.set_ylabel("training loss (objective)")
+    ax.legend(fontsize="small")
+    ax.set_title("LR range test")
     return figure
 
 

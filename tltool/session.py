@@ -178,6 +178,27 @@ class TrainingSession:
         if self.world.is_main:  # one line now, not a failed save hours later
             check_run_directory(self.run_dir, self.checkpoint_bytes(), copies=2)
         self.state.history = prepare_run_directory(cfg, split.class_names, self.state.epoch, self.world.is_main)
+        self.prepare_inputs(self.run_dir / "feature_cache")
+        in_epoch = self.state.in_epoch
+        say(
+            self.quiet,
+            f"run {self.run_dir}: {cfg.model.backbone} ({self.built.weights_source}), {len(split.class_names)} "
+            f"classes, {len(split.train)} train / {len(split.val)} val images, {self.device} {self.precision}"
+            + (f", resumed at epoch {self.state.epoch + 1}" if self.resumed is not None else "")
+            + (f" batch {in_epoch.batches_done + 1}" if in_epoch is not None else "")
+            + (
+                f"; {self.world.world_size} processes x batch {cfg.data.batch_size} = global batch "
+                f"{self.world.world_size * cfg.data.batch_size}"
+                if self.world.enabled
+                else ""
+            ),
+        )
+
+    def prepare_inputs(self, cache_dir: Path) -> None:
+        """The first epoch's inputs (cached backbone features when the backbone is frozen then, stored under
+        `cache_dir` past train.feature_cache_memory_mb, else images) and Co-Tuning's relation. Writes nothing
+        else: `start()` calls it for a run, `tltool lr-find` (lrfind.py) with a folder of its own."""
+        cfg, split = self.cfg, self.split
         if cache_applies(cfg) and self.plan.head_only(self.state.epoch):
             built = self.built
             extras = {}
@@ -190,7 +211,7 @@ class TrainingSession:
                 extras["source"] = (self.source.samples, self.image_streams["source"].seed, None)
             self.cache = build_cache(
                 cfg, self.model, built.weights_source, built.preprocess, split.train, split.val, self.device,
-                self.precision, self.run_dir / "feature_cache", extras,
+                self.precision, cache_dir, extras,
             )  # fmt: skip
             if cfg.data.sampler == "balanced":  # the same class-balanced draw over the cached features
                 sampler = BalancedSampler(self.cache.train.labels.tolist(), cfg.run.seed, shard=self.world.shard)
@@ -225,20 +246,6 @@ class TrainingSession:
                 + f" in batches of {cfg.data.batch_size} would end in a batch of one, which batch norm cannot "
                 "train on: each epoch leaves its last drawn image out (another one each epoch)",
             )
-        in_epoch = self.state.in_epoch
-        say(
-            self.quiet,
-            f"run {self.run_dir}: {cfg.model.backbone} ({self.built.weights_source}), {len(split.class_names)} "
-            f"classes, {len(split.train)} train / {len(split.val)} val images, {self.device} {self.precision}"
-            + (f", resumed at epoch {self.state.epoch + 1}" if self.resumed is not None else "")
-            + (f" batch {in_epoch.batches_done + 1}" if in_epoch is not None else "")
-            + (
-                f"; {self.world.world_size} processes x batch {cfg.data.batch_size} = global batch "
-                f"{self.world.world_size * cfg.data.batch_size}"
-                if self.world.enabled
-                else ""
-            ),
-        )
 
     def _select_inputs(self, cached: bool) -> None:
         if cached:
@@ -415,12 +422,19 @@ def _to_cpu(value: Any) -> Any:
 
 
 def build_session(
-    cfg: Config, resume: str | None = None, quiet: bool = False, dry_run: bool = False, changed_data: bool = False
+    cfg: Config,
+    resume: str | None = None,
+    quiet: bool = False,
+    dry_run: bool = False,
+    changed_data: bool = False,
+    read_only: bool = False,
 ) -> TrainingSession:
     """The session of a run: a new one, or the one `resume` ("auto" or a checkpoint path) continues.
 
     `changed_data` (--resume-changed-data): resume even though the data differs from the checkpoint's
-    fingerprint (runstate.resume_data says what changed and which split the run keeps).
+    fingerprint (runstate.resume_data says what changed and which split the run keeps). `read_only`: the
+    caller trains but never calls `start()` nor writes the run directory (`tltool lr-find`), so a run already
+    there is no obstacle.
 
     Raises RunFinished when the checkpoint already trained every epoch. Writes nothing: `start()` does.
     """
@@ -433,7 +447,7 @@ def build_session(
     world, device = distributed.setup(cfg.run.device, cfg.run.dist_timeout_s)
     quiet = quiet or not world.is_main  # only rank 0 prints and writes
     configure_backends(device)
-    resumed = open_resume(cfg, resume, split.class_names, world, dry_run, quiet)
+    resumed = open_resume(cfg, resume, split.class_names, world, dry_run or read_only, quiet)
     where = run_directory(cfg) / "checkpoints" / "last.pt" if resume in (None, "auto") else resume
     if resumed is not None:  # the data the checkpoint trained on, or a one-line refusal saying what changed
         split = resume_data(resumed, split, changed_data, str(where), quiet)

@@ -137,11 +137,14 @@ def train_one_epoch(
     progress: tqdm | None = None,
     stop: StopRequest | None = None,
     save: Callable[[], None] | None = None,
-) -> dict[str, Any]:
+    on_batch: Callable[[torch.Tensor, bool], bool] | None = None,
+) -> dict[str, Any] | None:
     """One pass over the session's `train` stream: forward, loss terms, backward, (clip), step, schedule.
 
     The stream yields the batches from `state.in_epoch.batches_done` on (a resumed epoch starts mid-way);
     `save()` is called every `checkpoint.every_n_steps` optimizer steps and when a stop is requested.
+    `on_batch(objective, ends_step)` sees each trained batch's objective before its backward; when it returns
+    True the pass ends there, before that backward, and returns None (`tltool lr-find`'s range test, lrfind.py).
     """
     model, optimizer, scaler, state = session.model, session.optimizer, session.scaler, session.state
     scheduler, forward, objective, device = session.scheduler, session.forward, session.objective, session.device
@@ -250,6 +253,8 @@ def train_one_epoch(
                         outputs = StepOutputs(logits.float(), labels, images=images)
                     outputs.targets = targets
                     value, terms = objective(outputs)
+                if on_batch is not None and on_batch(value.detach(), steps_now):
+                    return None
                 hits = (logits.argmax(dim=1) == labels).sum()
                 values = torch.stack([value.detach(), *(term.detach() for term in terms), hits]).to(sum_dtype(device))
                 pending.append((index, labels.numel(), values))
