@@ -4,6 +4,10 @@ through finetune's per-epoch hook, and continuing an interrupted sweep without r
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,13 +153,13 @@ def test_a_sweep_samples_in_range_runs_trials_as_runs_and_writes_best_yaml_and_p
 
 
 def test_the_sampler_is_seeded_from_run_seed(tmp_path: Path, base) -> None:
-    def params(out: str, seed: int) -> list[dict]:
-        run_tune(None, [*base, "train.epochs=1", f"run.seed={seed}", *SPACE], 2, out=out, echo=lambda _: None)
+    def params(out: str, seed: int, trials: int) -> list[dict]:
+        run_tune(None, [*base, "train.epochs=1", f"run.seed={seed}", *SPACE], trials, out=out, echo=lambda _: None)
         return [t.params for t in study_of(tmp_path / out).trials]
 
-    first = params("a", 0)
-    assert params("b", 0) == first
-    assert params("c", 1) != first
+    first = params("a", 0, 2)
+    assert params("b", 0, 2) == first
+    assert params("c", 1, 1) != first[:1]
 
 
 def test_pruning_stops_a_trial_after_its_epoch_saved(tmp_path: Path, base) -> None:
@@ -188,7 +192,7 @@ def test_an_interrupted_sweep_continues_without_rerunning_finished_trials(tmp_pa
 
     monkeypatch.setattr(tltool.train, "finetune", interrupted_in_second_trial)
     with pytest.raises(Interrupted) as caught:
-        run_tune(None, [*base, *SPACE], 3, out="sw", echo=lambda _: None, command="tltool tune again")
+        run_tune(None, [*base, "train.epochs=1", *SPACE], 3, out="sw", echo=lambda _: None, command="tltool tune again")
     assert caught.value.exit_code == 130 and "continue the sweep with: tltool tune again" in caught.value.message()
     out = tmp_path / "sw"
     assert states(out) == ["COMPLETE", "FAIL"]
@@ -197,7 +201,7 @@ def test_an_interrupted_sweep_continues_without_rerunning_finished_trials(tmp_pa
 
     calls.clear()
     interrupt_at.clear()
-    run_tune(None, [*base, *SPACE], 3, out="sw", echo=lambda _: None)
+    run_tune(None, [*base, "train.epochs=1", *SPACE], 3, out="sw", echo=lambda _: None)
     study = study_of(out)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert calls == ["sw/trial-0002", "sw/trial-0003"]  # trial 0 was not run again
@@ -206,22 +210,51 @@ def test_an_interrupted_sweep_continues_without_rerunning_finished_trials(tmp_pa
     assert sorted(p.name for p in out.glob("trial-*")) == ["trial-0000", "trial-0002", "trial-0003"]
 
     calls.clear()  # finished: the same command again runs nothing
-    run_tune(None, [*base, *SPACE], 3, out="sw", echo=lambda _: None)
+    run_tune(None, [*base, "train.epochs=1", *SPACE], 3, out="sw", echo=lambda _: None)
     assert calls == [] and len(study_of(out).trials) == 4
 
 
-def test_a_trial_left_running_by_a_killed_sweep_is_marked_failed_and_run_again(tmp_path: Path, base) -> None:
-    run_tune(None, [*base, "train.epochs=1", *SPACE], 1, out="sw", echo=lambda _: None)
-    study = study_of(tmp_path / "sw")  # kill -9 in trial 1: it stays RUNNING in the study, its values drawn
-    trial = study.ask()
-    killed = {"train.lr": trial.suggest_float("train.lr", 1e-4, 1e-1, log=True),
-              "train.label_smoothing": trial.suggest_categorical("train.label_smoothing", [0, 0.1])}  # fmt: skip
+# A sweep killed with SIGKILL in trial 1, once its first epoch is saved (no handler, no cleanup: the trial
+# stays RUNNING in study.db, the sweep's lock file names a dead process).
+KILLED_SWEEP = """
+import os, signal, sys
+import tltool.train
+from tltool.tune import run_tune
+
+real, calls = tltool.train.finetune, []
+
+def finetune(cfg, **kwargs):
+    calls.append(cfg)
+    if len(calls) == 2:
+        report = kwargs["on_epoch"]
+        kwargs["on_epoch"] = lambda record: (report(record), os.kill(os.getpid(), signal.SIGKILL))
+    return real(cfg, **kwargs)
+
+tltool.train.finetune = finetune
+run_tune(None, sys.argv[1:], 3, out="sw")
+"""
+
+
+def test_a_sweep_killed_in_a_trial_continues_it_as_a_new_trial_and_keeps_the_finished_one(tmp_path, base) -> None:
+    items = [*base, *SPACE]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", KILLED_SWEEP, *items], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    out = tmp_path / "sw"
+    assert states(out) == ["COMPLETE", "RUNNING"]
+    killed = study_of(out).trials[1]
+    assert len((out / "trial-0001" / "metrics.jsonl").read_text().splitlines()) == 1
+    first_run = {p.name: p.stat().st_mtime_ns for p in (out / "trial-0000").rglob("*")}
+
     lines: list[str] = []
-    run_tune(None, [*base, "train.epochs=1", *SPACE], 2, out="sw", echo=lines.append)
-    trials = study_of(tmp_path / "sw").trials
-    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
-    assert trials[2].params == killed
+    run_tune(None, items, 3, out="sw", echo=lines.append)
+    trials = study_of(out).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[2].params == killed.params and trials[2].user_attrs["retry_of"] == 1
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "trial-0000").rglob("*")} == first_run  # not rerun
     assert "continuing the sweep in sw: 1 trial(s) finished, trial(s) 1 interrupted: run again" in lines
+    assert sorted(p.name for p in out.glob("trial-*")) == [f"trial-000{i}" for i in range(4)]
 
 
 def test_a_sweep_directory_of_another_space_is_refused(cli, tmp_path: Path, base) -> None:
