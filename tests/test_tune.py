@@ -125,7 +125,8 @@ def test_a_range_the_config_refuses_is_one_line(cli, tmp_path: Path, base, item:
 
 def test_a_sweep_samples_in_range_runs_trials_as_runs_and_writes_best_yaml_and_plots(cli, tmp_path: Path, base):
     config = write_config(tmp_path / "base.yaml", base)
-    result = cli.invoke(app, ["tune", str(config), "--trials", "3", *SPACE, "data.batch_size=int(4,8)", "--out", "sw"])
+    (tmp_path / "space.yaml").write_text("data:\n  batch_size: int(4, 8)\n")
+    result = cli.invoke(app, ["tune", str(config), "--trials", "3", *SPACE, "--space", "space.yaml", "--out", "sw"])
     assert result.exit_code == 0, result.output
     out = tmp_path / "sw"
     study = study_of(out)
@@ -212,6 +213,29 @@ def test_an_interrupted_sweep_continues_without_rerunning_finished_trials(tmp_pa
     calls.clear()  # finished: the same command again runs nothing
     run_tune(None, [*base, "train.epochs=1", *SPACE], 3, out="sw", echo=lambda _: None)
     assert calls == [] and len(study_of(out).trials) == 4
+
+
+def test_a_trial_that_fails_on_its_own_is_counted_and_not_rerun(tmp_path: Path, base, monkeypatch) -> None:
+    import tltool.train
+
+    real, calls = tltool.train.finetune, []
+
+    def diverging_first_trial(cfg, **kwargs):
+        calls.append(cfg.run.output_dir)
+        if len(calls) == 1:  # as train_one_epoch reports a non-finite loss
+            raise TrainingError("the loss became nan at epoch 1, batch 1", "lower train.lr")
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(tltool.train, "finetune", diverging_first_trial)
+    lines: list[str] = []
+    items = [*base, "train.epochs=1", *SPACE]
+    run_tune(None, items, 2, out="sw", echo=lines.append)
+    assert states(tmp_path / "sw") == ["FAIL", "COMPLETE"]
+    assert any(line.startswith("trial 0: ") and line.endswith("failed, the loss became nan at epoch 1, batch 1")
+               for line in lines), lines  # fmt: skip
+    calls.clear()
+    run_tune(None, items, 2, out="sw", echo=lambda _: None)  # 2 finished (one failed on its own): nothing to run
+    assert calls == [] and states(tmp_path / "sw") == ["FAIL", "COMPLETE"]
 
 
 # A sweep killed with SIGKILL in trial 1, once its first epoch is saved (no handler, no cleanup: the trial

@@ -421,7 +421,7 @@ def run_tune(
                 return "pruned" if trial.should_prune() else None
 
             try:
-                summary = finetune(cfg, quiet=True, config_path=str(config_path), on_epoch=on_epoch)
+                summary = finetune(cfg, quiet=True, config_path=str(config_path or "<config>"), on_epoch=on_epoch)
             except Interrupted:
                 raise
             except TrainingError as exc:  # (this trial's own failure, e.g. a non-finite loss at its LR)
