@@ -308,6 +308,57 @@ def predict(
         check_some_readable(results)
 
 
+@app.command(
+    epilog="Example: tltool tune configs/mobilenet_v2_frozen.yaml data.train=data/flowers --trials 20 "
+    "'train.lr=loguniform(1e-4,1e-1)' 'train.label_smoothing=choice(0,0.1)' --out runs/flowers-tune"
+)
+def tune(
+    config: ConfigPath,
+    items: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="KEY=DIST items of the search space: loguniform(a,b), uniform(a,b), int(a,b), choice(a,b,...) "
+            "(values read as YAML); any other KEY=VALUE overrides the base config for every trial.",
+            show_default=False,
+        ),
+    ] = None,
+    trials: Annotated[int, typer.Option("--trials", "-n", min=1, help="Trials the sweep runs in all.")] = 20,
+    space: Annotated[
+        str | None,
+        typer.Option(
+            "--space", help="A YAML file of `key: dist(...)` lines (the command line's items win).", show_default=False
+        ),  # fmt: skip
+    ] = None,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="The sweep's directory (study.db, trial-NNNN/, best.yaml); default: runs/<run.name>-tune.",
+            show_default=False,
+        ),  # fmt: skip
+    ] = None,
+    metric: Annotated[
+        str, typer.Option("--metric", help="The per-epoch metric to optimize (losses are minimized).")
+    ] = "val_acc1",
+) -> None:
+    """Sweep hyperparameters with Optuna (TPE sampler, median pruning per epoch); each trial a normal run.
+
+    The study is kept in OUT/study.db: the same command again continues an interrupted sweep (finished trials
+    are kept; one that was running is run again). Writes OUT/best.yaml, ready for `tltool finetune`, and plots.
+    """
+    with user_errors():
+        import shlex
+
+        from tltool.catalog import BACKBONE_NAMES
+        from tltool.tune import format_result, run_tune
+
+        command = shlex.join(["tltool", *sys.argv[1:]]) if sys.argv[1:2] == ["tune"] else "the same tltool tune command"
+        result = run_tune(config, items or [], trials, space, out, metric, names=BACKBONE_NAMES, echo=typer.echo,
+                          command=command)  # fmt: skip
+        typer.echo(format_result(result))
+
+
 @config_app.command("show", epilog="Example: tltool config show configs/resnet50_full.yaml train.lr=1e-4")
 def config_show(config: ConfigPath, overrides: Overrides = None) -> None:
     """Print the resolved config (file + overrides + every default) as YAML."""

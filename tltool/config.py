@@ -588,6 +588,11 @@ def _did_you_mean(loc: Sequence[Any]) -> str:
     return f"did you mean '{close[0]}'?" if close else "see `tltool config init` for every key"
 
 
+def did_you_mean(key: str) -> str:
+    """The suggestion for an unknown dotted key, e.g. "did you mean 'train.lr'?" (as the config's own errors say)."""
+    return _did_you_mean(key.split("."))
+
+
 def _format_errors(error: ValidationError) -> list[str]:
     lines = []
     for item in error.errors():

@@ -339,6 +339,7 @@ def finetune(
     config_path: str = "<config>",
     overrides: list[str] | None = None,
     resume_changed_data: bool = False,
+    on_epoch: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `cfg.model` on `cfg.data`; returns the run summary (also written to summary.json).
 
@@ -369,7 +370,7 @@ def finetune(
             from tltool.report import require_matplotlib
 
             require_matplotlib()  # fail now, not after hours of training
-        stopped_early = False
+        stopped_early, stop_reason = False, None
         limit = cfg.run.time_limit_seconds()
         budget = None
         if limit is not None:
@@ -402,6 +403,13 @@ def finetune(
                         stop.out_of_time()
                         stopping = True
                     say(quiet, epoch_line(record, cfg.train.epochs, is_best))
+                    stop_reason = on_epoch(record) if on_epoch is not None else None
+                    if session.world.enabled and distributed.any_rank(stop_reason is not None)[0]:
+                        stop_reason = stop_reason or "stopped by another process"
+                    if stop_reason is not None and state.epoch < cfg.train.epochs:
+                        say(quiet, f"stopped after epoch {state.epoch}: {stop_reason}")
+                        break
+                    stop_reason = None
                     patience = cfg.train.early_stopping_patience
                     if patience is not None and state.bad_epochs >= patience and state.epoch < cfg.train.epochs:
                         say(quiet, f"early stopping: {cfg.checkpoint.monitor} did not improve for {patience} epochs")
@@ -422,7 +430,7 @@ def finetune(
             ) from None
         summary = {
             **run_summary(session, stopped_early),
-            "stop_reason": "early_stopping" if stopped_early else "finished",
+            "stop_reason": stop_reason or ("early_stopping" if stopped_early else "finished"),
         }
         if cfg.train.wise_alpha is not None:  # (every rank: its evaluations are sharded)
             summary["wise"] = finish_wise(session)
