@@ -21,12 +21,13 @@ from tltool import __version__
 from tltool import session as session_module
 from tltool.cli import app
 from tltool.config import load_config
-from tltool.train import finetune
+from tltool.train import Interrupted, finetune
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -114,25 +115,39 @@ class Crash(Exception):
     pass
 
 
-def test_a_crashed_and_resumed_run_logs_each_epoch_once_into_one_mlflow_run(
+def test_a_stopped_then_crashed_run_resumed_logs_each_epoch_once_into_one_mlflow_run(
     tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The crash comes after epoch 2's checkpoint and before its upload: the MLflow run holds epoch 1 only.
-    The resume continues that MLflow run, sends epoch 2 from metrics.jsonl, then 3, and never epoch 1 again."""
+    """SIGTERM during epoch 1's save: the run stops after epoch 1 (logged), the MLflow run KILLED. The resume
+    crashes after epoch 2's checkpoint and before its upload: the MLflow run holds epoch 1 only, FAILED. The
+    second resume continues that MLflow run, sends epoch 2 from metrics.jsonl, then 3, never epoch 1 again."""
     run_dir = tmp_path / "c"
     real_save = session_module.save_atomic
 
-    def crash_after_epoch_2(payload, path):
-        real_save(payload, path)
-        if payload["epoch"] == 2:
-            raise Crash()
+    def fault_after(epoch: int, fault):
+        def save(payload, path):
+            real_save(payload, path)
+            if payload["epoch"] == epoch:
+                fault()
 
-    monkeypatch.setattr(session_module, "save_atomic", crash_after_epoch_2)
-    with pytest.raises(Crash):
+        monkeypatch.setattr(session_module, "save_atomic", save)
+
+    def crash():
+        raise Crash()
+
+    fault_after(1, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(Interrupted) as stopped:
         run(run_dir, dataset, "train.epochs=3")
-    monkeypatch.setattr(session_module, "save_atomic", real_save)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
     saved = json.loads((run_dir / "mlflow.json").read_text())
     client = MlflowClient(tracking_uri=saved["tracking_uri"])
+    assert client.get_run(saved["run_id"]).info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(saved["run_id"], "val_loss")] == [1]
+
+    fault_after(2, crash)
+    with pytest.raises(Crash):
+        run(run_dir, dataset, "train.epochs=3", resume="auto")
+    monkeypatch.setattr(session_module, "save_atomic", real_save)
     crashed = client.get_run(saved["run_id"])
     assert crashed.info.status == "FAILED"  # (finetune's `finally`)
     assert [m.step for m in client.get_metric_history(saved["run_id"], "val_loss")] == [1]
@@ -217,6 +232,23 @@ def test_a_real_mlflow_server_receives_the_run(tmp_path: Path, dataset: Path, mo
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=10)
         log.close()
+
+
+@pytest.mark.slow
+def test_under_torchrun_only_rank_0_logs(tmp_path: Path, dataset: Path) -> None:
+    run_dir = tmp_path / "ddp"
+    overrides = run_overrides(run_dir, dataset, "log.mlflow=true", "train.epochs=1", "data.batch_size=4")
+    config = write_config(tmp_path / "ddp.yaml", overrides)
+    command = [sys.executable, "-m", "tltool", "finetune", str(config), "--nproc", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("mlflow: run ") == 1
+    saved = json.loads((run_dir / "mlflow.json").read_text())
+    client = MlflowClient(tracking_uri=saved["tracking_uri"])
+    experiment = client.get_experiment_by_name("tltool")
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [saved["run_id"]]
+    assert_metrics_equal(client, saved["run_id"], run_dir)  # one value per key: rank 1 sent nothing
 
 
 def test_an_unreachable_or_hanging_tracking_server_is_one_line_before_training(
