@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from tltool import __version__
 from tltool import session as session_module
 from tltool.cli import app
 from tltool.config import load_config
+from tltool.tracking import config_params, record_metrics
 from tltool.train import Interrupted, finetune
 
 mlflow = pytest.importorskip("mlflow")
@@ -34,6 +36,20 @@ REPO = Path(__file__).resolve().parents[1]
 def _no_tracking_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """The developer's own MLFLOW_TRACKING_URI must not send test runs anywhere."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty SQLite store with MLflow's tables made once (its schema migrations take ~5 s per new store)."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def seed_store(run_dir: Path, empty_store: Path) -> None:
+    """Put a copy of `empty_store` where the run's default store goes (mlruns/ beside the run directory)."""
+    (run_dir.parent / "mlruns").mkdir(parents=True)
+    shutil.copyfile(empty_store, run_dir.parent / "mlruns" / "mlflow.db")
 
 
 def run(run_dir: Path, data: Path, *extra: str, resume: str | None = None) -> dict:
@@ -84,7 +100,7 @@ def test_a_run_read_back_from_mlflow_equals_its_run_directory(tmp_path: Path, da
     assert client.get_experiment(mlflow_run.info.experiment_id).name == "exp1"
     assert len(records(run_dir)) == 2
     assert_metrics_equal(client, saved["run_id"], run_dir)
-    # Params: every key of the resolved config.yaml, dotted; each value reads back as the config's (YAML).
+    # Params: every key of the resolved config.yaml, dotted; each value reads back as the config's (JSON).
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     params = mlflow_run.data.params
     expected_keys = {f"{section}.{key}" for section, values in config.items() for key in values}
@@ -92,7 +108,7 @@ def test_a_run_read_back_from_mlflow_equals_its_run_directory(tmp_path: Path, da
     for section, values in config.items():
         for key, value in values.items():
             param = params[f"{section}.{key}"]
-            assert (param if isinstance(value, str) else yaml.safe_load(param)) == value, (section, key)
+            assert (param if isinstance(value, str) else json.loads(param)) == value, (section, key)
     assert params["train.lr"] == "0.01" and params["model.backbone"] == "resnet18" and params["log.mlflow"] == "true"
     tags = mlflow_run.data.tags
     assert tags["tltool.backbone"] == "resnet18" and tags["tltool.version"] == __version__
@@ -116,12 +132,13 @@ class Crash(Exception):
 
 
 def test_a_stopped_then_crashed_run_resumed_logs_each_epoch_once_into_one_mlflow_run(
-    tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path
 ) -> None:
     """SIGTERM during epoch 1's save: the run stops after epoch 1 (logged), the MLflow run KILLED. The resume
     crashes after epoch 2's checkpoint and before its upload: the MLflow run holds epoch 1 only, FAILED. The
     second resume continues that MLflow run, sends epoch 2 from metrics.jsonl, then 3, never epoch 1 again."""
     run_dir = tmp_path / "c"
+    seed_store(run_dir, empty_store)
     real_save = session_module.save_atomic
 
     def fault_after(epoch: int, fault):
@@ -163,7 +180,7 @@ def test_a_stopped_then_crashed_run_resumed_logs_each_epoch_once_into_one_mlflow
 
 
 def test_a_failed_upload_is_a_warning_and_the_epoch_goes_with_the_next(
-    tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, empty_store: Path
 ) -> None:
     real_log_batch = MlflowClient.log_batch
     failures = {"left": 1}
@@ -176,6 +193,7 @@ def test_a_failed_upload_is_a_warning_and_the_epoch_goes_with_the_next(
 
     monkeypatch.setattr(MlflowClient, "log_batch", flaky)
     run_dir = tmp_path / "d"
+    seed_store(run_dir, empty_store)
     run(run_dir, dataset)
     assert "warning: MLflow logging failed" in capsys.readouterr().err and failures["left"] == 0
     saved = json.loads((run_dir / "mlflow.json").read_text())
@@ -183,6 +201,18 @@ def test_a_failed_upload_is_a_warning_and_the_epoch_goes_with_the_next(
     assert_metrics_equal(client, saved["run_id"], run_dir)
     top = {f.path for f in client.list_artifacts(saved["run_id"])}  # (no log.mlflow_checkpoints, no log.report)
     assert "summary.json" in top and "checkpoints" not in top and "report" not in top
+
+
+def test_a_record_becomes_metrics_under_dotted_names_and_the_config_json_params() -> None:
+    record = {"epoch": 2, "val_loss": 0.5, "loss_terms": {"ce": 0.4, "l2sp": 0.1}, "lr_groups": {"a+b": 1e-5},
+              "note": "text", "flag": True}  # fmt: skip
+    assert record_metrics(record) == {
+        "epoch": 2.0, "val_loss": 0.5, "loss_terms.ce": 0.4, "loss_terms.l2sp": 0.1, "lr_groups.a_b": 1e-5, "flag": 1.0
+    }  # fmt: skip
+    params = config_params(load_config(None, ["train.lr=1e-05", "data.mean=[0.5, 0.5, 0.5]"]))
+    assert params["train.lr"] == "1e-05" and params["data.mean"] == "[0.5, 0.5, 0.5]"
+    assert params["run.output_dir"] == "null" and params["run.name"] == "tltool-run"
+    assert load_config(None, [f"{k}={params[k]}" for k in ("train.lr", "data.mean")]).train.lr == 1e-05  # pastes back
 
 
 def free_port() -> int:

@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -123,7 +124,8 @@ def record_metrics(record: dict[str, Any]) -> dict[str, float]:
             for key, inner in value.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), inner)
         elif isinstance(value, bool | int | float):
-            metrics[prefix] = float(value)
+            # (mlflow's name rule; a loss term's or an optimizer group's name could hold another character)
+            metrics[re.sub(r"[^/\w.\- ]", "_", prefix)] = float(value)
 
     walk("", record)
     return metrics
@@ -192,18 +194,17 @@ class MlflowTracker:
                 self.run_id = run.info.run_id
                 self.logged = {int(m.step) for m in self.client.get_metric_history(self.run_id, "epoch")}
                 self._log_params_and_tags(session, run.data.params)
+                experiment = self.client.get_experiment(run.info.experiment_id).name
         except (MlflowException, RequestException, OSError) as exc:
             raise TrackingError(
                 f"MLflow tracking store {self.uri}: {one_line(exc)}",
                 "check the store (or the server's log), or set log.mlflow=false",
             ) from None
-        experiment = self.client.get_experiment(run.info.experiment_id).name
         self.pending = [r for r in session.state.history if r["epoch"] not in self.logged]
         again = f", {len(self.logged)} epoch(s) already logged" if self.logged else ""
         where = f" (mlflow ui --backend-store-uri {self.uri})" if self.store is not None else ""
-        print_line = f"mlflow: run {self.run_id} in experiment '{experiment}' at {self.uri}{again}{where}"
         if not self.quiet:
-            print(print_line, flush=True)
+            print(f"mlflow: run {self.run_id} in experiment '{experiment}' at {self.uri}{again}{where}", flush=True)
         self._upload_pending()
 
     def _open_run(self, cfg: Config, run_dir: Path, resumed: bool) -> Any:
