@@ -265,8 +265,9 @@ def test_a_real_mlflow_server_receives_the_run(tmp_path: Path, dataset: Path, mo
 
 
 @pytest.mark.slow
-def test_under_torchrun_only_rank_0_logs(tmp_path: Path, dataset: Path) -> None:
+def test_under_torchrun_only_rank_0_logs(tmp_path: Path, dataset: Path, empty_store: Path) -> None:
     run_dir = tmp_path / "ddp"
+    seed_store(run_dir, empty_store)
     overrides = run_overrides(run_dir, dataset, "log.mlflow=true", "train.epochs=1", "data.batch_size=4")
     config = write_config(tmp_path / "ddp.yaml", overrides)
     command = [sys.executable, "-m", "tltool", "finetune", str(config), "--nproc", "2"]
