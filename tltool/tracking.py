@@ -168,8 +168,14 @@ class MlflowTracker:
                 client.search_experiments(max_results=1)
         except (MlflowException, RequestException, OSError) as exc:
             where = "MLFLOW_TRACKING_URI" if store is None else "the local store"
+            if "MLFLOW_ALLOW_FILE_STORE" in str(exc):  # mlflow 3 refuses its legacy file store unless told
+                raise TrackingError(
+                    f"MLFLOW_TRACKING_URI={uri} is an MLflow file store, which this mlflow refuses (legacy)",
+                    "use a database, e.g. sqlite:///mlruns.db (`mlflow migrate-filestore` moves old runs), or set "
+                    "MLFLOW_ALLOW_FILE_STORE=true",
+                ) from None
             raise TrackingError(
-                f"cannot reach the MLflow tracking store {uri} ({where}): {one_line(exc)}",
+                f"cannot use the MLflow tracking store {uri} ({where}): {one_line(exc)}",
                 "start the tracking server, or fix or unset MLFLOW_TRACKING_URI (unset: a local store beside the "
                 "runs), or set log.mlflow=false",
             ) from None
