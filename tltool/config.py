@@ -446,6 +446,14 @@ class LogConfig(_Section):
     """Write TensorBoard scalars and hyper-parameters to `<run>/tensorboard` (`tensorboard --logdir runs`)."""
     report: bool = Field(False, examples=[True])
     """Write `<run>/report/` (plots and report.html, as `tltool report`) at the end of the run."""
+    mlflow: bool = Field(False, examples=[True])
+    """Log the run to MLflow (`pip install 'tltool[mlflow]'`): config as params, each metrics.jsonl record as metrics
+    per epoch, tags, summary.json and the report as artifacts. Store: `$MLFLOW_TRACKING_URI`, else
+    `<runs>/mlruns/mlflow.db` (SQLite) beside the run directory; a resumed run continues its MLflow run."""
+    mlflow_experiment: str = Field("tltool", min_length=1, examples=["flowers"])
+    """The MLflow experiment the run is logged in (created when missing); the MLflow run is named after `run.name`."""
+    mlflow_checkpoints: bool = Field(False, examples=[True])
+    """With `log.mlflow`, also upload checkpoints/last.pt, best.pt (and wise.pt) as artifacts at the end of the run."""
 
 
 class Config(_Section):

@@ -42,6 +42,9 @@ RESUMABLE_CHANGES = (
     "log.progress",
     "log.tensorboard",
     "log.report",
+    "log.mlflow",
+    "log.mlflow_experiment",
+    "log.mlflow_checkpoints",
 )
 
 

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ from tltool.runlog import (
 from tltool.runstate import append_metrics, resume_location, run_directory, write_text_atomic
 from tltool.session import RunFinished, TrainingSession, build_session
 from tltool.timelimit import TimeBudget
+from tltool.tracking import MlflowTracker, require_mlflow
 from tltool.transfer import set_train_mode
 from tltool.wise_run import finish_wise
 
@@ -348,10 +350,15 @@ def finetune(
     torchrun (the other ranks write nothing); a dry run takes no lock. `resume_changed_data`: resume even
     though the data changed since the checkpoint (keeping its val split; see runstate.resume_data).
     """
-    writer, lock, started = None, None, time.monotonic()
+    writer, lock, tracker, started = None, None, None, time.monotonic()
     try:
         if not dry_run and distributed.env_rank() == 0:  # (a moved run directory: where the run is now)
-            lock = acquire(run_directory(resume_location(cfg, resume, quiet=True)))
+            run_dir = run_directory(resume_location(cfg, resume, quiet=True))
+            lock = acquire(run_dir)
+            if cfg.log.mlflow:  # (only rank 0 logs) the store answers, in seconds, before anything is built
+                tracker = MlflowTracker.connect(run_dir, quiet)
+        elif cfg.log.mlflow and distributed.env_rank() == 0:
+            require_mlflow()  # (a dry run writes nothing, not even the store)
         try:
             session = build_session(cfg, resume, quiet, dry_run, changed_data=resume_changed_data)
         except RunFinished as done:
@@ -365,6 +372,8 @@ def finetune(
                 print("dry run: nothing trained, nothing written")
             return {"dry_run": True}
         session.start()
+        if tracker is not None:
+            tracker.start(session)
         writer = open_tensorboard(cfg, session.run_dir, state.epoch) if cfg.log.tensorboard and is_main else None
         if cfg.log.report and is_main:
             from tltool.report import require_matplotlib
@@ -390,6 +399,8 @@ def finetune(
                     stop.timed("save", session.save_last)()
                     if is_best:
                         session.save_best()
+                    if tracker is not None:  # (after the save: a logged epoch is never run again)
+                        tracker.log_epoch(record)
                     # A signal that reached one rank during evaluation stops them all; every rank decides on
                     # the agreed flag (one that arrives after this is seen at the next step).
                     stopping = stop.requested
@@ -421,7 +432,11 @@ def finetune(
             reason = stop.reason or "SIGINT"
             if is_main:  # (the state is saved: summary.json says how far the run got and why it stopped)
                 stopped = {**run_summary(session, False), "stop_reason": reason}
+                if tracker is not None:
+                    stopped["mlflow"] = tracker.describe()
                 write_text_atomic(session.run_dir / "summary.json", json.dumps(stopped, indent=2) + "\n")
+                if tracker is not None:  # (a resume reopens it)
+                    tracker.finish(cfg, session.run_dir, "KILLED")
             why = f"run.time_limit {cfg.run.time_limit} reached" if reason == "time_limit" else reason
             raise Interrupted(
                 f"{why}: {exc.what}; {session.checkpoint_dir / 'last.pt'} holds the state",
@@ -432,6 +447,8 @@ def finetune(
             **run_summary(session, stopped_early),
             "stop_reason": stop_reason or ("early_stopping" if stopped_early else "finished"),
         }
+        if tracker is not None:
+            summary["mlflow"] = tracker.describe()
         if cfg.train.wise_alpha is not None:  # (every rank: its evaluations are sharded)
             summary["wise"] = finish_wise(session)
         if not is_main:
@@ -446,8 +463,13 @@ def finetune(
 
             summary["report"] = str(write_report(session.run_dir, device=cfg.run.device))
             say(quiet, f"report written to {summary['report']}")
+        if tracker is not None:
+            report = Path(summary["report"]).parent if "report" in summary else None
+            tracker.finish(cfg, session.run_dir, "FINISHED", report)
         return summary
     finally:
+        if tracker is not None:
+            tracker.close()
         if writer is not None:
             writer.close()
         distributed.teardown()
