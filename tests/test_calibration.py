@@ -260,6 +260,12 @@ def test_calibrate_bad_input_is_one_line_and_leaves_the_checkpoint(
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "o.pt").exists()
 
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    result = cli.invoke(app, ["calibrate", str(plain), "-o", str(notes), "--device", "cpu"])
+    assert result.exit_code == 2 and "exists and is not a checkpoint" in result.output
+    assert notes.read_text() == "keep me"
+
     foreign = tmp_path / "foreign.pt"
     torch.save({"weight": torch.zeros(3)}, foreign)
     foreign_bytes = foreign.read_bytes()

@@ -234,8 +234,14 @@ def run_calibrate(
     from tltool.device import resolve_device
     from tltool.files import check_writable
 
+    from tltool.checkpoint import TORCH_SAVE, archive_entries, archive_kind
+
     source = Path(checkpoint)
     target = Path(output) if output else source
+    if output and target.exists() and not (source.exists() and target.samefile(source)):
+        entries = archive_entries(target) if target.is_file() else None
+        if entries is None or archive_kind(entries) != TORCH_SAVE:  # never replace an image, an export, ...
+            raise CheckpointError(f"-o {target} exists and is not a checkpoint", "give a new path, or a .pt to replace")
     check_writable(target, CheckpointError, "give a writable -o path")
     loaded, logits, labels, where = checkpoint_logits(
         source, data, resolve_device(device, "--device"), batch_size, num_workers

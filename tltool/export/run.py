@@ -321,7 +321,7 @@ def run_export(
         (softmax, "softmax"),
         (dynamic_size, "any size"),
         (wise_alpha is not None, f"WiSE-FT alpha {wise_alpha}"),
-        (base.temperature is not None, f"calibrated temperature {base.temperature:.4g}"),
+        (base.temperature is not None, f"calibrated temperature {base.temperature or 1.0:.4g}"),
     )
     extras = [text for given, text in options if given]
     echo(
