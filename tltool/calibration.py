@@ -231,10 +231,9 @@ def run_calibrate(
     Every problem (not a tltool checkpoint, no images, an unwritable target) is one line before anything
     is written; the checkpoint is replaced atomically, so it is either the old file or the new one.
     """
+    from tltool.checkpoint import TORCH_SAVE, archive_entries, archive_kind
     from tltool.device import resolve_device
     from tltool.files import check_writable
-
-    from tltool.checkpoint import TORCH_SAVE, archive_entries, archive_kind
 
     source = Path(checkpoint)
     target = Path(output) if output else source
