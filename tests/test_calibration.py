@@ -32,8 +32,9 @@ from tltool.checkpoint import load_checkpoint
 from tltool.cli import app
 from tltool.config import load_config
 from tltool.data import eval_transform, load_image
-from tltool.evaluate import run_eval
+from tltool.evaluate import format_report, run_eval
 from tltool.export.spec import ExportSpec
+from tltool.plots import figure_png, reliability_figure
 from tltool.predict import run_predict
 from tltool.train import finetune
 from tltool.trained import open_trained
@@ -113,6 +114,18 @@ def test_reliability_bins_sum_to_torchmetrics_ece() -> None:
     assert from_bins == pytest.approx(expected_calibration_error(probabilities, labels), abs=1e-5)
 
 
+def test_reliability_figure_draws_the_bins() -> None:
+    pytest.importorskip("matplotlib")
+    logits, labels = overconfident_logits()
+    probabilities = logits.softmax(dim=1)
+    bins = reliability_bins(probabilities, labels)
+    figure = reliability_figure(bins, expected_calibration_error(probabilities, labels), 1.5)
+    top, bottom = figure.axes[:2]
+    assert [round(p.get_height(), 6) for p in bottom.patches] == [float(b.count) for b in bins]
+    assert "ECE" in top.get_title() and "T = 1.5" in top.get_title()
+    assert figure_png(figure).startswith(b"\x89PNG")
+
+
 # --- T in the checkpoint, applied everywhere -----------------------------------------------------------
 
 
@@ -147,6 +160,9 @@ def test_checkpoint_without_temperature_behaves_as_before(calibrated: tuple[Path
         assert torch.equal(logits, trained.model.head(trained.model.backbone(pixels)))
     metrics = run_eval(plain, device_name="cpu")
     assert metrics["temperature"] is None and 0.0 <= metrics["ece"] <= 1.0
+    assert f"expected calibration error {metrics['ece']:.4f} (15 bins; not calibrated)" in format_report(
+        metrics, metrics["class_names"]
+    )
 
 
 def test_eval_and_predict_apply_the_temperature(calibrated: tuple[Path, Path, float]) -> None:
@@ -168,12 +184,13 @@ def test_eval_and_predict_apply_the_temperature(calibrated: tuple[Path, Path, fl
 
     before, after = run_eval(plain, device_name="cpu"), run_eval(scaled, device_name="cpu")
     assert after["temperature"] == t and after["acc1"] == before["acc1"]
+    assert "logits / temperature 0.37)" in format_report(after, after["class_names"])
     assert after["confusion_matrix"] == before["confusion_matrix"]
     assert after["loss"] != pytest.approx(before["loss"])
 
 
 def test_exports_apply_the_temperature(calibrated: tuple[Path, Path, float], tmp_path: Path) -> None:
-    import onnxruntime as ort
+    ort = pytest.importorskip("onnxruntime")
 
     _plain, scaled, t = calibrated
     files, pixels = _images(scaled)
