@@ -259,6 +259,8 @@ class Checkpoint:
     raw_model: dict[str, Any] | None = None  # with weights "ema": the optimizer's weights (what a resume trains on)
     # The images trained and validated on (tltool.data.fingerprint): checked on resume. None: older checkpoints.
     data_fingerprint: dict[str, Any] | None = None
+    # Temperature scaling (tltool.calibration): inference divides `model`'s logits by it. None: not calibrated.
+    temperature: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The dict that goes into the file (`torch.save`); read back by `from_dict`."""

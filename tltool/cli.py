@@ -6,6 +6,7 @@ A `TltoolError` becomes one line on stderr and exit code 2; anything else is a b
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -457,6 +458,33 @@ def report(
 
         path = write_report(run_dir, data=data, device=device, batch_size=batch_size, num_workers=num_workers)
         typer.echo(f"report written to {path}")
+
+
+@app.command(epilog="Example: tltool calibrate runs/flowers/checkpoints/best.pt --data data/flowers/val -o cal.pt")
+def calibrate(
+    checkpoint: CheckpointPath,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="Folder of class sub-folders to fit T on; default: the run's val split."),
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Write the calibrated checkpoint here; default: in place.")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    device: Device = "auto",
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Default: the run's.")] = None,
+    num_workers: Annotated[int | None, typer.Option("--num-workers", min=0, help="Default: the run's.")] = None,
+) -> None:
+    """Temperature scaling: fit one T on validation images (min NLL of logits / T) and store it in the checkpoint,
+    which eval, predict and export then apply (probabilities change, the top-1 class does not)."""
+    with user_errors():
+        check_device(device, "--device")
+        from tltool.calibration import run_calibrate
+
+        echo = (lambda line: typer.echo(line, err=True)) if json_out else typer.echo
+        result = run_calibrate(checkpoint, data, output, device, batch_size, num_workers, echo=echo)
+        if json_out:
+            typer.echo(json.dumps({"checkpoint": output or checkpoint, **result.to_dict()}, indent=2))
 
 
 @app.command(

@@ -285,6 +285,9 @@ class TrainConfig(_Section):
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0, examples=[0.9998])
     """Keep an exponential moving average of the weights, ema = d x ema + (1-d) x w after every optimizer step
     (batch-norm statistics too), evaluated every epoch as val_*_ema (off when empty)."""
+    calibrate: bool = Field(False, examples=[True])
+    """Temperature scaling at the end of training: fit one T on the val split's logits (min NLL), store it in
+    last.pt and best.pt; eval, predict and exports then divide the logits by T (argmax unchanged)."""
 
     @field_validator("feature_cache", "channels_last", mode="before")
     @classmethod

@@ -59,7 +59,7 @@ class Teacher(nn.Module):
 def open_teacher(path: str, class_names: list[str], student: Preprocess, device: torch.device) -> Teacher:
     """The teacher of `distill.teacher`, on `device`; one line when it is not a tltool checkpoint or its
     classes differ from the data's."""
-    trained = open_trained(Path(path), device)
+    trained = open_trained(Path(path), device, calibrated=False)  # the KD temperature is distill's own
     if trained.class_names != list(class_names):
         shown = ", ".join(trained.class_names[:10]) + (" ..." if len(trained.class_names) > 10 else "")
         raise CheckpointError(

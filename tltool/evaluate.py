@@ -134,9 +134,12 @@ def evaluate_trained(
     """`evaluate` of a checkpoint's model on `samples`: what `tltool eval` prints and `tltool report` draws.
 
     The images go through the run's eval transform in fp32; the batch size and loader workers default to
-    the run's. Adds `per_class`, `class_names` and `checkpoint` to the metrics, and `outputs` (with each
-    row's sample index) when `per_sample`.
+    the run's. Adds `per_class`, `class_names`, `checkpoint`, the expected calibration error `ece`
+    (calibration.py, 15 bins) and the `temperature` the model's logits were divided by (None: not
+    calibrated), and `outputs` (with each row's sample index) when `per_sample`.
     """
+    from tltool.calibration import ECE_BINS, expected_calibration_error
+
     data_cfg = trained.data_config
     indexed = [(path, index) for index, (path, _label) in enumerate(samples)]
     loader = make_loader(
@@ -155,9 +158,14 @@ def evaluate_trained(
         trained.device,
         resolve_precision("fp32", trained.device),
         len(class_names),
-        per_sample=per_sample,
+        per_sample=True,  # the ECE needs every image's probabilities
         sample_labels=[label for _path, label in samples],
     )
+    outputs = metrics["outputs"] if per_sample else metrics.pop("outputs")
+    metrics["ece"] = expected_calibration_error(outputs.probabilities(), outputs.labels)
+    metrics["ece_bins"] = ECE_BINS
+    temperature = float(getattr(trained.model, "temperature", 1.0))
+    metrics["temperature"] = temperature if temperature != 1.0 else None
     metrics["per_class"] = per_class(metrics["confusion_matrix"], class_names)
     metrics["class_names"] = class_names
     metrics["checkpoint"] = str(trained.path)
@@ -186,8 +194,12 @@ def format_report(metrics: dict[str, Any], class_names: list[str]) -> str:
     lines = [
         f"images {metrics['num_images']}   loss {metrics['loss']:.4f}   "
         f"top-1 {metrics['acc1']:.2%}   top-5 {metrics['acc5']:.2%}",
-        "",
     ]
+    if "ece" in metrics:
+        temperature = metrics.get("temperature")
+        scaled = f"logits / temperature {temperature:.4g}" if temperature is not None else "not calibrated"
+        lines.append(f"expected calibration error {metrics['ece']:.4f} ({metrics.get('ece_bins', 15)} bins; {scaled})")
+    lines.append("")
     width = max(12, *(len(n) for n in class_names))
     lines.append(f"{'class':<{width}}  precision  recall      f1  support")
     for row in metrics["per_class"]:

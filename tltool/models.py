@@ -60,6 +60,9 @@ class TransferModel(nn.Module):
         self.head = head
         # Kept by the unfreeze plan (transfer.py): a frozen backbone needs no autograd graph (less memory and time).
         self.frozen_backbone = False
+        # Temperature scaling (tltool.calibration): forward returns logits / temperature. 1.0 in training; a
+        # calibrated checkpoint's T is set by trained.open_trained, so eval, predict and exports all apply it.
+        self.temperature = 1.0
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's output (without an autograd graph while the backbone is frozen)."""
@@ -69,7 +72,10 @@ class TransferModel(nn.Module):
         return self.backbone(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
+        logits = self.head(self.features(images))
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return logits
 
 
 @dataclass

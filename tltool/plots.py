@@ -236,6 +236,39 @@ def lr_find_figure(
     return figure
 
 
+def reliability_figure(bins: Sequence[Any], ece: float, temperature: float | None = None) -> Figure:
+    """The reliability diagram: each confidence bin's accuracy against its mean confidence (the diagonal is a
+    calibrated model), the gap shaded, and below it how many images fall in each bin.
+
+    `bins` are `calibration.reliability_bins` (lower, upper, count, accuracy, confidence).
+    """
+    figure = _figure(6.5, 7.5)
+    top, bottom = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    filled = [b for b in bins if b.count]
+    width = [b.upper - b.lower for b in bins]
+    lefts = [b.lower for b in bins]
+    top.bar(lefts, [b.accuracy if b.count else 0 for b in bins], width=width, align="edge", color="tab:blue",
+            edgecolor="white", label="accuracy")  # fmt: skip
+    for b in filled:  # the gap between accuracy and confidence: what the ECE sums, weighted by the bin's share
+        low, high = sorted((b.accuracy, b.confidence))
+        top.bar(b.lower, high - low, bottom=low, width=b.upper - b.lower, align="edge", color="tab:red", alpha=0.3,
+                edgecolor="tab:red", hatch="//")  # fmt: skip
+    top.plot([b.confidence for b in filled], [b.accuracy for b in filled], "o", color="black", ms=3,
+             label="(mean confidence, accuracy)")  # fmt: skip
+    top.plot([0, 1], [0, 1], "--", color="gray", label="calibrated")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    scaled = f", logits / T = {temperature:.3g}" if temperature is not None else ", not calibrated"
+    top.set_title(f"reliability diagram: ECE {ece:.4f} ({len(bins)} bins{scaled})")
+    top.legend(loc="upper left", fontsize=8)
+    top.grid(alpha=0.3)
+    bottom.bar(lefts, [b.count for b in bins], width=width, align="edge", color="gray", edgecolor="white")
+    bottom.set_xlabel("confidence (top-1 probability)")
+    bottom.set_ylabel("images")
+    return figure
+
+
 def figure_png(figure: Figure) -> bytes:
     """The figure as PNG bytes."""
     buffer = io.BytesIO()

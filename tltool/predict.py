@@ -5,7 +5,9 @@ metadata_props, TorchScript / ExportedProgram extra files, safetensors header; t
 sidecar when a file lacks it). Images are decoded and resized/cropped exactly as in training and
 `tltool eval` (`tltool.data.load_image` + the eval transform), then normalized here, or handed over as
 uint8 pixels to a file exported with `--include-preprocessing`. An image that cannot be read is
-reported and skipped; the others are still predicted.
+reported and skipped; the others are still predicted. A calibrated model's temperature (calibration.py) is
+applied by the model itself: a checkpoint's through `open_trained`, an export's inside its graph (safetensors:
+by its loader, from the metadata), so the probabilities here are softmax(logits / T).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 It reads the run directory (metrics.jsonl, summary.json, config.yaml, classes.json and the best checkpoint),
 evaluates the checkpoint once on the run's val split (or `--data`), and writes `RUN_DIR/report/`:
-`curves.png`, `confusion_matrix.png`, `per_class.png`, `errors.png` and `report.html`, which embeds them
+`curves.png`, `confusion_matrix.png`, `per_class.png`, `errors.png`, `reliability.png` (calibration.py's
+bins: accuracy against confidence) and `report.html`, which embeds them
 as data URIs (no external file, script or font). Plots are drawn with matplotlib's Agg canvas and the
 object API (no pyplot state, no display needed); matplotlib is the `plots` extra: `pip install tltool[plots]`.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tltool import __version__, files
+from tltool.calibration import ReliabilityBin, reliability_bins
 from tltool.data import Sample
 from tltool.device import resolve_device
 from tltool.errors import CheckpointError, ReportError
@@ -29,6 +31,7 @@ from tltool.plots import (
     errors_figure,
     figure_png,
     per_class_figure,
+    reliability_figure,
     require_matplotlib,
 )
 from tltool.trained import open_trained
@@ -38,7 +41,7 @@ REPORT_WRITE_FIX = "free disk space, or fix the permissions of the run directory
 if TYPE_CHECKING:
     pass
 
-PLOTS = ("curves.png", "confusion_matrix.png", "per_class.png", "errors.png")
+PLOTS = ("curves.png", "confusion_matrix.png", "per_class.png", "errors.png", "reliability.png")
 MAX_ERRORS = 16  # images in errors.png (a 4 x 4 grid)
 
 
@@ -61,6 +64,7 @@ class Evaluation:
     source: str
     metrics: dict[str, Any]
     errors: list[dict[str, Any]] = field(default_factory=list)
+    reliability: list[ReliabilityBin] = field(default_factory=list)  # the confidence bins of the ECE
 
 
 # --- reading the run ---------------------------------------------------------------------------------
@@ -162,7 +166,8 @@ def evaluate_run(
     outputs = metrics.pop("outputs")
     metrics["checkpoint_epoch"] = trained.checkpoint.epoch
     metrics["data"] = source
-    return Evaluation(source, metrics, confident_errors(outputs, samples, trained.class_names))
+    bins = reliability_bins(outputs.probabilities(), outputs.labels, metrics["ece_bins"])
+    return Evaluation(source, metrics, confident_errors(outputs, samples, trained.class_names), bins)
 
 
 # --- HTML --------------------------------------------------------------------------------------------
@@ -232,6 +237,8 @@ def report_html(run: RunFiles, evaluation: Evaluation, images: dict[str, bytes])
         ("top-1 accuracy", f"{metrics['acc1']:.2%}"),
         ("top-5 accuracy", f"{metrics['acc5']:.2%}"),
         ("loss", metrics["loss"]),
+        ("expected calibration error", f"{metrics['ece']:.4f} ({metrics['ece_bins']} bins)"),
+        ("temperature", metrics["temperature"] if metrics["temperature"] is not None else "not calibrated"),
     ]
     classes = run.class_names or metrics["class_names"]
     classes_html = f"<p>{len(classes)} classes: {html.escape(', '.join(classes))}</p>"
@@ -258,6 +265,8 @@ def report_html(run: RunFiles, evaluation: Evaluation, images: dict[str, bytes])
         _img(images["per_class.png"], "precision, recall and F1 per class"),
         classes_html,
         _table(class_rows, ["class", "precision", "recall", "F1", "support"]),
+        "<h2>Calibration</h2>",
+        _img(images["reliability.png"], "reliability diagram: accuracy against confidence per bin"),
         "<h2>Most confidently wrong images</h2>",
         _img(images["errors.png"], "most confidently wrong images"),
         _table(error_rows, ["file", "true", "predicted", "confidence"]) if error_rows else "",
@@ -301,6 +310,9 @@ def write_report(
         "confusion_matrix.png": confusion_figure(evaluation.metrics["confusion_matrix"], class_names),
         "per_class.png": per_class_figure(evaluation.metrics["per_class"]),
         "errors.png": errors_figure(evaluation.errors),
+        "reliability.png": reliability_figure(
+            evaluation.reliability, evaluation.metrics["ece"], evaluation.metrics["temperature"]
+        ),
     }
     images = {name: figure_png(figure) for name, figure in figures.items()}
     # Each file atomically (temp, fsync, rename): a full disk is one line and leaves the previous report's files.

@@ -333,6 +333,35 @@ def train_one_epoch(
     }
 
 
+def calibrate_checkpoints(session: TrainingSession) -> dict[str, Any]:
+    """`train.calibrate`: temperature scaling of last.pt and best.pt on the val split (calibration.py).
+
+    Every rank evaluates its shard of the val split with the checkpoint's uncalibrated model in fp32; the
+    logits are gathered, every rank fits the same T, rank 0 writes it into the checkpoint.
+    """
+    from tltool.calibration import calibrate_run
+    from tltool.checkpoint import load_checkpoint
+    from tltool.device import resolve_precision
+    from tltool.evaluate import evaluate
+    from tltool.models import load_trained_model
+
+    device, num_classes = session.device, len(session.split.class_names)
+
+    def logits_of(path: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        checkpoint = load_checkpoint(path)
+        model = load_trained_model(checkpoint).to(device)  # temperature 1: the raw logits
+        precision = resolve_precision("fp32", device)
+        outputs = evaluate(model, session.image_val, device, precision, num_classes, per_sample=True)["outputs"]
+        parts = distributed.all_gather_objects((outputs.logits, outputs.labels))
+        return checkpoint, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    data = session.cfg.data
+    paths = [session.checkpoint_dir / "last.pt", session.checkpoint_dir / "best.pt"]
+    distributed.barrier()  # rank 0 wrote them
+    where = f"val split of {data.val or data.train}"
+    return calibrate_run(paths, logits_of, where, session.world.is_main, lambda line: say(session.quiet, line))
+
+
 def finetune(
     cfg: Config,
     resume: str | None = None,
@@ -451,6 +480,8 @@ def finetune(
             summary["mlflow"] = tracker.describe()
         if cfg.train.wise_alpha is not None:  # (every rank: its evaluations are sharded)
             summary["wise"] = finish_wise(session)
+        if cfg.train.calibrate:  # (every rank, after wise.pt: T belongs to last.pt's and best.pt's weights only)
+            summary["calibration"] = calibrate_checkpoints(session)
         if not is_main:
             return {**summary, "rank": session.world.rank}  # (the CLI prints rank 0's only)
         write_text_atomic(session.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -107,8 +107,14 @@ class TrainedModel:
         return samples, source
 
 
-def open_trained(path: str | Path, device: torch.device | str = "cpu", wise_alpha: float | None = None) -> TrainedModel:
+def open_trained(
+    path: str | Path, device: torch.device | str = "cpu", wise_alpha: float | None = None, calibrated: bool = True
+) -> TrainedModel:
     """The trained model of the tltool checkpoint at `path`, in eval mode on `device`.
+
+    A calibrated checkpoint's model divides its logits by the checkpoint's temperature (`calibration.py`),
+    unless `calibrated` is False (fitting T needs the raw logits; a distillation teacher keeps its own). With
+    `wise_alpha` no temperature is applied: T was fitted for the checkpoint's weights, not theta(alpha).
 
     With `wise_alpha`, the model is WiSE-FT's theta(alpha) of the checkpoint's starting and fine-tuned weights
     (`wise.wise_weights`: a ConfigError for alpha outside [0, 1], a CheckpointError without theta0).
@@ -120,4 +126,6 @@ def open_trained(path: str | Path, device: torch.device | str = "cpu", wise_alph
         checkpoint = dataclasses.replace(checkpoint, model=wise_weights(checkpoint, wise_alpha, path))
     device = torch.device(device)
     model = load_trained_model(checkpoint).to(device)
+    if calibrated and wise_alpha is None and checkpoint.temperature is not None:
+        model.temperature = float(checkpoint.temperature)
     return TrainedModel(Path(path), checkpoint, model, Preprocess.from_dict(checkpoint.preprocess), device)

@@ -303,13 +303,14 @@ def run_export(
         input_layout=layout,
         softmax=softmax,
         dynamic_size=dynamic_size,
+        temperature=float(model.temperature) if model.temperature != 1.0 else None,  # calibration.py
     )
     specs = {}
     for name in formats:
         if EXPORTERS[name].is_graph:
             specs[name] = dataclasses.replace(base, format=name)
         else:  # weights only: the file describes the plain model that predict rebuilds from it
-            specs[name] = ExportSpec(name, base.class_names, preprocess, base.backbone)
+            specs[name] = ExportSpec(name, base.class_names, preprocess, base.backbone, temperature=base.temperature)
     weights_only = [name for name in formats if not EXPORTERS[name].is_graph]
     if len(formats) > 1 and weights_only and (include_preprocessing or softmax or dynamic_size):
         echo(f"note: {', '.join(weights_only)} holds weights only; the graph options apply to the other formats")
@@ -320,6 +321,7 @@ def run_export(
         (softmax, "softmax"),
         (dynamic_size, "any size"),
         (wise_alpha is not None, f"WiSE-FT alpha {wise_alpha}"),
+        (base.temperature is not None, f"calibrated temperature {base.temperature or 1.0:.4g}"),
     )
     extras = [text for given, text in options if given]
     echo(

@@ -78,10 +78,12 @@ def load_safetensors(path: Path, device: torch.device, echo: Echo) -> LoadedMode
     if left:
         raise CheckpointError(f"{path} lacks tensors its arch needs ({', '.join(left[:3])})", "re-export it")
     model = model.eval().to(device)
+    metadata = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else None
+    if metadata and metadata.get("temperature") is not None:  # a calibrated checkpoint's T (calibration.py)
+        model.temperature = float(metadata["temperature"])
 
     def run(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return model(images.to(device)).cpu()
 
-    metadata = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else None
     return LoadedModel(run, metadata, str(device))

@@ -121,6 +121,9 @@ class ExportSpec:
     input_layout: str = "nchw"
     softmax: bool = False
     dynamic_size: bool = False
+    # Temperature scaling (tltool.calibration): the model's logits are divided by it; None: not calibrated.
+    # Graph formats have the division inside; safetensors (weights only) records it for the loader to apply.
+    temperature: float | None = None
 
     @property
     def output_name(self) -> str:
@@ -167,7 +170,10 @@ class ExportSpec:
         what = (
             "probabilities (softmax applied)" if self.softmax else "unnormalized scores (softmax gives probabilities)"
         )
-        return f"{self.output_name}: float32 [batch, {len(self.class_names)}], {what}, in the order of class_names"
+        scaled = f", calibrated: logits divided by temperature {self.temperature:.6g}" if self.temperature else ""
+        return (
+            f"{self.output_name}: float32 [batch, {len(self.class_names)}], {what}{scaled}, in the order of class_names"
+        )
 
     def metadata(self) -> dict[str, Any]:
         """The sidecar / embedded metadata: everything a runtime needs to feed the file and read its output."""
@@ -190,6 +196,7 @@ class ExportSpec:
             "output_kind": self.output_name,
             "input": self.input_description(),
             "output": self.output_description(),
+            "temperature": self.temperature,
         }
         if self.format == "onnx":
             out["onnx_opset"] = ONNX_OPSET
@@ -208,6 +215,7 @@ class ExportSpec:
                 input_layout=str(data.get("input_layout", "NCHW")).lower(),
                 softmax=data.get("output_kind", LOGITS) == PROBABILITIES,
                 dynamic_size=bool(data.get("dynamic_size", False)),
+                temperature=float(data["temperature"]) if data.get("temperature") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ExportError(
