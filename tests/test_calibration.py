@@ -165,6 +165,31 @@ def test_checkpoint_without_temperature_behaves_as_before(calibrated: tuple[Path
     )
 
 
+def test_without_torchmetrics_eval_and_calibrate_work_and_name_the_extra(
+    calibrated: tuple[Path, Path, float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchmetrics is the optional `metrics` extra: without it eval, the report figure and calibrate still
+    work, and the ECE is replaced by one line naming the pip command (never a traceback)."""
+    import sys
+
+    from tltool.calibration import ECE_NEEDS
+
+    for name in [m for m in sys.modules if m == "torchmetrics" or m.startswith("torchmetrics.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torchmetrics", None)  # (import torchmetrics... raises ImportError)
+    plain, _scaled, _t = calibrated
+    assert expected_calibration_error(torch.tensor([[0.9, 0.1]]), torch.tensor([0])) is None
+    metrics = run_eval(plain, device_name="cpu")
+    assert metrics["ece"] is None and metrics["acc1"] >= 0.0
+    assert f"{ECE_NEEDS} (not calibrated)" in format_report(metrics, metrics["class_names"])
+    assert "pip install 'tltool[metrics]'" in ECE_NEEDS
+    figure_png(reliability_figure(reliability_bins(torch.tensor([[0.9, 0.1]]), torch.tensor([0])), None))
+    logits, labels = torch.tensor([[4.0, 0.0], [0.0, 3.0], [2.0, 0.0]]), torch.tensor([0, 1, 1])
+    fitted = calibrate_logits(logits, labels)
+    assert fitted.ece_before is None and ECE_NEEDS in fitted.line("best.pt")
+    assert fitted.nll_after < fitted.nll_before
+
+
 def test_eval_and_predict_apply_the_temperature(calibrated: tuple[Path, Path, float]) -> None:
     plain, scaled, t = calibrated
     files, pixels = _images(plain)

@@ -39,12 +39,22 @@ def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) ->
     return F.cross_entropy(logits.double() / temperature, labels).item()
 
 
+# What eval, report and calibrate say in place of the ECE when the `metrics` extra is not installed.
+ECE_NEEDS = "expected calibration error: needs torchmetrics (pip install 'tltool[metrics]')"
+
+
 def expected_calibration_error(
     probabilities: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS, device: torch.device | None = None
-) -> float:
+) -> float | None:
     """Top-label ECE of N x C probabilities: sum over `bins` equal-width confidence bins of
-    (bin's share of images) x |bin's accuracy - bin's mean confidence| (torchmetrics, norm l1)."""
-    from torchmetrics.functional.classification import multiclass_calibration_error
+    (bin's share of images) x |bin's accuracy - bin's mean confidence| (torchmetrics, norm l1).
+
+    None without torchmetrics (the optional `metrics` extra): the callers print `ECE_NEEDS` instead.
+    """
+    try:
+        from torchmetrics.functional.classification import multiclass_calibration_error
+    except ImportError:
+        return None
 
     # Probabilities, never logits: torchmetrics takes values outside [0, 1] as logits, so give it what it expects.
     return float(
@@ -128,8 +138,8 @@ class Calibration:
     images: int
     nll_before: float
     nll_after: float
-    ece_before: float
-    ece_after: float
+    ece_before: float | None  # None without torchmetrics (ECE_NEEDS)
+    ece_after: float | None
     data: str = ""
     separable: bool = False  # every image right: the NLL falls all the way to T -> 0
 
@@ -160,9 +170,14 @@ class Calibration:
 
     def line(self, name: str) -> str:
         was = f"T was {self.previous_temperature:.4g}; " if self.previous_temperature is not None else ""
+        ece = (
+            f"ECE {self.ece_before:.4f} -> {self.ece_after:.4f}"
+            if self.ece_before is not None and self.ece_after is not None
+            else ECE_NEEDS
+        )
         text = (
             f"{name}: temperature {self.temperature:.4g} fitted on {self.images} images ({was}val NLL "
-            f"{self.nll_before:.4f} -> {self.nll_after:.4f}, ECE {self.ece_before:.4f} -> {self.ece_after:.4f})"
+            f"{self.nll_before:.4f} -> {self.nll_after:.4f}, {ece})"
         )
         if self.warning:
             text += f"; warning: {self.warning}"

@@ -196,9 +196,16 @@ def format_report(metrics: dict[str, Any], class_names: list[str]) -> str:
         f"top-1 {metrics['acc1']:.2%}   top-5 {metrics['acc5']:.2%}",
     ]
     if "ece" in metrics:
+        from tltool.calibration import ECE_NEEDS
+
         temperature = metrics.get("temperature")
         scaled = f"logits / temperature {temperature:.4g}" if temperature is not None else "not calibrated"
-        lines.append(f"expected calibration error {metrics['ece']:.4f} ({metrics.get('ece_bins', 15)} bins; {scaled})")
+        if metrics["ece"] is None:
+            lines.append(f"{ECE_NEEDS} ({scaled})")
+        else:
+            lines.append(
+                f"expected calibration error {metrics['ece']:.4f} ({metrics.get('ece_bins', 15)} bins; {scaled})"
+            )
     lines.append("")
     width = max(12, *(len(n) for n in class_names))
     lines.append(f"{'class':<{width}}  precision  recall      f1  support")

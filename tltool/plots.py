@@ -236,7 +236,7 @@ def lr_find_figure(
     return figure
 
 
-def reliability_figure(bins: Sequence[Any], ece: float, temperature: float | None = None) -> Figure:
+def reliability_figure(bins: Sequence[Any], ece: float | None, temperature: float | None = None) -> Figure:
     """The reliability diagram: each confidence bin's accuracy against its mean confidence (the diagonal is a
     calibrated model), the gap shaded, and below it how many images fall in each bin.
 
@@ -260,7 +260,8 @@ def reliability_figure(bins: Sequence[Any], ece: float, temperature: float | Non
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
     scaled = f", logits / T = {temperature:.3g}" if temperature is not None else ", not calibrated"
-    top.set_title(f"reliability diagram: ECE {ece:.4f} ({len(bins)} bins{scaled})")
+    measured = f"ECE {ece:.4f}" if ece is not None else "ECE needs torchmetrics"
+    top.set_title(f"reliability diagram: {measured} ({len(bins)} bins{scaled})")
     top.legend(loc="upper left", fontsize=8)
     top.grid(alpha=0.3)
     bottom.bar(lefts, [b.count for b in bins], width=width, align="edge", color="gray", edgecolor="white")

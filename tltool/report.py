@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tltool import __version__, files
-from tltool.calibration import ReliabilityBin, reliability_bins
+from tltool.calibration import ECE_NEEDS, ReliabilityBin, reliability_bins
 from tltool.data import Sample
 from tltool.device import resolve_device
 from tltool.errors import CheckpointError, ReportError
@@ -237,7 +237,10 @@ def report_html(run: RunFiles, evaluation: Evaluation, images: dict[str, bytes])
         ("top-1 accuracy", f"{metrics['acc1']:.2%}"),
         ("top-5 accuracy", f"{metrics['acc5']:.2%}"),
         ("loss", metrics["loss"]),
-        ("expected calibration error", f"{metrics['ece']:.4f} ({metrics['ece_bins']} bins)"),
+        (
+            "expected calibration error",
+            f"{metrics['ece']:.4f} ({metrics['ece_bins']} bins)" if metrics["ece"] is not None else ECE_NEEDS,
+        ),
         ("temperature", metrics["temperature"] if metrics["temperature"] is not None else "not calibrated"),
     ]
     classes = run.class_names or metrics["class_names"]
