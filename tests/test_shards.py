@@ -113,6 +113,12 @@ def test_shard_then_train_from_shards_sees_the_same_classes_and_counts(
     assert summary["epochs_completed"] == 1
     checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert checkpoint.class_names == classes and checkpoint.global_step == 3  # 24 samples / batch 8
+    # eval / report read the run's val shards (streamed in scan order, each image once), or --data shards.
+    best = str(tmp_path / "run" / "checkpoints" / "last.pt")
+    own, given = cli.invoke(app, ["eval", best]), cli.invoke(app, ["eval", best, "--data", str(out / "val-*.tar")])
+    assert own.exit_code == given.exit_code == 0, own.output + given.output
+    assert "warning" not in own.output + given.output and "images 6 " in own.output
+    assert own.output.splitlines()[1:] == given.output.splitlines()[1:]
 
 
 # --- the order: once per epoch ----------------------------------------------------------------------------

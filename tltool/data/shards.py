@@ -105,6 +105,10 @@ class ShardSamples(list):
         super().__init__(samples)
         self.shards = list(shards)
 
+    def relabelled(self, labels: Sequence[int]) -> ShardSamples:
+        """The same samples (still streamed from the shards) with other labels (e.g. each sample's index)."""
+        return ShardSamples([(path, label) for (path, _), label in zip(self, labels, strict=True)], self.shards)
+
 
 def split_key(name: str) -> tuple[str, str]:
     """WebDataset's member naming: the key is the path up to the first dot of the file name."""
