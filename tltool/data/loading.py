@@ -270,8 +270,8 @@ def make_loader(
     epoch part that would end in a batch of one sample leaves it out (training with batch norm; `EpochSampler`).
 
     Samples of a shard source (`ShardSamples`) are streamed by a `ShardStream` (its order: `tltool.data.shards`;
-    `buffer` is its shuffle buffer); its workers are started each epoch (the stream's epoch is in the copy
-    they get). `balanced` and `draws` do not apply to shards (the config refuses them).
+    `buffer` is its shuffle buffer; its epoch is in shared memory, so its workers persist too). `balanced` and
+    `draws` do not apply to shards (the config refuses them).
     """
     single = batch_size if drop_single else 0
     if isinstance(samples, ShardSamples):
@@ -284,7 +284,7 @@ def make_loader(
             pin_memory=pin_memory,
             worker_init_fn=_init_worker if workers else None,
             generator=torch.Generator().manual_seed(seed),
-            prefetch_factor=2 if workers else None,
+            persistent_workers=workers > 0,
         )
     if draws is not None:
         sampler: EpochSampler = CyclingSampler(len(samples), seed, draws, shard, seeded, drop_single=single)

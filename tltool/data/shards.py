@@ -266,11 +266,20 @@ class ShardStream(IterableDataset):
         self.transform, self.batch_size, self.seed, self.shuffle = transform, batch_size, seed, shuffle
         self.rank, self.world = shard
         self.buffer, self.seeded, self.drop_single = buffer, seeded, drop_single
-        self.epoch, self.skip_batches = 0, 0
+        # (epoch, batches to skip) in shared memory: persistent loader workers see each set_epoch.
+        self.position = torch.zeros(2, dtype=torch.int64).share_memory_()
         self.reported: set[int] = set()
 
+    @property
+    def epoch(self) -> int:
+        return int(self.position[0])
+
+    @property
+    def skip_batches(self) -> int:
+        return int(self.position[1])
+
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch, self.skip_batches = epoch, skip_batches
+        self.position[0], self.position[1] = epoch, skip_batches
 
     # --- the order ---------------------------------------------------------------------------------
 
