@@ -2,13 +2,14 @@
 
     python benchmarks/bench_data.py            # 2,000 JPEGs of 64 px, shards of 250 (make bench-data)
     python benchmarks/bench_data.py --quick    # 600 images
+    python benchmarks/bench_data.py --size 224 # larger images: decoding outweighs reading the tars
 
 Generated photo-like JPEGs (quality 90) in 10 class folders, then `tltool shard` of that folder
 (`write_shards`, no val split). Measured, files in the OS cache (one untimed pass first):
 - scan: what a run does before its first step: folder = `scan_source` + the header check of every file
   (`file_problem`, as `scan_data`); shards = `scan_shards` (each tar's headers, the .cls members read).
 - images/s: one epoch of `make_loader(..., shuffle=True, seeded=True)` with the train transform of
-  data.augment=light at 56 px, batch 32, for each worker count; the best of the repeats. Folder = ImageDataset
+  data.augment=light (crop 7/8 of --size), batch 32, for each worker count; the best of the repeats. Folder = ImageDataset
   + EpochSampler; shards = ShardStream (shuffle buffer 1000; each worker reads the rank's shards and decodes
   its own batches).
 """
@@ -60,8 +61,8 @@ def scan_folder_checked(root: Path):
     return classes, [s for s in samples if file_problem(s[0]) is None]
 
 
-def epoch_rate(samples, workers: int, repeats: int) -> float:
-    transform = train_transform(Preprocess(image_size=56, resize_size=64), "light", 0.0)
+def epoch_rate(samples, workers: int, repeats: int, size: int) -> float:
+    transform = train_transform(Preprocess(image_size=size * 7 // 8, resize_size=size), "light", 0.0)
     loader = make_loader(samples, transform, 32, workers, seed=0, shuffle=True, seeded=True)
     best = float("inf")
     for epoch in range(repeats + 1):
@@ -76,14 +77,15 @@ def epoch_rate(samples, workers: int, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels (the transform crops 7/8 of it)")
     args = parser.parse_args()
     count = 600 if args.quick else 2000
     repeats = 2 if args.quick else 3
     torch.set_num_threads(1)
-    print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {count} JPEGs of 64 px")
+    print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {count} JPEGs of {args.size} px")
     with tempfile.TemporaryDirectory() as tmp:
         root, out = Path(tmp) / "images", Path(tmp) / "shards"
-        write_images(root, count, 64)
+        write_images(root, count, args.size)
         seconds, _ = timed(lambda: write_shards(root, out, shard_size=250))
         print(f"tltool shard: {seconds:.2f} s ({count / seconds:.0f} images/s)")
         pattern = str(out / "train-*.tar")
@@ -93,8 +95,8 @@ def main() -> None:
         print(f"scan at start: folder {folder_scan * 1000:.0f} ms, shards {shard_scan * 1000:.0f} ms")
         print(f"{'workers':>7}  {'folder img/s':>12}  {'shards img/s':>12}  {'shards/folder':>13}")
         for workers in (0, 2):
-            folder_rate = epoch_rate(folder_samples, workers, repeats)
-            shard_rate = epoch_rate(shard_samples, workers, repeats)
+            folder_rate = epoch_rate(folder_samples, workers, repeats, args.size)
+            shard_rate = epoch_rate(shard_samples, workers, repeats, args.size)
             print(f"{workers:>7}  {folder_rate:>12.0f}  {shard_rate:>12.0f}  {shard_rate / folder_rate:>13.2f}")
 
 
