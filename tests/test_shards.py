@@ -121,6 +121,20 @@ def test_shard_then_train_from_shards_sees_the_same_classes_and_counts(
     assert own.output.splitlines()[1:] == given.output.splitlines()[1:]
 
 
+def test_a_url_is_scanned_and_streamed_as_the_local_shards(shards: Path, one_thread) -> None:
+    classes, local = scan_shards(str(shards / PATTERN), "data.train")
+    named, remote = scan_shards(f"file://{shards}/{PATTERN}", "data.train", classes)  # (no classes.json read)
+    assert named == classes and [label for _, label in remote] == [label for _, label in local]
+    assert [count for _, count in remote.shards] == [count for _, count in local.shards]
+    transform = eval_transform(Preprocess(image_size=16, resize_size=16))
+    for a, b in zip(
+        make_loader(local, transform, 8, 0, seed=1, shuffle=True),
+        make_loader(remote, transform, 8, 0, seed=1, shuffle=True),
+        strict=True,
+    ):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
 # --- the order: once per epoch ----------------------------------------------------------------------------
 
 
