@@ -146,6 +146,12 @@ def test_shuffle_buffer_is_a_seeded_permutation_kept_local() -> None:
     assert sorted(a) == items and a == shuffle_buffer(items, 10, random.Random(1)) and a != items
     # A buffer of 10: the k-th sample out was among the first k + 10 in (streaming, never the whole set).
     assert all(item < k + 10 for k, item in enumerate(a))
+    # It is webdataset's own shuffle, run on positions: the order a stream of those samples would get.
+    import webdataset as wds
+
+    samples = [{"__key__": str(i)} for i in items]
+    streamed = wds.filters.shuffle(bufsize=10, initial=10, rng=random.Random(1))(iter(samples))
+    assert [int(s["__key__"]) for s in streamed] == a
     assert shuffle_buffer(items, 0, random.Random(1)) == items
 
 

@@ -17,8 +17,8 @@ The epoch stream (`ShardStream`, an IterableDataset) and its resume semantic:
   wraps, so the first n*W - N samples are seen twice when W does not divide N, as torch's
   DistributedSampler pads; evaluation: [r*N//W, (r+1)*N//W), each sample once), so a rank reads only the
   shards of its range;
-- a shuffle buffer of `data.shuffle_buffer` samples, seeded by (run.seed, epoch, rank), reorders the rank's
-  sequence (fill, then emit a random slot and refill it; the rest shuffled at the end): the rank's order is
+- webdataset's shuffle buffer of `data.shuffle_buffer` samples, seeded by (run.seed, epoch, rank), reorders the
+  rank's sequence (run on positions, so the order is known before reading): the rank's order is
   a function of (seed, epoch, rank, world, the shards' sample counts, the buffer size);
 - batch j of that order goes to loader worker (j - skip) mod workers, and the DataLoader takes workers'
   batches round robin, so the batches come in the same order whatever `data.num_workers` (each worker reads
@@ -32,6 +32,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import bisect
 import glob
 import io
 import json
@@ -223,21 +224,11 @@ def scan_shards(pattern: str, key: str, classes: list[str] | None = None) -> tup
 
 
 def shuffle_buffer(items: Sequence[int], size: int, rng: random.Random) -> list[int]:
-    """WebDataset's shuffle buffer (fill `size`, emit a random slot and refill it, shuffle the rest at the end)
-    on positions: the order the stream yields, computed without reading it."""
+    """The order webdataset's shuffle buffer (`webdataset.filters.shuffle`, `size` samples, yielding once full)
+    gives a stream, run on the positions: known before any shard is read."""
     if size <= 1:
         return list(items)
-    buffer: list[int] = []
-    out: list[int] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        slot = rng.randrange(size)
-        out.append(buffer[slot])
-        buffer[slot] = item
-    rng.shuffle(buffer)
-    return out + buffer
+    return list(webdataset().filters.shuffle(bufsize=size, initial=size, rng=rng)(iter(items)))
 
 
 class ShardStream(IterableDataset):
@@ -380,11 +371,12 @@ class ShardStream(IterableDataset):
         starts = [0]
         for _, count in self.shards:
             starts.append(starts[-1] + count)
-        shard_of = {}
-        for s in range(len(self.shards)):
-            shard_of.update((i, s) for i in range(starts[s], starts[s + 1]))
+
+        def shard_of(index: int) -> int:
+            return bisect.bisect_right(starts, index) - 1
+
         # The shards to read, in the epoch's order, from the first holding a needed sample (a padded rank wraps).
-        wanted = {shard_of[i] for i in uses}
+        wanted = {shard_of(i) for i in uses}
         sequence_shards = [s for s in self.shard_order() if s in wanted]
         loaded: dict[int, dict] = {}
         reader = iter(sequence_shards)
@@ -394,7 +386,7 @@ class ShardStream(IterableDataset):
                 s = next(reader, None)
                 if s is None:
                     raise DataError(
-                        f"shard {self.shards[shard_of[index]][0]} changed since the scan (sample missing)",
+                        f"shard {self.shards[shard_of(index)][0]} changed since the scan (sample missing)",
                         "restart the run",
                     )
                 count = 0
