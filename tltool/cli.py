@@ -438,6 +438,42 @@ def doctor(
         raise typer.Exit(2)
 
 
+@app.command(
+    epilog="Example: tltool shard data/flowers shards/flowers --shard-size 1000 --val-split 0.2   "
+    "(then data.train=shards/flowers/train-{000000..000003}.tar data.val=shards/flowers/val-{000000..000000}.tar)"
+)
+def shard(
+    source: Annotated[str, typer.Argument(help="A folder of class sub-folders, or a .csv/.tsv label file.")],
+    out: Annotated[str, typer.Argument(help="A new (or empty) folder for the shards.")],
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Samples per shard.")] = 1000,
+    val_split: Annotated[
+        float, typer.Option("--val-split", help="Fraction of each class written to val-*.tar (0: none).")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the val split and the shuffled train order.")] = 0,
+    path_column: Annotated[str, typer.Option("--path-column", help="Label files: as data.path_column.")] = "path",
+    label_column: Annotated[str, typer.Option("--label-column", help="Label files: as data.label_column.")] = "label",
+) -> None:
+    """Write WebDataset .tar shards (train-NNNNNN.tar, val-NNNNNN.tar, classes.json, shards.json) of a dataset.
+
+    Each sample is <key>.<ext> (the image file's bytes) and <key>.cls (its class index); the train samples are
+    shuffled (seeded) before they are cut into shards, so every shard mixes the classes.
+    """
+    with user_errors():
+        from pathlib import Path
+
+        from tltool.data.shards import write_shards
+
+        index = write_shards(source, out, shard_size, val_split, seed, path_column, label_column)
+    for name in ("train", "val"):
+        if name in index:
+            entry = index[name]
+            typer.echo(
+                f"{name}: {entry['samples']} samples in {entry['shards']} shard(s): "
+                f"data.{name}={Path(out) / entry['pattern']}"
+            )
+    typer.echo(f"classes: {len(index['classes'])} ({Path(out) / 'classes.json'})")
+
+
 @app.command(epilog="Example: tltool report runs/flowers   (then open runs/flowers/report/report.html)")
 def report(
     run_dir: Annotated[str, typer.Argument(help="A run directory (runs/<name>) written by tltool finetune.")],

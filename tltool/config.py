@@ -108,11 +108,12 @@ class RunConfig(_Section):
 
 class DataConfig(_Section):
     train: str | None = Field(None, examples=["data/flowers/train"])
-    """Training images: a folder with one sub-folder per class (ImageFolder layout), or a .csv/.tsv label file
-    (`data.path_column`, `data.label_column`). Required."""
+    """Training images: a folder with one sub-folder per class (ImageFolder layout), a .csv/.tsv label file
+    (`data.path_column`, `data.label_column`), or WebDataset .tar shards (`shards/train-{000000..000009}.tar`, a
+    glob or a URL; written by `tltool shard`; then `data.val` is required). Required."""
     val: str | None = Field(None, examples=["data/flowers/val"])
-    """Validation images with the same classes (a folder or a label file); when empty, `data.val_split` of train
-    is held out."""
+    """Validation images with the same classes (a folder, a label file or .tar shards); when empty,
+    `data.val_split` of train is held out."""
     val_split: float = Field(0.2, gt=0.0, lt=1.0, examples=[0.2])
     """Fraction of each class of `data.train` held out for validation when `data.val` is not set (stratified)."""
     path_column: str = Field("path", min_length=1, examples=["filename"])
@@ -154,6 +155,9 @@ class DataConfig(_Section):
     """Stop before training when more than this fraction of the images is unreadable."""
     sampler: Literal["shuffle", "balanced"] = Field("shuffle", examples=["balanced"])
     """Training order: shuffle (each image once an epoch), balanced (drawn with replacement, classes equally often)."""
+    shuffle_buffer: int = Field(1000, ge=0, le=10_000_000, examples=[5000])
+    """Sharded `data.train` (`.tar` shards, `tltool shard`): samples each process holds to shuffle its stream
+    (0 or 1: shard order only). The order is seeded per epoch, so a resume continues it exactly."""
 
     @field_validator("classes")
     @classmethod
@@ -498,6 +502,22 @@ class Config(_Section):
                 "train.feature_cache: on cannot serve data.mixup_alpha / data.cutmix_alpha (mixing blends images, "
                 "the cache holds features): set train.feature_cache to auto or off, or turn mixing off"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _shards_stream(self) -> Config:
+        data = self.data
+        if not (str(data.train or "").strip().lower().endswith(".tar")):  # (data.shards.is_shard_source)
+            return self
+        if not data.val:
+            raise ValueError(
+                "data.train is .tar shards, which stream: data.val_split cannot hold images out of them: set data.val "
+                "(tltool shard --val-split 0.2 writes val-*.tar)"
+            )
+        if data.sampler == "balanced":
+            raise ValueError("data.sampler: balanced needs random access, which .tar shards do not give: use shuffle")
+        if self.train.feature_cache == "on":
+            raise ValueError("train.feature_cache: on cannot cache streamed .tar shards: set it to auto or off")
         return self
 
     @model_validator(mode="after")

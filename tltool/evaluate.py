@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tltool.data import Sample, eval_transform, make_loader
+from tltool.data import Sample, ShardSamples, eval_transform, make_loader
 from tltool.device import autocast, resolve_device, resolve_precision, sum_dtype
 from tltool.distributed import all_reduce_sum
 from tltool.errors import DataError
@@ -142,6 +142,8 @@ def evaluate_trained(
 
     data_cfg = trained.data_config
     indexed = [(path, index) for index, (path, _label) in enumerate(samples)]
+    if isinstance(samples, ShardSamples):  # (streamed in the scan's order: the indices line up)
+        indexed = samples.relabelled(range(len(samples)))
     loader = make_loader(
         indexed,
         eval_transform(trained.preprocess),

@@ -27,7 +27,16 @@ from tltool import __version__
 from tltool.adapt import using_bn_stats
 from tltool.checkpoint import safe_load, save_atomic
 from tltool.config import Config
-from tltool.data import CyclingSampler, EpochSampler, Preprocess, Sample, eval_transform, make_loader, train_transform
+from tltool.data import (
+    CyclingSampler,
+    EpochSampler,
+    Preprocess,
+    Sample,
+    eval_transform,
+    is_shard_source,
+    make_loader,
+    train_transform,
+)
 from tltool.device import autocast
 from tltool.distributed import all_gather_objects, any_rank, barrier, current, shard_bounds
 from tltool.transfer import freezes_backbone
@@ -40,6 +49,8 @@ def cache_applies(cfg: Config) -> bool:
     """
     mode = cfg.train.feature_cache
     if mode == "off" or not freezes_backbone(cfg.train) or cfg.distill.teacher:  # (a teacher needs the images)
+        return False
+    if is_shard_source(cfg.data.train) or is_shard_source(cfg.data.val):  # (streamed: no random access to cache)
         return False
     if mode == "on":  # (config.py refuses `on` with data.mixup_alpha / cutmix_alpha)
         return True

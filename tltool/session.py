@@ -39,6 +39,7 @@ from tltool.data import (
     DataSplit,
     Sample,
     Stream,
+    epoch_draws,
     epoch_seed,
     eval_transform,
     make_loader,
@@ -237,7 +238,7 @@ class TrainingSession:
             say(self.quiet, f"co-tuning: p(source class | target class) from {len(split.train)} train images, "
                 f"{cotuning.state['relation'].shape[1]} source classes")  # fmt: skip
         self._select_inputs(cached=self.cache is not None)
-        train_sampler = getattr(self.image_streams["train"].loader, "sampler", None)
+        train_sampler = epoch_draws(self.image_streams["train"].loader)
         if self.drops_single and getattr(train_sampler, "dropped", lambda: 0)():
             say(
                 self.quiet,
@@ -516,8 +517,9 @@ def build_session(
         shard=world.shard,
         seeded=True,  # each draw's augmentation: a function of (seed, epoch, position), whatever the workers
         drop_single=drops_single,
+        buffer=cfg.data.shuffle_buffer,
     )
-    if drops_single and train_loader.sampler.full_shard_size() == 1:
+    if drops_single and epoch_draws(train_loader).full_shard_size() == 1:
         raise DataError(
             "a single training image per process: batch norm cannot train on a batch of one",
             "add training images (or use fewer processes, or train.bn_policy=frozen)",

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from tltool import distributed
 from tltool.config import Config
+from tltool.data import epoch_draws
 from tltool.device import autocast, host_read_interval, sum_dtype
 from tltool.distributed import all_reduce_max, all_reduce_sum, any_rank, no_sync
 from tltool.ema import ema_metrics
@@ -153,7 +154,7 @@ def train_one_epoch(
     cfg, sums = session.cfg.train, state.in_epoch
     stream = session.streams["train"]
     num_batches = stream.num_batches()
-    sampler = getattr(stream.loader, "sampler", None)
+    sampler = epoch_draws(stream.loader)
     drawn = sampler.shard_size() if hasattr(sampler, "shard_size") else None  # (None: given batches)
     # adapt.unlabeled, source.train: one batch of each beside each labelled one (the loaders are positioned alike).
     others = {name: iter(s.loader) for name, s in session.streams.items() if name != "train"}

@@ -6,6 +6,8 @@ One module per responsibility; `from tltool.data import X` names any of their pu
 - `labelfile`: .csv/.tsv label files (a path column, a label column) read and checked as a dataset;
 - `transforms`: `Preprocess` (what the weights and checkpoint carry) and the eval / train transforms;
 - `loading`: the dataset, the seeded and resumable epoch samplers, and the DataLoader.
+- `shards`: WebDataset tar shards as a dataset (scanned, streamed per rank and worker, resumable), and
+  `tltool shard` writing them;
 - `mixing`: MixUp / CutMix of a training batch (`BatchMixer`), seeded per batch, applied by the loop.
 
 Nothing here writes into the dataset folder.
@@ -30,12 +32,14 @@ from tltool.data.loading import (
     ImageDataset,
     Stream,
     collate_skip_bad,
+    epoch_draws,
     epoch_seed,
     make_loader,
     resolve_num_workers,
     set_loader_epoch,
     usable_cpus,
 )
+from tltool.data.shards import ShardSamples, ShardStream, is_shard_source, scan_shards, write_shards
 from tltool.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, eval_transform, train_transform
 
 __all__ = [
@@ -52,12 +56,16 @@ __all__ = [
     "LabelFile",
     "Preprocess",
     "Sample",
+    "ShardSamples",
+    "ShardStream",
     "collate_skip_bad",
+    "epoch_draws",
     "data_root",
     "epoch_seed",
     "eval_transform",
     "image_files",
     "image_problem",
+    "is_shard_source",
     "is_label_file",
     "is_visible",
     "load_image",
@@ -68,10 +76,12 @@ __all__ = [
     "scan_eval_folder",
     "scan_folder",
     "scan_label_file",
+    "scan_shards",
     "scan_source",
     "set_loader_epoch",
     "stratified_split",
     "to_rgb",
     "train_transform",
     "usable_cpus",
+    "write_shards",
 ]

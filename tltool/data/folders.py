@@ -20,6 +20,7 @@ from tltool.config import DataConfig
 from tltool.data.fingerprint import folder_listing, make_fingerprint, val_keys
 from tltool.data.images import IMAGE_EXTENSIONS, image_problem, is_visible
 from tltool.data.labelfile import data_root, is_label_file, scan_label_file
+from tltool.data.shards import ShardSamples, is_shard_source, scan_shards
 from tltool.errors import DataError
 from tltool.files import path_problem
 
@@ -149,6 +150,8 @@ class DataSplit:
 
 
 def _drop_bad(samples: list[Sample], bad: list[tuple[str, str]]) -> list[Sample]:
+    if isinstance(samples, ShardSamples):  # (streamed: an image that does not decode is skipped in its batch)
+        return samples
     kept = []
     for path, label in samples:
         problem = file_problem(path)
@@ -161,7 +164,10 @@ def _drop_bad(samples: list[Sample], bad: list[tuple[str, str]]) -> list[Sample]
 
 def scan_source(path: str | Path, key: str, cfg: DataConfig | None = None) -> tuple[list[str], list[Sample]]:
     """Class names and samples of a dataset given as a folder of class sub-folders or a .csv/.tsv label file
-    (`tltool.data.labelfile`, with `cfg`'s column names): the one place a scan dispatches on the kind."""
+    (`tltool.data.labelfile`, with `cfg`'s column names) or .tar shards (`tltool.data.shards`: `ShardSamples`,
+    streamed): the one place a scan dispatches on the kind."""
+    if is_shard_source(path):
+        return scan_shards(str(path), key, cfg.classes if cfg else None)
     if is_label_file(path):
         cfg = cfg or DataConfig()
         return scan_label_file(path, key, cfg.path_column, cfg.label_column)
@@ -186,7 +192,8 @@ def ordered_classes(
             f"give {key} exactly the classes of {source}",
         )
     index = {name: wanted.index(name) for name in classes}
-    return list(wanted), [(path, index[classes[label]]) for path, label in samples]
+    ordered = [(path, index[classes[label]]) for path, label in samples]
+    return list(wanted), ShardSamples(ordered, samples.shards) if isinstance(samples, ShardSamples) else ordered
 
 
 def scan_data(cfg: DataConfig, seed: int) -> DataSplit:
@@ -257,6 +264,9 @@ def scan_eval_folder(
 ) -> list[Sample]:
     """Samples of an evaluation folder or label file (with the run's column names), labelled with the
     checkpoint's class indices."""
+    if is_shard_source(root):
+        classes, samples = scan_shards(str(root), "--data")
+        return ordered_classes(classes, samples, class_names, "--data", "the model")[1]
     if is_label_file(root):
         classes, samples = scan_label_file(root, "--data", path_column, label_column, fix_keys=False)
     else:

@@ -41,11 +41,11 @@ def is_label_file(path: str | Path) -> bool:
 
 
 def data_root(path: str | Path) -> str:
-    """The folder a dataset's paths are relative to: a folder itself, a label file's folder.
+    """The folder a dataset's paths are relative to: a folder itself, a label file's (or .tar shards') folder.
 
     (The data fingerprint keys each image by its path relative to it.)
     """
-    return str(Path(path).parent) if is_label_file(path) else str(path)
+    return str(Path(path).parent) if is_label_file(path) or str(path).strip().lower().endswith(".tar") else str(path)
 
 
 def _shown(items: list[str]) -> str:

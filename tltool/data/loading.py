@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tltool.data.folders import Sample
 from tltool.data.images import load_image
+from tltool.data.shards import ShardSamples, ShardStream
 
 
 class ImageDataset(Dataset):
@@ -257,6 +258,7 @@ def make_loader(
     seeded: bool = False,
     draws: int | None = None,
     drop_single: bool = False,
+    buffer: int = 1000,
 ) -> DataLoader:
     """A loader whose order is a function of (seed, epoch); `balanced` draws classes equally often; `draws`
     makes each epoch that many draws from the samples, pass after shuffled pass (`CyclingSampler`).
@@ -266,8 +268,24 @@ def make_loader(
     random transform is seeded by the sampler (training and augmented-view loaders). Workers persist
     across epochs (no fork and dataset copy per epoch) and prefetch two batches each. `drop_single`: an
     epoch part that would end in a batch of one sample leaves it out (training with batch norm; `EpochSampler`).
+
+    Samples of a shard source (`ShardSamples`) are streamed by a `ShardStream` (its order: `tltool.data.shards`;
+    `buffer` is its shuffle buffer; its epoch is in shared memory, so its workers persist too). `balanced` and
+    `draws` do not apply to shards (the config refuses them).
     """
     single = batch_size if drop_single else 0
+    if isinstance(samples, ShardSamples):
+        workers = resolve_num_workers(num_workers)
+        stream = ShardStream(samples, transform, batch_size, seed, shuffle, shard, buffer, seeded, single)
+        return DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            worker_init_fn=_init_worker if workers else None,
+            generator=torch.Generator().manual_seed(seed),
+            persistent_workers=workers > 0,
+        )
     if draws is not None:
         sampler: EpochSampler = CyclingSampler(len(samples), seed, draws, shard, seeded, drop_single=single)
     elif balanced:
@@ -288,6 +306,13 @@ def make_loader(
     )
 
 
+def epoch_draws(loader: Any) -> Any:
+    """What decides a loader's epoch (its sizes: `shard_size()`, `full_shard_size()`, `dropped()`): the sampler,
+    or the ShardStream of a shard source; None for given batches."""
+    dataset = getattr(loader, "dataset", None)
+    return dataset if isinstance(dataset, ShardStream) else getattr(loader, "sampler", None)
+
+
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     """The seed of an epoch's random streams (augmentation, dropout) on a rank; rank 0's is the single process's.
 
@@ -301,7 +326,9 @@ def set_loader_epoch(loader: DataLoader, seed: int, epoch: int, skip_batches: in
 
     `skip_batches` starts the epoch after that many batches (a run resumed from a mid-epoch checkpoint).
     """
-    if hasattr(loader.sampler, "set_epoch"):
+    if isinstance(loader.dataset, ShardStream):
+        loader.dataset.set_epoch(epoch, skip_batches)
+    elif hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch, skip=skip_batches * loader.batch_size)
     if loader.generator is not None:
         loader.generator.manual_seed(epoch_seed(seed, epoch, rank))
@@ -323,6 +350,8 @@ class Stream:
 
     def num_batches(self) -> int:
         """Batches this rank draws per epoch."""
+        if isinstance(getattr(self.loader, "dataset", None), ShardStream):
+            return self.loader.dataset.num_batches()  # type: ignore[attr-defined]
         sampler = getattr(self.loader, "sampler", None)
         if sampler is not None and hasattr(sampler, "shard_size"):
             return math.ceil(sampler.shard_size() / self.batch_size)
