@@ -257,3 +257,23 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
     assert not list(out.iterdir())
+
+
+def test_no_verify_skips_both_checks_and_records_no_accuracy(cli: CliRunner, checkpoint: Path, tmp_path: Path) -> None:
+    path = tmp_path / "unchecked.onnx"
+    args = [
+        "export",
+        str(checkpoint),
+        "--quantize",
+        "int8",
+        "-o",
+        str(path),
+        "--no-verify",
+        "--calibration-images",
+        "3",
+    ]
+    result = cli.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "int8 accuracy check skipped (--no-verify)" in result.output and "parity" not in result.output
+    data = sidecar(path)
+    assert data["accuracy_check"] is None and data["calibration_images"] == 3 and data["quantization"] == "int8"
