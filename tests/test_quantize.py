@@ -121,6 +121,23 @@ def test_int8_file_holds_quantized_nodes_and_is_smaller(exports: dict[str, Any])
     weights = [t for t in onnx.load(str(exports["good"])).graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert sum(int(np.prod(t.dims)) for t in weights) > 10_000_000  # resnet18's ~11M conv/fc weights in int8
     assert exports["good"].stat().st_size < exports["fp32"].stat().st_size / 3
+    printed = f"{int8['QuantizeLinear']} QuantizeLinear, {int8['DequantizeLinear']} DequantizeLinear"
+    assert f"quantized to int8 ({printed}; per-channel weights)" in exports["good_output"]
+
+
+def test_a_graph_with_no_quantized_node_is_refused(
+    cli: CliRunner, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(quantize, "quantized_node_counts", lambda path: {})
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["export", str(checkpoint), "--quantize", "int8", "-o", str(out / "m.onnx"), "--no-verify"]
+    result = cli.invoke(app, [*args, "--calibration-images", "2"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: ONNX Runtime quantized no node of the resnet18 graph — nothing was written; keep the fp32 export"
+    ]
+    assert not list(out.iterdir())
 
 
 def test_metadata_records_quantization_calibration_and_the_check(exports: dict[str, Any], checkpoint: Path) -> None:

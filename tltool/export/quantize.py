@@ -239,14 +239,11 @@ def quantize_file(fp32: Path, output: Path, reader: Any) -> None:
 
 
 def quantized_node_counts(path: Path) -> dict[str, int]:
-    """How many nodes of each QUANTIZED_OPS type the ONNX file at `path` holds (those present)."""
+    """How many nodes of each QUANTIZED_OPS type the ONNX file at `path` holds (those present, in that order)."""
     import onnx
 
-    counts: dict[str, int] = {}
-    for node in onnx.load(str(path), load_external_data=False).graph.node:
-        if node.op_type in QUANTIZED_OPS:
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
+    types = [node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node]
+    return {op: types.count(op) for op in QUANTIZED_OPS if op in types}
 
 
 # --- the accuracy check --------------------------------------------------------------------------------
@@ -356,9 +353,15 @@ def write_int8(
                     f"none of the {len(calibration)} images of {calibration_source} could be read to calibrate on",
                     "give readable images with --calibration-data DIR",
                 )
+        nodes = quantized_node_counts(temp)
+        if not nodes:  # never ship an "int8" file that holds no int8 arithmetic
+            raise ExportError(
+                f"ONNX Runtime quantized no node of the {spec.backbone} graph",
+                "nothing was written; keep the fp32 export",
+            )
         echo(
-            f"quantized to int8 (QDQ, per-channel weights), calibrated on {reader.count} image(s) "
-            f"of {calibration_source}"
+            f"quantized to int8 ({', '.join(f'{n} {op}' for op, n in nodes.items())}; per-channel weights), "
+            f"calibrated on {reader.count} image(s) of {calibration_source}"
         )
         check = None
         if verify:
