@@ -21,6 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import shared, shared_dataset, trained_checkpoint
+from tltool.checkpoint import load_checkpoint, save_atomic
 from tltool.cli import app
 from tltool.data import eval_transform, load_image
 from tltool.export import benchmark, quantize
@@ -294,3 +295,21 @@ def test_no_verify_skips_both_checks_and_records_no_accuracy(cli: CliRunner, che
     assert "int8 accuracy check skipped (--no-verify)" in result.output and "parity" not in result.output
     data = sidecar(path)
     assert data["accuracy_check"] is None and data["calibration_images"] == 3 and data["quantization"] == "int8"
+
+
+def test_a_run_whose_training_folder_has_no_images_names_calibration_data(
+    cli: CliRunner, checkpoint: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The recorded data.train is now an empty folder: one line naming --calibration-data, nothing written."""
+    moved = load_checkpoint(checkpoint)
+    (tmp_path / "gone").mkdir()
+    moved.config["data"]["train"] = str(tmp_path / "gone")
+    save_atomic(moved.to_dict(), tmp_path / "moved.pt")
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["export", str(tmp_path / "moved.pt"), "--quantize", "int8", "-o", str(out / "m.onnx")]
+    result = cli.invoke(app, [*args, "--data", str(shared_dataset(tmp_path_factory))])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot read the run's training images for calibration")
+    assert lines[0].endswith("give calibration images with --calibration-data DIR") and not list(out.iterdir())

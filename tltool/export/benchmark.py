@@ -139,13 +139,13 @@ def run_benchmark(
             eager_spec.model_input(pixels),
         )
     ]
+    quantized = any(spec.quantization is not None for spec, _, _ in files)
     for spec, exporter, path in files:
         loaded = exporter.load(path, device, echo)
         note = "" if loaded.device == str(device) else f"(runs on {loaded.device})"
         if not exporter.is_graph:
             note = "(weights only: eager PyTorch)"
         small, large = spec.model_input(pixels[:LATENCY_BATCH]), spec.model_input(pixels)
-        quantized = any(s.quantization is not None for s, _, _ in files)
         name = f"{spec.format} {spec.quantization['quantization']}" if spec.quantization else spec.format
         size_bytes = path.stat().st_size if quantized else None
         contenders.append(Contender(name, loaded.run, small, large, note, size_bytes))
