@@ -238,6 +238,27 @@ def export(
     force: Annotated[
         bool, typer.Option("--force", help="Replace an existing output that is not a tltool export of its format.")
     ] = False,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            "--quantize",
+            help="int8: ONNX Runtime static quantization (ONNX only), accuracy-checked on val instead of parity.",
+        ),
+    ] = None,
+    calibration_images: Annotated[
+        int | None,
+        typer.Option("--calibration-images", help="With --quantize: training images to calibrate on (default 200)."),
+    ] = None,
+    calibration_data: Annotated[
+        str | None,
+        typer.Option(
+            "--calibration-data", help="With --quantize: calibrate on this image folder, not the training split."
+        ),
+    ] = None,
+    max_drop: Annotated[
+        float | None,
+        typer.Option("--max-drop", help="With --quantize: most top-1 points int8 may lose on val (default 1.0)."),
+    ] = None,
 ) -> None:
     """Write deployable files (ONNX, TorchScript, ExportedProgram, safetensors) with classes and preprocessing inside.
 
@@ -246,7 +267,9 @@ def export(
     with user_errors():
         check_device(device, "--device")
         from tltool.export import run_export
+        from tltool.export.quantize import int8_options
 
+        int8 = int8_options(quantize, calibration_images, max_drop, calibration_data)
         run_export(
             checkpoint,
             format,
@@ -262,6 +285,8 @@ def export(
             device=device,
             wise_alpha=wise_alpha,
             force=force,
+            quantize=quantize,
+            int8=int8,
         )
 
 

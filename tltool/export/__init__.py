@@ -3,7 +3,8 @@
 Formats (`formats.py`): `onnx` (`onnx.py`), `torchscript` (`torchscript.py`), `exported-program`
 (torch.export `.pt2`, `program.py`) and `safetensors` (weights + metadata, `safetensors.py`); what each file
 carries and how it is called is `spec.py`, the parity proof `parity.py`, the latency report
-`benchmark.py`, and the command itself `run.py`. `tltool predict` (`tltool/predict.py`) reads every format.
+`benchmark.py`, the calibrated int8 ONNX with its accuracy check `quantize.py`, and the command itself
+`run.py`. `tltool predict` (`tltool/predict.py`) reads every format.
 """
 
 from __future__ import annotations

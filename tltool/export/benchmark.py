@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from tltool.export.spec import Echo, Exporter, ExportSpec, Runner
+from tltool.files import size_text
 
 LATENCY_BATCH = 1
 THROUGHPUT_BATCH = 32
@@ -39,6 +40,7 @@ class Contender:
     small: torch.Tensor
     large: torch.Tensor
     note: str = ""
+    size_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Timing:
     latency_ms: float
     images_per_second: float
     note: str = ""
+    size_bytes: int | None = None
 
 
 def median_seconds(run: Runner, images: torch.Tensor, rounds: tuple[int, int, float]) -> float:
@@ -75,7 +78,7 @@ def time_all(contenders: Sequence[Contender]) -> list[Timing]:
     for c in contenders:
         latency = median_seconds(c.run, c.small, LATENCY_CALLS)
         batch = median_seconds(c.run, c.large, THROUGHPUT_CALLS)
-        rows.append(Timing(c.name, latency * 1000, THROUGHPUT_BATCH / batch, c.note))
+        rows.append(Timing(c.name, latency * 1000, THROUGHPUT_BATCH / batch, c.note, c.size_bytes))
     return rows
 
 
@@ -91,16 +94,24 @@ def eager_runner(model: nn.Module, device: torch.device) -> Runner:
 
 
 def format_table(rows: Sequence[Timing], device: str, size: int) -> str:
-    """The report: one row per runner, with its speed-up over eager PyTorch at both batch sizes."""
+    """The report: one row per runner, with its speed-up over eager PyTorch at both batch sizes.
+
+    With a file size on any row (an int8 export next to its fp32 file), a size column too.
+    """
     eager = rows[0]
+    sizes = any(row.size_bytes is not None for row in rows)
+    size_head = f" {'file size':>10}" if sizes else ""
     lines = [
         f"benchmark on {device} (torch threads: {torch.get_num_threads()}), {size}x{size} px, median of timed calls",
-        f"{'format':<18} {'batch 1 ms':>10} {'batch 32 img/s':>15} {'speed-up b1 / b32':>18}",
+        f"{'format':<18} {'batch 1 ms':>10} {'batch 32 img/s':>15} {'speed-up b1 / b32':>18}{size_head}",
     ]
     for row in rows:
         ratio = f"{eager.latency_ms / row.latency_ms:.2f}x / {row.images_per_second / eager.images_per_second:.2f}x"
         note = f"  {row.note}" if row.note else ""
-        lines.append(f"{row.name:<18} {row.latency_ms:>10.2f} {row.images_per_second:>15,.0f} {ratio:>18}{note}")
+        size_cell = f" {size_text(row.size_bytes) if row.size_bytes is not None else '-':>10}" if sizes else ""
+        lines.append(
+            f"{row.name:<18} {row.latency_ms:>10.2f} {row.images_per_second:>15,.0f} {ratio:>18}{size_cell}{note}"
+        )
     return "\n".join(lines)
 
 
@@ -110,7 +121,10 @@ def run_benchmark(
     device: torch.device,
     echo: Echo,
 ) -> list[Timing]:
-    """Time eager PyTorch and every written file on `device`, print the table, return its rows."""
+    """Time eager PyTorch and every written file on `device`, print the table, return its rows.
+
+    An int8 file (`spec.quantization`) is named `<format> int8` and the table gets each file's size.
+    """
     base = files[0][0]
     size = base.preprocess.image_size
     generator = torch.Generator().manual_seed(0)
@@ -125,13 +139,16 @@ def run_benchmark(
             eager_spec.model_input(pixels),
         )
     ]
+    quantized = any(spec.quantization is not None for spec, _, _ in files)
     for spec, exporter, path in files:
         loaded = exporter.load(path, device, echo)
         note = "" if loaded.device == str(device) else f"(runs on {loaded.device})"
         if not exporter.is_graph:
             note = "(weights only: eager PyTorch)"
         small, large = spec.model_input(pixels[:LATENCY_BATCH]), spec.model_input(pixels)
-        contenders.append(Contender(spec.format, loaded.run, small, large, note))
+        name = f"{spec.format} {spec.quantization['quantization']}" if spec.quantization else spec.format
+        size_bytes = path.stat().st_size if quantized else None
+        contenders.append(Contender(name, loaded.run, small, large, note, size_bytes))
     gc.collect()  # the export's garbage (graphs, protobufs) freed now, not during the first timed calls
     rows = time_all(contenders)
     echo(format_table(rows, str(device), size))

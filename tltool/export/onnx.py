@@ -91,7 +91,7 @@ def _name_dimensions(proto: Any, spec: ExportSpec) -> None:
         output_batch.dim_param = "batch"
 
 
-def _set_metadata(proto: Any, spec: ExportSpec) -> None:
+def set_metadata(proto: Any, spec: ExportSpec) -> None:
     """Add tltool's keys to the model's metadata_props (the full metadata under `tltool`), keeping others."""
     props = {
         METADATA_KEY: json.dumps(spec.metadata()),
@@ -135,7 +135,7 @@ def write_onnx(job: ExportJob, spec: ExportSpec, path: Path, echo: Echo) -> None
                     f"cannot export {spec.backbone} to ONNX: {first_line(legacy_exc)}", "try --format torchscript"
                 ) from None
     _name_dimensions(proto, spec)
-    _set_metadata(proto, spec)
+    set_metadata(proto, spec)
     onnx.save(proto, str(path))
 
 

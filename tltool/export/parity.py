@@ -73,7 +73,7 @@ class ParityImages:
 # --- images --------------------------------------------------------------------------------------------
 
 
-def _interleave_classes(samples: Sequence[Sample]) -> list[Sample]:
+def interleave_classes(samples: Sequence[Sample]) -> list[Sample]:
     """Samples reordered round-robin over classes, so the first few cover as many classes as possible."""
     by_class: dict[int, list[Sample]] = {}
     for sample in samples:
@@ -101,7 +101,7 @@ def _load_images(samples: Sequence[Sample], preprocess: Preprocess, count: int) 
     """Up to `count` images as uint8 3 x H x W crops, and their classes, skipping any that fail to decode."""
     transform = uint8_transform(preprocess)
     images, labels = [], []
-    for path, label in _interleave_classes(samples):
+    for path, label in interleave_classes(samples):
         if len(images) == count:
             break
         try:

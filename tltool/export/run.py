@@ -22,6 +22,9 @@ from tltool.device import resolve_device
 from tltool.errors import ExportError
 from tltool.export.formats import EXPORTERS
 from tltool.export.parity import ParityImages, check_parity, parity_images, reference_logits
+from tltool.export.quantize import Int8Options, write_int8
+from tltool.export.quantize import check_options as check_int8_options
+from tltool.export.quantize import default_output as default_int8_output
 from tltool.export.spec import (
     LAYOUTS,
     METADATA_FILE,
@@ -272,6 +275,8 @@ def run_export(
     device: str = "auto",
     wise_alpha: float | None = None,
     force: bool = False,
+    quantize: str | None = None,
+    int8: Int8Options | None = None,
 ) -> list[Path]:
     """`tltool export`: write the checkpoint's model in `format` (or `all`), parity-checked unless not `verify`.
 
@@ -279,9 +284,15 @@ def run_export(
     Returns the paths written, in format order. On any failure nothing is left under a final name, and a
     file that was there before is untouched (the exports live in temp files until all have passed). An
     existing output that is not a tltool export of its format is refused before any work, unless `force`.
+    `quantize="int8"` (ONNX only, `int8` its options): the calibrated int8 file, accuracy-checked instead of
+    parity-checked (export/quantize.py), by default `<checkpoint stem>.int8.onnx`.
     """
     formats = formats_of(format)
     layout = _check_options(formats, include_preprocessing, input_layout, softmax, dynamic_size)
+    int8 = int8 or Int8Options()
+    if quantize is not None:
+        check_int8_options(formats, quantize, int8)
+        require(("onnx", "onnxruntime"), "int8 quantization")
     for name in formats:
         exporter = EXPORTERS[name]
         install = "pip install safetensors" if name == "safetensors" else "pip install 'tltool[onnx]'"
@@ -290,6 +301,8 @@ def run_export(
     if benchmark:
         bench_device = resolve_device(device, "--device")
     checkpoint_path = Path(checkpoint)
+    if quantize is not None and not output:
+        output = default_int8_output(checkpoint_path)
     paths = resolve_outputs(checkpoint_path, formats, str(output) if output else None)
     check_overwrites(paths, force)  # before any work: an export never silently replaces another file
     trained = open_trained(checkpoint_path, torch.device("cpu"), wise_alpha)
@@ -315,19 +328,35 @@ def run_export(
     if len(formats) > 1 and weights_only and (include_preprocessing or softmax or dynamic_size):
         echo(f"note: {', '.join(weights_only)} holds weights only; the graph options apply to the other formats")
     job = ExportJob(model, base, dict(trained.checkpoint.arch), dict(trained.checkpoint.config))
-    images = parity_images(trained, data, dynamic_size, echo) if verify else None
     options = (
         (include_preprocessing, f"uint8 {layout.upper()} input"),
         (softmax, "softmax"),
         (dynamic_size, "any size"),
         (wise_alpha is not None, f"WiSE-FT alpha {wise_alpha}"),
         (base.temperature is not None, f"calibrated temperature {base.temperature or 1.0:.4g}"),
+        (quantize is not None, f"{quantize} quantization"),
     )
     extras = [text for given, text in options if given]
     echo(
         f"exporting {checkpoint_path} ({base.backbone}, {len(base.class_names)} classes) to {', '.join(formats)}"
         + (f" with {', '.join(extras)}" if extras else "")
     )
+    if quantize is not None:
+        path = paths["onnx"]
+        try:
+            write_int8(job, specs["onnx"], path, trained, data, int8, verify, echo, bench_device)
+        except (OSError, RuntimeError) as exc:  # as in _write_all: a full disk, a read-only folder
+            reason = failure_reason(exc, path)
+            if reason is None:
+                raise
+            raise ExportError(
+                f"cannot write {getattr(exc, 'filename', None) or path}: {reason}",
+                "free disk space or fix permissions; files that were there are untouched",
+            ) from None
+        echo(f"wrote {path} ({size_text(path.stat().st_size)}) and {sidecar_path(path).name}")
+        echo(f"next: tltool predict {shlex.quote(str(path))} {_predict_images(trained, data)}")
+        return [path]
+    images = parity_images(trained, data, dynamic_size, echo) if verify else None
     _write_all(job, specs, paths, images, echo)
     for name in formats:
         echo(f"wrote {paths[name]} ({size_text(paths[name].stat().st_size)}) and {sidecar_path(paths[name]).name}")

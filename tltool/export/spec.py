@@ -124,6 +124,8 @@ class ExportSpec:
     # Temperature scaling (tltool.calibration): the model's logits are divided by it; None: not calibrated.
     # Graph formats have the division inside; safetensors (weights only) records it for the loader to apply.
     temperature: float | None = None
+    # An int8 file (export/quantize.py): how it was quantized and its accuracy check; None: float32 weights.
+    quantization: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
     def output_name(self) -> str:
@@ -200,6 +202,8 @@ class ExportSpec:
         }
         if self.format == "onnx":
             out["onnx_opset"] = ONNX_OPSET
+        if self.quantization is not None:
+            out.update(self.quantization)
         return out
 
     @classmethod
