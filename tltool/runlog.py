@@ -119,7 +119,12 @@ def epoch_line(record: dict[str, Any], epochs: int, is_best: bool) -> str:
     return (
         f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  "
         f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.1%}  "
-        f"val loss {record['val_loss']:.4f} acc1 {record['val_acc1']:.1%} acc5 {record['val_acc5']:.1%}  "
+        + (
+            f"val loss {record['val_loss']:.4f} mAP {record['val_map']:.4f} F1 {record['val_f1_micro']:.3f} "
+            f"exact {record['val_acc1']:.1%}  "  # (data.task: multilabel)
+            if "val_map" in record
+            else f"val loss {record['val_loss']:.4f} acc1 {record['val_acc1']:.1%} acc5 {record['val_acc5']:.1%}  "
+        )
         + (
             f"ema loss {record['val_loss_ema']:.4f} acc1 {record['val_acc1_ema']:.1%}  "
             if "val_acc1_ema" in record
