@@ -196,9 +196,15 @@ def test_chosen_thresholds_maximize_f1() -> None:
 # --- end to end --------------------------------------------------------------------------------------------
 
 
-def test_trains_both_attributes_and_eval_reports_per_class_ap(labels: Path, tmp_path: Path, cli) -> None:
-    run_dir = tmp_path / "run"
-    finetune(load_config(None, overrides(run_dir, labels, "train.epochs=3")))
+@pytest.fixture(scope="module")
+def run_dir(labels: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A multilabel run: 3 epochs, frozen backbone (the feature cache), monitored by val_map."""
+    out = tmp_path_factory.mktemp("mlrun") / "run"
+    finetune(load_config(None, overrides(out, labels, "train.epochs=3")))
+    return out
+
+
+def test_trains_both_attributes_and_eval_reports_per_class_ap(labels: Path, run_dir: Path, tmp_path: Path, cli) -> None:
     rows = records(run_dir)
     assert rows[-1]["loss_terms"].keys() == {"bce"}
     for key in ("val_map", "val_f1_micro", "val_f1_macro"):
@@ -250,6 +256,68 @@ def test_mid_epoch_resume_is_bitwise(labels: Path, tmp_path: Path, monkeypatch: 
         assert torch.equal(a[key], b[key]), key
     straight, resumed = records(tmp_path / "straight"), records(tmp_path / "resumed")
     assert [r["val_map"] for r in straight] == [r["val_map"] for r in resumed]
+
+
+def predicted(output: str) -> dict[str, set[str]]:
+    """file -> the labels of `tltool predict`'s table."""
+    rows = [line.split() for line in output.splitlines()[1:] if line.strip()]
+    return {row[0]: {cell for cell in row[1::2] if cell != "-"} for row in rows}
+
+
+def test_predict_prints_labels_above_threshold_from_checkpoint_and_export(
+    labels: Path, run_dir: Path, tmp_path: Path, cli
+) -> None:
+    from tltool.data import eval_transform, load_image
+    from tltool.evaluate import val_thresholds
+    from tltool.trained import open_trained
+
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    trained = open_trained(checkpoint)
+    files = [str(labels.parent / "img" / f"{i:03d}.png") for i in (0, 9, 17, 30)]
+    images = torch.stack([eval_transform(trained.preprocess)(load_image(f)) for f in files])
+    with torch.inference_mode():
+        probabilities = trained.model(images).sigmoid()
+    chosen = torch.tensor(val_thresholds(trained))
+
+    def expected(thresholds: torch.Tensor) -> dict[str, set[str]]:
+        return {f: {trained.class_names[c] for c in range(4) if probabilities[i, c] >= thresholds[c]}
+                for i, f in enumerate(files)}  # fmt: skip
+
+    result = cli.invoke(app, ["predict", str(checkpoint), *files])
+    assert result.exit_code == 0, result.output
+    assert predicted(result.stdout) == expected(chosen)
+    assert "label-1" in result.stdout
+    for threshold in (0.3, 0.5, 0.99):
+        result = cli.invoke(app, ["predict", str(checkpoint), *files, "--threshold", str(threshold)])
+        assert predicted(result.stdout) == expected(torch.full((4,), threshold)), threshold
+    # the probabilities printed are the sigmoids
+    result = cli.invoke(app, ["predict", str(checkpoint), files[0], "--threshold", "0", "--json"])
+    answers = json.loads(result.stdout)[0]["predictions"]
+    assert {a["label"]: a["probability"] for a in answers} == pytest.approx(
+        {name: probabilities[0, c].item() for c, name in enumerate(trained.class_names)}, abs=1e-6
+    )
+    # an export carries the task and the val-chosen thresholds, and predicts the same labels
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "m.onnx"
+    result = cli.invoke(app, ["export", str(checkpoint), "-f", "onnx", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    metadata = json.loads(out.with_name("m.onnx.json").read_text())
+    assert metadata["task"] == "multilabel" and metadata["thresholds"] == pytest.approx(chosen.tolist())
+    result = cli.invoke(app, ["predict", str(out), *files])
+    assert result.exit_code == 0, result.output
+    assert predicted(result.stdout) == expected(chosen)
+    assert one_line(
+        cli.invoke(app, ["export", str(checkpoint), "-f", "onnx", "--softmax", "-o", str(tmp_path / "s.onnx")])
+    )
+
+
+def test_single_label_commands_refuse_a_multilabel_run_in_one_line(run_dir: Path, labels: Path, tmp_path: Path, cli):
+    checkpoint = str(run_dir / "checkpoints" / "last.pt")
+    assert "multilabel" in one_line(cli.invoke(app, ["report", str(run_dir)]))
+    assert "multilabel" in one_line(cli.invoke(app, ["calibrate", checkpoint]))
+    (tmp_path / "c.yaml").write_text("{}\n")
+    result = cli.invoke(app, ["baseline", str(tmp_path / "c.yaml"), *overrides(tmp_path / "b", labels)])
+    assert "multilabel" in one_line(result)
 
 
 # --- bad input: one line, exit 2 ---------------------------------------------------------------------------

@@ -75,6 +75,11 @@ def extract_features(cfg: Config, quiet: bool = False) -> FeatureSet:
     from tltool.models import build_model
 
     start = time.perf_counter()
+    if cfg.data.task == "multilabel":
+        raise DataError(
+            "tltool baseline is for single-label data, but data.task is multilabel",
+            "compare multilabel runs by val_map in metrics.jsonl",
+        )
     split = scan_data(cfg.data, cfg.run.seed)
     device = resolve_device(cfg.run.device)
     precision = resolve_precision(cfg.train.precision, device)

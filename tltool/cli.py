@@ -305,8 +305,10 @@ def predict(
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 32,
     device: Device = "auto",
+    threshold: Threshold = None,
 ) -> None:
-    """Label images with a checkpoint or an exported model: a table of the top-k labels and probabilities.
+    """Label images with a checkpoint or an exported model: a table of the top-k labels and probabilities
+    (a multilabel model: every label whose sigmoid reaches its threshold, with its probability).
 
     Unreadable images are reported on stderr and skipped; exit code 2 when none could be read.
     """
@@ -314,7 +316,8 @@ def predict(
         check_device(device, "--device")
         from tltool.predict import check_some_readable, format_table, run_predict, to_json, write_csv
 
-        results = run_predict(model, inputs, topk, batch_size, device, echo=lambda text: typer.echo(text, err=True))
+        results = run_predict(model, inputs, topk, batch_size, device, echo=lambda text: typer.echo(text, err=True),
+                              threshold=threshold)  # fmt: skip
         table = to_json(results) if json_output else format_table(results)
         if table:
             typer.echo(table)

@@ -90,8 +90,8 @@ def evaluate(
         with autocast(device, precision):
             logits = model(images)
         logits = logits.float()
-        if labels.is_floating_point():  # multilabel: the bce term's loss; hits: exact matches, right labels
-            multilabel = True
+        if labels.dim() == 2:  # multilabel (multi-hot): the bce term's loss; hits: exact matches, right labels
+            multilabel, labels = True, labels.float()
             loss_sum += F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=1).sum()
             right = (logits > 0) == (labels > 0.5)
             counts[0] += labels.shape[0]

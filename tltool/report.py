@@ -161,6 +161,11 @@ def evaluate_run(
 ) -> Evaluation:
     """The run's checkpoint on `data`, or on the val split the run used: `tltool eval`'s numbers, plus errors."""
     trained = open_trained(run.checkpoint_path, resolve_device(device_name))
+    if trained.multilabel:  # (its figures are a confusion matrix and softmax confidences)
+        raise ReportError(
+            f"{run.checkpoint_path} is a multilabel model: tltool report draws single-label figures only",
+            f"use tltool eval {run.checkpoint_path} (per-class AP and F1) and metrics.jsonl",
+        )
     samples, source = trained.samples(data)
     metrics = evaluate_trained(trained, samples, batch_size, num_workers, per_sample=True)
     outputs = metrics.pop("outputs")

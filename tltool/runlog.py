@@ -77,7 +77,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"best epoch   {summary['best_epoch']} of {summary['epochs_completed']}"
         f" ({summary['monitor']} {metric})" + ("  [stopped early]" if summary["stopped_early"] else ""),
-        f"last epoch   val top-1 {final['val_acc1']:.1%}, top-5 {final['val_acc5']:.1%}, "
+        f"last epoch   val mAP {final['val_map']:.4f}, F1 micro {final['val_f1_micro']:.3f}, exact match "
+        f"{final['val_acc1']:.1%}, val loss {final['val_loss']:.4f}"  # (data.task: multilabel)
+        if "val_map" in final
+        else f"last epoch   val top-1 {final['val_acc1']:.1%}, top-5 {final['val_acc5']:.1%}, "
         f"val loss {final['val_loss']:.4f}",
         *(
             [

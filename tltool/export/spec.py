@@ -124,6 +124,10 @@ class ExportSpec:
     # Temperature scaling (tltool.calibration): the model's logits are divided by it; None: not calibrated.
     # Graph formats have the division inside; safetensors (weights only) records it for the loader to apply.
     temperature: float | None = None
+    # data.task: multilabel: a sigmoid per class, and class c is predicted when p_c >= thresholds[c] (chosen on the
+    # run's val split at export time, each maximizing F1 there; tltool.multilabel).
+    task: str = "multiclass"
+    thresholds: tuple[float, ...] | None = None
 
     @property
     def output_name(self) -> str:
@@ -170,6 +174,8 @@ class ExportSpec:
         what = (
             "probabilities (softmax applied)" if self.softmax else "unnormalized scores (softmax gives probabilities)"
         )
+        if self.task == "multilabel":
+            what = "unnormalized scores, one per class (multilabel: a sigmoid per class gives probabilities)"
         scaled = f", calibrated: logits divided by temperature {self.temperature:.6g}" if self.temperature else ""
         return (
             f"{self.output_name}: float32 [batch, {len(self.class_names)}], {what}{scaled}, in the order of class_names"
@@ -197,6 +203,8 @@ class ExportSpec:
             "input": self.input_description(),
             "output": self.output_description(),
             "temperature": self.temperature,
+            "task": self.task,
+            "thresholds": list(self.thresholds) if self.thresholds is not None else None,
         }
         if self.format == "onnx":
             out["onnx_opset"] = ONNX_OPSET
@@ -216,6 +224,8 @@ class ExportSpec:
                 softmax=data.get("output_kind", LOGITS) == PROBABILITIES,
                 dynamic_size=bool(data.get("dynamic_size", False)),
                 temperature=float(data["temperature"]) if data.get("temperature") is not None else None,
+                task=str(data.get("task", "multiclass")),
+                thresholds=tuple(float(t) for t in data["thresholds"]) if data.get("thresholds") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ExportError(
