@@ -320,6 +320,15 @@ def test_single_label_commands_refuse_a_multilabel_run_in_one_line(run_dir: Path
     assert "multilabel" in one_line(result)
 
 
+def test_threshold_on_a_multiclass_model_is_one_line(tmp_path_factory: pytest.TempPathFactory, dataset: Path, cli):
+    from conftest import trained_checkpoint
+
+    checkpoint = str(trained_checkpoint("resnet18", tmp_path_factory))
+    image = str(next(dataset.rglob("*.png")))
+    assert "multiclass" in one_line(cli.invoke(app, ["predict", checkpoint, image, "--threshold", "0.5"]))
+    assert "multiclass" in one_line(cli.invoke(app, ["eval", checkpoint, "--threshold", "0.5"]))
+
+
 # --- bad input: one line, exit 2 ---------------------------------------------------------------------------
 
 
