@@ -258,6 +258,27 @@ def test_mid_epoch_resume_is_bitwise(labels: Path, tmp_path: Path, monkeypatch: 
     assert [r["val_map"] for r in straight] == [r["val_map"] for r in resumed]
 
 
+def test_epoch_line_summary_and_tensorboard_show_map(run_dir: Path) -> None:
+    from tltool.runlog import epoch_line, log_tensorboard
+
+    record = records(run_dir)[-1]
+    assert f"mAP {record['val_map']:.4f}" in epoch_line(record, 3, False)
+
+    class Writer:
+        tags: dict = {}
+
+        def add_scalar(self, tag, value, step):
+            self.tags[tag] = value
+
+        def flush(self):
+            pass
+
+    writer = Writer()
+    log_tensorboard(writer, record)
+    assert writer.tags["multilabel/val_map"] == record["val_map"]
+    assert writer.tags["multilabel/val_f1_macro"] == record["val_f1_macro"]
+
+
 def predicted(output: str) -> dict[str, set[str]]:
     """file -> the labels of `tltool predict`'s table."""
     rows = [line.split() for line in output.splitlines()[1:] if line.strip()]

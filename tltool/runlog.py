@@ -45,6 +45,9 @@ def log_tensorboard(writer: Any, record: dict[str, Any]) -> None:
         writer.add_scalar("loss/val_ema", record["val_loss_ema"], epoch)
         writer.add_scalar("accuracy/val_top1_ema", record["val_acc1_ema"], epoch)
         writer.add_scalar("accuracy/val_top5_ema", record["val_acc5_ema"], epoch)
+    for key in ("val_map", "val_f1_micro", "val_f1_macro"):  # data.task: multilabel
+        if key in record:
+            writer.add_scalar(f"multilabel/{key}", record[key], epoch)
     writer.add_scalar("lr", record["lr"], epoch)
     writer.add_scalar("speed/images_per_second", record["images_per_second"], epoch)
     writer.flush()
