@@ -187,7 +187,7 @@ def test_chosen_thresholds_maximize_f1() -> None:
     for c in range(2):
         best = max(f1(c, t) for t in probabilities[:, c].tolist())
         assert f1(c, chosen[c]) == pytest.approx(best)
-    # class 0: p >= 0.3 takes all three positives and one negative (F1 6/7); class 1: only 0.8 (F1 2/3 at 0.7..)
+    # class 0: p >= 0.3 takes all three positives and one negative (F1 6/7); class 1: p >= 0.8, its one positive (F1 1)
     assert chosen == pytest.approx([0.3, 0.8])
     # no positive: 0.5
     assert choose_thresholds(probabilities, torch.zeros(5, 2)) == [0.5, 0.5]
