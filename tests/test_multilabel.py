@@ -221,6 +221,16 @@ def test_trains_both_attributes_and_eval_reports_per_class_ap(labels: Path, run_
     for row in metrics["per_class"]:  # base rate of every label: 0.5
         assert row["ap"] > 0.8, row
     assert metrics["map"] == pytest.approx(sum(r["ap"] for r in metrics["per_class"]) / 4)
+    # at 0.5 on the val split, eval gives the last epoch's record (acc1: exact match, acc5: per-label accuracy)
+    result = cli.invoke(app, ["eval", str(run_dir / "checkpoints" / "last.pt"), "--threshold", "0.5",
+                              "--json", str(tmp_path / "h.json")])  # fmt: skip
+    at_half = json.loads((tmp_path / "h.json").read_text())
+    assert at_half["acc1"] == pytest.approx(at_half["exact_match"])
+    assert at_half["acc1"] == pytest.approx(rows[-1]["val_acc1"])
+    assert at_half["acc5"] == pytest.approx(at_half["label_accuracy"])
+    assert at_half["acc5"] == pytest.approx(rows[-1]["val_acc5"])
+    assert at_half["map"] == pytest.approx(rows[-1]["val_map"], abs=1e-6)
+    assert at_half["f1_micro"] == pytest.approx(rows[-1]["val_f1_micro"], abs=1e-6)
     # a given threshold, on another label file
     result = cli.invoke(app, ["eval", str(run_dir / "checkpoints" / "last.pt"), "--data", str(labels),
                               "--threshold", "0.5", "--json", str(tmp_path / "t.json")])  # fmt: skip

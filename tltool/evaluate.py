@@ -93,7 +93,7 @@ def evaluate(
         if labels.dim() == 2:  # multilabel (multi-hot): the bce term's loss; hits: exact matches, right labels
             multilabel, labels = True, labels.float()
             loss_sum += F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=1).sum()
-            right = (logits > 0) == (labels > 0.5)
+            right = (logits >= 0) == (labels > 0.5)  # (p >= 0.5, as multilabel.decide)
             counts[0] += labels.shape[0]
             counts[1] += right.all(dim=1).sum()
             counts[2] += right.sum()
@@ -159,7 +159,7 @@ def _multilabel_metrics(
     out: dict[str, Any] = {"loss": loss, "acc1": exact / count, "acc5": right / (count * num_classes),
                            "num_images": count, "multilabel": True, **scores}  # fmt: skip
     if per_sample:
-        predictions = (logits > 0).long()
+        predictions = (logits >= 0).long()
         indices = _joined(kept["indices"]) if kept["indices"] else None
         out["outputs"] = SampleOutputs(logits, predictions, targets, indices, multilabel=True)
     return out

@@ -259,7 +259,7 @@ def train_one_epoch(
                 if on_batch is not None and on_batch(value.detach(), steps_now):
                     return None
                 if labels.is_floating_point():  # multilabel: an exact match (every class right at p 0.5)
-                    hits = ((logits > 0) == (labels > 0.5)).all(dim=1).sum()
+                    hits = ((logits >= 0) == (labels > 0.5)).all(dim=1).sum()
                 else:
                     hits = (logits.argmax(dim=1) == labels).sum()
                 values = torch.stack([value.detach(), *(term.detach() for term in terms), hits]).to(sum_dtype(device))
