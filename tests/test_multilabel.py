@@ -239,6 +239,27 @@ def test_trains_both_attributes_and_eval_reports_per_class_ap(labels: Path, run_
     assert metrics["num_images"] == 32 and metrics["thresholds"] == [0.5] * 4
 
 
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_metrics(labels: Path, tmp_path: Path) -> None:
+    """torchrun (--nproc 2, batch 4 each, the feature cache) against one process at batch 8: the same steps, so
+    the same losses, and mAP / F1 over the val images gathered from both ranks equal the single process's."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import write_config
+
+    finetune(load_config(None, overrides(tmp_path / "one", labels, "data.batch_size=8")), quiet=True)
+    config = write_config(tmp_path / "ddp.yaml", overrides(tmp_path / "two", labels, "data.batch_size=4"))
+    command = [sys.executable, "-m", "tltool", "finetune", str(config), "--nproc", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env={**os.environ,
+                            "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    for key in ("train_loss", "val_loss", "val_map", "val_f1_micro", "val_f1_macro", "val_acc1", "val_acc5"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-6), key
+
+
 def test_mid_epoch_resume_is_bitwise(labels: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     extra = ("train.epochs=2", "checkpoint.every_n_steps=1", "model.head_dropout=0.3", "train.class_weights=balanced")
     finetune(load_config(None, overrides(tmp_path / "straight", labels, *extra)))
