@@ -367,9 +367,32 @@ def test_single_label_commands_refuse_a_multilabel_run_in_one_line(run_dir: Path
     checkpoint = str(run_dir / "checkpoints" / "last.pt")
     assert "multilabel" in one_line(cli.invoke(app, ["report", str(run_dir)]))
     assert "multilabel" in one_line(cli.invoke(app, ["calibrate", checkpoint]))
+
+
+def test_baseline_fits_a_one_vs_rest_probe_chosen_by_held_out_map(labels: Path, tmp_path: Path, cli) -> None:
+    from tltool.baseline import fit_logistic, holdout_split
+
     (tmp_path / "c.yaml").write_text("{}\n")
-    result = cli.invoke(app, ["baseline", str(tmp_path / "c.yaml"), *overrides(tmp_path / "b", labels)])
-    assert "multilabel" in one_line(result)
+    items = overrides(tmp_path / "b", labels)
+    result = cli.invoke(app, ["baseline", str(tmp_path / "c.yaml"), *items, "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    assert "val mAP" in result.output and "one-vs-rest" in result.output
+    out = json.loads((tmp_path / "b.json").read_text())
+    probe = out["linear_probe"]
+    assert out["knn"] is None and out["nearest_class_mean"] is None
+    assert probe["val_map"] > 0.8 and all("holdout_map" in row for row in probe["grid"])
+    # the held-out fold is drawn per label set
+    targets = torch.tensor([[1.0, 0.0]] * 5 + [[0.0, 1.0]] * 5 + [[1.0, 1.0]])
+    fit, held = holdout_split(targets, 0.2, 0)
+    assert sorted(tuple(r) for r in targets[held].tolist()) == [(0.0, 1.0), (1.0, 0.0)]
+    # the fit minimizes mean BCE + l2/2 |W|^2: its gradient vanishes at the solution
+    x = torch.randn(11, 3, generator=torch.Generator().manual_seed(0))
+    weight, bias = fit_logistic(x, targets, 2, 0.1)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    loss = multilabel_bce(x @ weight + bias, targets) + 0.05 * weight.pow(2).sum()
+    loss.backward()
+    assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4
 
 
 def test_threshold_on_a_multiclass_model_is_one_line(tmp_path_factory: pytest.TempPathFactory, dataset: Path, cli):
