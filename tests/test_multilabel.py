@@ -363,10 +363,21 @@ def test_predict_prints_labels_above_threshold_from_checkpoint_and_export(
     )
 
 
-def test_single_label_commands_refuse_a_multilabel_run_in_one_line(run_dir: Path, labels: Path, tmp_path: Path, cli):
-    checkpoint = str(run_dir / "checkpoints" / "last.pt")
-    assert "multilabel" in one_line(cli.invoke(app, ["report", str(run_dir)]))
-    assert "multilabel" in one_line(cli.invoke(app, ["calibrate", checkpoint]))
+def test_report_shows_per_class_ap_and_calibrate_refuses(run_dir: Path, tmp_path: Path, cli) -> None:
+    pytest.importorskip("matplotlib")
+    checkpoint = run_dir / "checkpoints" / ("best.pt" if (run_dir / "checkpoints" / "best.pt").exists() else "last.pt")
+    result = cli.invoke(app, ["eval", str(checkpoint), "--json", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "e.json").read_text())["per_class"]
+    result = cli.invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    page = (run_dir / "report" / "report.html").read_text()
+    assert "mAP (macro)" in page and "chosen on this val split" in page
+    for row in rows:  # the same per-class AP and threshold as tltool eval's
+        assert f"<td>{row['class']}</td><td>{row['ap']:.4g}</td>" in page
+        assert f"<td>{row['threshold']:.4f}</td>" in page
+    assert sorted(p.name for p in (run_dir / "report").iterdir()) == ["curves.png", "report.html"]
+    assert "multilabel" in one_line(cli.invoke(app, ["calibrate", str(checkpoint)]))
 
 
 def test_baseline_fits_a_one_vs_rest_probe_chosen_by_held_out_map(labels: Path, tmp_path: Path, cli) -> None:
