@@ -9,6 +9,9 @@ transform, exactly as the frozen-feature cache does. On those features three cla
   weighted kNN of Wu et al. 2018 and DINO), k picked from a small grid;
 - the nearest class mean (cosine to each class's mean feature), which has nothing to pick.
 
+With `data.task: multilabel` only the probe runs, as one logistic regression per class (binary cross-entropy),
+its penalty picked by held-out mAP and scored as finetune's val (mAP, F1 at 0.5, exact match).
+
 Every choice (penalty, k) is made on a stratified, seeded 20% of the *train* features held out from the
 fit, then the read-out is refitted on all train features; the val split is only ever scored, never used to
 choose, so its numbers are honest and comparable with `tltool finetune`'s val_acc1 (the same split).
@@ -94,8 +97,8 @@ def extract_features(cfg: Config, quiet: bool = False) -> FeatureSet:
         "backbone": cfg.model.backbone,
         "weights": built.weights_source,
         "dim": int(parts["train"][0].shape[1]),
-        "train_images": int(parts["train"][1].numel()),
-        "val_images": int(parts["val"][1].numel()),
+        "train_images": len(parts["train"][1]),  # (a multilabel run's labels are N x classes)
+        "val_images": len(parts["val"][1]),
         "image_size": built.preprocess.image_size,
         "transform": "eval (resize + centre crop) for train and val",
         "device": str(device),
@@ -148,12 +151,13 @@ def holdout_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[tor
     """Stratified, seeded (fit, held-out) index split of the train features used for every choice.
 
     Per class `round(n * fraction)` indices, at least one and never all (as data.stratified_split does),
-    so a class with a single image is only fitted on.
+    so a class with a single image is only fitted on. Multi-hot labels (N x classes) are grouped by label set.
     """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + 17)
     fit, held = [], []
-    for label in labels.unique(sorted=True).tolist():
-        members = torch.nonzero(labels == label).flatten()
+    groups = labels.unique(dim=0) if labels.dim() == 2 else labels.unique(sorted=True).tolist()
+    for label in groups:
+        members = torch.nonzero((labels == label).all(dim=1) if labels.dim() == 2 else labels == label).flatten()
         members = members[torch.randperm(members.numel(), generator=generator)]
         count = min(members.numel() - 1, max(1, round(members.numel() * fraction))) if members.numel() > 1 else 0
         held.append(members[:count])
@@ -169,9 +173,18 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     return (top == labels[:, None]).any(dim=1).float().mean().item()
 
 
-def _pick(grid: list[dict[str, Any]]) -> dict[str, Any]:
-    """The grid row with the best held-out top-1; ties go to the better tie-break score, then the later row."""
-    return max(reversed(grid), key=lambda row: (row["holdout_acc1"], row["tiebreak"]))
+def _pick(grid: list[dict[str, Any]], key: str = "holdout_acc1") -> dict[str, Any]:
+    """The grid row with the best held-out top-1 (multilabel: mAP); ties go to the better tie-break score, then
+    the later row."""
+    return max(reversed(grid), key=lambda row: (row[key], row["tiebreak"]))
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The probe's data term: cross-entropy, or for multi-hot labels (N x classes) binary cross-entropy per class
+    (one-vs-rest logistic regression)."""
+    if labels.dim() == 2:
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+    return F.cross_entropy(logits, labels)
 
 
 # --- linear probe ----------------------------------------------------------------------------------
@@ -201,7 +214,8 @@ def fit_logistic(
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
     max_iter: int = REFIT_MAX_ITER,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression by full-batch L-BFGS: minimizes mean cross-entropy + l2/2 * |W|^2.
+    """Multinomial logistic regression by full-batch L-BFGS: minimizes mean cross-entropy + l2/2 * |W|^2
+    (multi-hot labels: one logistic regression per class, mean binary cross-entropy).
 
     The bias is not penalized. In scikit-learn's terms this is LogisticRegression(C=1 / (l2 * n)).
     Returns (weight (D, K), bias (K,)), detached.
@@ -223,7 +237,7 @@ def fit_logistic(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(features @ weight + bias, labels) + 0.5 * l2 * weight.pow(2).sum()
+        loss = _loss(features @ weight + bias, labels) + 0.5 * l2 * weight.pow(2).sum()
         loss.backward()
         return loss
 
@@ -260,7 +274,9 @@ def fit_probe(
     """Pick the L2 penalty on a held-out 20% of the train features, then refit on all of them.
 
     Only train features are seen: `tltool baseline` scores the result on val, LP-FT starts a head from it.
+    Multi-hot labels: the penalty with the best held-out mAP (multilabel.metrics).
     """
+    multilabel = train_labels.dim() == 2
     fit_index, held_index = holdout_split(train_labels, HOLDOUT_FRACTION, seed)
     rows: list[dict[str, Any]] = []
     if held_index.numel():
@@ -270,10 +286,11 @@ def fit_probe(
         for l2 in sorted(grid, reverse=True):  # strong to weak penalty: warm starts converge fast
             previous = fit_logistic(fit_x, fit_y, num_classes, l2, init=previous, max_iter=GRID_MAX_ITER)
             logits = held_x @ previous[0] + previous[1]
-            loss = F.cross_entropy(logits, held_y).item()
-            rows.append({"l2": l2, "holdout_acc1": topk_accuracy(logits, held_y, 1), "holdout_loss": loss,
-                         "tiebreak": -loss, "solution": previous})  # fmt: skip
-        best = _pick(rows)
+            loss = _loss(logits, held_y).item()
+            score = {"holdout_map": _map(logits, held_y)} if multilabel else {
+                "holdout_acc1": topk_accuracy(logits, held_y, 1)}  # fmt: skip
+            rows.append({"l2": l2, **score, "holdout_loss": loss, "tiebreak": -loss, "solution": previous})
+        best = _pick(rows, "holdout_map" if multilabel else "holdout_acc1")
         chosen, init = best["l2"], best["solution"]
     else:
         chosen, init = DEFAULT_L2, None
@@ -297,6 +314,25 @@ def linear_probe(
     start = time.perf_counter()
     probe = fit_probe(train, train_labels, num_classes, seed, grid)
     logits = probe.scores(val)
+    if val_labels.dim() == 2:  # multilabel: one-vs-rest, scored as finetune's val (multilabel.metrics at 0.5)
+        from tltool.multilabel import metrics
+
+        scores = metrics(logits.cpu(), val_labels.cpu())
+        return {
+            "method": "linear probe: one-vs-rest logistic regression (L-BFGS, binary cross-entropy) on standardized "
+            "features",
+            "l2": probe.l2,
+            "C": 1.0 / (probe.l2 * train.shape[0]),
+            "val_map": scores["map"],
+            "val_f1_micro": scores["f1_micro"],
+            "val_f1_macro": scores["f1_macro"],
+            "val_acc1": scores["exact_match"],
+            "val_acc5": scores["label_accuracy"],
+            "val_loss": _loss(logits, val_labels).item(),
+            "chosen_by": "held-out 20% of train (mAP)" if probe.grid else "default (no train image could be held out)",
+            "grid": probe.grid,
+            "seconds": time.perf_counter() - start,
+        }
     return {
         "method": "linear probe: multinomial logistic regression (L-BFGS) on standardized features",
         "l2": probe.l2,
@@ -308,6 +344,12 @@ def linear_probe(
         "grid": probe.grid,
         "seconds": time.perf_counter() - start,
     }
+
+
+def _map(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    from tltool.multilabel import metrics
+
+    return metrics(logits.detach().cpu(), labels.cpu())["map"]
 
 
 # --- kNN and nearest class mean ----------------------------------------------------------------------
@@ -428,6 +470,7 @@ def run_baseline(
     train, val = features.train.to(device), features.val.to(device)
     train_labels, val_labels = features.train_labels.to(device), features.val_labels.to(device)
     args = (train, train_labels, val, val_labels, features.num_classes)
+    multilabel = cfg.data.task == "multilabel"
     holdout_count = holdout_split(features.train_labels, HOLDOUT_FRACTION, cfg.run.seed)[1].numel()
     result = {
         "method": "baseline",
@@ -440,8 +483,9 @@ def run_baseline(
             "note": "penalty and k chosen on held-out train features; val only scored",
         },
         "linear_probe": linear_probe(*args, seed=cfg.run.seed),
-        "knn": knn(*args, seed=cfg.run.seed),
-        "nearest_class_mean": nearest_class_mean(*args),
+        # (multilabel: the linear probe only; kNN votes and class means assume one class per image)
+        "knn": None if multilabel else knn(*args, seed=cfg.run.seed),
+        "nearest_class_mean": None if multilabel else nearest_class_mean(*args),
     }
     if json_path:
         write_text_atomic(Path(json_path), json.dumps(_finite(result), indent=2) + "\n")
@@ -462,6 +506,16 @@ def _finite(value: Any) -> Any:
 def format_baseline(result: dict[str, Any]) -> str:
     """The read-outs side by side: val top-1 / top-5 and seconds, with what was chosen."""
     probe, neighbour, mean = result["linear_probe"], result["knn"], result["nearest_class_mean"]
+    if "val_map" in probe:  # multilabel: the probe alone
+        info = result["features"]
+        return (
+            f"linear probe (l2={probe['l2']:g}, C={probe['C']:.3g}, one-vs-rest) on frozen features: val mAP "
+            f"{probe['val_map']:.4f}, F1 micro {probe['val_f1_micro']:.3f}, macro {probe['val_f1_macro']:.3f}, "
+            f"exact match {probe['val_acc1']:.1%}  {probe['seconds']:.1f} s\n"
+            f"feature extraction {info['extract_seconds']:.1f} s; l2 chosen by mAP on "
+            f"{result['selection']['holdout_images']} held-out train images, the {info['val_images']} val images "
+            "only scored"
+        )
     rows = [
         (f"linear probe (l2={probe['l2']:g}, C={probe['C']:.3g})", probe),
         (f"kNN (k={neighbour['k']}, cosine)", neighbour),

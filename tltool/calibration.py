@@ -219,6 +219,11 @@ def checkpoint_logits(
     from tltool.trained import open_trained
 
     trained = open_trained(path, device, calibrated=False)
+    if trained.multilabel:
+        raise ConfigError(
+            f"{path} is a multilabel model: temperature scaling fits a softmax",
+            "leave it uncalibrated (tltool eval chooses per-class thresholds)",
+        )
     samples, source = trained.samples(data)
     metrics = evaluate_trained(trained, samples, batch_size, num_workers, per_sample=True)
     outputs = metrics["outputs"]

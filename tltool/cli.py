@@ -164,6 +164,18 @@ def finetune(
         typer.echo(format_summary(summary))
 
 
+Threshold = Annotated[
+    float | None,
+    typer.Option(
+        "--threshold",
+        min=0.0,
+        max=1.0,
+        help="Multilabel models: a class is predicted when its sigmoid p >= this (every class); default: per-class "
+        "thresholds chosen on the run's val split (each maximizes F1 there).",
+    ),
+]
+
+
 @app.command("eval", epilog="Example: tltool eval runs/flowers/checkpoints/best.pt --data data/flowers/test")
 def eval_command(
     checkpoint: CheckpointPath,
@@ -178,14 +190,17 @@ def eval_command(
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Default: the run's.")] = None,
     num_workers: Annotated[int | None, typer.Option("--num-workers", min=0, help="Default: the run's.")] = None,
     wise_alpha: WiseAlpha = None,
+    threshold: Threshold = None,
 ) -> None:
     """Measure a checkpoint: loss, top-1/top-5, per-class precision/recall/F1, confusion matrix (of the EMA weights
-    when the run monitored an EMA metric: the checkpoint's model is then the EMA, and the first line says so)."""
+    when the run monitored an EMA metric: the checkpoint's model is then the EMA, and the first line says so).
+    A multilabel model: mAP, micro/macro F1, per-class AP and F1 at per-class thresholds chosen on the run's val
+    split (or --threshold)."""
     with user_errors():
         check_device(device, "--device")
         from tltool.evaluate import format_report, run_eval
 
-        metrics = run_eval(checkpoint, data, json_path, device, batch_size, num_workers, wise_alpha)
+        metrics = run_eval(checkpoint, data, json_path, device, batch_size, num_workers, wise_alpha, threshold)
         wise = f" (WiSE-FT alpha {wise_alpha:g})" if wise_alpha is not None else ""
         weights = " (EMA weights)" if metrics["weights"] == "ema" else ""
         typer.echo(f"{checkpoint}{weights}{wise} on {metrics['data']}")
@@ -315,8 +330,10 @@ def predict(
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 32,
     device: Device = "auto",
+    threshold: Threshold = None,
 ) -> None:
-    """Label images with a checkpoint or an exported model: a table of the top-k labels and probabilities.
+    """Label images with a checkpoint or an exported model: a table of the top-k labels and probabilities
+    (a multilabel model: every label whose sigmoid reaches its threshold, with its probability).
 
     Unreadable images are reported on stderr and skipped; exit code 2 when none could be read.
     """
@@ -324,7 +341,8 @@ def predict(
         check_device(device, "--device")
         from tltool.predict import check_some_readable, format_table, run_predict, to_json, write_csv
 
-        results = run_predict(model, inputs, topk, batch_size, device, echo=lambda text: typer.echo(text, err=True))
+        results = run_predict(model, inputs, topk, batch_size, device, echo=lambda text: typer.echo(text, err=True),
+                              threshold=threshold)  # fmt: skip
         table = to_json(results) if json_output else format_table(results)
         if table:
             typer.echo(table)

@@ -119,7 +119,14 @@ class DataConfig(_Section):
     path_column: str = Field("path", min_length=1, examples=["filename"])
     """Label files: the header of the column of image paths (relative to the file's folder, or absolute)."""
     label_column: str = Field("label", min_length=1, examples=["class"])
-    """Label files: the header of the column of class names (one per row, not empty)."""
+    """Label files: the header of the column of class names (one per row, not empty; with `data.task: multilabel`
+    a list of them separated by `data.label_delimiter`)."""
+    task: Literal["multiclass", "multilabel"] = Field("multiclass", examples=["multilabel"])
+    """multiclass (one class per image, softmax + cross-entropy) or multilabel (any number of classes per image,
+    from a label file: a sigmoid per class + binary cross-entropy; mAP and F1 at 0.5 in metrics.jsonl)."""
+    label_delimiter: str = Field("|", min_length=1, max_length=1, examples=[";"])
+    """data.task: multilabel: the character between the labels of one image in the label column (e.g. red|square);
+    every image needs at least one label."""
     classes: list[str] | None = Field(None, examples=[["cat", "dog"]])
     """The class order (output index of each class): exactly the classes of `data.train`; default: sorted names."""
     image_size: int | None = Field(None, ge=8, le=4096, examples=[224])
@@ -368,11 +375,12 @@ class TrainConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    monitor: Literal["val_acc1", "val_acc5", "val_loss", "val_acc1_ema", "val_acc5_ema", "val_loss_ema"] = Field(
-        "val_acc1", examples=["val_loss"]
+    monitor: Literal["val_acc1", "val_acc5", "val_loss", "val_acc1_ema", "val_acc5_ema", "val_loss_ema", "val_map"] = (
+        Field("val_acc1", examples=["val_loss"])
     )
-    """Metric that picks `best.pt` and drives early stopping (accuracies: higher is better; loss: lower); a *_ema
-    metric (train.ema_decay) makes the EMA weights the model of the run's checkpoints."""
+    """Metric that picks `best.pt` and drives early stopping (accuracies, val_map: higher is better; loss: lower); a
+    *_ema metric (train.ema_decay) makes the EMA weights the model of the run's checkpoints; val_map (the macro
+    mean average precision) needs data.task: multilabel."""
     save_best: bool = Field(True, examples=[False])
     """Keep `checkpoints/best.pt`, the epoch with the best monitored metric."""
     every_n_steps: int | None = Field(None, ge=1, examples=[500])
@@ -538,12 +546,44 @@ class Config(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _multilabel_keys(self) -> Config:
+        if self.data.task != "multilabel":
+            if self.checkpoint.monitor == "val_map":
+                raise ValueError("checkpoint.monitor=val_map needs data.task: multilabel (or monitor val_acc1)")
+            return self
+        refused = [key for key, value in multilabel_refused(self).items() if value]
+        if refused:
+            raise ValueError(
+                f"data.task: multilabel does not work with {', '.join(refused)} (softmax-based or single-label "
+                "methods): unset them, or use data.task: multiclass"
+            )
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML/JSON-safe dict with every default filled in."""
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def multilabel_refused(cfg: Config) -> dict[str, bool]:
+    """The keys a multilabel run refuses (each True when set): they assume one class per image (softmax)."""
+    train = cfg.train
+    return {
+        "data.mixup_alpha/cutmix_alpha": cfg.data.mixing,
+        "data.sampler=balanced": cfg.data.sampler == "balanced",
+        "train.label_smoothing": train.label_smoothing > 0,
+        "train.cotuning_weight": train.cotuning_weight > 0,
+        "train.head_init=probe": train.head_init == "probe",
+        "train.wise_alpha": train.wise_alpha is not None,
+        "train.calibrate": train.calibrate,
+        "adapt.method": cfg.adapt.method != "none",
+        "adapt.unlabeled": bool(cfg.adapt.unlabeled),
+        "distill.teacher": bool(cfg.distill.teacher),
+        "source.train": bool(cfg.source.train),
+    }
 
 
 # --- model names ---------------------------------------------------------------------------------------

@@ -37,9 +37,10 @@ class SampleOutputs:
     predictions: torch.Tensor  # N: the top-1 class, as counted in acc1 and the confusion matrix
     labels: torch.Tensor  # N: the true class
     indices: torch.Tensor | None  # N: each row's sample index, when the loader gives indices (`sample_labels`)
+    multilabel: bool = False  # labels are multi-hot (N x classes), predictions p >= 0.5, probabilities sigmoids
 
     def probabilities(self) -> torch.Tensor:
-        return self.logits.softmax(dim=1)
+        return self.logits.sigmoid() if self.multilabel else self.logits.softmax(dim=1)
 
 
 @torch.inference_mode()
@@ -70,7 +71,13 @@ def evaluate(
     counts = torch.zeros(3, dtype=torch.long, device=device)  # images, top-1 hits, top-5 hits
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     k = min(5, num_classes)
-    labels_of = torch.tensor(sample_labels, dtype=torch.long) if sample_labels is not None else None
+    multi_hot = sample_labels is not None and len(sample_labels) > 0 and isinstance(sample_labels[0], tuple)
+    labels_of = (
+        torch.tensor(sample_labels, dtype=torch.float32 if multi_hot else torch.long)
+        if sample_labels is not None
+        else None
+    )
+    multilabel = False  # data.task: multilabel (the batches' labels are multi-hot floats)
     kept: dict[str, list[torch.Tensor]] = {"logits": [], "predictions": [], "labels": [], "indices": []}
     for batch in loader:
         if batch is None:
@@ -83,6 +90,18 @@ def evaluate(
         with autocast(device, precision):
             logits = model(images)
         logits = logits.float()
+        if labels.dim() == 2:  # multilabel (multi-hot): the bce term's loss; hits: exact matches, right labels
+            multilabel, labels = True, labels.float()
+            loss_sum += F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(dim=1).sum()
+            right = (logits >= 0) == (labels > 0.5)  # (p >= 0.5, as multilabel.decide)
+            counts[0] += labels.shape[0]
+            counts[1] += right.all(dim=1).sum()
+            counts[2] += right.sum()
+            kept["logits"].append(logits)
+            kept["labels"].append(labels)
+            if indices is not None:
+                kept["indices"].append(indices)
+            continue
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").to(loss_sum.dtype)
         top = logits.topk(k, dim=1).indices
         counts[0] += labels.numel()
@@ -100,6 +119,8 @@ def evaluate(
     confusion = all_reduce_sum(confusion.cpu())
     if count == 0:
         raise DataError("no image of the evaluation set could be read", "check the dataset")
+    if multilabel:
+        return _multilabel_metrics(kept, total_loss / count, count, correct1, correct5, num_classes, per_sample)
     metrics: dict[str, Any] = {
         "loss": total_loss / count,
         "acc1": correct1 / count,
@@ -115,6 +136,33 @@ def evaluate(
             _joined(kept["indices"]) if labels_of is not None else None,
         )
     return metrics
+
+
+def _multilabel_metrics(
+    kept: dict[str, list[torch.Tensor]],
+    loss: float,
+    count: int,
+    exact: int,
+    right: int,
+    num_classes: int,
+    per_sample: bool,
+) -> dict[str, Any]:
+    """A multilabel pass's metrics (multilabel.py, over every rank's images): loss, acc1 = exact match and
+    acc5 = per-label accuracy at 0.5, map, f1_micro, f1_macro, per-class AP/F1; `outputs` with `per_sample`."""
+    from tltool.distributed import all_gather_objects
+    from tltool.multilabel import metrics as multilabel_metrics
+
+    logits = _joined(kept["logits"], torch.zeros(0, num_classes))
+    targets = _joined(kept["labels"], torch.zeros(0, num_classes))
+    gathered = all_gather_objects((logits, targets))
+    scores = multilabel_metrics(torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered]))
+    out: dict[str, Any] = {"loss": loss, "acc1": exact / count, "acc5": right / (count * num_classes),
+                           "num_images": count, "multilabel": True, **scores}  # fmt: skip
+    if per_sample:
+        predictions = (logits >= 0).long()
+        indices = _joined(kept["indices"]) if kept["indices"] else None
+        out["outputs"] = SampleOutputs(logits, predictions, targets, indices, multilabel=True)
+    return out
 
 
 def _joined(parts: list[torch.Tensor], empty: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,6 +212,11 @@ def evaluate_trained(
         sample_labels=[label for _path, label in samples],
     )
     outputs = metrics["outputs"] if per_sample else metrics.pop("outputs")
+    if metrics.get("multilabel"):  # (no ECE, no confusion matrix: per-class AP and F1 instead)
+        metrics["per_class"] = multilabel_rows(metrics, class_names)
+        metrics["class_names"] = class_names
+        metrics["checkpoint"] = str(trained.path)
+        return metrics
     metrics["ece"] = expected_calibration_error(outputs.probabilities(), outputs.labels)
     metrics["ece_bins"] = ECE_BINS
     temperature = float(getattr(trained.model, "temperature", 1.0))
@@ -191,8 +244,61 @@ def per_class(confusion: list[list[int]], class_names: list[str]) -> list[dict[s
     return rows
 
 
+def multilabel_rows(metrics: dict[str, Any], class_names: list[str]) -> list[dict[str, Any]]:
+    """A multilabel evaluation's per-class rows: AP (None without positives), F1 at the threshold, support."""
+    return [
+        {
+            "class": name,
+            "ap": metrics["per_class_ap"][i],
+            "f1": metrics["per_class_f1"][i],
+            "threshold": metrics["thresholds"][i],
+            "support": metrics["support"][i],
+        }  # fmt: skip
+        for i, name in enumerate(class_names)
+    ]
+
+
+def apply_thresholds(metrics: dict[str, Any], thresholds: Sequence[float], chosen_on: str) -> dict[str, Any]:
+    """A multilabel evaluation (with `outputs`) recomputed at per-class `thresholds` (multilabel.metrics)."""
+    from tltool.multilabel import metrics as multilabel_metrics
+
+    outputs = metrics["outputs"]
+    metrics.update(multilabel_metrics(outputs.logits, outputs.labels, list(thresholds)))
+    metrics["per_class"] = multilabel_rows(metrics, metrics["class_names"])
+    metrics["thresholds_from"] = chosen_on
+    return metrics
+
+
+def val_thresholds(trained: TrainedModel, batch_size: int | None = None, num_workers: int | None = None) -> list[float]:
+    """A multilabel checkpoint's per-class thresholds chosen on its run's val split (each maximizes F1 there)."""
+    from tltool.multilabel import choose_thresholds
+
+    samples, _source = trained.samples(None)
+    outputs = evaluate_trained(trained, samples, batch_size, num_workers, per_sample=True)["outputs"]
+    return choose_thresholds(outputs.probabilities(), outputs.labels)
+
+
+def format_multilabel(metrics: dict[str, Any], class_names: list[str]) -> str:
+    """`tltool eval`'s table of a multilabel model: mAP, F1, accuracies, then AP / F1 / threshold per class."""
+    lines = [
+        f"images {metrics['num_images']}   loss {metrics['loss']:.4f}   mAP {metrics['map']:.4f}   "
+        f"F1 micro {metrics['f1_micro']:.4f}   F1 macro {metrics['f1_macro']:.4f}",
+        f"exact match {metrics['exact_match']:.2%}   label accuracy {metrics['label_accuracy']:.2%}   "
+        f"(thresholds: {metrics.get('thresholds_from', 'p >= 0.5')})",
+        "",
+    ]
+    width = max(12, *(len(n) for n in class_names))
+    lines.append(f"{'class':<{width}}      AP      F1  threshold  support")
+    for row in metrics["per_class"]:
+        ap = f"{row['ap']:6.3f}" if row["ap"] is not None else "     -"
+        lines.append(f"{row['class']:<{width}}  {ap}  {row['f1']:6.3f}  {row['threshold']:9.4f}  {row['support']:7d}")
+    return "\n".join(lines)
+
+
 def format_report(metrics: dict[str, Any], class_names: list[str]) -> str:
     """A human-readable table: the headline metrics, per-class rows, and a small confusion matrix."""
+    if metrics.get("multilabel"):
+        return format_multilabel(metrics, class_names)
     lines = [
         f"images {metrics['num_images']}   loss {metrics['loss']:.4f}   "
         f"top-1 {metrics['acc1']:.2%}   top-5 {metrics['acc5']:.2%}",
@@ -236,16 +342,35 @@ def run_eval(
     batch_size: int | None = None,
     num_workers: int | None = None,
     wise_alpha: float | None = None,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
     """`tltool eval`: metrics of a checkpoint on `data` or on the val split its run used.
 
     `wise_alpha`: measure WiSE-FT's theta(alpha) of the checkpoint instead of its weights (`trained.open_trained`).
+    A multilabel checkpoint decides at `threshold` for every class when given, else at per-class thresholds
+    chosen on its run's val split (`val_thresholds`: optimistic when `data` is that split itself).
     """
     if json_path:  # before the evaluation: an unwritable --json fails in a moment, not after it
         check_writable(Path(json_path))
     trained = open_trained(checkpoint_path, resolve_device(device_name), wise_alpha)
     samples, source = trained.samples(data)
-    metrics = evaluate_trained(trained, samples, batch_size, num_workers)
+    if threshold is not None and not trained.multilabel:
+        raise DataError(
+            f"--threshold is for multilabel models, but {checkpoint_path} is a multiclass one", "leave --threshold out"
+        )
+    metrics = evaluate_trained(trained, samples, batch_size, num_workers, per_sample=trained.multilabel)
+    if trained.multilabel:
+        if threshold is not None:
+            chosen, how = [threshold] * len(trained.class_names), f"--threshold {threshold:g}"
+        elif data is None:
+            from tltool.multilabel import choose_thresholds
+
+            outputs = metrics["outputs"]
+            chosen, how = choose_thresholds(outputs.probabilities(), outputs.labels), "chosen on this val split"
+        else:
+            chosen, how = val_thresholds(trained, batch_size, num_workers), "chosen on the run's val split"
+        apply_thresholds(metrics, chosen, how)
+        metrics.pop("outputs")
     metrics["data"] = source
     metrics["wise_alpha"] = wise_alpha
     metrics["weights"] = trained.checkpoint.weights  # "ema": the run's EMA of the weights (train.ema_decay)

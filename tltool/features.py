@@ -113,7 +113,7 @@ class FeatureDataset(Dataset):
         self.features, self.labels, self.view = features, labels, 0
 
     def __len__(self) -> int:
-        return self.labels.numel()
+        return len(self.labels)  # (a multilabel run's labels are N x classes)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.features[self.view, index], self.labels[index]

@@ -115,7 +115,8 @@ def build_objective(
     `source_head` Co-Tuning's pretrained classifier (a resumed run's is rebuilt from `saved`)."""
     saved = saved or {}
     train = cfg.train
-    weight = class_weight_tensor(train.class_weights, class_names, labels)
+    multilabel = cfg.data.task == "multilabel"
+    weight = None if multilabel else class_weight_tensor(train.class_weights, class_names, labels)
     weight = weight.to(device) if weight is not None else None
 
     def cross_entropy(out: StepOutputs) -> torch.Tensor:
@@ -123,7 +124,17 @@ def build_objective(
             return soft_cross_entropy(out.logits, out.targets, weight, train.label_smoothing)
         return F.cross_entropy(out.logits, out.labels, weight=weight, label_smoothing=train.label_smoothing)
 
-    terms = [Term("ce", cross_entropy)]
+    if cfg.data.task == "multilabel":  # (config.py refuses the softmax-based keys: smoothing, mixing, ...)
+        pos_weight = pos_weight_tensor(train.class_weights, class_names, labels)
+        pos_weight = pos_weight.to(device) if pos_weight is not None else None
+
+        def bce(out: StepOutputs) -> torch.Tensor:
+            return multilabel_bce(out.logits, out.labels, pos_weight)
+
+        terms = [Term("bce", bce)]
+        weight = pos_weight
+    else:
+        terms = [Term("ce", cross_entropy)]
     if train.regularization == "l2sp":
         reference = saved.get("l2sp", {}).get("reference") or l2sp_reference(model)
         reference = {name: value.to(device) for name, value in reference.items()}
@@ -235,6 +246,29 @@ def soft_cross_entropy(
     if weight is None:
         return -(smoothed * log_p).sum(dim=1).mean()
     return -(smoothed * weight * log_p).sum() / (targets * weight).sum()
+
+
+# --- multilabel (data.task: multilabel) ------------------------------------------------------------------
+
+
+def multilabel_bce(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The `bce` term: binary cross-entropy with logits, one sigmoid per class, the mean over images and classes:
+    mean_{n,c} -[w_c t_nc log s(z_nc) + (1 - t_nc) log(1 - s(z_nc))], w = pos_weight (1 without)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), pos_weight=pos_weight)
+
+
+def pos_weight_tensor(
+    setting: str | list[float], class_names: list[str], labels: Sequence[tuple[float, ...]]
+) -> torch.Tensor | None:
+    """train.class_weights of a multilabel run, as BCE's pos_weight (the weight of each class's positives):
+    balanced = negatives_c / positives_c over the training images; a list: one weight per class."""
+    if setting == "none":
+        return None
+    if setting == "balanced":
+        targets = torch.tensor(list(labels), dtype=torch.float64)
+        positives = targets.sum(dim=0)
+        return ((len(targets) - positives) / positives.clamp(min=1)).float()
+    return class_weight_tensor(setting, class_names, [])
 
 
 # --- L2-SP (Li, Grandvalet, Davoine 2018, "Explicit inductive bias for transfer learning with CNNs") ------

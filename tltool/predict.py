@@ -13,6 +13,7 @@ by its loader, from the metadata), so the probabilities here are softmax(logits 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import io
 import json
@@ -56,6 +57,7 @@ class ImageResult:
     file: str
     predictions: tuple[Prediction, ...] = ()
     error: str | None = None
+    multilabel: bool = False  # predictions: every label at or above its threshold (maybe none), not the top-k
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: {"file", "predictions": [{"label", "index", "probability"}]} or {"file", "error"}."""
@@ -77,6 +79,8 @@ class Predictor:
     def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 N x 3 x H x W (resized and cropped) -> N x classes probabilities."""
         output = self.run(self.spec.model_input(pixels)).float()
+        if self.spec.task == "multilabel":  # (a sigmoid per class; never exported with --softmax)
+            return output.sigmoid()
         return output if self.spec.softmax else output.softmax(dim=1)
 
 
@@ -114,12 +118,18 @@ def model_kind(path: Path) -> str:
     return CHECKPOINT  # an old-style torch.save file or garbage: open_trained says which, in one line
 
 
-def _checkpoint_predictor(path: Path, device: torch.device) -> Predictor:
-    """A tltool checkpoint (weights_only load) as a Predictor in eager PyTorch."""
+def _checkpoint_predictor(path: Path, device: torch.device, threshold: float | None = None) -> Predictor:
+    """A tltool checkpoint (weights_only load) as a Predictor in eager PyTorch. A multilabel one decides at
+    `threshold`, else at per-class thresholds chosen on its run's val split (`evaluate.val_thresholds`)."""
     from tltool.trained import open_trained
 
     trained = open_trained(path, device)
     spec = ExportSpec(CHECKPOINT, tuple(trained.class_names), trained.preprocess, trained.backbone)
+    if trained.multilabel:
+        from tltool.evaluate import val_thresholds
+
+        chosen = [threshold] * len(trained.class_names) if threshold is not None else val_thresholds(trained)
+        spec = dataclasses.replace(spec, task="multilabel", thresholds=tuple(chosen))
 
     def run(images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -138,12 +148,17 @@ def _sidecar_metadata(path: Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{sidecar} is not valid JSON ({exc})", "re-export the model") from None
 
 
-def open_model(path: str | Path, device: torch.device, echo: Echo) -> Predictor:
-    """Load MODEL (a checkpoint or an export) to run on `device`, with what it needs to be fed."""
+def open_model(path: str | Path, device: torch.device, echo: Echo, threshold: float | None = None) -> Predictor:
+    """Load MODEL (a checkpoint or an export) to run on `device`, with what it needs to be fed.
+
+    `threshold` (multilabel models): every class's threshold, in place of the checkpoint's val-chosen ones or
+    the export's embedded ones; a multiclass model refuses it."""
     path = Path(path)
     kind = model_kind(path)
     if kind == CHECKPOINT:
-        return _checkpoint_predictor(path, device)
+        predictor = _checkpoint_predictor(path, device, threshold)
+        _check_threshold(predictor, threshold)
+        return predictor
     exporter = EXPORTERS[kind]
     install = "pip install safetensors" if kind == "safetensors" else "pip install 'tltool[onnx]'"
     require(exporter.run_needs, f"running a {kind} file", install)
@@ -154,7 +169,20 @@ def open_model(path: str | Path, device: torch.device, echo: Echo) -> Predictor:
             f"{path} carries no tltool metadata and has no {sidecar_path(path).name} beside it",
             "export it with tltool export, or put its .json sidecar back beside it",
         )
-    return Predictor(path, kind, ExportSpec.from_metadata(metadata), loaded.run, loaded.device)
+    predictor = Predictor(path, kind, ExportSpec.from_metadata(metadata), loaded.run, loaded.device)
+    _check_threshold(predictor, threshold)
+    if threshold is not None:
+        thresholds = (threshold,) * len(predictor.spec.class_names)
+        predictor = dataclasses.replace(predictor, spec=dataclasses.replace(predictor.spec, thresholds=thresholds))
+    return predictor
+
+
+def _check_threshold(predictor: Predictor, threshold: float | None) -> None:
+    if threshold is not None and predictor.spec.task != "multilabel":
+        raise ConfigError(
+            f"--threshold is for multilabel models, but {predictor.path} is a multiclass one",
+            "leave --threshold out (--topk picks how many classes are shown)",
+        )
 
 
 # --- the inputs ----------------------------------------------------------------------------------------
@@ -232,9 +260,16 @@ def predict_files(
         probabilities = predictor.probabilities(torch.stack([pixels for _, pixels in batch]))
         check_output_width(predictor, probabilities)
         values, indices = probabilities.topk(k, dim=1)
-        for (file, _), row_values, row_indices in zip(batch, values.tolist(), indices.tolist(), strict=True):
+        if predictor.spec.task == "multilabel":  # every class at or above its threshold, most probable first
+            values, indices = probabilities.sort(dim=1, descending=True)
+            kept = values >= torch.tensor(predictor.spec.thresholds or [0.5] * len(names))[indices]
+            values = [row[keep].tolist() for row, keep in zip(values, kept, strict=True)]
+            indices = [row[keep].tolist() for row, keep in zip(indices, kept, strict=True)]
+        else:
+            values, indices = values.tolist(), indices.tolist()
+        for (file, _), row_values, row_indices in zip(batch, values, indices, strict=True):
             answers = tuple(Prediction(names[i], i, p) for p, i in zip(row_values, row_indices, strict=True))
-            results[file] = ImageResult(file, answers)
+            results[file] = ImageResult(file, answers, multilabel=predictor.spec.task == "multilabel")
         progress.update(len(batch))
         batch.clear()
 
@@ -268,13 +303,16 @@ def _progress(total: int) -> Any:
 
 
 def format_table(results: Sequence[ImageResult]) -> str:
-    """file, then `label (prob%)` for each of the top-k; unreadable files are left out (they were reported)."""
+    """file, then `label (prob%)` for each of the top-k (a multilabel model's: each label at or above its
+    threshold, `-` when none is); unreadable files are left out (they were reported)."""
     rows = [r for r in results if r.error is None]
     if not rows:
         return ""
-    k = max(len(r.predictions) for r in rows)
+    multilabel = any(r.multilabel for r in rows)
+    k = max(1, *(len(r.predictions) for r in rows))
     cells = [[r.file, *(f"{p.label} ({p.probability:.1%})" for p in r.predictions)] for r in rows]
-    header = ["file", *(f"top-{i + 1}" for i in range(k))]
+    cells = [row if len(row) > 1 else [row[0], "-"] for row in cells]  # (multilabel: no class reached its threshold)
+    header = ["file", *(f"{'label' if multilabel else 'top'}-{i + 1}" for i in range(k))]
     widths = [max(len(row[i]) for row in [header, *cells] if i < len(row)) for i in range(k + 1)]
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in [header, *cells]]
     return "\n".join(lines)
@@ -306,8 +344,10 @@ def run_predict(
     batch_size: int = 32,
     device: str = "auto",
     echo: Echo = print,
+    threshold: float | None = None,
 ) -> list[ImageResult]:
-    """`tltool predict`: the top-k predictions of MODEL for every image INPUTS name.
+    """`tltool predict`: the top-k predictions of MODEL for every image INPUTS name (a multilabel model: the
+    labels with sigmoid p >= their threshold, `threshold` for every class when given; see `open_model`).
 
     `echo` gets the per-file warnings and the summary (the CLI sends them to stderr, keeping stdout for
     the table or JSON). All inputs unreadable is a DataError, raised after each has been reported.
@@ -315,7 +355,7 @@ def run_predict(
     if topk < 1 or batch_size < 1:
         raise ConfigError("--topk and --batch-size must be at least 1", "e.g. --topk 3 --batch-size 32")
     files = collect_inputs(inputs)  # before loading the model: a typo fails in a moment
-    predictor = open_model(model, resolve_device(device, "--device"), echo)
+    predictor = open_model(model, resolve_device(device, "--device"), echo, threshold)
     started = time.perf_counter()
     results = predict_files(predictor, files, topk, batch_size, echo)
     failed = sum(r.error is not None for r in results)

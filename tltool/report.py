@@ -162,6 +162,21 @@ def evaluate_run(
     """The run's checkpoint on `data`, or on the val split the run used: `tltool eval`'s numbers, plus errors."""
     trained = open_trained(run.checkpoint_path, resolve_device(device_name))
     samples, source = trained.samples(data)
+    if trained.multilabel:  # per-class AP and F1 at the val-chosen thresholds, as `tltool eval` prints them
+        from tltool.evaluate import apply_thresholds, val_thresholds
+        from tltool.multilabel import choose_thresholds
+
+        metrics = evaluate_trained(trained, samples, batch_size, num_workers, per_sample=True)
+        outputs = metrics["outputs"]
+        if data is None:
+            chosen, how = choose_thresholds(outputs.probabilities(), outputs.labels), "chosen on this val split"
+        else:
+            chosen, how = val_thresholds(trained, batch_size, num_workers), "chosen on the run's val split"
+        apply_thresholds(metrics, chosen, how)
+        metrics.pop("outputs")
+        metrics["checkpoint_epoch"] = trained.checkpoint.epoch
+        metrics["data"] = source
+        return Evaluation(source, metrics)
     metrics = evaluate_trained(trained, samples, batch_size, num_workers, per_sample=True)
     outputs = metrics.pop("outputs")
     metrics["checkpoint_epoch"] = trained.checkpoint.epoch
@@ -214,8 +229,33 @@ pre { background: #f6f6f6; padding: 0.8rem; overflow-x: auto; font-size: 0.85rem
 """
 
 
+def multilabel_sections(evaluation: Evaluation, images: dict[str, bytes]) -> list[str]:
+    """A multilabel run's evaluation: mAP, F1, accuracies, the curves, then AP / F1 / threshold per class."""
+    metrics = evaluation.metrics
+    rows = [
+        ("images", evaluation.source),
+        ("number of images", metrics["num_images"]),
+        ("mAP (macro)", f"{metrics['map']:.4f}"),
+        ("F1 micro / macro", f"{metrics['f1_micro']:.4f} / {metrics['f1_macro']:.4f}"),
+        ("exact match", f"{metrics['exact_match']:.2%}"),
+        ("label accuracy", f"{metrics['label_accuracy']:.2%}"),
+        ("thresholds", metrics["thresholds_from"]),
+        ("loss (binary cross-entropy)", metrics["loss"]),
+    ]
+    class_rows = [(r["class"], r["ap"], f"{r['f1']:.3f}", f"{r['threshold']:.4f}", r["support"])
+                  for r in metrics["per_class"]]  # fmt: skip
+    return [
+        _table(rows),
+        "<h2>Training curves</h2>",
+        _img(images["curves.png"], "loss, exact match and learning rate per epoch"),
+        "<h2>Per class</h2>",
+        _table(class_rows, ["class", "AP", "F1 at threshold", "threshold", "positives"]),
+    ]
+
+
 def report_html(run: RunFiles, evaluation: Evaluation, images: dict[str, bytes]) -> str:
-    """One HTML page with the summary, the evaluation, every plot embedded, the worst errors and the config."""
+    """One HTML page with the summary, the evaluation, every plot embedded, the worst errors and the config
+    (a multilabel run: its mAP, F1 and per-class AP, `multilabel_sections`)."""
     metrics = evaluation.metrics
     summary = run.summary
     name = run.run_dir.resolve().name
@@ -230,6 +270,9 @@ def report_html(run: RunFiles, evaluation: Evaluation, images: dict[str, bytes])
         if summary
         else '<p class="muted">no summary.json: the run has not finished (or was interrupted)</p>'
     )
+    if metrics.get("multilabel"):
+        body = [f"<h2>Evaluation of {html.escape(evaluated)}</h2>", *multilabel_sections(evaluation, images)]
+        return _page(name, headline, body, summary_html, run)
     eval_rows = [
         ("checkpoint", evaluated),
         ("images", evaluation.source),
@@ -250,14 +293,7 @@ def report_html(run: RunFiles, evaluation: Evaluation, images: dict[str, bytes])
         for r in metrics["per_class"]
     ]
     error_rows = [(e["path"], e["true"], e["predicted"], f"{e['confidence']:.1%}") for e in evaluation.errors]
-    written = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    parts = [
-        "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>tltool report: {html.escape(name)}</title><style>{_STYLE}</style></head><body>",
-        f"<h1>{html.escape(name)}</h1>",
-        f'<p class="muted">{html.escape(" ".join(headline))}</p>' if headline else "",
+    body = [
         f"<h2>Evaluation of {html.escape(evaluated)}</h2>",
         _table(eval_rows),
         "<h2>Training curves</h2>",
@@ -273,6 +309,21 @@ def report_html(run: RunFiles, evaluation: Evaluation, images: dict[str, bytes])
         "<h2>Most confidently wrong images</h2>",
         _img(images["errors.png"], "most confidently wrong images"),
         _table(error_rows, ["file", "true", "predicted", "confidence"]) if error_rows else "",
+    ]
+    return _page(name, headline, body, summary_html, run)
+
+
+def _page(name: str, headline: list[str], body: list[str], summary_html: str, run: RunFiles) -> str:
+    """The HTML document around a report's sections: title, summary, config, provenance."""
+    written = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>tltool report: {html.escape(name)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{html.escape(name)}</h1>",
+        f'<p class="muted">{html.escape(" ".join(headline))}</p>' if headline else "",
+        *body,
         "<h2>Summary</h2>",
         summary_html,
         "<h2>Config</h2>",
@@ -294,7 +345,8 @@ def write_report(
     batch_size: int | None = None,
     num_workers: int | None = None,
 ) -> Path:
-    """Write RUN_DIR/report/ (four PNGs and report.html) for a run; returns the path of report.html.
+    """Write RUN_DIR/report/ (four PNGs and report.html; a multilabel run: curves.png and report.html with its
+    per-class AP) for a run; returns the path of report.html.
 
     Works on any run with at least one finished epoch and a checkpoint (best.pt, else last.pt), so
     `finetune` can call it at the end of a run and `tltool report` on an old one.
@@ -308,15 +360,18 @@ def write_report(
     evaluation = evaluate_run(run, data, device, batch_size, num_workers)
     class_names = evaluation.metrics["class_names"]
     best_epoch = run.summary.get("best_epoch") if run.summary else evaluation.metrics.get("checkpoint_epoch")
-    figures = {
-        "curves.png": curves_figure(run.records, best_epoch),
-        "confusion_matrix.png": confusion_figure(evaluation.metrics["confusion_matrix"], class_names),
-        "per_class.png": per_class_figure(evaluation.metrics["per_class"]),
-        "errors.png": errors_figure(evaluation.errors),
-        "reliability.png": reliability_figure(
-            evaluation.reliability, evaluation.metrics["ece"], evaluation.metrics["temperature"]
-        ),
-    }
+    if evaluation.metrics.get("multilabel"):  # (no confusion matrix, confidences or single-label errors)
+        figures = {"curves.png": curves_figure(run.records, best_epoch)}
+    else:
+        figures = {
+            "curves.png": curves_figure(run.records, best_epoch),
+            "confusion_matrix.png": confusion_figure(evaluation.metrics["confusion_matrix"], class_names),
+            "per_class.png": per_class_figure(evaluation.metrics["per_class"]),
+            "errors.png": errors_figure(evaluation.errors),
+            "reliability.png": reliability_figure(
+                evaluation.reliability, evaluation.metrics["ece"], evaluation.metrics["temperature"]
+            ),
+        }
     images = {name: figure_png(figure) for name, figure in figures.items()}
     # Each file atomically (temp, fsync, rename): a full disk is one line and leaves the previous report's files.
     for name, png in images.items():

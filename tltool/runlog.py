@@ -45,6 +45,9 @@ def log_tensorboard(writer: Any, record: dict[str, Any]) -> None:
         writer.add_scalar("loss/val_ema", record["val_loss_ema"], epoch)
         writer.add_scalar("accuracy/val_top1_ema", record["val_acc1_ema"], epoch)
         writer.add_scalar("accuracy/val_top5_ema", record["val_acc5_ema"], epoch)
+    for key in ("val_map", "val_f1_micro", "val_f1_macro"):  # data.task: multilabel
+        if key in record:
+            writer.add_scalar(f"multilabel/{key}", record[key], epoch)
     writer.add_scalar("lr", record["lr"], epoch)
     writer.add_scalar("speed/images_per_second", record["images_per_second"], epoch)
     writer.flush()
@@ -77,7 +80,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"best epoch   {summary['best_epoch']} of {summary['epochs_completed']}"
         f" ({summary['monitor']} {metric})" + ("  [stopped early]" if summary["stopped_early"] else ""),
-        f"last epoch   val top-1 {final['val_acc1']:.1%}, top-5 {final['val_acc5']:.1%}, "
+        f"last epoch   val mAP {final['val_map']:.4f}, F1 micro {final['val_f1_micro']:.3f}, exact match "
+        f"{final['val_acc1']:.1%}, val loss {final['val_loss']:.4f}"  # (data.task: multilabel)
+        if "val_map" in final
+        else f"last epoch   val top-1 {final['val_acc1']:.1%}, top-5 {final['val_acc5']:.1%}, "
         f"val loss {final['val_loss']:.4f}",
         *(
             [
@@ -119,7 +125,12 @@ def epoch_line(record: dict[str, Any], epochs: int, is_best: bool) -> str:
     return (
         f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  "
         f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.1%}  "
-        f"val loss {record['val_loss']:.4f} acc1 {record['val_acc1']:.1%} acc5 {record['val_acc5']:.1%}  "
+        + (
+            f"val loss {record['val_loss']:.4f} mAP {record['val_map']:.4f} F1 {record['val_f1_micro']:.3f} "
+            f"exact {record['val_acc1']:.1%}  "  # (data.task: multilabel)
+            if "val_map" in record
+            else f"val loss {record['val_loss']:.4f} acc1 {record['val_acc1']:.1%} acc5 {record['val_acc5']:.1%}  "
+        )
         + (
             f"ema loss {record['val_loss_ema']:.4f} acc1 {record['val_acc1_ema']:.1%}  "
             if "val_acc1_ema" in record

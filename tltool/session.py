@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tltool import distributed
+from tltool import distributed, multilabel
 from tltool.adapt import TrainForward, adabn_stats, batch_norms, bn_stats, check_adaptation, scan_unlabeled
 from tltool.catalog import BACKBONE_NAMES
 from tltool.checkpoint import Checkpoint, copy_atomic, restore_rng, rng_state, save_atomic, versions
@@ -442,6 +442,8 @@ def build_session(
     wall_start = time.perf_counter()
     cfg = with_absolute_paths(cfg, BACKBONE_NAMES)
     cfg = resume_location(cfg, resume, quiet)  # a moved run directory: continue where the checkpoint is
+    if cfg.data.task == "multilabel":
+        multilabel.functional()  # (its metrics are torchmetrics': missing, one line with the pip command)
     # Data first: a wrong path or class layout fails before any weights are read.
     split = scan_data(cfg.data, cfg.run.seed)
     # Under torchrun: join the job (gloo on CPU, nccl on CUDA) and take this rank's GPU.

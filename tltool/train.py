@@ -31,6 +31,7 @@ from tltool.device import autocast, host_read_interval, sum_dtype
 from tltool.distributed import all_reduce_max, all_reduce_sum, any_rank, no_sync
 from tltool.ema import ema_metrics
 from tltool.errors import TrainingError
+from tltool.multilabel import MULTILABEL_METRICS
 from tltool.objective import StepOutputs
 from tltool.runlock import acquire
 from tltool.runlog import (
@@ -258,9 +259,12 @@ def train_one_epoch(
                     value, terms = objective(outputs)
                 if on_batch is not None and on_batch(value.detach(), steps_now):
                     return None
-                hits = (logits.argmax(dim=1) == labels).sum()
+                if labels.is_floating_point():  # multilabel: an exact match (every class right at p 0.5)
+                    hits = ((logits >= 0) == (labels > 0.5)).all(dim=1).sum()
+                else:
+                    hits = (logits.argmax(dim=1) == labels).sum()
                 values = torch.stack([value.detach(), *(term.detach() for term in terms), hits]).to(sum_dtype(device))
-                pending.append((index, labels.numel(), values))
+                pending.append((index, labels.shape[0], values))
                 if read_now:  # (on CPU: every batch, before its backward, so a non-finite loss never steps)
                     read_pending()
                 if stale:
@@ -547,6 +551,7 @@ def train_and_evaluate(session: TrainingSession, epoch: int, stop: StopRequest) 
         "val_loss": val["loss"],
         "val_acc1": val["acc1"],
         "val_acc5": val["acc5"],
+        **{f"val_{key}": val[key] for key in MULTILABEL_METRICS if key in val},  # data.task: multilabel
         **ema,
         "epoch_seconds": time.perf_counter() - epoch_start,
         "images_per_second": train["images_per_second"],

@@ -54,6 +54,11 @@ class TrainedModel:
             raise self._config_error("data", exc) from None
 
     @property
+    def multilabel(self) -> bool:
+        """Whether the run was data.task: multilabel (a sigmoid per class; labels are multi-hot)."""
+        return self.checkpoint.config.get("data", {}).get("task", "multiclass") == "multilabel"
+
+    @property
     def seed(self) -> int:
         """The run's seed: it drew the stratified val split."""
         try:
@@ -91,12 +96,13 @@ class TrainedModel:
         No readable image is a DataError, unless `allow_empty` (the export parity check then uses random
         pixels).
         """
+        delimiter = self.data_config.label_delimiter if self.multilabel else None
         if data and is_label_file(data):  # (read with the run's column names)
             data_cfg = self.data_config
-            samples = scan_eval_folder(data, self.class_names, data_cfg.path_column, data_cfg.label_column)
+            samples = scan_eval_folder(data, self.class_names, data_cfg.path_column, data_cfg.label_column, delimiter)
             source = data
         elif data:
-            samples, source = scan_eval_folder(data, self.class_names), data
+            samples, source = scan_eval_folder(data, self.class_names, label_delimiter=delimiter), data
         else:
             data_cfg = self.data_config
             samples, source = self.run_val_samples(), f"val split of {data_cfg.val or data_cfg.train}"

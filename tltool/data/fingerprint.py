@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from tltool.data.labelfile import label_indices
+
 Sample = tuple[str, int]  # (as tltool.data.folders.Sample, which imports this module)
 
 FINGERPRINT_VERSION = 1
@@ -43,7 +45,8 @@ def folder_listing(root: str, class_names: Sequence[str], samples: Sequence[Samp
             size = os.stat(path).st_size
         except OSError:
             size = -1
-        rows[class_names[label]].append((sample_key(path, root), size))
+        for i in label_indices(label):  # (a multilabel image is listed under each of its classes)
+            rows[class_names[i]].append((sample_key(path, root), size))
     listing = {}
     for name, items in rows.items():
         items.sort()

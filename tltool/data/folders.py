@@ -19,7 +19,7 @@ from pathlib import Path
 from tltool.config import DataConfig
 from tltool.data.fingerprint import folder_listing, make_fingerprint, val_keys
 from tltool.data.images import IMAGE_EXTENSIONS, image_problem, is_visible
-from tltool.data.labelfile import data_root, is_label_file, scan_label_file
+from tltool.data.labelfile import data_root, is_label_file, is_multi_hot, label_indices, scan_label_file
 from tltool.data.shards import ShardSamples, is_shard_source, scan_shards
 from tltool.errors import DataError
 from tltool.files import path_problem
@@ -114,7 +114,10 @@ def scan_folder(root: str | Path, key: str = "data.train") -> tuple[list[str], l
 
 
 def stratified_split(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Hold out `fraction` of each class (at least one image where a class has two or more), seeded."""
+    """Hold out `fraction` of each class (at least one image where a class has two or more), seeded.
+
+    Multilabel samples are grouped by their label set (the multi-hot target): `fraction` of each set is held
+    out, and an image whose label set no other image has stays in train."""
     by_class: dict[int, list[Sample]] = {}
     for sample in samples:
         by_class.setdefault(sample[1], []).append(sample)
@@ -166,11 +169,25 @@ def scan_source(path: str | Path, key: str, cfg: DataConfig | None = None) -> tu
     """Class names and samples of a dataset given as a folder of class sub-folders or a .csv/.tsv label file
     (`tltool.data.labelfile`, with `cfg`'s column names) or .tar shards (`tltool.data.shards`: `ShardSamples`,
     streamed): the one place a scan dispatches on the kind."""
+    cfg = cfg or DataConfig()
+    multilabel = cfg.task == "multilabel"
     if is_shard_source(path):
-        return scan_shards(str(path), key, cfg.classes if cfg else None)
+        if multilabel:
+            raise DataError(
+                f"data.task: multilabel needs a label file, but {key} {path} is .tar shards (one class per sample)",
+                f"set {key} to a .csv/.tsv with a path column and a label column of names separated by "
+                f"{cfg.label_delimiter!r}",
+            )
+        return scan_shards(str(path), key, cfg.classes)
     if is_label_file(path):
-        cfg = cfg or DataConfig()
-        return scan_label_file(path, key, cfg.path_column, cfg.label_column)
+        delimiter = cfg.label_delimiter if multilabel else None
+        return scan_label_file(path, key, cfg.path_column, cfg.label_column, label_delimiter=delimiter)
+    if multilabel:
+        raise DataError(
+            f"data.task: multilabel needs a label file, but {key} {path} is a folder (one class per image)",
+            f"set {key} to a .csv/.tsv with a path column and a label column of names separated by "
+            f"{cfg.label_delimiter!r}",
+        )
     return scan_folder(path, key)
 
 
@@ -192,8 +209,21 @@ def ordered_classes(
             f"give {key} exactly the classes of {source}",
         )
     index = {name: wanted.index(name) for name in classes}
-    ordered = [(path, index[classes[label]]) for path, label in samples]
+    ordered = [(path, _reindexed(label, classes, index, len(wanted))) for path, label in samples]
     return list(wanted), ShardSamples(ordered, samples.shards) if isinstance(samples, ShardSamples) else ordered
+
+
+def _reindexed(
+    label: int | tuple[float, ...], classes: list[str], index: dict[str, int], size: int
+) -> int | tuple[float, ...]:
+    """A sample's label in another class order (`index`: name -> new index, of `size` classes; a multi-hot
+    target is reordered)."""
+    if not is_multi_hot(label):
+        return index[classes[label]]
+    target = [0.0] * size
+    for i in label_indices(label):
+        target[index[classes[i]]] = 1.0
+    return tuple(target)
 
 
 def scan_data(cfg: DataConfig, seed: int) -> DataSplit:
@@ -253,22 +283,37 @@ def scan_data(cfg: DataConfig, seed: int) -> DataSplit:
             )
         for path, why in bad:
             print(f"warning: skipping {path}: {why}", file=sys.stderr)
-    missing = [class_names[i] for i in range(len(class_names)) if split.counts("train")[i] == 0]
+    present = {i for _, label in train for i in label_indices(label)}
+    missing = [class_names[i] for i in range(len(class_names)) if i not in present]
     if missing:
         raise DataError(f"no usable training images for class(es) {', '.join(missing)}", "add images")
     return split
 
 
 def scan_eval_folder(
-    root: str | Path, class_names: list[str], path_column: str = "path", label_column: str = "label"
+    root: str | Path,
+    class_names: list[str],
+    path_column: str = "path",
+    label_column: str = "label",
+    label_delimiter: str | None = None,
 ) -> list[Sample]:
     """Samples of an evaluation folder or label file (with the run's column names), labelled with the
-    checkpoint's class indices."""
+    checkpoint's class indices (`label_delimiter`: a multilabel run's, multi-hot over the checkpoint's classes)."""
     if is_shard_source(root):
+        if label_delimiter is not None:
+            raise DataError(
+                f"--data {root} is .tar shards (one class per sample), but the checkpoint is a multilabel model",
+                f"give a .csv/.tsv label file whose labels are separated by {label_delimiter!r}",
+            )
         classes, samples = scan_shards(str(root), "--data")
         return ordered_classes(classes, samples, class_names, "--data", "the model")[1]
     if is_label_file(root):
-        classes, samples = scan_label_file(root, "--data", path_column, label_column, fix_keys=False)
+        classes, samples = scan_label_file(root, "--data", path_column, label_column, False, label_delimiter)
+    elif label_delimiter is not None:
+        raise DataError(
+            f"--data {root} is a folder, but the checkpoint is a multilabel model",
+            f"give a .csv/.tsv label file whose labels are separated by {label_delimiter!r}",
+        )
     else:
         classes, samples = scan_folder(root, "--data")
     unknown = sorted(set(classes) - set(class_names))
@@ -282,7 +327,7 @@ def scan_eval_folder(
     for path, label in samples:
         problem = file_problem(path)
         if problem is None:
-            kept.append((path, index[classes[label]]))
+            kept.append((path, _reindexed(label, classes, index, len(class_names))))
         else:
             print(f"warning: skipping {path}: {problem}", file=sys.stderr)
     return kept

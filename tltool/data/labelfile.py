@@ -12,6 +12,11 @@ report them all; `LabelFile.check()` turns them into the one-line error training
 hidden files (`._x.jpg`, `.ipynb_checkpoints/`) are left out, as a folder scan leaves them out. The samples
 come sorted by (class, path), so the order of the rows changes nothing (and the same images give the same
 samples as their class folders would). Nothing here opens an image: the header checks are the folder scan's.
+
+Multi-label files (`data.task: multilabel`, `label_delimiter` given): the label column is a list of class names
+separated by `data.label_delimiter` (`red|square`); empty items are ignored, a name listed twice counts once,
+and a row with no name is an empty label (every image needs at least one). Such a file's samples carry a
+multi-hot target: a tuple of floats, 1.0 at each of the image's classes (`multi_hot`), sorted by path.
 """
 
 from __future__ import annotations
@@ -32,6 +37,31 @@ DELIMITERS = {".csv": ",", ".tsv": "\t"}  # a label file's suffix -> its field s
 SHOWN = 3  # rows or paths an error names before "..."
 
 Sample = tuple[str, int]  # (as tltool.data.folders.Sample, which imports this module)
+
+
+def split_labels(label: str, delimiter: str | None) -> list[str]:
+    """A label cell's class names: itself (single-label), or its non-empty `delimiter`-separated items, each once."""
+    if delimiter is None:
+        return [label] if label else []
+    return sorted({item.strip() for item in label.split(delimiter) if item.strip()})
+
+
+def multi_hot(names: list[str], index: dict[str, int]) -> tuple[float, ...]:
+    """The multi-hot target of an image with classes `names` (1.0 at each one's index in `index`)."""
+    target = [0.0] * len(index)
+    for name in names:
+        target[index[name]] = 1.0
+    return tuple(target)
+
+
+def is_multi_hot(label: object) -> bool:
+    """Whether a sample's label is a multi-hot target (a multilabel run's) rather than a class index."""
+    return isinstance(label, tuple)
+
+
+def label_indices(label: int | tuple[float, ...]) -> list[int]:
+    """The class indices a sample's label names: its class, or every class its multi-hot target holds."""
+    return [i for i, value in enumerate(label) if value] if is_multi_hot(label) else [label]
 
 
 def is_label_file(path: str | Path) -> bool:
@@ -73,6 +103,7 @@ class LabelFile:
     empty_paths: list[int] = field(default_factory=list)  # line numbers
     repeated: dict[str, list[int]] = field(default_factory=dict)  # path -> its lines (listed more than once)
     hidden: list[Row] = field(default_factory=list)  # hidden files, left out as folder scans leave them out
+    delimiter: str | None = None  # multilabel: the separator of the names in a label cell
 
     @property
     def folder(self) -> Path:
@@ -80,7 +111,7 @@ class LabelFile:
 
     def classes(self) -> list[str]:
         """The class names of the usable rows, sorted (as class folders are)."""
-        return sorted({row.label for row in self.rows})
+        return sorted({name for row in self.rows for name in split_labels(row.label, self.delimiter)})
 
     def check(self) -> None:
         """Raise the first row problem as a one-line DataError (missing paths name the first few and the count)."""
@@ -95,7 +126,9 @@ class LabelFile:
             lines = self.empty_labels
             raise DataError(
                 f"{where}: {len(lines)} row(s) with an empty label (line {_shown([str(n) for n in lines])})",
-                "give every image its class name, or delete the rows of unlabelled images",
+                "give every image its class name, or delete the rows of unlabelled images"
+                if self.delimiter is None
+                else f"give every image at least one class name (separated by {self.delimiter!r}), or delete the rows",
             )
         if self.missing:
             named = [f"{row.path} (line {row.line})" for row in self.missing]
@@ -158,12 +191,14 @@ def read_label_file(
     path_column: str = "path",
     label_column: str = "label",
     fix_keys: bool = True,
+    label_delimiter: str | None = None,
 ) -> LabelFile:
     """Read a .csv/.tsv label file: a DataError for the file itself (missing, not UTF-8 text, malformed, empty,
     a column missing: did-you-mean on the header); every row problem is collected, not raised.
 
     `fix_keys`: the fix of a missing column names the config keys (data.path_column / data.label_column);
     otherwise (`tltool eval --data`, which uses the run's column names) the file's header is to be renamed.
+    `label_delimiter` (multilabel): each label cell is a list of class names separated by it.
     """
     path = Path(path)
     problem = path_problem(path)
@@ -199,7 +234,7 @@ def read_label_file(
             raise _column_error(path, key, what, wanted, header, config_key, fix_keys)
         columns[what] = header.index(wanted)
 
-    labels = LabelFile(path, key)
+    labels = LabelFile(path, key, delimiter=label_delimiter)
     folder = path.parent
     lines: dict[str, list[int]] = {}
     for line, record in records:
@@ -210,7 +245,7 @@ def read_label_file(
         if not written:
             labels.empty_paths.append(line)
             continue
-        if not label:
+        if not split_labels(label, label_delimiter):
             labels.empty_labels.append(line)
             continue
         resolved = os.path.normpath(os.path.join(folder, os.path.expanduser(written)))
@@ -235,19 +270,24 @@ def scan_label_file(
     path_column: str = "path",
     label_column: str = "label",
     fix_keys: bool = True,
+    label_delimiter: str | None = None,
 ) -> tuple[list[str], list[Sample]]:
     """A label file as a dataset: class names (sorted labels) and (path, class index) samples sorted by
-    (class, path), as `tltool.data.folders.scan_folder` gives a folder's. Any row problem is a DataError."""
-    labels = read_label_file(path, key, path_column, label_column, fix_keys)
+    (class, path), as `tltool.data.folders.scan_folder` gives a folder's. Any row problem is a DataError.
+    With `label_delimiter` (multilabel) the samples are (path, multi-hot target), sorted by path."""
+    labels = read_label_file(path, key, path_column, label_column, fix_keys, label_delimiter)
     labels.check()
     labels.warn_hidden()
     classes = labels.classes()
     index = {name: i for i, name in enumerate(classes)}
+    if label_delimiter is not None:
+        return classes, sorted((row.path, multi_hot(split_labels(row.label, label_delimiter), index))
+                               for row in labels.rows)  # fmt: skip
     samples = sorted((row.path, index[row.label]) for row in labels.rows)
     samples.sort(key=lambda sample: sample[1])  # (stable: by class, then path)
     return classes, samples
 
 
 def label_counts(labels: LabelFile) -> Counter:
-    """Rows per class of the usable rows."""
-    return Counter(row.label for row in labels.rows)
+    """Rows per class of the usable rows (a multilabel row counts for each of its classes)."""
+    return Counter(name for row in labels.rows for name in split_labels(row.label, labels.delimiter))

@@ -67,12 +67,14 @@ class ImageDataset(Dataset):
 
 
 def collate_skip_bad(batch: list[Any]):
-    """Default collation of the images that decoded; None when none of the batch did."""
+    """Default collation of the images that decoded; None when none of the batch did. Labels are class
+    indices (long), or a multilabel run's multi-hot targets (float32, batch x classes)."""
     batch = [item for item in batch if item is not None]
     if not batch:
         return None
     images = torch.stack([item[0] for item in batch])
-    labels = torch.tensor([item[1] for item in batch], dtype=torch.long)
+    multi_hot = isinstance(batch[0][1], tuple)
+    labels = torch.tensor([item[1] for item in batch], dtype=torch.float32 if multi_hot else torch.long)
     return images, labels
 
 

@@ -307,6 +307,16 @@ def run_export(
     check_overwrites(paths, force)  # before any work: an export never silently replaces another file
     trained = open_trained(checkpoint_path, torch.device("cpu"), wise_alpha)
     model, preprocess = trained.model, trained.preprocess
+    task, thresholds = "multiclass", None
+    if trained.multilabel:  # (its thresholds chosen on the run's val split now, embedded in the metadata)
+        if softmax:
+            raise ExportError(
+                f"--softmax is for multiclass models, but {checkpoint_path} is multilabel",
+                "leave --softmax out: its logits take a sigmoid per class",
+            )
+        from tltool.evaluate import val_thresholds
+
+        task, thresholds = "multilabel", tuple(val_thresholds(trained))
     base = ExportSpec(
         format=formats[0],
         class_names=tuple(trained.class_names),
@@ -317,13 +327,16 @@ def run_export(
         softmax=softmax,
         dynamic_size=dynamic_size,
         temperature=float(model.temperature) if model.temperature != 1.0 else None,  # calibration.py
+        task=task,
+        thresholds=thresholds,
     )
     specs = {}
     for name in formats:
         if EXPORTERS[name].is_graph:
             specs[name] = dataclasses.replace(base, format=name)
         else:  # weights only: the file describes the plain model that predict rebuilds from it
-            specs[name] = ExportSpec(name, base.class_names, preprocess, base.backbone, temperature=base.temperature)
+            specs[name] = ExportSpec(name, base.class_names, preprocess, base.backbone, temperature=base.temperature,
+                                     task=task, thresholds=thresholds)  # fmt: skip
     weights_only = [name for name in formats if not EXPORTERS[name].is_graph]
     if len(formats) > 1 and weights_only and (include_preprocessing or softmax or dynamic_size):
         echo(f"note: {', '.join(weights_only)} holds weights only; the graph options apply to the other formats")

@@ -126,6 +126,10 @@ class ExportSpec:
     temperature: float | None = None
     # An int8 file (export/quantize.py): how it was quantized and its accuracy check; None: float32 weights.
     quantization: dict[str, Any] | None = field(default=None, compare=False)
+    # data.task: multilabel: a sigmoid per class, and class c is predicted when p_c >= thresholds[c] (chosen on the
+    # run's val split at export time, each maximizing F1 there; tltool.multilabel).
+    task: str = "multiclass"
+    thresholds: tuple[float, ...] | None = None
 
     @property
     def output_name(self) -> str:
@@ -172,6 +176,8 @@ class ExportSpec:
         what = (
             "probabilities (softmax applied)" if self.softmax else "unnormalized scores (softmax gives probabilities)"
         )
+        if self.task == "multilabel":
+            what = "unnormalized scores, one per class (multilabel: a sigmoid per class gives probabilities)"
         scaled = f", calibrated: logits divided by temperature {self.temperature:.6g}" if self.temperature else ""
         return (
             f"{self.output_name}: float32 [batch, {len(self.class_names)}], {what}{scaled}, in the order of class_names"
@@ -199,6 +205,8 @@ class ExportSpec:
             "input": self.input_description(),
             "output": self.output_description(),
             "temperature": self.temperature,
+            "task": self.task,
+            "thresholds": list(self.thresholds) if self.thresholds is not None else None,
         }
         if self.format == "onnx":
             out["onnx_opset"] = ONNX_OPSET
@@ -220,6 +228,8 @@ class ExportSpec:
                 softmax=data.get("output_kind", LOGITS) == PROBABILITIES,
                 dynamic_size=bool(data.get("dynamic_size", False)),
                 temperature=float(data["temperature"]) if data.get("temperature") is not None else None,
+                task=str(data.get("task", "multiclass")),
+                thresholds=tuple(float(t) for t in data["thresholds"]) if data.get("thresholds") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ExportError(
