@@ -242,10 +242,29 @@ def test_a_port_in_use_is_one_line_and_exit_2(checkpoint: Path) -> None:
     )
 
 
-def test_sigterm_stops_gracefully_with_exit_0(checkpoint: Path, dataset: Path) -> None:
-    with running_server(checkpoint) as started:
-        with httpx.Client(base_url=started.url, timeout=30) as http:
-            assert http.post("/predict", content=sorted(dataset.rglob("*.png"))[0].read_bytes()).status_code == 200
+def test_an_onnx_export_serves_what_predict_gives_and_sigterm_stops_it_with_exit_0(
+    checkpoint: Path, dataset: Path, tmp_path: Path
+) -> None:
+    """Any export is served through predict's loader; /metadata shows its format and the calibrated T.
+    Then SIGTERM: uvicorn's graceful shutdown, exit 0 within seconds (one server start for both: 2 cores)."""
+    pytest.importorskip("onnxruntime")
+    cli = CliRunner()
+    calibrated = tmp_path / "calibrated.pt"
+    result = cli.invoke(app, ["calibrate", str(checkpoint), "--data", str(dataset), "-o", str(calibrated)])
+    assert result.exit_code == 0, result.output
+    onnx = tmp_path / "model.onnx"
+    result = cli.invoke(app, ["export", str(calibrated), "--format", "onnx", "-o", str(onnx), "--no-verify"])
+    assert result.exit_code == 0, result.output
+    files = sorted(dataset.rglob("*.png"))[::4]
+    reference = predict_json(onnx, files)
+    with running_server(onnx) as started, httpx.Client(base_url=started.url, timeout=30) as http:
+        meta = http.get("/metadata").json()
+        temperature = open_trained(calibrated).checkpoint.temperature
+        assert meta["format"] == "onnx" and temperature is not None
+        assert meta["temperature"] == pytest.approx(temperature)
+        answers = http.post("/predict", files=multipart(files), params={"topk": 3})
+        assert answers.status_code == 200, answers.text
+        assert_same(answers.json(), reference, [path.name for path in files])
         started.process.send_signal(signal.SIGTERM)
         begun = time.monotonic()
         assert started.process.wait(timeout=15) == 0

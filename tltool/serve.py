@@ -22,31 +22,23 @@ import contextlib
 import errno
 import importlib.util
 import io
+import logging
 import queue
 import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from PIL import Image, UnidentifiedImageError
+from typing import TYPE_CHECKING, Any
 
 from tltool import __version__
-from tltool.device import resolve_device
 from tltool.errors import ConfigError
-from tltool.export.spec import Echo, uint8_transform
-from tltool.predict import (
-    DECODE_ERRORS,
-    ImageResult,
-    Predictor,
-    batch_probabilities,
-    open_model,
-    pixels_of,
-    top_predictions,
-)
+
+if TYPE_CHECKING:  # torch, PIL and predict are imported once the port is bound: a port in use fails in a moment
+    import torch
+
+    from tltool.predict import Predictor
 
 INSTALL = "pip install 'tltool[serve]'"
 # The import names of the serve extra's packages (python-multipart: `python_multipart`, `multipart` before 0.0.13).
@@ -96,8 +88,8 @@ class ServeSettings:
 
 @dataclass
 class _Item:
-    pixels: torch.Tensor
-    future: concurrent.futures.Future[torch.Tensor] = field(default_factory=concurrent.futures.Future)
+    pixels: "torch.Tensor"
+    future: "concurrent.futures.Future[torch.Tensor]" = field(default_factory=concurrent.futures.Future)
 
 
 class MicroBatcher:
@@ -108,7 +100,7 @@ class MicroBatcher:
     failed call fails the futures of that batch only.
     """
 
-    def __init__(self, predictor: Predictor, max_batch: int, max_wait_s: float) -> None:
+    def __init__(self, predictor: "Predictor", max_batch: int, max_wait_s: float) -> None:
         self.predictor = predictor
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -128,7 +120,7 @@ class MicroBatcher:
             self._queue.put(None)
             self._thread.join(timeout=SHUTDOWN_GRACE_S)
 
-    def submit(self, pixels: torch.Tensor) -> concurrent.futures.Future[torch.Tensor]:
+    def submit(self, pixels: "torch.Tensor") -> "concurrent.futures.Future[torch.Tensor]":
         item = _Item(pixels)
         self._queue.put(item)
         return item.future
@@ -158,6 +150,8 @@ class MicroBatcher:
             self._run(batch)
 
     def _run(self, batch: list[_Item]) -> None:
+        from tltool.predict import batch_probabilities
+
         try:
             probabilities = batch_probabilities(self.predictor, [item.pixels for item in batch])
         except Exception as exc:  # noqa: BLE001 - handed to the requests waiting on this batch
@@ -186,6 +180,8 @@ class RequestProblem(Exception):
 
 def upload_problem(data: bytes, exc: BaseException) -> str:
     """Why an uploaded file cannot be read, in predict's words for a file."""
+    from PIL import Image, UnidentifiedImageError
+
     if not data:
         return "empty file"
     if isinstance(exc, UnidentifiedImageError):
@@ -195,9 +191,11 @@ def upload_problem(data: bytes, exc: BaseException) -> str:
     return f"cannot decode ({exc})"
 
 
-def decode_uploads(uploads: Sequence[tuple[str, bytes]], transform: Any) -> list[tuple[str, torch.Tensor | str]]:
+def decode_uploads(uploads: Sequence[tuple[str, bytes]], transform: Any) -> list[tuple[str, Any]]:
     """(name, pixels) for each upload that decodes, (name, why not) for each that does not."""
-    decoded: list[tuple[str, torch.Tensor | str]] = []
+    from tltool.predict import DECODE_ERRORS, pixels_of
+
+    decoded: list[tuple[str, Any]] = []
     for name, data in uploads:
         try:
             decoded.append((name, pixels_of(io.BytesIO(data), transform)))
@@ -206,7 +204,7 @@ def decode_uploads(uploads: Sequence[tuple[str, bytes]], transform: Any) -> list
     return decoded
 
 
-def metadata(predictor: Predictor, settings: ServeSettings) -> dict[str, Any]:
+def metadata(predictor: "Predictor", settings: ServeSettings) -> dict[str, Any]:
     """`GET /metadata`: what the model is, how images are fed to it, and how the server batches."""
     spec = predictor.spec
     return {
@@ -225,14 +223,20 @@ def metadata(predictor: Predictor, settings: ServeSettings) -> dict[str, Any]:
     }
 
 
-def build_app(predictor: Predictor, batcher: MicroBatcher, settings: ServeSettings) -> Any:
+def build_app(predictor: "Predictor", batcher: MicroBatcher, settings: ServeSettings) -> Any:
     """The FastAPI application: /predict, /health, /metadata; the lifespan starts and stops the batcher."""
+    import torch
     from fastapi import FastAPI, Query, Request
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
 
+    from tltool.export.spec import uint8_transform
+    from tltool.predict import ImageResult, top_predictions
+
+    # python-multipart logs each malformed body it meets; the client gets the 400, the console stays quiet.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     transform = uint8_transform(predictor.spec.preprocess)
     names = predictor.spec.class_names
     limit = settings.max_upload_bytes
@@ -389,7 +393,7 @@ def quiet_stop() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def run_serve(model: str, settings: ServeSettings, device: str = "auto", echo: Echo = print) -> None:
+def run_serve(model: str, settings: ServeSettings, device: str = "auto", echo: Callable[[str], None] = print) -> None:
     """`tltool serve MODEL`: open the model, bind, serve until SIGTERM/Ctrl-C."""
     settings.check()
     missing = missing_packages()
@@ -397,8 +401,13 @@ def run_serve(model: str, settings: ServeSettings, device: str = "auto", echo: E
         raise ConfigError(f"tltool serve needs {', '.join(missing)}, which is not installed", INSTALL)
     import uvicorn
 
-    sock = listen(settings.host, settings.port)  # before the model: a port in use fails in a moment
+    sock = listen(settings.host, settings.port)  # before torch and the model: a port in use fails in a moment
     try:
+        import torch
+
+        from tltool.device import resolve_device
+        from tltool.predict import batch_probabilities, open_model
+
         predictor = open_model(model, resolve_device(device, "--device"), echo)
         # One call before serving: warms the model up and checks its outputs against the class list (one line).
         side = predictor.spec.preprocess.image_size
