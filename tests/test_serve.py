@@ -20,13 +20,16 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import shared_dataset, trained_checkpoint
 from tltool.cli import app
+from tltool.serve import MicroBatcher
 from tltool.trained import open_trained
 
 httpx = pytest.importorskip("httpx")
@@ -136,6 +139,54 @@ def assert_same(got: list[dict[str, Any]], expected: list[dict[str, Any]], names
 
 def multipart(files: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
     return [("files", (path.name, path.read_bytes(), "image/png")) for path in files]
+
+
+class FakePredictor:
+    """What MicroBatcher needs of a Predictor: a class list and `probabilities`; records each call's batch size."""
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.spec = SimpleNamespace(class_names=("a", "b"))
+        self.kind, self.path = "checkpoint", Path("fake.pt")
+        self.calls: list[int] = []
+        self.fail_on = fail_on
+
+    def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.calls.append(len(pixels))
+        if len(self.calls) == self.fail_on:
+            raise RuntimeError("the model failed")
+        means = pixels.float().mean(dim=(1, 2, 3))
+        return torch.stack([means, -means], dim=1).softmax(dim=1)
+
+
+def test_the_batcher_takes_up_to_max_batch_per_call_and_each_request_gets_its_row() -> None:
+    predictor = FakePredictor()
+    batcher = MicroBatcher(predictor, max_batch=8, max_wait_s=0.05)  # type: ignore[arg-type]
+    images = [torch.full((3, 2, 2), i, dtype=torch.uint8) for i in range(20)]
+    futures = [batcher.submit(image) for image in images]  # all waiting before the worker starts
+    batcher.start()
+    rows = [future.result(timeout=10) for future in futures]
+    batcher.stop()
+    assert predictor.calls == [8, 8, 4]  # one model call per batch, none above --max-batch
+    assert batcher.stats() == {"batches": 3, "images": 20, "max_batch_seen": 8}
+    for image, row in zip(images, rows, strict=True):
+        assert torch.equal(row, predictor.probabilities(image[None])[0])  # its own row, not a neighbour's
+
+
+def test_the_batcher_waits_at_most_max_wait_and_a_failed_call_fails_only_its_batch() -> None:
+    predictor = FakePredictor(fail_on=1)
+    batcher = MicroBatcher(predictor, max_batch=32, max_wait_s=0.2)  # type: ignore[arg-type]
+    batcher.start()
+    try:
+        begun = time.monotonic()
+        first = batcher.submit(torch.zeros(3, 2, 2, dtype=torch.uint8))
+        with pytest.raises(RuntimeError, match="the model failed"):
+            first.result(timeout=10)
+        waited = time.monotonic() - begun
+        assert 0.15 <= waited < 5  # alone in the queue: run once --max-wait-ms has passed, not before
+        second = batcher.submit(torch.ones(3, 2, 2, dtype=torch.uint8)).result(timeout=10)
+        assert second.shape == (2,) and predictor.calls == [1, 1]
+    finally:
+        batcher.stop()
 
 
 def test_health_and_metadata(client: Any, checkpoint: Path) -> None:

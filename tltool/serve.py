@@ -232,6 +232,7 @@ def build_app(predictor: "Predictor", batcher: MicroBatcher, settings: ServeSett
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
 
+    from tltool.data import IMAGE_EXTENSIONS
     from tltool.export.spec import uint8_transform
     from tltool.predict import ImageResult, top_predictions
 
@@ -241,6 +242,7 @@ def build_app(predictor: "Predictor", batcher: MicroBatcher, settings: ServeSett
     names = predictor.spec.class_names
     limit = settings.max_upload_bytes
     too_large = f"the request is larger than --max-upload-mb {settings.max_upload_mb:g}"
+    unreadable_fix = f"send images Pillow decodes ({' '.join(IMAGE_EXTENSIONS)})"
     too_large_fix = "send smaller images or fewer per request, or start the server with a larger --max-upload-mb"
 
     @contextlib.asynccontextmanager
@@ -314,7 +316,7 @@ def build_app(predictor: "Predictor", batcher: MicroBatcher, settings: ServeSett
         body = await read_body(request)
         uploads = await uploads_of(request, body, filename)
         if len(uploads) == 1 and not uploads[0][1]:
-            raise RequestProblem(400, "the request holds no image (empty body)", "send the image bytes as the body")
+            raise RequestProblem(400, "the request holds no image (empty upload)", "send the image's bytes")
         decoded = await run_in_threadpool(decode_uploads, uploads, transform)
         waiting = {i: batcher.submit(value) for i, (_, value) in enumerate(decoded) if isinstance(value, torch.Tensor)}
         rows = await asyncio.gather(*(asyncio.wrap_future(future) for future in waiting.values()))
@@ -328,7 +330,7 @@ def build_app(predictor: "Predictor", batcher: MicroBatcher, settings: ServeSett
             raise RequestProblem(
                 400,
                 f"none of the {len(results)} uploaded image(s) could be read ({reasons})",
-                "send JPEG, PNG, WebP, BMP, GIF or TIFF images",
+                unreadable_fix,
                 files=[r.to_dict() for r in results],
             )
         return JSONResponse([r.to_dict() for r in results])
