@@ -261,6 +261,8 @@ def test_broken_uploads_are_4xx_and_the_server_keeps_serving(client: Any, datase
     mixed = client.post("/predict", files=[*multipart([good]), ("files", ("notes.png", b"text", "image/png"))])
     assert mixed.status_code == 200
     assert mixed.json()[1] == {"file": "notes.png", "error": "not an image"}
+    bad_topk = client.post("/predict", content=data, params={"topk": 0})
+    assert bad_topk.status_code == 422 and bad_topk.json()["error"].startswith("bad query parameter (topk: ")
     assert client.post("/predict", content=data).status_code == 200
 
 

@@ -337,7 +337,7 @@ def serve(
 
     /predict takes one image as the raw body or several as multipart files and answers with the JSON list
     tltool predict --json prints. Concurrent requests are batched into shared model calls (--max-batch,
-    --max-wait-ms). SIGTERM or Ctrl-C stops it gracefully (exit 0). Needs pip install 'tltool[serve]'.
+    --max-wait-ms). SIGTERM or Ctrl-C stops it gracefully (exit 0). Needs the serve extra of tltool (FastAPI, uvicorn).
     """
     with user_errors():
         check_device(device, "--device")

@@ -227,6 +227,7 @@ def build_app(predictor: "Predictor", batcher: MicroBatcher, settings: ServeSett
     """The FastAPI application: /predict, /health, /metadata; the lifespan starts and stops the batcher."""
     import torch
     from fastapi import FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
@@ -295,6 +296,11 @@ def build_app(predictor: "Predictor", batcher: MicroBatcher, settings: ServeSett
     @app.exception_handler(RequestProblem)
     async def _problem(_: Request, exc: RequestProblem) -> JSONResponse:
         return JSONResponse(exc.body, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{error['loc'][-1]}: {error['msg']}" for error in exc.errors())
+        return JSONResponse({"error": f"bad query parameter ({problems})", "fix": "e.g. ?topk=3"}, status_code=422)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
