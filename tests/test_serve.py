@@ -318,8 +318,24 @@ def test_an_onnx_export_serves_what_predict_gives_and_sigterm_stops_it_with_exit
         answers = http.post("/predict", files=multipart(files), params={"topk": 3})
         assert answers.status_code == 200, answers.text
         assert_same(answers.json(), reference, [path.name for path in files])
-        started.process.send_signal(signal.SIGTERM)
-        begun = time.monotonic()
+        # A request in flight when SIGTERM comes (headers and half its body sent) is still answered.
+        host, port = started.url.removeprefix("http://").rsplit(":", 1)
+        image = files[0].read_bytes()
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            head = f"POST /predict?topk=3 HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(image)}\r\n\r\n"
+            conn.sendall(head.encode() + image[: len(image) // 2])
+            time.sleep(0.5)
+            started.process.send_signal(signal.SIGTERM)
+            begun = time.monotonic()
+            time.sleep(0.5)
+            assert started.process.poll() is None  # waiting for the request
+            conn.sendall(image[len(image) // 2 :])
+            response = b""
+            while chunk := conn.recv(65536):
+                response += chunk
+        status, _, body = response.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 200"), response
+        assert_same(json.loads(body), reference[:1], ["upload"])
         assert started.process.wait(timeout=15) == 0
         assert time.monotonic() - begun < 10
     assert started.lines[-1] == "server stopped"
