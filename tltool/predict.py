@@ -22,10 +22,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from PIL import Image
+from torchvision.transforms import v2 as T
 
 from tltool.checkpoint import TORCH_SAVE, archive_entries, archive_kind
 from tltool.data import IMAGE_EXTENSIONS, image_files, image_problem, load_image
@@ -124,7 +125,10 @@ def _checkpoint_predictor(path: Path, device: torch.device, threshold: float | N
     from tltool.trained import open_trained
 
     trained = open_trained(path, device)
-    spec = ExportSpec(CHECKPOINT, tuple(trained.class_names), trained.preprocess, trained.backbone)
+    temperature = float(trained.model.temperature) if trained.model.temperature != 1.0 else None  # as an export's
+    spec = ExportSpec(
+        CHECKPOINT, tuple(trained.class_names), trained.preprocess, trained.backbone, temperature=temperature
+    )
     if trained.multilabel:
         from tltool.evaluate import val_thresholds
 
@@ -244,32 +248,64 @@ def check_output_width(predictor: Predictor, output: torch.Tensor) -> None:
         )
 
 
+# --- one code path for `tltool predict` and `tltool serve` (serve.py): decode, one model call, top-k --------
+
+
+def pixels_of(source: str | Path | IO[bytes], transform: T.Compose) -> torch.Tensor:
+    """One image (a path, or the bytes of an upload as a file object) decoded, resized and cropped: uint8
+    3 x image_size x image_size, as `tltool.data.load_image` and the eval transform make it in training."""
+    return transform(load_image(source))  # type: ignore[arg-type]  # PIL opens a file object as well as a path
+
+
+def batch_probabilities(predictor: Predictor, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One model call on the stacked images -> N x classes probabilities, checked one per listed class."""
+    # After resize + center crop every image is image_size x image_size, so a batch always stacks.
+    probabilities = predictor.probabilities(torch.stack(list(pixels)))
+    check_output_width(predictor, probabilities)
+    return probabilities
+
+
+def label_thresholds(spec: ExportSpec) -> list[float] | None:
+    """A multilabel model's per-class thresholds (0.5 where none were given), or None (a multiclass one: top-k)."""
+    if spec.task != "multilabel":
+        return None
+    return list(spec.thresholds or [0.5] * len(spec.class_names))
+
+
+def top_predictions(
+    names: Sequence[str], probabilities: torch.Tensor, topk: int, thresholds: Sequence[float] | None = None
+) -> list[tuple[Prediction, ...]]:
+    """The top-k (label, index, probability) of each row of N x classes probabilities; with `thresholds` (a
+    multilabel model, `label_thresholds`) every class at or above its threshold instead, most probable first
+    (maybe none)."""
+    if thresholds is not None:
+        values, indices = probabilities.sort(dim=1, descending=True)
+        kept = values >= torch.tensor(list(thresholds))[indices]
+        rows = [(v[keep].tolist(), i[keep].tolist()) for v, i, keep in zip(values, indices, kept, strict=True)]
+    else:
+        values, indices = probabilities.topk(min(topk, len(names)), dim=1)
+        rows = list(zip(values.tolist(), indices.tolist(), strict=True))
+    return [
+        tuple(Prediction(names[i], i, p) for p, i in zip(row_values, row_indices, strict=True))
+        for row_values, row_indices in rows
+    ]
+
+
 def predict_files(
     predictor: Predictor, files: Sequence[str], topk: int, batch_size: int, echo: Echo
 ) -> list[ImageResult]:
     """Top-k predictions of every file (in input order); an unreadable one is reported and gets an `error`."""
     transform = uint8_transform(predictor.spec.preprocess)
-    names = predictor.spec.class_names
-    k = min(topk, len(names))
     results: dict[str, ImageResult] = {}
     batch: list[tuple[str, torch.Tensor]] = []
     progress = _progress(len(files))
 
     def run_batch() -> None:
-        # After resize + center crop every image is image_size x image_size, so a batch always stacks.
-        probabilities = predictor.probabilities(torch.stack([pixels for _, pixels in batch]))
-        check_output_width(predictor, probabilities)
-        values, indices = probabilities.topk(k, dim=1)
-        if predictor.spec.task == "multilabel":  # every class at or above its threshold, most probable first
-            values, indices = probabilities.sort(dim=1, descending=True)
-            kept = values >= torch.tensor(predictor.spec.thresholds or [0.5] * len(names))[indices]
-            values = [row[keep].tolist() for row, keep in zip(values, kept, strict=True)]
-            indices = [row[keep].tolist() for row, keep in zip(indices, kept, strict=True)]
-        else:
-            values, indices = values.tolist(), indices.tolist()
-        for (file, _), row_values, row_indices in zip(batch, values, indices, strict=True):
-            answers = tuple(Prediction(names[i], i, p) for p, i in zip(row_values, row_indices, strict=True))
-            results[file] = ImageResult(file, answers, multilabel=predictor.spec.task == "multilabel")
+        probabilities = batch_probabilities(predictor, [pixels for _, pixels in batch])
+        thresholds = label_thresholds(predictor.spec)
+        answers = top_predictions(predictor.spec.class_names, probabilities, topk, thresholds)
+        for (file, _), file_answers in zip(batch, answers, strict=True):
+            results[file] = ImageResult(file, file_answers, multilabel=thresholds is not None)
         progress.update(len(batch))
         batch.clear()
 
@@ -278,7 +314,7 @@ def predict_files(
             problem = path_problem(Path(file))  # a FIFO named like an image would block the read forever
             if problem is not None:
                 raise OSError(problem)
-            batch.append((file, transform(load_image(file))))
+            batch.append((file, pixels_of(file, transform)))
         except DECODE_ERRORS as exc:
             reason = path_problem(Path(file)) or image_problem(file) or f"cannot decode ({exc})"
             echo(f"warning: cannot read {file}: {reason}")
