@@ -173,14 +173,18 @@ def test_a_changed_image_weights_file_or_image_size_misses(
 
 
 def build_in_thread(cfg, weights_dir: Path, results: dict, name: str, gate: threading.Barrier) -> None:
-    built = build_model(cfg.model, cfg.data, 3)
-    freeze_modules(built.model, "backbone")
-    split = scan_data(cfg.data, cfg.run.seed)
-    gate.wait()
-    results[name] = features_module.build_cache(
-        cfg, built.model, built.weights_source, built.preprocess, split.train, split.val, torch.device("cpu"),
-        "fp32", weights_dir / name,
-    )  # fmt: skip
+    try:
+        built = build_model(cfg.model, cfg.data, 3)
+        freeze_modules(built.model, "backbone")
+        split = scan_data(cfg.data, cfg.run.seed)
+        gate.wait()
+        results[name] = features_module.build_cache(
+            cfg, built.model, built.weights_source, built.preprocess, split.train, split.val, torch.device("cpu"),
+            "fp32", weights_dir / name,
+        )  # fmt: skip
+    except BaseException as exc:  # (shown by the test's assertion, not lost in a thread)
+        results[name] = repr(exc)
+        raise
 
 
 def test_two_concurrent_extractions_of_one_key_end_with_one_entry(
@@ -205,7 +209,7 @@ def test_two_concurrent_extractions_of_one_key_end_with_one_entry(
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
-    assert sorted(results) == ["a", "b"]
+    assert sorted(results) == ["a", "b"] and not any(isinstance(r, str) for r in results.values()), results
     # Each of train and val was extracted once: the second asker waited on the key's lock, then reused it.
     assert len(extractions) == 2
     assert sorted(results["a"].reused + results["b"].reused) == ["train", "val"]

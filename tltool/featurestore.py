@@ -414,7 +414,8 @@ def open_store(feature_cache_dir: str | None, max_mb: int | None, warn: Warn | N
     root, chosen = store_root(feature_cache_dir)
     store = FeatureStore(root, budget_mb(max_mb) * 2**20, warn)
     try:
-        files.make_folder(root, StoreError, STORE_FIX)
+        # (the folders first: check_writable removes the folders it creates, under a concurrent run's feet)
+        files.make_folder(root / "locks", StoreError, STORE_FIX)
         files.check_writable(root / "locks" / "store.lock", StoreError, STORE_FIX)
     except StoreError as exc:
         if chosen:
