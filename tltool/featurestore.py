@@ -94,7 +94,8 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 of named tensors: names, dtypes, shapes and bytes (the backbone's state: weights and buffers).
 
     This is the weights' identity, whatever they came from (a torchvision or timm download, a state_dict file,
-    a checkpoint, AdaBN's statistics): about 1 ms per MB of weights (15 ms for MobileNetV2, 0.1 s for ResNet-50).
+    a checkpoint, AdaBN's statistics): measured on a loaded 2-core machine, 30-45 ms for MobileNetV2 (14 MB),
+    0.2-0.35 s for ResNet-50 (98 MB), paid once per run that uses the cache.
     """
     digest = hashlib.sha256()
     for name in sorted(tensors):
