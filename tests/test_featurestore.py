@@ -7,6 +7,8 @@ import contextlib
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -348,3 +350,34 @@ def test_cache_list_and_clear_through_the_cli(tmp_path: Path, data: tuple[Path, 
     assert not list(store_dir(tmp_path).glob("*.pt")) and not list(store_dir(tmp_path).glob("*.json"))
     moved = cli.invoke(app, ["cache", "list", "--dir", str(tmp_path / "elsewhere")])
     assert moved.exit_code == 0 and moved.output.startswith("0 entries")
+
+
+@pytest.mark.slow  # (two processes importing torch: ~15 s alone, 45 s on the shared 2 cores under load 9)
+def test_two_processes_started_together_extract_each_part_once_and_both_runs_are_right(
+    tmp_path: Path, data: tuple[Path, Path], weights: Path
+) -> None:
+    from conftest import write_config
+
+    config = write_config(tmp_path / "c.yaml", overrides(tmp_path / "unused", data, weights))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
+                                                                      os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    runs = [tmp_path / "a", tmp_path / "b"]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tltool", "finetune", str(config), f"run.output_dir={run_dir}", "--quiet"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for run_dir in runs
+    ]
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    # Train and val were each extracted by one of the two (the other waited on the lock, or came later).
+    reused = [json.loads((run_dir / "summary.json").read_text())["feature_cache"]["reused"] for run_dir in runs]
+    assert sorted(reused[0] + reused[1]) == ["train", "val"]
+    names = sorted(p.name for p in store_dir(tmp_path).iterdir() if p.is_file())
+    assert len(names) == 4 and not any(name.startswith(".") for name in names)  # two entries, no temp files
+    a, b = (load_checkpoint(run_dir / "checkpoints" / "last.pt").model for run_dir in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # two correct runs: the same weights, bit for bit
