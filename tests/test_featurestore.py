@@ -352,7 +352,7 @@ def test_cache_list_and_clear_through_the_cli(tmp_path: Path, data: tuple[Path, 
     assert moved.exit_code == 0 and moved.output.startswith("0 entries")
 
 
-@pytest.mark.slow  # (two processes importing torch: ~15 s alone, 45 s on the shared 2 cores under load 9)
+@pytest.mark.slow  # (two processes that import torch: 43 s measured on the shared 2 cores at load average 9)
 def test_two_processes_started_together_extract_each_part_once_and_both_runs_are_right(
     tmp_path: Path, data: tuple[Path, Path], weights: Path
 ) -> None:
