@@ -702,7 +702,10 @@ def main() -> None:
         return
     if args.second_run:
         row = second_run_table(args.quick)
-        print(f"bench: first_run_speedup={row['first_speedup']:.1f} second_run_speedup={row['second_speedup']:.1f}")
+        line = f"bench: first_run_speedup={row['first_speedup']:.1f} second_run_speedup={row['second_speedup']:.1f}"
+        if args.json:
+            Path(args.json).write_text(json.dumps({"second_run": row, "line": line}, indent=2))
+        print(line)
         return
     print("training images/s, batch 32 (best round; ratios: median over rounds of paired timings):")
     with tempfile.TemporaryDirectory() as workdir:
