@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py --quick    # a reduced version, under a minute
     python benchmarks/bench_train.py --costs    # only (c), the methods' costs (its figures of the bench line)
     python benchmarks/bench_train.py --gradckpt # only (d), train.grad_checkpointing's memory and time
+    python benchmarks/bench_train.py --second-run  # only (e), a frozen run repeated on the same data
 
 (a) throughput: images/s of a plain loop (forward, loss, zero_grad, backward, step; frozen case with the
     backbone in eval mode and requires_grad off) and of tltool's `train_one_epoch`, on the same batches
@@ -31,10 +32,16 @@
     model; the time per step of both, taken in turn in one process (median of paired ratios). A net with few weights and wide activations (its inverted residuals expand 6x),
     so the activations are most of the memory; weights, gradients and AdamW state (~56 MB) are the same in both.
 
+(e) the feature store (issue #18): a frozen MobileNetV2 run (ImageNet weights when torch's hub cache has them,
+    else none: the cost is the same), 10 epochs, 1,000 train + 500 val images at 96 px (--quick: 200 + 100 at
+    64 px), batch 32, each a whole process timed from outside (imports included): the plain loop of (b), tltool's
+    first run (an empty feature store) and the same run again (the store holds its features). Speed-ups are the
+    plain loop's time over each; the time of `import torch, torchvision` alone is shown beside them.
+
 It ends with one machine-readable line:
     bench: full_ratio=... full_auto_ratio=... frozen10_speedup=... peak_rss_mb=... mcc_step_ratio=...
     dann_step_ratio=... adabn_startup_passes=... source_startup_passes=... gradckpt_rss_ratio=...
-    gradckpt_step_ratio=...
+    gradckpt_step_ratio=... first_run_speedup=... second_run_speedup=...
 """
 
 from __future__ import annotations
@@ -81,12 +88,12 @@ def make_images(root: Path, classes: int, per_class: int, size: int, seed: int =
     return root
 
 
-def build(backbone: str, size: int, frozen: bool, channels_last: bool):
+def build(backbone: str, size: int, frozen: bool, channels_last: bool, weights: str = "none"):
     cfg = load_config(
         None,
         [
             f"model.backbone={backbone}",
-            "model.weights=none",
+            f"model.weights={weights}",
             f"data.image_size={size}",
             f"data.resize_size={size}",
             "train.freeze=" + ("backbone" if frozen else "none"),
@@ -370,7 +377,7 @@ def method_costs(quick: bool, workdir: Path) -> dict[str, float]:
 # --- 10-epoch frozen runs, one process each ---------------------------------------------------------
 
 
-def frozen_plain_run(data: Path, backbone: str, size: int, epochs: int) -> dict:
+def frozen_plain_run(data: Path, backbone: str, size: int, epochs: int, weights: str = "none") -> dict:
     """The textbook frozen run: ImageFolder + DataLoader, backbone recomputed every epoch, val each epoch."""
     from torchvision import datasets
 
@@ -381,7 +388,7 @@ def frozen_plain_run(data: Path, backbone: str, size: int, epochs: int) -> dict:
     train = datasets.ImageFolder(str(data / "train"), transform=transform)
     val = datasets.ImageFolder(str(data / "val"), transform=transform)
     torch.manual_seed(0)
-    _, model = build(backbone, size, frozen=True, channels_last=False)
+    _, model = build(backbone, size, frozen=True, channels_last=False, weights=weights)
     model.backbone.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-3)
     train_loader = torch.utils.data.DataLoader(train, batch_size=32, shuffle=True, num_workers=2)
@@ -404,7 +411,7 @@ def frozen_plain_run(data: Path, backbone: str, size: int, epochs: int) -> dict:
     return {"seconds": time.perf_counter() - start, "val_acc1": accuracy}
 
 
-def frozen_tltool_run(data: Path, backbone: str, size: int, epochs: int, run_dir: Path) -> dict:
+def frozen_tltool_run(data: Path, backbone: str, size: int, epochs: int, run_dir: Path, weights: str = "none") -> dict:
     start = time.perf_counter()
     cfg = load_config(
         None,
@@ -412,7 +419,7 @@ def frozen_tltool_run(data: Path, backbone: str, size: int, epochs: int, run_dir
             f"data.train={data / 'train'}",
             f"data.val={data / 'val'}",
             f"model.backbone={backbone}",
-            "model.weights=none",
+            f"model.weights={weights}",
             f"data.image_size={size}",
             f"data.resize_size={size}",
             "data.augment=none",
@@ -425,7 +432,13 @@ def frozen_tltool_run(data: Path, backbone: str, size: int, epochs: int, run_dir
         ],
     )
     summary = finetune(cfg, quiet=True)
-    return {"seconds": time.perf_counter() - start, "val_acc1": summary["final"]["val_acc1"]}
+    cache = summary["feature_cache"] or {}
+    return {
+        "seconds": time.perf_counter() - start,
+        "val_acc1": summary["final"]["val_acc1"],
+        "extract_seconds": cache.get("extract_seconds"),
+        "reused": cache.get("reused"),
+    }
 
 
 def peak_rss_mb() -> float:
@@ -521,9 +534,9 @@ def run_worker(args: argparse.Namespace) -> None:
         return
     data = Path(args.data)
     if args.worker == "plain":
-        result = frozen_plain_run(data, args.model, args.size, args.epochs)
+        result = frozen_plain_run(data, args.model, args.size, args.epochs, args.weights)
     else:
-        result = frozen_tltool_run(data, args.model, args.size, args.epochs, Path(args.run_dir))
+        result = frozen_tltool_run(data, args.model, args.size, args.epochs, Path(args.run_dir), args.weights)
     result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
@@ -556,7 +569,9 @@ def frozen10(quick: bool) -> list[dict]:
                     "--run-dir",
                     str(root / f"run-{backbone}"),
                 ]
-                done = subprocess.run(command, capture_output=True, text=True, check=True)
+                # (an empty feature store: a first run, and nothing left in the user's ~/.cache)
+                env = {**os.environ, "TLTOOL_CACHE_DIR": str(root / f"store-{backbone}")}
+                done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
                 results[worker] = json.loads(done.stdout.strip().splitlines()[-1])
             speedup = results["plain"]["seconds"] / results["tltool"]["seconds"]
             row = {
@@ -578,12 +593,87 @@ def frozen10(quick: bool) -> list[dict]:
     return rows
 
 
+def hub_has(filename_start: str) -> bool:
+    """Whether torch's hub cache holds a weights file (no download during a benchmark)."""
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    return folder.is_dir() and any(p.name.startswith(filename_start) for p in folder.iterdir())
+
+
+def timed_process(command: list[str], env: dict[str, str]) -> tuple[float, dict]:
+    """A whole process's wall time, imports included, and the JSON of its last line."""
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    seconds = time.perf_counter() - start
+    lines = done.stdout.strip().splitlines()
+    return seconds, json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+
+
+def second_run_table(quick: bool) -> dict:
+    """(e): plain loop, tltool's first and second frozen runs on the same data, each a whole process."""
+    per_class, val_per_class, size = (20, 10, 64) if quick else (100, 50, 96)
+    # ImageNet weights from torch's hub cache (V2, else V1), else none: the cost is the same.
+    weights = next((name for name, file in (("IMAGENET1K_V2", "mobilenet_v2-7ebf99e0"),
+                                            ("IMAGENET1K_V1", "mobilenet_v2-b0353104")) if hub_has(file)), "none")  # fmt: skip
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        source = size * 5 // 4
+        make_images(root / "data" / "train", 10, per_class, source, seed=0)
+        make_images(root / "data" / "val", 10, val_per_class, source, seed=1)
+        env = {**os.environ, "TLTOOL_CACHE_DIR": str(root / "store")}  # (empty: the first run extracts)
+
+        def worker(kind: str, run: str) -> list[str]:
+            return [sys.executable, __file__, "--worker", kind, "--data", str(root / "data"), "--model",
+                    "mobilenet_v2", "--size", str(size), "--epochs", "10", "--run-dir", str(root / run),
+                    "--weights", weights]  # fmt: skip
+
+        imports, _ = timed_process([sys.executable, "-c", "import torch, torchvision"], env)
+        plain, plain_result = timed_process(worker("plain", "plain"), env)
+        first, first_result = timed_process(worker("tltool", "first"), env)
+        second, second_result = timed_process(worker("tltool", "second"), env)
+    if second_result.get("reused") != ["train", "val"]:
+        raise SystemExit(f"the second run did not reuse the stored features: {second_result}")
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    row = {
+        "model": "mobilenet_v2",
+        "weights": weights,
+        "images": per_class * 10,
+        "val_images": val_per_class * 10,
+        "px": size,
+        "import_seconds": imports,
+        "plain_seconds": plain,
+        "first_seconds": first,
+        "second_seconds": second,
+        "first_extract_seconds": first_result.get("extract_seconds"),
+        "second_extract_seconds": second_result.get("extract_seconds"),
+        "val_acc1": {
+            "plain": plain_result.get("val_acc1"),
+            "first": first_result.get("val_acc1"),
+            "second": second_result.get("val_acc1"),
+        },  # fmt: skip
+        "first_speedup": plain / first,
+        "second_speedup": plain / second,
+        "load_before": load,
+        "load_after": load_after,
+    }
+    print(
+        f"mobilenet_v2 ({weights}) 10 epochs frozen, {row['images']} + {row['val_images']} images {size}px, whole "
+        f"processes: plain {plain:.1f} s, tltool first run {first:.1f} s (extraction {row['first_extract_seconds']:.1f}"
+        f" s) {row['first_speedup']:.1f}x, second run {second:.1f} s (features reused in "
+        f"{row['second_extract_seconds']:.2f} s) {row['second_speedup']:.1f}x; `import torch, torchvision` alone "
+        f"{imports:.1f} s; load average {load:.2f} before, {load_after:.2f} after",
+        flush=True,
+    )
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a reduced version (under a minute)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--costs", action="store_true", help="only (c): what the methods that add images cost")
     parser.add_argument("--gradckpt", action="store_true", help="only (d): train.grad_checkpointing's memory and time")
+    parser.add_argument("--second-run", action="store_true", help="only (e): a frozen run repeated on the same data")
     parser.add_argument(
         "--worker", choices=["plain", "tltool", "gradckpt-plain", "gradckpt-checkpointed"], help=argparse.SUPPRESS
     )
@@ -592,6 +682,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", default="none", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         run_worker(args)
@@ -609,6 +700,13 @@ def main() -> None:
         row = gradckpt_table(args.quick)
         print(f"bench: gradckpt_rss_ratio={row['rss_ratio']:.2f} gradckpt_step_ratio={row['step_ratio']:.2f}")
         return
+    if args.second_run:
+        row = second_run_table(args.quick)
+        line = f"bench: first_run_speedup={row['first_speedup']:.1f} second_run_speedup={row['second_speedup']:.1f}"
+        if args.json:
+            Path(args.json).write_text(json.dumps({"second_run": row, "line": line}, indent=2))
+        print(line)
+        return
     print("training images/s, batch 32 (best round; ratios: median over rounds of paired timings):")
     with tempfile.TemporaryDirectory() as workdir:
         rows = throughput_table(args.quick, Path(workdir))
@@ -618,6 +716,8 @@ def main() -> None:
     runs = frozen10(args.quick)
     print("gradient checkpointing (train.grad_checkpointing):")
     gradckpt = gradckpt_table(args.quick)
+    print("a frozen run repeated on the same data (the feature store):")
+    second = second_run_table(args.quick)
     full = [r for r in rows if r["mode"] == "full"]
     resnet_full = [r for r in full if r["model"] == "resnet18"]
     peak = max(max(r["plain_peak_rss_mb"], r["tltool_peak_rss_mb"]) for r in runs)
@@ -627,9 +727,11 @@ def main() -> None:
         f"frozen10_speedup={min(r['speedup'] for r in runs):.1f} peak_rss_mb={peak:.0f} "
         + cost_figures(costs)
         + f" gradckpt_rss_ratio={gradckpt['rss_ratio']:.2f} gradckpt_step_ratio={gradckpt['step_ratio']:.2f}"
+        + f" first_run_speedup={second['first_speedup']:.1f} second_run_speedup={second['second_speedup']:.1f}"
     )
     if args.json:
-        results = {"throughput": rows, "frozen10": runs, "method_costs": costs, "gradckpt": gradckpt, "line": line}
+        results = {"throughput": rows, "frozen10": runs, "method_costs": costs, "gradckpt": gradckpt,
+                   "second_run": second, "line": line}  # fmt: skip
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(line)
 

@@ -112,9 +112,12 @@ def cli() -> CliRunner:
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test runs in its own working directory with an empty torch hub cache and few threads."""
+    """Each test runs in its own working directory with an empty torch hub cache, an empty feature store (never
+    the user's ~/.cache/tltool: a test must not reuse another's features, nor leave its own there) and few threads."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("TLTOOL_CACHE_DIR", str(tmp_path / "tltool_cache"))
+    monkeypatch.delenv("TLTOOL_CACHE_MAX_MB", raising=False)
     threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or min(2, os.cpu_count() or 1)
     torch.set_num_threads(threads)
 

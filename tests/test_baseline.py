@@ -63,9 +63,16 @@ def test_baseline_cli_on_colour_classes(tmp_path: Path, cli: CliRunner) -> None:
         assert report[method]["method"]
     assert report["linear_probe"]["l2"] in baseline.L2_GRID and len(report["linear_probe"]["grid"]) == 6
     assert report["knn"]["k"] in baseline.K_GRID
-    # Nothing but the JSON was written: no run directory, nothing into the dataset.
-    written = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and data not in p.parents}
+    # Nothing but the JSON (and the features, in the feature store: conftest's TLTOOL_CACHE_DIR) was written: no
+    # run directory, nothing into the dataset.
+    store = tmp_path / "tltool_cache"
+    written = {
+        str(p.relative_to(tmp_path))
+        for p in tmp_path.rglob("*")
+        if p.is_file() and data not in p.parents and store not in p.parents
+    }
     assert written == {"c.yaml", "out/b.json"}
+    assert len(list((store / "features").glob("*.pt"))) == 2
     assert tree_checksum(data) == before
 
 

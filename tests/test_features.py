@@ -93,19 +93,25 @@ def test_views_differ_and_come_from_their_own_random_stream(tmp_path: Path, data
     assert not torch.allclose(views[0], views[1])
 
 
-def test_large_caches_go_to_disk_and_are_reused_on_resume(
-    tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("kept", ["store", "run"])
+def test_large_caches_are_memory_mapped_and_reused_on_resume(
+    tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch, kept: str
 ) -> None:
-    summary = run(tmp_path / "r", dataset, "train.feature_cache_memory_mb=0", "train.epochs=1")
-    stored = sorted((tmp_path / "r" / "feature_cache").glob("*.pt"))
-    assert len(stored) == 2 and summary["feature_cache"]["location"].endswith("feature_cache")
+    # In the feature store (conftest points TLTOOL_CACHE_DIR at tmp_path/tltool_cache), or, with a store budget
+    # of 0 (nothing kept between runs), in the run's own folder.
+    extra = ("train.feature_cache_memory_mb=0", *(["train.feature_cache_max_mb=0"] if kept == "run" else []))
+    summary = run(tmp_path / "r", dataset, *extra, "train.epochs=1")
+    folder = tmp_path / "tltool_cache" / "features" if kept == "store" else tmp_path / "r" / "feature_cache"
+    stored = sorted(folder.glob("*.pt"))
+    assert len(stored) == 2 and summary["feature_cache"]["location"] == str(folder)
+    assert kept == "store" or not list((tmp_path / "tltool_cache" / "features").glob("*.pt"))
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("features were extracted again")
 
     monkeypatch.setattr(features_module, "_extract_views", no_extraction)
-    run(tmp_path / "r", dataset, "train.feature_cache_memory_mb=0", "train.epochs=2", resume="auto")
-    assert last(tmp_path / "r").epoch == 2
+    resumed = run(tmp_path / "r", dataset, *extra, "train.epochs=2", resume="auto")
+    assert last(tmp_path / "r").epoch == 2 and resumed["feature_cache"]["reused"] == ["train", "val"]
 
 
 def test_the_key_changes_with_files_preprocessing_and_weights(tmp_path: Path, dataset: Path) -> None:
@@ -116,7 +122,9 @@ def test_the_key_changes_with_files_preprocessing_and_weights(tmp_path: Path, da
     assert key == cache_key(config, "none", pre, samples, "train")
     assert key != cache_key(config, "none", Preprocess(32, 36), samples, "train")
     assert key != cache_key(config, "other", pre, samples, "train")
-    assert key != cache_key(config, "none", pre, samples, "val")
+    # The same (eval) transform for train and val with data.augment none: the same features, one entry.
+    assert key == cache_key(config, "none", pre, samples, "val")
+    assert key != cache_key(config, "none", pre, samples, "train", precision="bf16")
     copy = tmp_path / "x.png"
     copy.write_bytes(Path(samples[0][0]).read_bytes())
     moved = [(str(copy), 0), *samples[1:]]

@@ -89,7 +89,9 @@ def extract_features(cfg: Config, quiet: bool = False) -> FeatureSet:
     if use_channels_last(cfg.train.channels_last, built.model):
         backbone.to(memory_format=torch.channels_last)
     parts = {
-        kind: frozen_features(cfg, backbone, built.preprocess, samples, device, precision, kind, quiet)
+        kind: frozen_features(
+            cfg, backbone, built.preprocess, samples, device, precision, kind, quiet, built.weights_source
+        )
         for kind, samples in (("train", split.train), ("val", split.val))
     }
     seconds = time.perf_counter() - start
@@ -117,31 +119,51 @@ def frozen_features(
     precision: str,
     kind: str,
     quiet: bool = False,
+    weights_source: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, D) float32 on CPU, labels) of `samples` through `backbone` with the eval transform.
 
-    What the read-outs fit (here) and what LP-FT's probe head is fitted on (tltool.lpft): one extraction.
-    `kind` names the images in the progress bar and in the error when none could be read.
+    What the read-outs fit (here) and what LP-FT's probe head is fitted on (tltool.lpft): one extraction,
+    reused from (and kept in) the feature store as `tltool finetune`'s eval-transform features are: a
+    baseline after a frozen run on the same images, or the run after the baseline, runs no backbone
+    (`train.feature_cache: off` skips the store). `kind` names the images in the progress bar and in the
+    error when none could be read.
     """
     from tltool.data import eval_transform, make_loader
-    from tltool.features import extract
+    from tltool.device import use_channels_last
+    from tltool.features import cache_key, entry_meta, extract
+    from tltool.featurestore import module_digest, open_store
 
-    loader = make_loader(
-        samples,
-        eval_transform(preprocess),
-        max(cfg.data.batch_size, 64),
-        cfg.data.num_workers,
-        seed=cfg.run.seed,
-        shuffle=False,
-        pin_memory=device.type == "cuda",
-    )
-    show = not quiet and cfg.log.progress
-    bar = tqdm(loader, desc=f"features ({kind})", leave=False, disable=None if show else True, file=sys.stderr)
-    features, labels = extract(backbone, bar, device, precision)
-    if labels.numel() == 0:
-        raise DataError(f"no {kind} image could be read", "check the dataset with `tltool doctor`")
+    def build() -> dict[str, torch.Tensor]:
+        loader = make_loader(
+            samples,
+            eval_transform(preprocess),
+            max(cfg.data.batch_size, 64),
+            cfg.data.num_workers,
+            seed=cfg.run.seed,
+            shuffle=False,
+            pin_memory=device.type == "cuda",
+        )
+        show = not quiet and cfg.log.progress
+        bar = tqdm(loader, desc=f"features ({kind})", leave=False, disable=None if show else True, file=sys.stderr)
+        features, labels = extract(backbone, bar, device, precision)
+        if labels.numel() == 0:
+            raise DataError(f"no {kind} image could be read", "check the dataset with `tltool doctor`")
+        return {"features": features.flatten(1).unsqueeze(0), "labels": labels}
+
+    store = None
+    if cfg.train.feature_cache != "off":
+        store = open_store(cfg.train.feature_cache_dir, cfg.train.feature_cache_max_mb)
+    if store is None:
+        stored = build()
+    else:
+        layout = use_channels_last(cfg.train.channels_last, backbone)
+        key = cache_key(cfg, module_digest(backbone), preprocess, samples, kind, precision, device.type, layout,
+                        augmented=False)  # fmt: skip
+        meta = entry_meta(cfg, weights_source, samples, kind, precision, augmented=False)
+        stored = store.fetch(key, meta, build, memory_bytes=2**62).tensors
     # extract() runs in inference mode; a clone made outside it can take part in autograd (the probe).
-    return features.flatten(1).clone(), labels.clone()
+    return stored["features"][0].clone(), stored["labels"].clone()
 
 
 # --- shared pieces ---------------------------------------------------------------------------------

@@ -32,6 +32,10 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Show or create configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+cache_app = typer.Typer(
+    help="List or clear the feature cache: frozen backbones' features kept for later runs.", no_args_is_help=True
+)
+app.add_typer(cache_app, name="cache")
 
 ConfigPath = Annotated[str, typer.Argument(help="YAML config file.", show_default=False)]
 Overrides = Annotated[
@@ -683,6 +687,75 @@ def models(
         typer.echo(json.dumps([entry.to_dict() for entry in entries], indent=2))
     else:
         typer.echo(format_catalog(entries))
+
+
+CacheDir = Annotated[
+    str | None,
+    typer.Option(
+        "--dir",
+        help="The cache's folder (as train.feature_cache_dir; default $TLTOOL_CACHE_DIR/features, else "
+        "$XDG_CACHE_HOME/tltool/features, else ~/.cache/tltool/features).",
+        show_default=False,
+    ),
+]
+
+
+def _open_cache(folder: str | None):  # noqa: ANN202  (tltool.featurestore.FeatureStore, imported lazily)
+    from tltool.errors import ConfigError
+    from tltool.featurestore import FeatureStore, budget_mb, store_root
+    from tltool.files import path_problem
+
+    root, _ = store_root(folder)
+    problem = path_problem(root, "folder") if root.exists() or root.is_symlink() else None
+    if problem is not None:
+        raise ConfigError(f"feature cache {root} {problem}", "give the cache's folder with --dir")
+    return FeatureStore(root, budget_mb() * 2**20)
+
+
+@cache_app.command("list", epilog="Example: tltool cache list   |   tltool cache list --json")
+def cache_list(
+    folder: CacheDir = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of the table.")] = False,
+) -> None:
+    """The cache's entries, most recently used first: key, backbone, part, transform, images, size, last use."""
+    with user_errors():
+        from tltool.featurestore import format_entries
+
+        store = _open_cache(folder)
+        if json_output:
+            import json
+
+            typer.echo(json.dumps([entry.to_dict() for entry in store.entries()], indent=2))
+        else:
+            typer.echo(format_entries(store))
+
+
+@cache_app.command("clear", epilog="Example: tltool cache clear --all   |   tltool cache clear 3f2a9c41")
+def cache_clear(
+    key: Annotated[
+        str | None, typer.Argument(help="The entry to remove: its key or a unique start of it.", show_default=False)
+    ] = None,
+    everything: Annotated[bool, typer.Option("--all", help="Remove every entry.")] = False,
+    folder: CacheDir = None,
+) -> None:
+    """Remove one entry (KEY) or all (--all); an entry a run is writing is removed once it is written."""
+    with user_errors():
+        from tltool.errors import ConfigError
+        from tltool.files import size_text
+
+        if (key is None) == (not everything):
+            raise ConfigError("say what to clear: a KEY or --all, not both", "`tltool cache list` shows the keys")
+        store = _open_cache(folder)
+        keys = None
+        if key is not None:
+            keys = [entry.key for entry in store.entries() if entry.key.startswith(key)]
+            if not keys:
+                raise ConfigError(f"no feature cache entry {key} in {store.root}", "`tltool cache list` shows the keys")
+            if len(keys) > 1:
+                raise ConfigError(f"{key} starts {len(keys)} entries' keys", "give more of the key")
+        removed = store.clear(keys)
+        count = f"{len(removed)} entr{'y' if len(removed) == 1 else 'ies'}"
+        typer.echo(f"removed {count} ({size_text(sum(e.size for e in removed))}) from {store.root}")
 
 
 def main() -> None:

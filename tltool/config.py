@@ -263,7 +263,11 @@ class TrainConfig(_Section):
     feature_cache_views: int = Field(1, ge=1, le=1000, examples=[5])
     """With augmentation, cache this many augmented views per image and cycle them over the epochs."""
     feature_cache_memory_mb: int = Field(4096, ge=0, examples=[1024])
-    """Cached features larger than this go to the run directory (memory-mapped) instead of RAM."""
+    """Cached features larger than this are memory-mapped from their file instead of held in RAM."""
+    feature_cache_dir: str | None = Field(None, examples=["/scratch/tltool-features"])
+    """Folder of frozen features kept for later runs (empty: $TLTOOL_CACHE_DIR/features, else ~/.cache/tltool/...)."""
+    feature_cache_max_mb: int | None = Field(None, ge=0, examples=[2048])
+    """Size budget of that folder; least recently used out first (empty: $TLTOOL_CACHE_MAX_MB, else 10240; 0: none)."""
     unfreeze_at_epoch: int | None = Field(None, ge=1, examples=[4])
     """Two-phase: epochs before N train the head only (train.freeze: backbone), from epoch N on the whole backbone."""
     unfreeze_schedule: dict[int, int | Literal["all"]] | None = Field(None, examples=[{3: 1, 5: 2, 7: "all"}])

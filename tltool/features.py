@@ -3,16 +3,22 @@
 The textbook loop recomputes the backbone every epoch; with the backbone frozen and a deterministic
 train transform (`data.augment: none`), one forward pass per image is enough and every epoch after the
 first trains only the head. With augmentation, `train.feature_cache_views: K` caches K augmented views
-of each image and epoch e trains on view e mod K. Features stay in memory, or go to the run directory
-(memory-mapped) past `train.feature_cache_memory_mb`, under a key that hashes everything they depend on,
-so a stale cache is never used.
+of each image and epoch e trains on view e mod K. The features are kept across runs in the feature store
+(featurestore.py: `~/.cache/tltool/features`, a size budget, least recently used out first) under a key that
+hashes everything they depend on (`cache_key`), so a later run, `tltool baseline` or LP-FT's probe on the same
+images with the same backbone reuses them and a stale entry is never used. Features larger than
+`train.feature_cache_memory_mb` are memory-mapped from their file instead of held in RAM. Without a usable
+store (an unwritable default folder, an entry larger than the whole budget) a run keeps them to itself, in
+memory or in its run directory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -37,8 +44,9 @@ from tltool.data import (
     make_loader,
     train_transform,
 )
-from tltool.device import autocast
+from tltool.device import autocast, use_channels_last
 from tltool.distributed import all_gather_objects, any_rank, barrier, current, shard_bounds
+from tltool.featurestore import FeatureStore, Warn, module_digest, open_store, tensor_digest
 from tltool.transfer import freezes_backbone
 
 
@@ -76,34 +84,107 @@ def views_for(cfg: Config) -> int:
     return 1 if deterministic_train_transform(cfg) else cfg.train.feature_cache_views
 
 
-def cache_key(cfg: Config, weights_source: str, preprocess: Preprocess, samples: Sequence[Sample], kind: str) -> str:
-    """A hash of everything the cached features depend on (files by path, size and mtime)."""
+def cache_key(
+    cfg: Config,
+    weights_id: str,
+    preprocess: Preprocess,
+    samples: Sequence[Sample],
+    kind: str,
+    precision: str | None = None,
+    device_type: str = "cpu",
+    channels_last: bool = False,
+    stats: dict[str, torch.Tensor] | None = None,
+    augmented: bool | None = None,
+) -> str:
+    """A hash of everything the features of `samples` depend on: the key of the store's entry.
+
+    - The network: the backbone's name and `weights_id`, the identity of its weights (featurestore.module_digest:
+      a hash of every weight and buffer, so a weights file rewritten under the same name, a different download
+      or a checkpoint's backbone is another key), AdaBN's batch-norm statistics (`stats`) when they replace its
+      own; the versions of tltool, torch, torchvision (and timm for timm/ backbones), which build the network.
+    - How images become inputs: the preprocessing (size, resize, mean, std, interpolation) and the transform:
+      `eval` for val and for a deterministic train transform (the same transform: train and val, finetune and
+      `tltool baseline` share entries, and another seed reuses them where data.val fixes the split), else the
+      augmentation policy, random erasing, the number of views, the seed and the process count (under
+      torchrun each process draws its shard's augmentations) -- only then is `kind` part of the key.
+      (`augmented=False`: the eval transform whatever the config says, as `tltool baseline` extracts.)
+    - The arithmetic: precision, device type and memory layout (channels_last), which change the last bits.
+    - The images: each file's path, label, size and modification time. One stat per image, no reading
+      (0.16-0.21 s per 10,000 files measured on this project's loaded 2-core machine; more on a network file
+      system). Not enough when a file's content changes but its size and mtime do not: rewritten within the
+      file system's timestamp resolution, or an old mtime restored onto new content of the same size (cp -p,
+      rsync -a, tar -x, some sync tools); then run `tltool cache clear`. A content hash would read every
+      image on every run (the decode's I/O again).
+    """
     digest = hashlib.sha256()
     files = []
     for path, label in samples:
-        stat = os.stat(path)
-        files.append((path, label, stat.st_size, stat.st_mtime_ns))
-    weights_file = cfg.model.weights
-    weights_stat = list(os.stat(weights_file)[6:9]) if os.path.isfile(weights_file) else None
+        try:
+            stat = os.stat(path)
+            files.append((path, label, stat.st_size, stat.st_mtime_ns))
+        except OSError:  # (removed since the scan: it fails to decode, and the key is still a function of it)
+            files.append((path, label, None, None))
+    if augmented is None:
+        augmented = kind != "val" and not deterministic_train_transform(cfg)
+    transform: Any = "eval"
+    if augmented:
+        transform = {
+            "kind": kind,
+            "augment": cfg.data.augment,
+            "random_erasing": cfg.data.random_erasing,
+            "views": views_for(cfg),
+            "seed": cfg.run.seed,
+            "world": current().world_size,
+        }
+    versions = {"tltool": __version__, "torch": str(torch.__version__), "torchvision": torchvision.__version__}
+    if cfg.model.backbone.startswith("timm/"):
+        versions["timm"] = importlib.metadata.version("timm")
     recipe = {
-        "kind": kind,
         "backbone": cfg.model.backbone,
-        "weights": cfg.model.weights,
-        "weights_source": weights_source,
-        "weights_stat": weights_stat,
+        "weights": weights_id,
+        "bn_stats": tensor_digest(stats) if stats else None,
         "preprocess": preprocess.to_dict(),
-        "augment": cfg.data.augment if kind != "val" else "none",
-        **({"random_erasing": cfg.data.random_erasing} if cfg.data.random_erasing and kind != "val" else {}),
-        "views": views_for(cfg) if kind != "val" else 1,
-        "bn_stats": cfg.adapt.bn_stats if kind == "unlabeled" else "source",
-        "seed": cfg.run.seed,
-        "precision": cfg.train.precision,
-        "tltool": __version__,
-        "torch": str(torch.__version__),
+        "transform": transform,
+        "precision": precision or cfg.train.precision,
+        "device": device_type,
+        "channels_last": channels_last,
+        "versions": versions,
     }
     digest.update(json.dumps(recipe, sort_keys=True).encode())
     digest.update(json.dumps(files).encode())
     return digest.hexdigest()[:24]
+
+
+def transform_name(cfg: Config, kind: str, augmented: bool | None = None) -> str:
+    """The transform of a cache entry, as `tltool cache list` shows it."""
+    if augmented is False or kind == "val" or deterministic_train_transform(cfg):
+        return "eval"
+    erasing = f"+erasing {cfg.data.random_erasing}" if cfg.data.random_erasing else ""
+    return f"{cfg.data.augment}{erasing} x{views_for(cfg)} seed {cfg.run.seed}"
+
+
+def entry_meta(
+    cfg: Config,
+    weights_source: str,
+    samples: Sequence[Sample],
+    kind: str,
+    precision: str,
+    augmented: bool | None = None,
+) -> dict[str, Any]:
+    """What `tltool cache list` shows of an entry (not part of its key)."""
+    try:
+        folder = os.path.commonpath([os.path.dirname(path) for path, _ in samples]) if samples else ""
+    except ValueError:  # (paths on different drives)
+        folder = ""
+    return {
+        "kind": kind,
+        "backbone": cfg.model.backbone,
+        "weights": weights_source,
+        "transform": transform_name(cfg, kind, augmented),
+        "images": len(samples),
+        "data": folder,
+        "precision": precision,
+    }
 
 
 class FeatureDataset(Dataset):
@@ -143,6 +224,8 @@ class FeatureCache:
     # loaders: one batch per training batch (CyclingSampler).
     extras: dict[str, FeatureDataset] = field(default_factory=dict)
     extra_loaders: dict[str, DataLoader] = field(default_factory=dict)
+    store: str | None = None  # the feature store's folder (None: none was usable)
+    reused: list[str] = field(default_factory=list)  # the parts (train, val, ...) found there, not extracted
 
     def set_epoch(self, epoch: int) -> None:
         for part in (self.train, *self.extras.values()):
@@ -248,6 +331,43 @@ def _load_stored(directory: Path, key: str) -> dict | None:
     return safe_load(path, what="feature cache")
 
 
+def cache_reuse(cache: FeatureCache) -> str:
+    """How much of `cache` came from the feature store, for the run's features line."""
+    if cache.store is None:
+        return "; no feature store: extracted for this run"
+    if not cache.reused:
+        return f"; extracted, kept in {cache.store}"
+    total = 2 + len(cache.extras)
+    return f"; {len(cache.reused)} of {total} parts reused from {cache.store}"
+
+
+def _main_warn(text: str) -> None:
+    if current().is_main:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _fetch(
+    store: FeatureStore | None,
+    key: str,
+    meta: dict[str, Any],
+    build: Any,
+    cache_dir: Path,
+    memory_mb: int,
+) -> tuple[dict[str, torch.Tensor], str]:
+    """(tensors, where): "memory", a file they are mapped from, prefixed "reused:" when found, not extracted."""
+    stored = _load_stored(cache_dir, key)  # (the run's own folder first: a resumed run of features kept there)
+    if stored is not None:
+        return stored, "reused:" + str(cache_dir / f"{key}.pt")
+    if store is not None:
+        got = store.fetch(key, meta, build, memory_mb * 2**20)
+        if got.reused:
+            return got.tensors, "reused:" + (str(got.path) if got.path else "memory")
+        if got.stored:
+            return got.tensors, str(got.path) if got.path else "memory"
+        return _store(got.tensors, cache_dir, key, memory_mb)  # (larger than the store's whole budget)
+    return _store(build(), cache_dir, key, memory_mb)  # (no usable store)
+
+
 def build_cache(
     cfg: Config,
     model: nn.Module,
@@ -259,13 +379,18 @@ def build_cache(
     precision: str,
     cache_dir: Path,
     extras: dict[str, tuple[Sequence[Sample], int, dict[str, torch.Tensor] | None]] | None = None,
+    warn: Warn | None = None,
 ) -> FeatureCache:
-    """Extract (or reuse from `cache_dir`) the train and val features and wrap them in loaders.
+    """Reuse the train and val features from the feature store, or extract and store them; wrap them in loaders.
 
     `extras`: the other streams (adapt.unlabeled, source.train) by name: (samples, the stream's seed, the
     batch-norm statistics to extract them with, or None for the backbone's own); K views as train.
+    `cache_dir`: the run's own folder for features the store cannot keep (no usable store, larger than its
+    budget) and larger than `train.feature_cache_memory_mb`.
     """
     start = time.perf_counter()
+    warn = warn or _main_warn
+    store = open_store(cfg.train.feature_cache_dir, cfg.train.feature_cache_max_mb, warn)
     views = views_for(cfg)
     parts = {}
     location = "memory"
@@ -276,18 +401,24 @@ def build_cache(
     ]
     for name, (samples, _, stats) in (extras or {}).items():
         kinds.append((name, samples, augmented, views, stats))
+    weights_id = module_digest(model.backbone)
+    layout = use_channels_last(cfg.train.channels_last, model)
+    reused = []
     for kind, samples, transform, count, stats in kinds:
-        key = cache_key(cfg, weights_source, preprocess, samples, kind)
-        stored = _load_stored(cache_dir, key)
-        if stored is None:
+        key = cache_key(cfg, weights_id, preprocess, samples, kind, precision, device.type, layout, stats)
+
+        def build(samples=samples, transform=transform, count=count, stats=stats) -> dict[str, torch.Tensor]:
             with using_bn_stats(model.backbone, stats):
                 features, labels = _extract_views(model.backbone, samples, transform, count, cfg, device, precision)
-            stored, where = _store({"features": features, "labels": labels}, cache_dir, key,
-                                   cfg.train.feature_cache_memory_mb)  # fmt: skip
-        else:
-            where = str(cache_dir / f"{key}.pt")
+            return {"features": features, "labels": labels}
+
+        stored, where = _fetch(store, key, entry_meta(cfg, weights_source, samples, kind, precision), build,
+                               cache_dir, cfg.train.feature_cache_memory_mb)  # fmt: skip
+        if where.startswith("reused"):
+            reused.append(kind)
+            where = where.partition(":")[2]
         if where != "memory":
-            location = str(cache_dir)
+            location = str(Path(where).parent)
         parts[kind] = FeatureDataset(stored["features"], stored["labels"])
     # Every rank holds all the features; its samplers pick its shard of each epoch, as with images.
     shard = current().shard
@@ -305,6 +436,7 @@ def build_cache(
         collate_fn=_as_batch,
     )
     cache = FeatureCache(parts["train"], parts["val"], train_loader, val_loader, 0.0, location)
+    cache.store, cache.reused = (str(store.root) if store is not None else None), reused
     for name, (_, seed, _) in (extras or {}).items():
         cache.extras[name] = parts[name]
         cache.extra_loaders[name] = DataLoader(

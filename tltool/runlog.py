@@ -280,7 +280,14 @@ def run_summary(session: TrainingSession, stopped_early: bool) -> dict[str, Any]
             part: sum((record.get("skipped_images") or {}).get(part, 0) for record in state.history)
             for part in ("train", "val")
         },
-        "feature_cache": {"extract_seconds": cache.extract_seconds, "location": cache.location} if cache else None,
+        "feature_cache": {
+            "extract_seconds": cache.extract_seconds,
+            "location": cache.location,
+            "store": cache.store,
+            "reused": cache.reused,
+        }
+        if cache
+        else None,
         "device": str(session.device),
         "precision": session.precision,
         "optimizer_impl": optimizer_impl(session.optimizer),

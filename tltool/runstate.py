@@ -39,6 +39,8 @@ RESUMABLE_CHANGES = (
     "run.compile",
     "train.optimizer_impl",
     "data.num_workers",
+    "train.feature_cache_dir",  # (where features are kept, not what they are: a moved cache extracts again)
+    "train.feature_cache_max_mb",
     "log.progress",
     "log.tensorboard",
     "log.report",

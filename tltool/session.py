@@ -52,7 +52,7 @@ from tltool.distill import open_teacher
 from tltool.ema import WeightEMA, build_ema
 from tltool.errors import CheckpointError, ConfigError, DataError
 from tltool.evaluate import evaluate
-from tltool.features import FeatureCache, build_cache, cache_applies, mixing_turns_cache_off
+from tltool.features import FeatureCache, build_cache, cache_applies, cache_reuse, mixing_turns_cache_off
 from tltool.gradckpt import enable_grad_checkpointing
 from tltool.lpft import init_head_from_probe
 from tltool.models import BuiltModel, build_model, built_from_checkpoint
@@ -225,7 +225,7 @@ class TrainingSession:
                 self.quiet,
                 f"feature cache: {len(self.cache.train)} train x {self.cache.train.features.shape[0]} view(s) + "
                 f"{len(self.cache.val)} val backbone outputs in {self.cache.extract_seconds:.1f} s "
-                f"({self.cache.location}); epochs train the head only",
+                f"({self.cache.location}{cache_reuse(self.cache)}); epochs train the head only",
             )
         elif mixing_turns_cache_off(cfg) and self.plan.head_only(self.state.epoch):
             say(self.quiet, "feature cache: off, MixUp/CutMix mix the images (the frozen backbone runs every step)")
