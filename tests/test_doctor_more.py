@@ -193,3 +193,34 @@ def test_a_pattern_that_names_no_shard_is_one_line(tmp_path: Path, shards: Path)
     assert "matches no file" in one_line_error(doctor(f"{tmp_path}/train-{{000000..000001}}.tar"))
     assert "not .tar shards" in one_line_error(doctor(f"{shards}/train-000000.tar", "--val", str(tmp_path)))
     assert "--val is for a label file or shards" in one_line_error(doctor(tmp_path, "--val", "v.csv"))
+    line = one_line_error(doctor(f"{shards}/train-000000.tar", "--task", "multilabel"))
+    assert "shards hold one class per sample" in line
+
+
+def tar_with(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_bad_cls_an_empty_shard_and_a_class_index_past_classes_json_are_problems(tmp_path: Path) -> None:
+    pytest.importorskip("webdataset")
+    (tmp_path / "classes.json").write_text('["cat", "dog"]')
+    tar_with(tmp_path / "a-0.tar", {"x1.png": b"png", "x1.cls": b"1", "x2.png": b"png", "x2.cls": b"0"})
+    tar_with(tmp_path / "a-1.tar", {"y1.png": b"png", "y1.cls": b"dog"})
+    tar_with(tmp_path / "a-2.tar", {})
+    data = json.loads(doctor(f"{tmp_path}/a-*.tar", "--json").stdout)
+    assert [(s["samples"], s["problem"]) for s in data["splits"][0]["shards"]] == [(2, None), (None, "bad_label"),
+                                                                                   (None, "empty")]  # fmt: skip
+    assert data["splits"][0]["class_counts"] == {"cat": 1, "dog": 1}
+    assert {p["code"] for p in data["problems"]} == {"shard_bad_label", "shard_empty"}
+    tar_with(tmp_path / "a-1.tar", {"y1.png": b"png", "y1.cls": b"5"})  # (classes.json names 2 classes)
+    (tmp_path / "a-2.tar").unlink()
+    result = doctor(f"{tmp_path}/a-*.tar", "--json")
+    assert result.exit_code == 2
+    data = json.loads(result.stdout)
+    assert [p["code"] for p in data["problems"]] == ["shard_classes"] and "out of range" in data["problems"][0][
+        "message"
+    ]

@@ -94,8 +94,9 @@ def diagnose(
         raise DataError(f"--label-delimiter {label_delimiter!r} is not one character", "e.g. --label-delimiter '|'")
     delimiter = label_delimiter if task == "multilabel" else None
     if task == "multilabel" and not is_label_file(root):
+        what = "shards hold one class per sample (.cls)" if is_shard_source(source) else "not a .csv or .tsv file"
         raise DataError(
-            f"--task multilabel reads a label file, and {source} is not a .csv or .tsv file",
+            f"--task multilabel reads a label file, and {source} is {what}",
             "give the label file (a column of paths, a column of classes separated by --label-delimiter)",
         )
     if val is not None and not is_label_file(root) and not is_shard_source(source):

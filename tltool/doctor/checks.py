@@ -96,7 +96,7 @@ def check_classes(diagnosis: Diagnosis) -> None:
         diagnosis.problems.append(
             Finding("one_class", "train has a single class: nothing to tell apart", "add a folder per class")
         )
-    if diagnosis.layout == "single" or val is None:
+    if diagnosis.layout != "shards" and (diagnosis.layout == "single" or val is None):  # (shards: data.val needed)
         single = sorted(c for c, n in counts.items() if n == 1)
         if single and len(single) == len(counts):
             diagnosis.problems.append(
