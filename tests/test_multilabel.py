@@ -476,3 +476,31 @@ def test_val_map_needs_multilabel_and_missing_torchmetrics_names_pip(
         choose_thresholds(torch.ones(2, 2), torch.ones(2, 2))
     line = one_line(finetune_cli(cli, tmp_path, overrides(tmp_path / "r2", labels)))
     assert "needs torchmetrics" in line and "pip install" in line
+
+
+def test_ema_of_a_multilabel_run_reports_and_monitors_val_map_ema(labels: Path, tmp_path: Path, cli) -> None:
+    """train.ema_decay on a multilabel run: val_map_ema (and the F1s) every epoch, the EMA weights' mAP; with
+    checkpoint.monitor=val_map_ema best.pt is the epoch of the best val_map_ema and holds the EMA weights."""
+    out = tmp_path / "run"
+    items = overrides(out, labels, "train.epochs=2", "train.ema_decay=0.5", "checkpoint.monitor=val_map_ema")
+    finetune(load_config(None, items))
+    rows = records(out)
+    for row in rows:
+        for key in ("val_map_ema", "val_f1_micro_ema", "val_f1_macro_ema"):
+            assert 0.0 <= row[key] <= 1.0, (key, row)
+    checkpoint = load_checkpoint(out / "checkpoints" / "best.pt")
+    assert checkpoint.weights == "ema"
+    assert checkpoint.best_metric == max(r["val_map_ema"] for r in rows)
+    # val_map_ema is the mAP of the EMA weights: eval of best.pt (which holds them) at 0.5 gives that epoch's
+    best = max(rows, key=lambda r: r["val_map_ema"])
+    result = cli.invoke(app, ["eval", str(out / "checkpoints" / "best.pt"), "--threshold", "0.5",
+                              "--json", str(tmp_path / "m.json")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "m.json").read_text())["map"] == pytest.approx(best["val_map_ema"], abs=1e-6)
+
+
+def test_val_map_ema_needs_multilabel_and_ema(tmp_path: Path, cli, dataset: Path, labels: Path) -> None:
+    items = run_overrides(tmp_path / "r", dataset, "checkpoint.monitor=val_map_ema", "train.ema_decay=0.9")
+    assert "val_map_ema needs data.task: multilabel" in config_problem(finetune_cli(cli, tmp_path, items))
+    items = overrides(tmp_path / "r2", labels, "checkpoint.monitor=val_map_ema")
+    assert "needs train.ema_decay" in config_problem(finetune_cli(cli, tmp_path, items))

@@ -299,3 +299,29 @@ def test_a_study_file_that_is_no_database_is_one_line_and_kept(cli, tmp_path: Pa
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert "sw/study.db cannot be opened as an Optuna study (file is not a database)" in result.output
     assert (tmp_path / "sw" / STUDY_FILE).read_text() == "not a database"
+
+
+def test_trials_after_the_first_reuse_the_frozen_features(tmp_path: Path, base, monkeypatch) -> None:
+    """A frozen-backbone sweep extracts the features once: trial 0 runs the backbone over train and val and keeps
+    them in the feature store; trials 1 and 2 (other LR, batch size, label smoothing) find both parts there,
+    run the backbone on no image, and say so; their results are those of their own run."""
+    import tltool.features as features
+
+    extracted: list[int] = []  # the images each backbone pass ran on
+    real = features._extract_views
+
+    def counting(backbone, samples, *args, **kwargs):
+        extracted.append(len(samples))
+        return real(backbone, samples, *args, **kwargs)
+
+    monkeypatch.setattr(features, "_extract_views", counting)
+    lines: list[str] = []
+    space = [*SPACE, "data.batch_size=int(4,8)"]
+    run_tune(None, [*base, *space], 3, out="sw", echo=lines.append)
+    assert states(tmp_path / "sw") == ["COMPLETE"] * 3
+    summaries = [json.loads((tmp_path / "sw" / f"trial-{n:04d}" / "summary.json").read_text()) for n in range(3)]
+    assert summaries[0]["feature_cache"]["reused"] == []
+    assert [s["feature_cache"]["reused"] for s in summaries[1:]] == [["train", "val"]] * 2
+    assert len(extracted) == 2 and sum(extracted) == summaries[0]["train_images"] + summaries[0]["val_images"]
+    assert "features extracted in" in lines[0] and "features reused from the cache: train, val" in lines[1]
+    assert "features reused from the cache: train, val" in lines[2]

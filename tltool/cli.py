@@ -480,13 +480,15 @@ def config_schema() -> None:
 
 @app.command(
     epilog="Example: tltool doctor data/flowers   |   tltool doctor data/flowers --json > doctor.json"
-    "   |   tltool doctor data/train.csv --val data/val.csv"
+    "   |   tltool doctor data/train.csv --val data/val.csv   |   tltool doctor data/tags.csv --task multilabel"
+    "   |   tltool doctor 'shards/train-{000000..000003}.tar' --val 'shards/val-{000000..000000}.tar'"
 )
 def doctor(
     data_dir: Annotated[
         str,
         typer.Argument(
-            help="The dataset: a folder of class sub-folders, one with train/ and val/ inside, or a .csv/.tsv file."
+            help="The dataset: a folder of class sub-folders, one with train/ and val/ inside, a .csv/.tsv file, "
+            "or .tar shards (a pattern, as data.train)."
         ),
     ],
     json_output: Annotated[bool, typer.Option("--json", help="Print the findings as JSON (for scripts).")] = False,
@@ -494,19 +496,40 @@ def doctor(
         bool, typer.Option("--deep", help="Decode every image (slower), not only its header: finds truncated files.")
     ] = False,
     val: Annotated[
-        str | None, typer.Option("--val", help="A label file dataset's validation label file (as data.val).")
+        str | None,
+        typer.Option("--val", help="A label file dataset's validation label file, or the val shards (as data.val)."),
     ] = None,
     path_column: Annotated[str, typer.Option("--path-column", help="Label files: as data.path_column.")] = "path",
     label_column: Annotated[str, typer.Option("--label-column", help="Label files: as data.label_column.")] = "label",
+    task: Annotated[
+        str,
+        typer.Option(
+            "--task", help="As data.task: multilabel reads each label cell as classes separated by --label-delimiter."
+        ),
+    ] = "multiclass",
+    label_delimiter: Annotated[
+        str, typer.Option("--label-delimiter", help="--task multilabel: as data.label_delimiter.")
+    ] = "|",
 ) -> None:
     """Check a dataset before training: layout, images per class, unreadable files, duplicates, sizes.
+
+    --task multilabel counts each image for each of its classes and lists the label sets; shards are listed
+    with their samples and classes (the .cls members; the images inside are not opened).
 
     Exit code 2 (after the report) when something would break training; warnings alone keep exit code 0.
     """
     with user_errors():
         from tltool.doctor import diagnose, format_diagnosis
 
-        diagnosis = diagnose(data_dir, deep=deep, val=val, path_column=path_column, label_column=label_column)
+        diagnosis = diagnose(
+            data_dir,
+            deep=deep,
+            val=val,
+            path_column=path_column,
+            label_column=label_column,
+            task=task,
+            label_delimiter=label_delimiter,
+        )
     if json_output:
         import json
 

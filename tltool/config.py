@@ -379,12 +379,12 @@ class TrainConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    monitor: Literal["val_acc1", "val_acc5", "val_loss", "val_acc1_ema", "val_acc5_ema", "val_loss_ema", "val_map"] = (
-        Field("val_acc1", examples=["val_loss"])
-    )
+    monitor: Literal[
+        "val_acc1", "val_acc5", "val_loss", "val_acc1_ema", "val_acc5_ema", "val_loss_ema", "val_map", "val_map_ema"
+    ] = Field("val_acc1", examples=["val_loss"])
     """Metric that picks `best.pt` and drives early stopping (accuracies, val_map: higher is better; loss: lower); a
     *_ema metric (train.ema_decay) makes the EMA weights the model of the run's checkpoints; val_map (the macro
-    mean average precision) needs data.task: multilabel."""
+    mean average precision) and val_map_ema (the EMA weights') need data.task: multilabel."""
     save_best: bool = Field(True, examples=[False])
     """Keep `checkpoints/best.pt`, the epoch with the best monitored metric."""
     every_n_steps: int | None = Field(None, ge=1, examples=[500])
@@ -553,8 +553,11 @@ class Config(_Section):
     @model_validator(mode="after")
     def _multilabel_keys(self) -> Config:
         if self.data.task != "multilabel":
-            if self.checkpoint.monitor == "val_map":
-                raise ValueError("checkpoint.monitor=val_map needs data.task: multilabel (or monitor val_acc1)")
+            if self.checkpoint.monitor in ("val_map", "val_map_ema"):
+                raise ValueError(
+                    f"checkpoint.monitor={self.checkpoint.monitor} needs data.task: multilabel (or monitor "
+                    f"{self.checkpoint.monitor.replace('map', 'acc1')})"
+                )
             return self
         refused = [key for key, value in multilabel_refused(self).items() if value]
         if refused:

@@ -12,14 +12,15 @@ same backbone at twice the memory and a per-step pass over every backbone tensor
 from the first step (with an unfreeze plan the backbone's average stays exactly its constant value until the
 backbone opens: lerp(a, a, w) = a).
 
-The session evaluates the EMA beside the raw weights every epoch (`val_loss_ema`, `val_acc1_ema`,
-`val_acc5_ema`, on cached features when the feature cache serves the epoch), saves its state in every
-checkpoint (`Checkpoint.ema`: the averaged model's full state_dict and `n_averaged`) and restores it on resume,
-so a resumed run's EMA is bitwise the uninterrupted one's. When checkpoint.monitor is an EMA metric the EMA
-weights are the run's model: they are the `model` of last.pt and best.pt (so eval, report, predict, export,
-distill.teacher and model.weights take them with no flag), `Checkpoint.weights` is "ema", and the weights the
-optimizer trains are kept in `Checkpoint.raw_model` for a resume. Under torchrun every rank averages its own
-unwrapped model (identical on every rank: the gradients are all-reduced); rank 0 saves it.
+The session evaluates the EMA beside the raw weights every epoch (`val_loss_ema`, `val_acc1_ema`, `val_acc5_ema`; a
+multilabel run's also `val_map_ema`, `val_f1_micro_ema`, `val_f1_macro_ema`; on cached features when the feature
+cache serves the epoch), saves its state in every checkpoint (`Checkpoint.ema`: the averaged model's full
+state_dict and `n_averaged`) and restores it on resume, so a resumed run's EMA is bitwise the uninterrupted one's.
+When checkpoint.monitor is an EMA metric the EMA weights are the run's model: they are the `model` of last.pt and
+best.pt (so eval, report, predict, export, distill.teacher and model.weights take them with no flag),
+`Checkpoint.weights` is "ema", and the weights the optimizer trains are kept in `Checkpoint.raw_model` for a
+resume. Under torchrun every rank averages its own unwrapped model (identical on every rank: the gradients are
+all-reduced); rank 0 saves it.
 """
 
 from __future__ import annotations
@@ -129,5 +130,9 @@ def build_ema(cfg: Any, model: TransferModel, backbone_trains: bool, adabn: bool
 
 
 def ema_metrics(val: dict[str, Any]) -> dict[str, float]:
-    """The EMA's evaluation as metrics.jsonl keys."""
-    return {"val_loss_ema": val["loss"], "val_acc1_ema": val["acc1"], "val_acc5_ema": val["acc5"]}
+    """The EMA's evaluation as metrics.jsonl keys (a multilabel run's also val_map_ema, val_f1_micro_ema,
+    val_f1_macro_ema)."""
+    from tltool.multilabel import MULTILABEL_METRICS
+
+    multilabel = {f"val_{key}_ema": val[key] for key in MULTILABEL_METRICS if key in val}
+    return {"val_loss_ema": val["loss"], "val_acc1_ema": val["acc1"], "val_acc5_ema": val["acc5"], **multilabel}

@@ -45,8 +45,8 @@ def log_tensorboard(writer: Any, record: dict[str, Any]) -> None:
         writer.add_scalar("loss/val_ema", record["val_loss_ema"], epoch)
         writer.add_scalar("accuracy/val_top1_ema", record["val_acc1_ema"], epoch)
         writer.add_scalar("accuracy/val_top5_ema", record["val_acc5_ema"], epoch)
-    for key in ("val_map", "val_f1_micro", "val_f1_macro"):  # data.task: multilabel
-        if key in record:
+    for key in ("val_map", "val_f1_micro", "val_f1_macro", "val_map_ema", "val_f1_micro_ema", "val_f1_macro_ema"):
+        if key in record:  # data.task: multilabel (with train.ema_decay: the EMA's too)
             writer.add_scalar(f"multilabel/{key}", record[key], epoch)
     writer.add_scalar("lr", record["lr"], epoch)
     writer.add_scalar("speed/images_per_second", record["images_per_second"], epoch)
@@ -132,7 +132,9 @@ def epoch_line(record: dict[str, Any], epochs: int, is_best: bool) -> str:
             else f"val loss {record['val_loss']:.4f} acc1 {record['val_acc1']:.1%} acc5 {record['val_acc5']:.1%}  "
         )
         + (
-            f"ema loss {record['val_loss_ema']:.4f} acc1 {record['val_acc1_ema']:.1%}  "
+            f"ema loss {record['val_loss_ema']:.4f} mAP {record['val_map_ema']:.4f}  "
+            if "val_map_ema" in record
+            else f"ema loss {record['val_loss_ema']:.4f} acc1 {record['val_acc1_ema']:.1%}  "
             if "val_acc1_ema" in record
             else ""
         )

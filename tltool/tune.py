@@ -434,9 +434,7 @@ def run_tune(
             if summary.get("stop_reason") == "pruned":
                 echo(f"{label}: pruned after epoch {len(values)} ({metric} {values[-1]:.4f})")
                 raise optuna.TrialPruned()
-            cache = summary.get("feature_cache")
-            features = f" (features extracted in {cache['extract_seconds']:.1f} s)" if cache else ""
-            echo(f"{label}: {metric} {best:.4f}{features}")
+            echo(f"{label}: {metric} {best:.4f}{_features_note(summary.get('feature_cache'))}")
             return best
 
         try:
@@ -449,6 +447,17 @@ def run_tune(
         return _finish(study, base, out_dir, metric, dimensions, remaining)
     finally:
         lock.release()
+
+
+def _features_note(cache: dict[str, Any] | None) -> str:
+    """How a trial got its frozen features (summary.json's feature_cache): extracted, or reused from the feature
+    store, where an earlier trial of the sweep (or any earlier run on the same backbone and images) kept them."""
+    if not cache:
+        return ""
+    if not cache["reused"]:
+        return f" (features extracted in {cache['extract_seconds']:.1f} s)"
+    parts = ", ".join(cache["reused"])
+    return f" (features reused from the cache: {parts}; {cache['extract_seconds']:.1f} s)"
 
 
 def _finish(study: optuna.Study, base: BaseConfig, out_dir: Path, metric: str, dimensions: Sequence[Dimension],

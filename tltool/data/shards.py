@@ -59,6 +59,16 @@ INDEX_FILE = "shards.json"
 IMAGE_EXTS = {ext.lstrip(".") for ext in IMAGE_EXTENSIONS}
 
 
+class ShardError(DataError):
+    """A DataError about one shard, with what is wrong as a `code` (what `tltool doctor` reports each shard by):
+    "unreadable" (not a tar, cannot be opened or read), "no_label" (a sample without .cls), "no_image" (a sample
+    without an image member), "bad_label" (a .cls that is not a class index), "empty" (no sample)."""
+
+    def __init__(self, code: str, what: str, fix: str) -> None:
+        super().__init__(what, fix)
+        self.code = code
+
+
 def webdataset():
     """The webdataset module, or a one-line DataError with the install command."""
     try:
@@ -129,7 +139,9 @@ def _local_members(url: str) -> Iterator[tuple[str, str, bytes | None]]:
                 data = tar.extractfile(member).read() if ext == "cls" else None  # type: ignore[union-attr]
                 yield key, ext, data
     except (tarfile.TarError, OSError) as exc:
-        raise DataError(f"cannot read shard {url}: {exc}", "rewrite it (tltool shard) or remove it") from None
+        raise ShardError(
+            "unreadable", f"cannot read shard {url}: {exc}", "rewrite it (tltool shard) or remove it"
+        ) from None
 
 
 def _remote_members(url: str) -> Iterator[tuple[str, str, bytes | None]]:
@@ -140,7 +152,9 @@ def _remote_members(url: str) -> Iterator[tuple[str, str, bytes | None]]:
                 if not ext.startswith("__"):
                     yield sample["__key__"], ext.lower(), value if ext.lower() == "cls" else None
     except Exception as exc:  # (gopen's and curl's errors are of many kinds)
-        raise DataError(f"cannot read shard {url}: {exc}", "check the URL and that it is reachable") from None
+        raise ShardError(
+            "unreadable", f"cannot read shard {url}: {exc}", "check the URL and that it is reachable"
+        ) from None
 
 
 def shard_samples(url: str, key: str) -> list[tuple[str, int]]:
@@ -155,12 +169,14 @@ def shard_samples(url: str, key: str) -> list[tuple[str, int]]:
         if current is None:
             return
         if label is None:
-            raise DataError(
+            raise ShardError(
+                "no_label",
                 f"{key}: shard {url} has a sample without a .cls label ({current})",
                 "write shards with tltool shard (each sample <key>.<image ext> and <key>.cls)",
             )
         if not image:
-            raise DataError(
+            raise ShardError(
+                "no_image",
                 f"{key}: shard {url} has a sample without an image ({current})",
                 f"give each sample an image member ({', '.join(sorted(IMAGE_EXTS))})",
             )
@@ -174,8 +190,10 @@ def shard_samples(url: str, key: str) -> list[tuple[str, int]]:
             try:
                 label = int((data or b"").decode().strip())
             except ValueError:
-                raise DataError(
-                    f"{key}: shard {url} sample {name} has a .cls that is not a class index", "write 0, 1, ..."
+                raise ShardError(
+                    "bad_label",
+                    f"{key}: shard {url} sample {name} has a .cls that is not a class index",
+                    "write 0, 1, ...",
                 ) from None
         elif ext in IMAGE_EXTS:
             image = True
@@ -216,7 +234,7 @@ def scan_shards(pattern: str, key: str, classes: list[str] | None = None) -> tup
     for url in urls:
         rows = shard_samples(url, key)
         if not rows:
-            raise DataError(f"{key}: shard {url} holds no sample", "remove it from the pattern or rewrite it")
+            raise ShardError("empty", f"{key}: shard {url} holds no sample", "remove it from the pattern or rewrite it")
         shards.append((url, len(rows)))
         samples.extend((f"{url}#{name}", label) for name, label in rows)
     names = class_names_for(urls, {label for _, label in samples}, key, classes)

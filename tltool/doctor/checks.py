@@ -18,6 +18,9 @@ from tltool.doctor.findings import Diagnosis, FileInfo, Finding
 IMBALANCE_WARNING = 5.0
 # How many paths of one finding the text report shows (the JSON has all of them).
 SHOWN_PATHS = 3
+# Multilabel: a class with fewer positive training images than this is reported (its AP, its threshold and
+# what the head learns of it rest on a handful of images).
+FEW_POSITIVES = 5
 
 
 def check_classes(diagnosis: Diagnosis) -> None:
@@ -93,7 +96,7 @@ def check_classes(diagnosis: Diagnosis) -> None:
         diagnosis.problems.append(
             Finding("one_class", "train has a single class: nothing to tell apart", "add a folder per class")
         )
-    if diagnosis.layout == "single" or val is None:
+    if diagnosis.layout != "shards" and (diagnosis.layout == "single" or val is None):  # (shards: data.val needed)
         single = sorted(c for c, n in counts.items() if n == 1)
         if single and len(single) == len(counts):
             diagnosis.problems.append(
@@ -267,9 +270,15 @@ def suggest(
     training: Sequence[FileInfo],
     path_column: str = "path",
     label_column: str = "label",
+    label_delimiter: str = "|",
 ) -> None:
     """The config keys (KEY=VALUE overrides) that point tltool at this dataset."""
     if "train" not in folders:
+        return
+    if diagnosis.layout == "shards":
+        diagnosis.suggestions.append(f"data.train='{folders['train']}'")
+        if "val" in folders:
+            diagnosis.suggestions.append(f"data.val='{folders['val']}'")
         return
     if diagnosis.layout == "labelfile":
         diagnosis.suggestions.append(f"data.train={folders['train']}")
@@ -282,6 +291,10 @@ def suggest(
             diagnosis.suggestions.append(f"data.path_column={path_column}")
         if label_column != defaults.label_column:
             diagnosis.suggestions.append(f"data.label_column={label_column}")
+        if diagnosis.task == "multilabel":
+            diagnosis.suggestions.append("data.task=multilabel")
+            if label_delimiter != defaults.label_delimiter:
+                diagnosis.suggestions.append(f"data.label_delimiter='{label_delimiter}'")
     elif diagnosis.layout == "splits":
         diagnosis.suggestions.append(f"data.train={folders['train']}")
         if "val" in folders:
@@ -318,3 +331,66 @@ def check_links(diagnosis: Diagnosis) -> None:
                     list(report.outside_links),
                 )
             )
+
+
+def _counted(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} ({count})" for name, count in counts.items())
+
+
+def check_multilabel(diagnosis: Diagnosis) -> None:
+    """data.task: multilabel: classes with few positives in train, classes no val image has (no AP, threshold
+    0.5), classes every training image has (nothing to tell apart)."""
+    if diagnosis.task != "multilabel":
+        return
+    train, val = diagnosis.split("train"), diagnosis.split("val")
+    if train is None or not train.class_counts:
+        return
+    few = {c: n for c, n in train.usable_counts().items() if 0 < n < FEW_POSITIVES}
+    if few:
+        diagnosis.warnings.append(
+            Finding(
+                "few_positives",
+                f"train: {len(few)} class(es) with fewer than {FEW_POSITIVES} positive images: {_counted(few)}",
+                "add images of them (their AP, their threshold and what the head learns of them rest on these few)",
+                [train.path],
+            )
+        )
+    everywhere = sorted(c for c, n in train.class_counts.items() if n == train.num_images)
+    if everywhere and train.num_images > 1:
+        diagnosis.warnings.append(
+            Finding(
+                "no_negatives",
+                f"train: every image has class(es) {', '.join(everywhere)}: nothing to learn of them",
+                "add images without them, or drop them from the label column",
+                [train.path],
+            )
+        )
+    if val is not None and val.num_images:
+        absent = sorted(set(train.class_counts) - set(val.class_counts))
+        if absent:
+            diagnosis.warnings.append(
+                Finding(
+                    "no_val_positives",
+                    f"val: no image of class(es) {', '.join(absent)}: their AP is left out of val_map and their "
+                    "threshold stays 0.5",
+                    f"add val images of them to {val.path}",
+                    [val.path],
+                )
+            )
+
+
+def check_delimited_labels(diagnosis: Diagnosis, delimiter: str) -> None:
+    """A single-label read of a label file whose labels hold the multilabel delimiter (red|striped): each such
+    label would be one class of its own."""
+    if diagnosis.task == "multilabel":
+        return
+    joined = sorted({label for report in diagnosis.splits for label in report.labels.values() if delimiter in label})
+    if joined:
+        diagnosis.warnings.append(
+            Finding(
+                "labels_hold_delimiter",
+                f"{len(joined)} label(s) hold {delimiter!r} and are read as one class each, e.g. {joined[0]}",
+                "for several classes per image: tltool doctor ... --task multilabel (and data.task=multilabel); "
+                "else ignore this",
+            )
+        )

@@ -32,22 +32,34 @@ class SplitReport:
     repeated_links: list[str] = field(default_factory=list)  # folder links not followed again (loops)
     outside_links: list[str] = field(default_factory=list)  # folder links that lead outside the split folder
     labels: dict[str, str] = field(default_factory=dict, repr=False)  # a label file's images -> class (not in JSON)
+    # data.task: multilabel (a label file whose label cells list classes separated by `delimiter`): class_counts
+    # are positives (an image counts for each of its classes), labels[path] its classes joined in sorted order.
+    delimiter: str | None = field(default=None, repr=False)
+    images: int | None = None  # multilabel: the images (class_counts sum the positives)
+    label_sets: dict[str, int] = field(default_factory=dict)  # multilabel: images per set of classes, most first
+    unlabelled_rows: int = 0  # label file rows with no class name (multilabel: no name between the delimiters)
+    shards: list[dict[str, Any]] = field(default_factory=list)  # shards: each one's path, samples and problem
 
     @property
     def num_images(self) -> int:
-        return sum(self.class_counts.values())
+        return self.images if self.images is not None else sum(self.class_counts.values())
 
-    def class_of(self, path: str) -> str:
-        """The class of one of this split's images: its label file row, or its class folder."""
-        return self.labels[path] if self.labels else Path(path).relative_to(self.path).parts[0]
+    def classes_of(self, path: str) -> list[str]:
+        """The class(es) of one of this split's images: its label file row, or its class folder."""
+        if not self.labels:
+            return [Path(path).relative_to(self.path).parts[0]]
+        label = self.labels[path]
+        return label.split(self.delimiter) if self.delimiter is not None else [label]
 
     def class_path(self, name: str) -> str:
-        """Where a class lives, for a finding's paths: its folder, or the label file that lists it."""
-        return self.path if self.labels or Path(self.path).is_file() else str(Path(self.path) / name)
+        """Where a class lives, for a finding's paths: its folder, or the label file (or shards) that list it."""
+        if self.labels or self.shards or Path(self.path).is_file():
+            return self.path
+        return str(Path(self.path) / name)
 
     def usable_counts(self) -> dict[str, int]:
         """Images per class that pass the header check (what training would keep)."""
-        bad = Counter(self.class_of(path) for path, _ in self.unreadable)
+        bad = Counter(name for path, _ in self.unreadable for name in self.classes_of(path))
         return {name: count - bad[name] for name, count in self.class_counts.items()}
 
 
@@ -56,7 +68,9 @@ class Diagnosis:
     """Everything `tltool doctor` found. `problems` break training; `warnings` are worth a look."""
 
     root: str
-    layout: str  # "splits" (train/ + val/...), "single" (one ImageFolder, split by data.val_split), "labelfile"
+    layout: str  # "splits" (train/ + val/...), "single" (one ImageFolder, split by data.val_split), "labelfile",
+    # "shards" (.tar shards: data/shards.py)
+    task: str = "multiclass"  # data.task: "multilabel" reads each label cell as a list of classes
     splits: list[SplitReport] = field(default_factory=list)
     classes_only_in: dict[str, list[str]] = field(default_factory=dict)
     imbalance_ratio: float | None = None
@@ -80,7 +94,7 @@ class Diagnosis:
         """A JSON-safe dict (`tltool doctor --json`)."""
         out = asdict(self)
         for split, report in zip(out["splits"], self.splits, strict=True):
-            del split["labels"]
+            del split["labels"], split["delimiter"]
             split["num_images"] = report.num_images
             split["unreadable"] = [{"path": p, "reason": why} for p, why in report.unreadable]
         out["ok"] = self.ok

@@ -6,6 +6,7 @@ unless `--deep` asks for it (then each image is decoded as training decodes it).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 from collections import Counter, defaultdict
@@ -17,7 +18,7 @@ from PIL import Image
 
 from tltool.data import IMAGE_EXTENSIONS, image_files, is_visible, load_image, scan_folder
 from tltool.data.folders import file_problem, walk_images
-from tltool.data.labelfile import SHOWN, read_label_file
+from tltool.data.labelfile import SHOWN, label_counts, read_label_file, split_labels
 from tltool.doctor.findings import FileInfo, Finding, SplitReport
 from tltool.errors import DataError
 
@@ -79,17 +80,30 @@ def scan_split(name: str, folder: Path, key: str) -> tuple[SplitReport, list[str
 
 
 def scan_label_split(
-    name: str, file: Path, key: str, path_column: str, label_column: str
+    name: str, file: Path, key: str, path_column: str, label_column: str, label_delimiter: str | None = None
 ) -> tuple[SplitReport, list[str], list[Finding], list[Finding]]:
     """One split given as a label file, read as training reads it (`tltool.data.read_label_file`): its report,
-    its images, and the problems and warnings of its rows, every one of them (training stops at the first)."""
-    report = SplitReport(name=name, path=str(file))
+    its images, and the problems and warnings of its rows, every one of them (training stops at the first).
+
+    `label_delimiter` (data.task: multilabel): each label cell is a list of classes; the class counts are then
+    positives (an image counts for each of its classes, `label_counts`) and `label_sets` the images per set."""
+    report = SplitReport(name=name, path=str(file), delimiter=label_delimiter)
     try:
-        labels = read_label_file(file, key, path_column, label_column)
+        labels = read_label_file(file, key, path_column, label_column, label_delimiter=label_delimiter)
     except DataError as exc:
         return report, [], [Finding("label_file", exc.what, exc.fix, [str(file)])], []
-    report.labels = {row.path: row.label for row in labels.rows}
-    report.class_counts = dict(sorted(Counter(report.labels.values()).items()))
+    report.unlabelled_rows = len(labels.empty_labels)
+    if label_delimiter is None:
+        report.labels = {row.path: row.label for row in labels.rows}
+        report.class_counts = dict(sorted(Counter(report.labels.values()).items()))
+    else:
+        report.labels = {
+            row.path: label_delimiter.join(split_labels(row.label, label_delimiter)) for row in labels.rows
+        }
+        report.class_counts = dict(sorted(label_counts(labels).items()))
+        report.images = len(labels.rows)
+        sets = Counter(report.labels.values())
+        report.label_sets = dict(sorted(sets.items(), key=lambda item: (-item[1], item[0])))
     problems, warnings = [], []
     lines = ", ".join
     if labels.empty_paths:
@@ -108,7 +122,9 @@ def scan_label_split(
                 "empty_labels",
                 f"{name}: {len(labels.empty_labels)} row(s) of {file} have an empty label (line "
                 f"{lines(map(str, labels.empty_labels[:SHOWN]))}{', ...' if len(labels.empty_labels) > SHOWN else ''})",
-                "give every image its class name, or delete the rows of unlabelled images",
+                "give every image its class name, or delete the rows of unlabelled images"
+                if label_delimiter is None
+                else f"give every image at least one class name (separated by {label_delimiter!r}), or delete the rows",
                 [str(file)],
             )
         )
@@ -213,3 +229,59 @@ def find_duplicates(infos: Iterable[FileInfo], workers: int = 8) -> list[list[st
     for path, digest in zip(candidates, digests, strict=True):
         groups[digest].append(path)
     return sorted(sorted(paths) for paths in groups.values() if len(paths) > 1)
+
+
+def scan_shard_split(name: str, pattern: str, key: str) -> tuple[SplitReport, list[Finding], list[Finding]]:
+    """One split given as WebDataset shards (`data.train=shards/train-{000000..000009}.tar`): every shard read as
+    training's scan reads it (`tltool.data.shards.shard_samples`: headers and the .cls members, no image bytes),
+    each shard's samples and class counts, and a problem per shard that the scan would stop at (unreadable, a
+    sample without .cls or without an image, a .cls that is no class index, no sample), all of them.
+
+    A pattern that names no file (or a missing webdataset package) is a DataError: there is nothing to report.
+    Paths of a brace range that do not exist are a warning: the scan leaves them out without a word.
+    """
+    from braceexpand import braceexpand  # (a dependency of webdataset, as in data/shards.py)
+
+    from tltool.data.shards import ShardError, class_names_for, expand_shards, is_remote, shard_samples
+
+    report = SplitReport(name=name, path=pattern)
+    urls = expand_shards(pattern, key)
+    warnings = []
+    missing = [
+        item
+        for item in braceexpand(pattern)
+        if not is_remote(item) and not glob.has_magic(item) and not os.path.isfile(item)
+    ]
+    if missing:
+        warnings.append(
+            Finding(
+                "missing_shards",
+                f"{name}: {len(missing)} of the {len(missing) + len(urls)} shard(s) that {pattern} names do not exist "
+                f"and are left out, e.g. {missing[0]}",
+                "fix the brace range to the shards there are (or write the missing ones)",
+                missing,
+            )
+        )
+    labels: Counter[int] = Counter()
+    problems: list[Finding] = []
+    for url in urls:
+        try:
+            rows = shard_samples(url, key)
+            if not rows:
+                raise ShardError(
+                    "empty", f"{key}: shard {url} holds no sample", "remove it from the pattern or rewrite it"
+                )
+        except ShardError as exc:
+            report.shards.append({"path": url, "samples": None, "problem": exc.code})
+            problems.append(Finding(f"shard_{exc.code}", f"{name}: {exc.what}", exc.fix, [url]))
+            continue
+        counts = Counter(label for _, label in rows)
+        labels.update(counts)
+        report.shards.append({"path": url, "samples": len(rows), "problem": None})
+    try:
+        names = class_names_for(urls, set(labels), key, None)
+    except DataError as exc:  # (classes.json unreadable, or an index past its names)
+        problems.append(Finding("shard_classes", f"{name}: {exc.what}", exc.fix, [pattern]))
+        names = [str(i) for i in range(max(labels, default=-1) + 1)]
+    report.class_counts = {names[i]: labels[i] for i in sorted(labels)}  # (in class index order)
+    return report, problems, warnings

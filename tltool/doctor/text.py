@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from tltool.doctor.findings import Diagnosis, Finding
 
 BAR_WIDTH = 40
+SHOWN_SETS = 10  # multilabel: the label sets the text report lists
+SHOWN_SHARDS = 10  # shards: up to this many, a line each; more, their min/median/max
 _BLOCKS = " ▏▎▍▌▋▊▉█"
 
 
@@ -25,6 +28,32 @@ def _finding_lines(finding: Finding, mark: str) -> list[str]:
     return lines
 
 
+def _label_set_lines(label_sets: dict[str, int]) -> list[str]:
+    """Multilabel: images per set of classes, the most common first (SHOWN_SETS of them)."""
+    if not label_sets:
+        return []
+    lines = ["  label sets (images):"]
+    for name, count in list(label_sets.items())[:SHOWN_SETS]:
+        lines.append(f"    {count:>6}  {name}")
+    if len(label_sets) > SHOWN_SETS:
+        lines.append(f"    ... and {len(label_sets) - SHOWN_SETS} more (--json lists them all)")
+    return lines
+
+
+def _shard_lines(shards: list[dict]) -> list[str]:
+    """Shards: how many, the samples of each (min/median/max past SHOWN_SHARDS), the unreadable ones."""
+    if not shards:
+        return []
+    sizes = [s["samples"] for s in shards if s["samples"] is not None]
+    bad = len(shards) - len(sizes)
+    lines = [f"  {len(shards)} shard(s)" + (f", {bad} unusable (see problems)" if bad else "")]
+    if sizes and len(shards) <= SHOWN_SHARDS:
+        lines += [f"    {s['samples'] if s['samples'] is not None else s['problem']:>6}  {s['path']}" for s in shards]
+    elif sizes:
+        lines.append(f"    samples per shard {min(sizes)}/{statistics.median(sizes):g}/{max(sizes)} (min/median/max)")
+    return lines
+
+
 def format_diagnosis(diagnosis: Diagnosis) -> str:
     """The human report: layout, a bar per class and split, image statistics, problems, warnings, suggestions."""
     if diagnosis.layout == "splits":
@@ -33,8 +62,12 @@ def format_diagnosis(diagnosis: Diagnosis) -> str:
         layout = "label file(s): " + ", ".join(f"{s.name} = {Path(s.path).name}" for s in diagnosis.splits)
         if diagnosis.split("val") is None:
             layout += " (tltool holds out data.val_split of each class for validation)"
+    elif diagnosis.layout == "shards":
+        layout = "shards: " + ", ".join(f"{s.name} = {s.path} ({len(s.shards)} shard(s))" for s in diagnosis.splits)
     else:
         layout = "one folder of classes (tltool holds out data.val_split of each class for validation)"
+    if diagnosis.task == "multilabel":
+        layout += "; multilabel (an image counts for each of its classes)"
     lines = [f"dataset {diagnosis.root}", f"layout  {layout}"]
     for report in diagnosis.splits:
         if not report.class_counts:
@@ -44,13 +77,20 @@ def format_diagnosis(diagnosis: Diagnosis) -> str:
         ratio = ""
         if report.name == "train" and diagnosis.imbalance_ratio is not None:
             ratio = f", imbalance {diagnosis.imbalance_ratio:.1f}x (largest / smallest class)"
-        lines += ["", f"{report.name}: {len(report.class_counts)} classes, {report.num_images} images{ratio}"]
+        sets = f", {len(report.label_sets)} label sets" if report.label_sets else ""
+        lines += ["", f"{report.name}: {len(report.class_counts)} classes, {report.num_images} images{sets}{ratio}"]
+        lines += _shard_lines(report.shards)
+        if report.label_sets:
+            lines.append("  positives per class:")
         width = max(len(c) for c in report.class_counts)
         digits = len(str(max(report.class_counts.values())))
         largest = max(report.class_counts.values())
         for name, count in report.class_counts.items():
             note = "  EMPTY" if count == 0 else (f"  ({bad[name]} unreadable)" if bad[name] else "")
             lines.append(f"  {name:<{width}}  {count:>{digits}}  {bar(count, largest)}{note}")
+        lines += _label_set_lines(report.label_sets)
+        if report.unlabelled_rows:
+            lines.append(f"  rows with no label: {report.unlabelled_rows}")
     stats = diagnosis.image_stats
     how_read = (
         f"each decoded, {diagnosis.decode_failures} failed to decode"
