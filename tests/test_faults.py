@@ -158,18 +158,38 @@ def test_a_run_directory_where_no_lock_can_be_made_is_one_line(tmp_path: Path, d
 
 def test_stop_signals_request_a_stop_with_128_plus_n_and_a_second_one_only_a_note(capsys) -> None:
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
-        stop = StopRequest()
-        with stop.installed():
-            os.kill(os.getpid(), signum)
-            os.kill(os.getpid(), signum)  # (a scheduler or torchrun's agent repeats it: the save goes on)
-            assert stop.requested and stop.reason == signum.name and stop.exit_code == 128 + signum
-        assert signal.getsignal(signum) is signal.SIG_DFL  # the handler lasts only as long as the loop
+        before = signal.signal(signum, signal.SIG_DFL)
+        try:
+            stop = StopRequest()
+            with stop.installed():
+                os.kill(os.getpid(), signum)
+                os.kill(os.getpid(), signum)  # (a scheduler or torchrun's agent repeats it: the save goes on)
+                assert stop.requested and stop.reason == signum.name and stop.exit_code == 128 + signum
+            assert signal.getsignal(signum) is signal.SIG_DFL  # the handler lasts only as long as the loop
+        finally:
+            signal.signal(signum, before)
     assert "already stopping" in capsys.readouterr().err
     stop = StopRequest()
     with stop.installed(), pytest.raises(KeyboardInterrupt):  # a second Ctrl-C outside torchrun: at once
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.exit_code == 130
         os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_signal_ignored_at_start_stays_ignored_as_under_nohup() -> None:
+    """`nohup tltool finetune ...`: SIGHUP is ignored when the run starts, and closing the terminal must not stop
+    it; the other signals are still handled."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        stop = StopRequest()
+        with stop.installed():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert not stop.requested
+            assert signal.getsignal(signal.SIGTERM) == stop.handler
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 def test_dataloader_workers_ignore_the_stop_signals() -> None:
@@ -198,7 +218,9 @@ def test_sigterm_to_the_whole_job_saves_exits_143_and_resumes_to_the_uninterrupt
     tmp_path: Path,
 ) -> None:
     data = make_dataset(tmp_path / "images", per_class=8)
-    extra = [*FULL, "train.epochs=3", "data.batch_size=4", "data.num_workers=1"]
+    # 10 short epochs: the signal, sent once epoch 1 is logged, lands before the last step even when the test
+    # process is slow to notice the file on a loaded machine (a stop after the last step is a finished run).
+    extra = [*FULL, "train.epochs=10", "data.batch_size=4", "data.num_workers=1"]
     torch.set_num_threads(1)  # (as the subprocess, OMP_NUM_THREADS=1: the runs compare bit for bit)
     run(tmp_path / "straight", data, *extra)
     run_dir = tmp_path / "run dir"
@@ -220,7 +242,7 @@ def test_sigterm_to_the_whole_job_saves_exits_143_and_resumes_to_the_uninterrupt
         f"continue with: tltool finetune {config} {' '.join(extra)} 'run.output_dir={run_dir}' --resume auto" in stderr
     )
     saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert 1 <= saved.epoch < 3 and "SIGTERM: stopped" in stderr
+    assert 1 <= saved.epoch < 10 and "SIGTERM: stopped" in stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stop_reason"] == "SIGTERM" and summary["epochs_completed"] == saved.epoch
     assert not (run_dir / LOCK_NAME).exists()

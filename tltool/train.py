@@ -116,9 +116,14 @@ class StopRequest:
 
     @contextmanager
     def installed(self) -> Iterator[StopRequest]:
-        """The handlers of STOP_SIGNALS for the duration of the loop (only the main thread may set them)."""
+        """The handlers of STOP_SIGNALS for the duration of the loop (only the main thread may set them).
+
+        A signal this process was started ignoring stays ignored: `nohup tltool finetune ...` asked to survive
+        the terminal's SIGHUP, so closing the terminal must not stop the run.
+        """
         main = threading.current_thread() is threading.main_thread()
-        previous = {signum: signal.signal(signum, self.handler) for signum in STOP_SIGNALS} if main else {}
+        wanted = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN] if main else []
+        previous = {signum: signal.signal(signum, self.handler) for signum in wanted}
         try:
             yield self
         finally:
