@@ -133,6 +133,20 @@ def test_the_key_changes_with_files_preprocessing_and_weights(tmp_path: Path, da
     assert first != cache_key(config, "none", pre, moved, "train")  # a touched file: a new key
 
 
+def test_the_key_names_files_by_absolute_path(tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`data.train: data/x` in one command and `/abs/data/x` in another (the demo's finetune and baseline) are
+    the same files: one entry."""
+    config = load_config(None, run_overrides(tmp_path / "r", dataset))
+    files = sorted(dataset.rglob("*.png"))[:3]
+    absolute = [(str(p), 0) for p in files]
+    monkeypatch.chdir(dataset.parent)
+    relative = [(os.path.relpath(p), 0) for p in files]
+    assert not relative[0][0].startswith("/")
+    assert cache_key(config, "none", Preprocess(32, 32), relative, "train") == cache_key(
+        config, "none", Preprocess(32, 32), absolute, "train"
+    )
+
+
 def test_mid_epoch_resume_with_the_cache(tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     extra = ("train.epochs=3", "checkpoint.every_n_steps=1", "data.batch_size=4", "model.head_dropout=0.3")
     run(tmp_path / "straight", dataset, *extra)

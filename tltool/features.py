@@ -119,11 +119,13 @@ def cache_key(
     digest = hashlib.sha256()
     files = []
     for path, label in samples:
+        # (absolute: the same files named relative in one command and absolute in another are one entry)
+        where = os.path.abspath(path)
         try:
             stat = os.stat(path)
-            files.append((path, label, stat.st_size, stat.st_mtime_ns))
+            files.append((where, label, stat.st_size, stat.st_mtime_ns))
         except OSError:  # (removed since the scan: it fails to decode, and the key is still a function of it)
-            files.append((path, label, None, None))
+            files.append((where, label, None, None))
     if augmented is None:
         augmented = kind != "val" and not deterministic_train_transform(cfg)
     transform: Any = "eval"
