@@ -14,13 +14,14 @@ memory or in its run directory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from tltool.data import (
     is_shard_source,
     make_loader,
     train_transform,
+    usable_cpus,
 )
 from tltool.device import use_channels_last
 from tltool.distributed import all_gather_objects, any_rank, barrier, current, shard_bounds
@@ -266,6 +268,23 @@ def extract(
     return torch.cat(features), torch.cat(labels)
 
 
+@contextlib.contextmanager
+def extraction_threads(device: torch.device, workers: int) -> Iterator[int]:
+    """Torch's intra-op threads while loader workers decode on CPU: the CPUs left by the workers (at least 1).
+
+    Two OpenMP threads of the forward plus decoding workers on 2 cores oversubscribe them: the forward's threads
+    wait on a descheduled partner. Measured on this project's loaded 2-core machine (MobileNetV2, 96 px, 2
+    workers): extraction at 57 img/s with 2 threads, 160-188 img/s with 1 (BENCHMARKS.md). Restored after.
+    """
+    before = torch.get_num_threads()
+    threads = max(1, min(before, usable_cpus() - workers)) if device.type == "cpu" and workers else before
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def _extract_views(
     backbone: nn.Module,
     samples: Sequence[Sample],
@@ -296,7 +315,8 @@ def _extract_views(
             pin_memory=device.type == "cuda",
             seeded=True,
         )
-        features, view_labels = extract(backbone, loader, device, precision, engine)
+        with extraction_threads(device, loader.num_workers):
+            features, view_labels = extract(backbone, loader, device, precision, engine)
         if labels is None:
             labels = view_labels
         elif len(view_labels) != len(labels):  # an image that decoded once but not twice: be strict
