@@ -4,6 +4,8 @@ gives bitwise the features of extraction without them."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -80,9 +82,28 @@ def test_parity_failure_falls_back_to_eager_under_auto(one_thread, monkeypatch) 
     with torch.inference_mode():
         reference = backbone(images)
     assert torch.equal(engine(images), reference)  # the failed batch: eager's features
-    assert engine.used == "eager" and torch.equal(engine(images), reference)
+    assert engine.used == "eager" and engine.fallback == "failed its parity check"
+    assert torch.equal(engine(images), reference)
     assert len(warned) == 1 and warned[0].startswith("warning: the onnxruntime engine's features differ")
     assert "\n" not in warned[0]
+
+
+def test_auto_keeps_an_engine_only_when_it_measured_faster(one_thread, monkeypatch) -> None:
+    def slow(backbone, device, example):
+        def run(images):
+            time.sleep(0.05)
+            return backbone(images)
+
+        return run
+
+    monkeypatch.setattr(engines, "_onnxruntime", slow)
+    images = torch.randn(2, 3, 16, 16)
+    auto = _engine(tiny_backbone(), "onnxruntime", requested="auto")
+    named = _engine(tiny_backbone(), "onnxruntime")
+    for _ in range(engines.PARITY_BATCHES):
+        auto(images), named(images)
+    assert auto.speedup < 1 and auto.used == "eager" and auto.fallback.startswith("ran at 0.")
+    assert named.used == "onnxruntime"  # a named engine runs as named
 
 
 def test_auto_rule(monkeypatch) -> None:

@@ -380,7 +380,7 @@ def engine_note(engine: dict[str, Any], all_reused: bool = False) -> str:
     if all_reused:
         return f"; engine {chosen}, not run"
     if engine["used"] != engine["chosen"]:
-        return f"; engine {chosen} failed its parity check: eager"
+        return f"; engine {chosen} {engine['fallback']}: eager"
     diff = engine.get("max_diff_from_eager")
     return f"; engine {chosen}" + (f", max diff from eager {diff:.2g}" if diff is not None else "")
 
