@@ -5,6 +5,7 @@
     python benchmarks/bench_train.py --costs    # only (c), the methods' costs (its figures of the bench line)
     python benchmarks/bench_train.py --gradckpt # only (d), train.grad_checkpointing's memory and time
     python benchmarks/bench_train.py --second-run  # only (e), a frozen run repeated on the same data
+    python benchmarks/bench_train.py --extraction  # only (f), extraction speed and train.feature_engine
 
 (a) throughput: images/s of a plain loop (forward, loss, zero_grad, backward, step; frozen case with the
     backbone in eval mode and requires_grad off) and of tltool's `train_one_epoch`, on the same batches
@@ -38,10 +39,19 @@
     first run (an empty feature store) and the same run again (the store holds its features). Speed-ups are the
     plain loop's time over each; the time of `import torch, torchvision` alone is shown beside them.
 
+(f) feature extraction (issue #18 parts 2-3): MobileNetV2 (weights as (e)), 1,000 JPEG images of 120 px to 96 px
+    (--quick: 200 of 80 px to 64 px), batch 32, fp32, channels_last (tltool's defaults for it on CPU), in one
+    process: the backbone's own forward on the same images already decoded and held in memory as batches, against
+    `features.extract` over tltool's loader (data.num_workers auto) reading the files; their throughputs' ratio
+    (median over paired rounds) is extraction_fraction. Then each train.feature_engine (eager, onnxruntime,
+    compile; compile left out by --quick: its first batch compiles for 40+ s) through the same loader: images/s
+    after its build, build seconds, and the max abs difference of all its features from eager's.
+
 It ends with one machine-readable line:
     bench: full_ratio=... full_auto_ratio=... frozen10_speedup=... peak_rss_mb=... mcc_step_ratio=...
     dann_step_ratio=... adabn_startup_passes=... source_startup_passes=... gradckpt_rss_ratio=...
-    gradckpt_step_ratio=... first_run_speedup=... second_run_speedup=...
+    gradckpt_step_ratio=... first_run_speedup=... second_run_speedup=... extraction_fraction=...
+    engine_<name>_img_s=... engine_<name>_max_diff=...
 """
 
 from __future__ import annotations
@@ -667,6 +677,103 @@ def second_run_table(quick: bool) -> dict:
     return row
 
 
+def extraction_table(quick: bool) -> dict:
+    """(f): extraction through tltool's loader vs the backbone on in-memory batches; each engine's speed and diff."""
+    from tltool.data import resolve_num_workers
+    from tltool.engines import Engine
+    from tltool.features import extraction_threads
+
+    count, size = (200, 64) if quick else (1000, 96)
+    weights = next((name for name, file in (("IMAGENET1K_V2", "mobilenet_v2-7ebf99e0"),
+                                            ("IMAGENET1K_V1", "mobilenet_v2-b0353104")) if hub_has(file)), "none")  # fmt: skip
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    device = torch.device("cpu")
+    _, model = build("mobilenet_v2", size, frozen=True, channels_last=True, weights=weights)
+    backbone = model.backbone.eval()
+    rounds = 3 if quick else 5
+    with tempfile.TemporaryDirectory() as tmp:
+        _, samples = scan_folder(make_images(Path(tmp) / "data", 10, count // 10, size * 5 // 4))
+        transform = eval_transform(Preprocess(size, size))
+        loader = make_loader(samples, transform, 32, "auto", seed=0, shuffle=False)
+        in_memory = list(make_loader(samples, transform, 32, 0, seed=0, shuffle=False))
+
+        def forward() -> float:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                for images, _ in in_memory:
+                    backbone(images)
+            return count / (time.perf_counter() - start)
+
+        def extraction(engine: Engine | None = None) -> tuple[float, torch.Tensor]:
+            with extraction_threads(device, loader.num_workers):  # (as features._extract_views runs it)
+                start = time.perf_counter()
+                features, _ = extract(backbone, loader, device, "fp32", engine)
+                return count / (time.perf_counter() - start), features
+
+        def forward_at(threads: int) -> float:
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                return forward()
+            finally:
+                torch.set_num_threads(before)
+
+        with extraction_threads(device, loader.num_workers) as reduced:
+            pass
+        thread_counts = sorted({torch.get_num_threads(), reduced})
+        forward(), extraction()  # (warm-up: workers started, allocator and kernels warm)
+        # The backbone's own speed is its best over the default and extraction's thread counts: the strict test.
+        fractions, forward_rates, extract_rates = [], [], []
+        for _ in range(rounds):
+            a = max(forward_at(threads) for threads in thread_counts)
+            b = extraction()[0]
+            forward_rates.append(a), extract_rates.append(b), fractions.append(b / a)
+        reference = extraction()[1]
+        engines = {}
+        for name in ("eager", "onnxruntime") + (() if quick else ("compile",)):
+            engine = Engine(backbone, device, "fp32", name, name, print)
+            start = time.perf_counter()
+            extract(backbone, [in_memory[0]], device, "fp32", engine)  # build (export / compile) + parity
+            engine(in_memory[1][0])
+            build_seconds = time.perf_counter() - start
+            rate, features = max((extraction(engine) for _ in range(2)), key=lambda r: r[0])
+            engines[name] = {"img_s": rate, "build_seconds": build_seconds,
+                             "max_diff": (features - reference).abs().max().item(), "used": engine.used}  # fmt: skip
+    row = {
+        "model": "mobilenet_v2",
+        "weights": weights,
+        "images": count,
+        "px": size,
+        "workers": resolve_num_workers("auto"),
+        "threads": reduced,
+        "forward_threads": thread_counts,
+        "forward_img_s": max(forward_rates),
+        "extraction_img_s": max(extract_rates),
+        "fraction": statistics.median(fractions),
+        "engines": engines,
+        "load_before": load,
+        "load_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
+    }
+    print(
+        f"mobilenet_v2 ({weights}) {count} images {size}px, batch 32, fp32 channels_last: in-memory forward "
+        f"{row['forward_img_s']:.0f} img/s, extraction from files {row['extraction_img_s']:.0f} img/s "
+        f"({row['workers']} workers, {reduced} torch thread(s); forward best of {thread_counts} threads): fraction {row['fraction']:.2f} (median of {rounds})",
+        flush=True,
+    )
+    for name, e in engines.items():
+        print(f"  engine {name:<11} {e['img_s']:6.0f} img/s from files, build+parity {e['build_seconds']:.1f} s, "
+              f"max diff from eager {e['max_diff']:.2g}" + ("" if e["used"] == name else " (FELL BACK to eager)"))  # fmt: skip
+    print(f"  load average {row['load_before']:.2f} before, {row['load_after']:.2f} after", flush=True)
+    return row
+
+
+def extraction_figures(row: dict) -> str:
+    figures = [f"extraction_fraction={row['fraction']:.2f}"]
+    for name, e in row["engines"].items():
+        figures.append(f"engine_{name}_img_s={e['img_s']:.0f} engine_{name}_max_diff={e['max_diff']:.2g}")
+    return " ".join(figures)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a reduced version (under a minute)")
@@ -674,6 +781,7 @@ def main() -> None:
     parser.add_argument("--costs", action="store_true", help="only (c): what the methods that add images cost")
     parser.add_argument("--gradckpt", action="store_true", help="only (d): train.grad_checkpointing's memory and time")
     parser.add_argument("--second-run", action="store_true", help="only (e): a frozen run repeated on the same data")
+    parser.add_argument("--extraction", action="store_true", help="only (f): extraction speed and feature engines")
     parser.add_argument(
         "--worker", choices=["plain", "tltool", "gradckpt-plain", "gradckpt-checkpointed"], help=argparse.SUPPRESS
     )
@@ -707,6 +815,13 @@ def main() -> None:
             Path(args.json).write_text(json.dumps({"second_run": row, "line": line}, indent=2))
         print(line)
         return
+    if args.extraction:
+        row = extraction_table(args.quick)
+        line = "bench: " + extraction_figures(row)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"extraction": row, "line": line}, indent=2))
+        print(line)
+        return
     print("training images/s, batch 32 (best round; ratios: median over rounds of paired timings):")
     with tempfile.TemporaryDirectory() as workdir:
         rows = throughput_table(args.quick, Path(workdir))
@@ -718,6 +833,8 @@ def main() -> None:
     gradckpt = gradckpt_table(args.quick)
     print("a frozen run repeated on the same data (the feature store):")
     second = second_run_table(args.quick)
+    print("feature extraction (issue #18 parts 2-3):")
+    extraction = extraction_table(args.quick)
     full = [r for r in rows if r["mode"] == "full"]
     resnet_full = [r for r in full if r["model"] == "resnet18"]
     peak = max(max(r["plain_peak_rss_mb"], r["tltool_peak_rss_mb"]) for r in runs)
@@ -727,11 +844,12 @@ def main() -> None:
         f"frozen10_speedup={min(r['speedup'] for r in runs):.1f} peak_rss_mb={peak:.0f} "
         + cost_figures(costs)
         + f" gradckpt_rss_ratio={gradckpt['rss_ratio']:.2f} gradckpt_step_ratio={gradckpt['step_ratio']:.2f}"
-        + f" first_run_speedup={second['first_speedup']:.1f} second_run_speedup={second['second_speedup']:.1f}"
+        + f" first_run_speedup={second['first_speedup']:.1f} second_run_speedup={second['second_speedup']:.1f} "
+        + extraction_figures(extraction)
     )
     if args.json:
         results = {"throughput": rows, "frozen10": runs, "method_costs": costs, "gradckpt": gradckpt,
-                   "second_run": second, "line": line}  # fmt: skip
+                   "second_run": second, "extraction": extraction, "line": line}  # fmt: skip
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(line)
 

@@ -14,13 +14,14 @@ memory or in its run directory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,11 @@ from tltool.data import (
     is_shard_source,
     make_loader,
     train_transform,
+    usable_cpus,
 )
-from tltool.device import autocast, use_channels_last
+from tltool.device import use_channels_last
 from tltool.distributed import all_gather_objects, any_rank, barrier, current, shard_bounds
+from tltool.engines import Engine, choose_engine, eager_engine, engine_precision
 from tltool.featurestore import FeatureStore, Warn, module_digest, open_store, tensor_digest
 from tltool.transfer import freezes_backbone
 
@@ -95,6 +98,7 @@ def cache_key(
     channels_last: bool = False,
     stats: dict[str, torch.Tensor] | None = None,
     augmented: bool | None = None,
+    engine: str = "eager",
 ) -> str:
     """A hash of everything the features of `samples` depend on: the key of the store's entry.
 
@@ -108,7 +112,8 @@ def cache_key(
       augmentation policy, random erasing, the number of views, the seed and the process count (under
       torchrun each process draws its shard's augmentations) -- only then is `kind` part of the key.
       (`augmented=False`: the eval transform whatever the config says, as `tltool baseline` extracts.)
-    - The arithmetic: precision, device type and memory layout (channels_last), which change the last bits.
+    - The arithmetic: precision, device type, memory layout (channels_last) and the engine that ran the
+      backbone (`train.feature_engine`: eager, compile, onnxruntime), which change the last bits.
     - The images: each file's path, label, size and modification time. One stat per image, no reading
       (0.16-0.21 s per 10,000 files measured on this project's loaded 2-core machine; more on a network file
       system). Not enough when a file's content changes but its size and mtime do not: rewritten within the
@@ -150,6 +155,7 @@ def cache_key(
         "precision": precision or cfg.train.precision,
         "device": device_type,
         "channels_last": channels_last,
+        "engine": engine,
         "versions": versions,
     }
     digest.update(json.dumps(recipe, sort_keys=True).encode())
@@ -172,6 +178,7 @@ def entry_meta(
     kind: str,
     precision: str,
     augmented: bool | None = None,
+    engine: str = "eager",
 ) -> dict[str, Any]:
     """What `tltool cache list` shows of an entry (not part of its key)."""
     try:
@@ -186,6 +193,7 @@ def entry_meta(
         "images": len(samples),
         "data": folder,
         "precision": precision,
+        "engine": engine,
     }
 
 
@@ -227,6 +235,7 @@ class FeatureCache:
     extras: dict[str, FeatureDataset] = field(default_factory=dict)
     extra_loaders: dict[str, DataLoader] = field(default_factory=dict)
     store: str | None = None  # the feature store's folder (None: none was usable)
+    engine: dict[str, Any] = field(default_factory=dict)  # train.feature_engine: requested, chosen, used, ...
     reused: list[str] = field(default_factory=list)  # the parts (train, val, ...) found there, not extracted
 
     def set_epoch(self, epoch: int) -> None:
@@ -240,24 +249,42 @@ def extract(
     loader: DataLoader,
     device: torch.device,
     precision: str,
+    engine: Engine | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features (float32, on CPU) and labels of every image of `loader`, in order.
 
-    A batch whose images all failed to decode is skipped, so `labels` may be shorter than the dataset.
+    `engine` runs the backbone (engines.py: eager PyTorch when None). A batch whose images all failed to decode
+    is skipped, so `labels` may be shorter than the dataset.
     """
     backbone.eval()
+    engine = engine or eager_engine(backbone, device, precision)
     features, labels = [], []
     for batch in loader:
         if batch is None:
             continue
         images, targets = batch
-        with autocast(device, precision):
-            out = backbone(images.to(device, non_blocking=True))
-        features.append(out.float().cpu())
+        features.append(engine(images))
         labels.append(targets)
     if not features:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(features), torch.cat(labels)
+
+
+@contextlib.contextmanager
+def extraction_threads(device: torch.device, workers: int) -> Iterator[int]:
+    """Torch's intra-op threads while loader workers decode on CPU: the CPUs left by the workers (at least 1).
+
+    Two OpenMP threads of the forward plus decoding workers on 2 cores oversubscribe them: the forward's threads
+    wait on a descheduled partner. Measured on this project's loaded 2-core machine (MobileNetV2, 96 px, 2
+    workers): extraction at 57 img/s with 2 threads, 160-188 img/s with 1 (BENCHMARKS.md). Restored after.
+    """
+    before = torch.get_num_threads()
+    threads = max(1, min(before, usable_cpus() - workers)) if device.type == "cpu" and workers else before
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def _extract_views(
@@ -268,6 +295,7 @@ def _extract_views(
     cfg: Config,
     device: torch.device,
     precision: str,
+    engine: Engine | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K views of every sample: (views, N, D) features and (N,) labels; undecodable images are dropped.
 
@@ -289,7 +317,8 @@ def _extract_views(
             pin_memory=device.type == "cuda",
             seeded=True,
         )
-        features, view_labels = extract(backbone, loader, device, precision)
+        with extraction_threads(device, loader.num_workers):
+            features, view_labels = extract(backbone, loader, device, precision, engine)
         if labels is None:
             labels = view_labels
         elif len(view_labels) != len(labels):  # an image that decoded once but not twice: be strict
@@ -335,12 +364,27 @@ def _load_stored(directory: Path, key: str) -> dict | None:
 
 def cache_reuse(cache: FeatureCache) -> str:
     """How much of `cache` came from the feature store, for the run's features line."""
-    if cache.store is None:
-        return "; no feature store: extracted for this run"
-    if not cache.reused:
-        return f"; extracted, kept in {cache.store}"
     total = 2 + len(cache.extras)
-    return f"; {len(cache.reused)} of {total} parts reused from {cache.store}"
+    if cache.store is None:
+        text = "; no feature store: extracted for this run"
+    elif not cache.reused:
+        text = f"; extracted, kept in {cache.store}"
+    else:
+        text = f"; {len(cache.reused)} of {total} parts reused from {cache.store}"
+    return text + engine_note(cache.engine, len(cache.reused) == total)
+
+
+def engine_note(engine: dict[str, Any], all_reused: bool = False) -> str:
+    """Which engine extracted (train.feature_engine), for the run's features line."""
+    if not engine:
+        return ""
+    chosen = engine["chosen"] + (" (auto)" if engine["requested"] == "auto" else "")
+    if all_reused:
+        return f"; engine {chosen}, not run"
+    if engine["used"] != engine["chosen"]:
+        return f"; engine {chosen} {engine['fallback']}: eager"
+    diff = engine.get("max_diff_from_eager")
+    return f"; engine {chosen}" + (f", max diff from eager {diff:.2g}" if diff is not None else "")
 
 
 def _main_warn(text: str) -> None:
@@ -405,17 +449,29 @@ def build_cache(
         kinds.append((name, samples, augmented, views, stats))
     weights_id = module_digest(model.backbone)
     layout = use_channels_last(cfg.train.channels_last, model)
+    # train.feature_engine: one engine for the parts the backbone's own statistics extract (AdaBN's parts run
+    # eager: an exported graph holds the backbone's statistics); auto chooses by how many images it would run.
+    images = sum(len(samples) * count for _, samples, _, count, stats in kinds if stats is None)
+    name = choose_engine(cfg.train.feature_engine, images, device, precision, current().enabled)
+    engine = Engine(model.backbone, device, engine_precision(name, precision), name, cfg.train.feature_engine,
+                    warn)  # fmt: skip
     reused = []
     for kind, samples, transform, count, stats in kinds:
-        key = cache_key(cfg, weights_id, preprocess, samples, kind, precision, device.type, layout, stats)
+        part_engine = engine if stats is None else eager_engine(model.backbone, device, precision)
+        part_precision = part_engine.precision
+        key = cache_key(cfg, weights_id, preprocess, samples, kind, part_precision, device.type, layout, stats,
+                        engine=part_engine.name)  # fmt: skip
 
-        def build(samples=samples, transform=transform, count=count, stats=stats) -> dict[str, torch.Tensor]:
+        def build(samples=samples, transform=transform, count=count, stats=stats, part_engine=part_engine,
+                  part_precision=part_precision) -> dict[str, torch.Tensor]:  # fmt: skip
             with using_bn_stats(model.backbone, stats):
-                features, labels = _extract_views(model.backbone, samples, transform, count, cfg, device, precision)
+                features, labels = _extract_views(
+                    model.backbone, samples, transform, count, cfg, device, part_precision, part_engine
+                )
             return {"features": features, "labels": labels}
 
-        stored, where = _fetch(store, key, entry_meta(cfg, weights_source, samples, kind, precision), build,
-                               cache_dir, cfg.train.feature_cache_memory_mb)  # fmt: skip
+        meta = entry_meta(cfg, weights_source, samples, kind, part_precision, engine=part_engine.name)
+        stored, where = _fetch(store, key, meta, build, cache_dir, cfg.train.feature_cache_memory_mb)
         if where.startswith("reused"):
             reused.append(kind)
             where = where.partition(":")[2]
@@ -439,6 +495,7 @@ def build_cache(
     )
     cache = FeatureCache(parts["train"], parts["val"], train_loader, val_loader, 0.0, location)
     cache.store, cache.reused = (str(store.root) if store is not None else None), reused
+    cache.engine = engine.describe()
     for name, (_, seed, _) in (extras or {}).items():
         cache.extras[name] = parts[name]
         cache.extra_loaders[name] = DataLoader(

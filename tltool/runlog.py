@@ -287,6 +287,7 @@ def run_summary(session: TrainingSession, stopped_early: bool) -> dict[str, Any]
             "location": cache.location,
             "store": cache.store,
             "reused": cache.reused,
+            "engine": cache.engine,
         }
         if cache
         else None,
