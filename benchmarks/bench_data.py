@@ -21,7 +21,8 @@ the PNG's end, so no two files are identical but all have one size) in 100 class
 folder on local disk (skipped, with a message, when the disk lacks twice their blocks). Each count is timed
 with the files in the OS cache (the generation just wrote them): `scan_data` (data.val_split 0.1) in total
 and in its parts (the walk: `scan_source`; the split; the header check: `check_images`, serial and with the
-thread pool; the fingerprint: `folder_listing`), then `tltool doctor`'s `diagnose` (a size collision makes it
+thread pool, also with the files' pages dropped from the OS cache first, "cold"; the fingerprint:
+`folder_listing`), then `tltool doctor`'s `diagnose` (a size collision makes it
 hash every file for duplicates: its worst case, timed apart as `find_duplicates`).
 """
 
@@ -104,6 +105,18 @@ def write_tiny_files(root: Path, count: int, classes: int = 100) -> None:
             handle.write(png + i.to_bytes(4, "little"))
 
 
+def evict(paths: list[str]) -> None:
+    """Drop these files' pages from the OS cache (written back first): their next read comes from the disk.
+    Only their data: the folders and inodes stay cached, as after a first `ls`."""
+    os.sync()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def scale_row(root: Path, count: int, workers: int) -> dict[str, float]:
     """Seconds of each part of the start-up on `count` files (see the module's docstring)."""
     cfg = DataConfig(train=str(root), val_split=0.1)
@@ -113,6 +126,11 @@ def scale_row(root: Path, count: int, workers: int) -> dict[str, float]:
     row["header 1 thread"], _ = timed(lambda: check_images(train + val, workers=1))
     row[f"header {workers} threads"], (_, bad) = timed(lambda: check_images(train + val, workers=workers))
     assert not bad, bad[:3]
+    for threads in (1, workers):  # (the files' pages out of the OS cache: each header read goes to the disk)
+        evict([path for path, _ in samples])
+        row[f"header {threads} thread{'s' if threads > 1 else ''}, cold"], _ = timed(
+            lambda n=threads: check_images(train + val, workers=n)
+        )
     row["fingerprint"], _ = timed(lambda: folder_listing(str(root), classes, samples))
     row["scan_data"], split = timed(lambda: scan_data(cfg, 0))
     assert len(split.train) + len(split.val) == count
