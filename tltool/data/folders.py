@@ -364,11 +364,7 @@ def scan_eval_folder(
             f"its classes are: {', '.join(class_names)}",
         )
     index = {name: class_names.index(name) for name in classes}
-    kept = []
-    for path, label in samples:
-        problem = file_problem(path)
-        if problem is None:
-            kept.append((path, _reindexed(label, classes, index, len(class_names))))
-        else:
-            print(f"warning: skipping {path}: {problem}", file=sys.stderr)
-    return kept
+    kept, bad = check_images(samples)
+    for path, problem in bad:
+        print(f"warning: skipping {path}: {problem}", file=sys.stderr)
+    return [(path, _reindexed(label, classes, index, len(class_names))) for path, label in kept]
