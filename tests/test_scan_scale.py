@@ -154,6 +154,6 @@ def test_eval_scan_skips_the_bad_files_in_order(tmp_path: Path, monkeypatch, cap
     root = bad_dataset(tmp_path / "images")
     monkeypatch.setattr(folders, "HEADER_CHUNK", 2)
     samples = scan_eval_folder(root, ["class_2", "class_1", "class_0"])
-    assert len(samples) == 36 and {label for _, label in samples if "/class_0/" in _} == {2}
+    assert len(samples) == 36 and {label for path, label in samples if "/class_0/" in path} == {2}
     skipped = [line.split(": ")[1].rsplit("/", 1)[1] for line in capsys.readouterr().err.splitlines()]
     assert skipped == ["004b.png", "000a.png", "007b.png", "010b.png", "011b.jpg"]
