@@ -59,8 +59,9 @@ bench-ema: install
 	$(PY) benchmarks/bench_ema.py $(if $(QUICK),--quick)
 
 # WebDataset shards vs a folder of the same images: scan time at start, images/s with 0 and 2 workers (~1 min).
+# SCALE=1: scan_data and doctor at 10^4, 10^5, 10^6 generated files (QUICK=1: not 10^6); see BENCHMARKS.md.
 bench-data: install
-	$(PY) benchmarks/bench_data.py $(if $(QUICK),--quick)
+	$(PY) benchmarks/bench_data.py $(if $(QUICK),--quick) $(if $(SCALE),--scale)
 
 # A load test of tltool serve: 2,000 requests from 16 clients, batching on and off (see BENCHMARKS.md).
 bench-serve: install

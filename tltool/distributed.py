@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from tltool.device import resolve_device
-from tltool.errors import ConfigError
+from tltool.errors import ConfigError, DataError, TltoolError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,37 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def main_computes(compute: Callable[[], T]) -> T:
+    """`compute()` run by rank 0 only and its result sent to every rank (`broadcast_object_list`); in a single
+    process, `compute()`. A TltoolError rank 0 raises is raised on every rank (the same one line), so no rank
+    waits for a result that never comes; any other exception of rank 0 ends the other ranks with a one-line
+    DataError naming it (rank 0 shows its traceback)."""
+    world = current()
+    if not world.enabled:
+        return compute()
+    message: list[Any] = [None]
+    failure: BaseException | None = None
+    if world.is_main:
+        try:
+            message[0] = ("ok", compute())
+        except TltoolError as exc:
+            failure = exc
+            message[0] = ("error", type(exc), exc.what, exc.fix, exc.details)
+        except BaseException as exc:  # (a bug, or Ctrl-C: the others must not wait for the result)
+            failure = exc
+            message[0] = ("crash", f"{type(exc).__name__}: {exc}")
+    dist.broadcast_object_list(message, src=0)
+    if failure is not None:
+        raise failure
+    kind, *payload = message[0]
+    if kind == "ok":
+        return payload[0]
+    if kind == "error":
+        error_type, what, fix, details = payload
+        raise error_type(what, fix, details)
+    raise DataError(f"rank 0 failed while computing what every rank needs ({payload[0]})", "see rank 0's error")
 
 
 def barrier() -> None:

@@ -444,10 +444,15 @@ def build_session(
     cfg = resume_location(cfg, resume, quiet)  # a moved run directory: continue where the checkpoint is
     if cfg.data.task == "multilabel":
         multilabel.functional()  # (its metrics are torchmetrics': missing, one line with the pip command)
-    # Data first: a wrong path or class layout fails before any weights are read.
-    split = scan_data(cfg.data, cfg.run.seed)
-    # Under torchrun: join the job (gloo on CPU, nccl on CUDA) and take this rank's GPU.
-    world, device = distributed.setup(cfg.run.device, cfg.run.dist_timeout_s)
+    # Data first: a wrong path or class layout fails before any weights are read. Under torchrun: join the job
+    # (gloo on CPU, nccl on CUDA) and take this rank's GPU, then rank 0 scans and every rank gets its split (one
+    # walk and header check of the dataset, not one per process; a data error is every rank's one line).
+    if distributed.launched():
+        world, device = distributed.setup(cfg.run.device, cfg.run.dist_timeout_s)
+        split = distributed.main_computes(lambda: scan_data(cfg.data, cfg.run.seed))
+    else:
+        split = scan_data(cfg.data, cfg.run.seed)
+        world, device = distributed.setup(cfg.run.device, cfg.run.dist_timeout_s)
     quiet = quiet or not world.is_main  # only rank 0 prints and writes
     configure_backends(device)
     resumed = open_resume(cfg, resume, split.class_names, world, dry_run or read_only, quiet)

@@ -34,6 +34,13 @@ def path_key(relative: str) -> int:
 
 
 def sample_key(path: str, root: str) -> int:
+    """`path_key` of `path` relative to `root` (os.path.relpath's answer; a path under `root` that is already
+    normal is cut, not re-derived: relpath costs more than the rest of a scan's work per file)."""
+    prefix = root + os.sep
+    if path.startswith(prefix):
+        rest = path[len(prefix) :]
+        if rest and os.path.normpath(rest) == rest:
+            return path_key(rest)
     return path_key(os.path.relpath(path, root))
 
 

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tltool.config import DataConfig
 from tltool.data.fingerprint import folder_listing, make_fingerprint, val_keys
-from tltool.data.images import IMAGE_EXTENSIONS, image_problem, is_visible
+from tltool.data.images import HIDDEN_PREFIXES, IMAGE_EXTENSIONS, is_visible, read_header
 from tltool.data.labelfile import data_root, is_label_file, is_multi_hot, label_indices, scan_label_file
 from tltool.data.shards import ShardSamples, is_shard_source, scan_shards
 from tltool.errors import DataError
@@ -55,16 +57,24 @@ def walk_images(folder: Path) -> FolderWalk:
         seen.add(real)
         if directory.is_symlink() and os.path.commonpath([root, real]) != root:
             walk.outside.append(directory)
-        for entry in sorted(directory.iterdir()):
-            if not is_visible(entry):
-                continue
-            if entry.is_dir():
-                visit(entry)
-            elif entry.suffix.lower() in IMAGE_EXTENSIONS:
-                walk.images.append(entry)
+        with os.scandir(directory) as entries:  # (names and types from the listing: no stat per image)
+            listed = sorted((entry.name, entry) for entry in entries if not entry.name.startswith(HIDDEN_PREFIXES))
+        for name, entry in listed:
+            if _is_dir(entry):
+                visit(directory / name)
+            elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                walk.images.append(directory / name)
 
     visit(folder)
     return walk
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether a listed entry is a folder, or a link to one (as Path.is_dir: False when it cannot be stat-ed)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def image_files(folder: Path) -> Iterator[Path]:
@@ -75,12 +85,23 @@ def image_files(folder: Path) -> Iterator[Path]:
 def file_problem(path: str | Path) -> str | None:
     """Why an image file cannot be used, or None: not a regular file (a FIFO is never opened), or its header.
 
-    Cheap: nothing is decoded (`tltool.data.images.image_problem`).
+    Cheap: one stat, then the header (`tltool.data.images.image_problem`); nothing is decoded.
     """
-    problem = path_problem(Path(path))
-    if problem is not None:
-        return problem
-    return image_problem(path)
+    return file_header(path)[0]
+
+
+def file_header(path: str | Path) -> tuple[str | None, int, tuple[int, int, str, str | None] | None]:
+    """(`file_problem`, size in bytes, the header's (width, height, mode, format) when it has no problem)."""
+    try:  # (one stat for the common case, a non-empty regular file; path_problem words anything else)
+        info = os.stat(path)
+    except OSError:
+        return path_problem(Path(path)), 0, None
+    if not stat.S_ISREG(info.st_mode):
+        return path_problem(Path(path)), 0, None
+    if info.st_size == 0:
+        return "empty file", 0, None
+    problem, header = read_header(path)
+    return problem, info.st_size, header
 
 
 def scan_folder(root: str | Path, key: str = "data.train") -> tuple[list[str], list[Sample]]:
@@ -152,16 +173,36 @@ class DataSplit:
         return make_fingerprint(self.listing, val_keys(self.val, self.root) if self.split_from_train else None)
 
 
+HEADER_WORKERS = 8  # threads of the header check (Pillow's file reads and stats release the GIL)
+HEADER_CHUNK = 256  # files per task: one future per file would cost more than a cached file's header read
+
+
+def _problems(paths: Sequence[str]) -> list[str | None]:
+    return [file_problem(path) for path in paths]
+
+
+def check_images(samples: Sequence[Sample], workers: int | None = None) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """The samples whose file passes `file_problem`, and (path, why) of those that do not, both in the order of
+    `samples`: the same result with any `workers` (1: in this thread; more, HEADER_WORKERS by default: chunks
+    of HEADER_CHUNK files checked by a thread pool, their results joined in order)."""
+    workers = HEADER_WORKERS if workers is None else workers
+    paths = [path for path, _ in samples]
+    chunks = [paths[i : i + HEADER_CHUNK] for i in range(0, len(paths), HEADER_CHUNK)]
+    if workers <= 1 or len(chunks) <= 1:
+        problems = _problems(paths)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            problems = [problem for chunk in pool.map(_problems, chunks) for problem in chunk]
+    kept = [sample for sample, problem in zip(samples, problems, strict=True) if problem is None]
+    bad = [(path, problem) for path, problem in zip(paths, problems, strict=True) if problem is not None]
+    return kept, bad
+
+
 def _drop_bad(samples: list[Sample], bad: list[tuple[str, str]]) -> list[Sample]:
     if isinstance(samples, ShardSamples):  # (streamed: an image that does not decode is skipped in its batch)
         return samples
-    kept = []
-    for path, label in samples:
-        problem = file_problem(path)
-        if problem is None:
-            kept.append((path, label))
-        else:
-            bad.append((path, problem))
+    kept, found = check_images(samples)
+    bad.extend(found)
     return kept
 
 
@@ -323,11 +364,7 @@ def scan_eval_folder(
             f"its classes are: {', '.join(class_names)}",
         )
     index = {name: class_names.index(name) for name in classes}
-    kept = []
-    for path, label in samples:
-        problem = file_problem(path)
-        if problem is None:
-            kept.append((path, _reindexed(label, classes, index, len(class_names))))
-        else:
-            print(f"warning: skipping {path}: {problem}", file=sys.stderr)
-    return kept
+    kept, bad = check_images(samples)
+    for path, problem in bad:
+        print(f"warning: skipping {path}: {problem}", file=sys.stderr)
+    return [(path, _reindexed(label, classes, index, len(class_names))) for path, label in kept]

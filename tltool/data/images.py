@@ -55,19 +55,34 @@ def image_problem(path: str | Path) -> str | None:
     try:
         if Path(path).stat().st_size == 0:
             return "empty file"
+    except OSError as exc:
+        return f"unreadable ({exc})"
+    return header_problem(path)
+
+
+def header_problem(path: str | Path) -> str | None:
+    """`image_problem` of a file known to be a non-empty regular file: what its header says, or None."""
+    return read_header(path)[0]
+
+
+def read_header(path: str | Path) -> tuple[str | None, tuple[int, int, str, str | None] | None]:
+    """(problem, None) or (None, (width, height, mode, format)) from one read of the header of a non-empty
+    regular file (`tltool doctor` reports the header; the scan only needs the problem)."""
+    try:
         with Image.open(path) as image:
             width, height = image.size
+            header = (width, height, image.mode, image.format)
     except Image.DecompressionBombError:
-        return "too many pixels (decompression bomb)"
+        return "too many pixels (decompression bomb)", None
     except UnidentifiedImageError:
-        return "not an image"
+        return "not an image", None
     except (OSError, SyntaxError, ValueError) as exc:
-        return f"unreadable ({exc})"
+        return f"unreadable ({exc})", None
     if width * height > MAX_PIXELS:
-        return f"too many pixels ({width}x{height}, decompression bomb?)"
+        return f"too many pixels ({width}x{height}, decompression bomb?)", None
     if width < 1 or height < 1:
-        return "no pixels"
-    return None
+        return "no pixels", None
+    return None, header
 
 
 def load_image(path: str | Path) -> Image.Image:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from tltool.data import IMAGE_EXTENSIONS, image_files, is_visible, load_image, scan_folder
-from tltool.data.folders import file_problem, walk_images
+from tltool.data import IMAGE_EXTENSIONS, is_visible, load_image, scan_folder
+from tltool.data.folders import file_header, walk_images
 from tltool.data.labelfile import SHOWN, label_counts, read_label_file, split_labels
 from tltool.doctor.findings import FileInfo, Finding, SplitReport
 from tltool.errors import DataError
@@ -54,25 +54,24 @@ def find_layout(root: Path) -> tuple[str, dict[str, Path], list[str]]:
 
 
 def scan_split(name: str, folder: Path, key: str) -> tuple[SplitReport, list[str], Finding | None]:
-    """The class counts of one split folder, through `scan_folder` as training sees it.
+    """The class counts of one split folder, as training's `scan_folder` sees it: its classes (`_class_folders`)
+    each walked once by `walk_images` (the walk also gives the links doctor reports).
 
-    `scan_folder` refuses a folder with an empty class; doctor reports that instead, so on that error
-    the classes are listed with the same walk and the empty ones recorded.
+    `scan_folder` refuses a folder with an empty class; doctor records the empty ones instead (and takes
+    `scan_folder`'s words for a folder without classes).
     """
     report = SplitReport(name=name, path=str(folder))
-    for walk in (walk_images(folder / c) for c in _class_folders(folder)):
+    classes = _class_folders(folder)
+    if not classes:
+        try:
+            scan_folder(folder, key)
+        except DataError as exc:
+            return report, [], Finding("no_classes", exc.what, exc.fix)
+    walks = {c: walk_images(folder / c) for c in classes}  # (each class walked once, as scan_folder walks it)
+    for walk in walks.values():
         report.repeated_links += [str(p) for p in walk.repeated]
         report.outside_links += [str(p) for p in walk.outside]
-    try:
-        classes, samples = scan_folder(folder, key)
-        files_by_class: dict[str, list[str]] = {c: [] for c in classes}
-        for path, label in samples:
-            files_by_class[classes[label]].append(path)
-    except DataError as exc:
-        classes = _class_folders(folder)
-        if not classes:
-            return report, [], Finding("no_classes", exc.what, exc.fix)
-        files_by_class = {c: [str(f) for f in image_files(folder / c)] for c in classes}
+    files_by_class = {c: [str(f) for f in walk.images] for c, walk in walks.items()}
     report.class_counts = {c: len(files) for c, files in files_by_class.items()}
     report.empty_classes = [c for c, files in files_by_class.items() if not files]
     report.ignored_files, report.loose_images = _ignored_files(folder, classes)
@@ -190,15 +189,10 @@ def inspect_file(path: str, deep: bool = False) -> FileInfo:
     With `deep` the whole image is decoded as training decodes it (`load_image`): a truncated or corrupt
     file passes the header check but fails here, and is counted as unreadable.
     """
-    problem = file_problem(path)  # a FIFO or a device is reported as what it is, never opened
-    if problem is not None:
-        return FileInfo(path, os.stat(path).st_size if os.path.isfile(path) else 0, problem)
-    size = os.stat(path).st_size
-    try:
-        with Image.open(path) as image:  # header only: nothing is decoded
-            info = FileInfo(path, size, None, image.size[0], image.size[1], image.mode, image.format)
-    except (OSError, SyntaxError, ValueError) as exc:
-        return FileInfo(path, size, f"unreadable ({exc})")
+    problem, size, header = file_header(path)  # a FIFO or a device is reported as what it is, never opened
+    if problem is not None:  # (the header's one read: nothing is decoded)
+        return FileInfo(path, size, problem)
+    info = FileInfo(path, size, None, *header)
     if deep:
         try:
             load_image(path)

@@ -1,0 +1,159 @@
+"""Start-up at scale: the threaded header check finds exactly what the serial one finds, and under torchrun one
+rank scans the dataset and every rank gets its split (the timings are `make bench-data SCALE=1`'s)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import make_dataset, run_overrides
+from tltool import distributed
+from tltool.config import DataConfig
+from tltool.data import folders
+from tltool.data.folders import check_images, scan_data, scan_folder
+from tltool.errors import DataError
+
+# Launched by torchrun: counts scan_data calls per rank in a marker file, builds the session as `tltool
+# finetune` does (dry run), and writes the split each rank got; then rank 0 raises a DataError inside
+# main_computes and each rank records what it raised.
+LAUNCHER = """
+import json, os, sys
+import tltool.session as session
+from tltool import distributed
+from tltool.config import load_config
+from tltool.errors import DataError
+
+original = session.scan_data
+
+def counted(*args, **kwargs):
+    with open(os.environ["SCAN_MARKER"], "a") as handle:
+        handle.write(os.environ["RANK"] + "\\n")
+    return original(*args, **kwargs)
+
+session.scan_data = counted
+built = session.build_session(load_config(None, sys.argv[2:]), dry_run=True, quiet=True)
+
+def failing():
+    raise DataError("data.train folder x does not exist", "set data.train to a folder")
+
+try:
+    distributed.main_computes(failing)
+    error = None
+except DataError as exc:
+    error = exc.message()
+split = built.split
+out = {"world": built.world.world_size, "classes": split.class_names, "train": split.train, "val": split.val,
+       "bad": split.bad, "fingerprint": split.fingerprint()["digest"], "error": error}
+with open(os.path.join(sys.argv[1], os.environ["RANK"] + ".json"), "w") as handle:
+    json.dump(out, handle)
+distributed.teardown()
+"""
+
+
+def bad_dataset(root: Path) -> Path:
+    """3 classes of 12 images with unusable files among them: empty, not an image, a FIFO, a broken link."""
+    make_dataset(root, per_class=12, size=16)
+    (root / "class_0" / "004b.png").write_bytes(b"")
+    (root / "class_1" / "000a.png").write_text("not an image")
+    os.mkfifo(root / "class_1" / "007b.png")
+    (root / "class_2" / "010b.png").symlink_to(root / "missing.png")
+    (root / "class_2" / "011b.jpg").write_bytes(b"\xff\xd8\xff")  # a JPEG's first bytes only
+    return root
+
+
+def test_threaded_check_finds_the_same_bad_files_in_the_same_order(tmp_path: Path, monkeypatch) -> None:
+    _, samples = scan_folder(bad_dataset(tmp_path / "images"))
+    monkeypatch.setattr(folders, "HEADER_CHUNK", 3)  # 14 chunks of the 41 files, finishing out of order
+    threads: set[str] = set()
+    original = folders.file_problem
+
+    def recorded(path):
+        threads.add(threading.current_thread().name)
+        return original(path)
+
+    monkeypatch.setattr(folders, "file_problem", recorded)
+    serial = check_images(samples, workers=1)
+    assert threads == {threading.main_thread().name}
+    threads.clear()
+    threaded = check_images(samples, workers=4)
+    assert threads and threading.main_thread().name not in threads  # (the pool did the work)
+    assert threaded == serial
+    kept, bad = serial
+    assert [Path(p).name for p, _ in bad] == ["004b.png", "000a.png", "007b.png", "010b.png", "011b.jpg"]
+    assert [why for _, why in bad][:3] == ["empty file", "not an image", "is a FIFO (named pipe), not a file"]
+    assert len(kept) == 36 and kept == [s for s in samples if s[0] not in dict(bad)]
+
+
+def test_scan_data_checks_with_the_pool_and_stays_as_strict(tmp_path: Path, monkeypatch) -> None:
+    root = bad_dataset(tmp_path / "images")
+    monkeypatch.setattr(folders, "HEADER_CHUNK", 4)
+    cfg = DataConfig(train=str(root), on_bad_image="skip", max_bad_fraction=0.5)
+    split = scan_data(cfg, 0)
+    assert len(split.bad) == 5 and len(split.train) + len(split.val) == 36
+    monkeypatch.setattr(folders, "HEADER_WORKERS", 1)  # the serial check finds the same
+    original = folders._problems
+    calls = []
+    monkeypatch.setattr(folders, "_problems", lambda paths: calls.append(len(paths)) or original(paths))
+    assert scan_data(cfg, 0).bad == split.bad
+    assert len(calls) == 2 and sum(calls) == 41  # (train, then val: each in one call, not in chunks)
+    with pytest.raises(DataError, match="5 of 41 images are unreadable"):
+        scan_data(DataConfig(train=str(root)), 0)
+
+
+def test_main_computes_in_one_process_is_the_call() -> None:
+    assert distributed.main_computes(lambda: [1, 2]) == [1, 2]
+    with pytest.raises(DataError, match="nope"):
+        distributed.main_computes(lambda: (_ for _ in ()).throw(DataError("nope", "fix")))
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank_0_scans_and_every_rank_gets_its_split(tmp_path: Path) -> None:
+    data = bad_dataset(tmp_path / "images")
+    launcher, marker, out = tmp_path / "launch.py", tmp_path / "scans.txt", tmp_path / "out"
+    launcher.write_text(LAUNCHER)
+    out.mkdir()
+    overrides = run_overrides(tmp_path / "run", data, "data.on_bad_image=skip", "data.max_bad_fraction=0.5")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(launcher)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SCAN_MARKER": str(marker)}
+    result = subprocess.run([*command, str(out), *overrides], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert marker.read_text().split() == ["0"]  # one scan, by rank 0
+    rank0, rank1 = (json.loads((out / f"{rank}.json").read_text()) for rank in (0, 1))
+    assert rank0["world"] == 2 and len(rank0["bad"]) == 5 and len(rank0["train"]) + len(rank0["val"]) == 36
+    assert rank1 == rank0  # the same classes, split, unusable files and fingerprint, and the same error line
+    assert rank0["error"] == "error: data.train folder x does not exist — set data.train to a folder"
+
+
+@pytest.mark.parametrize(
+    "path, root",
+    [
+        ("data/c/1.png", "data"),
+        ("/d/images/c/x.jpg", "/d/images"),
+        ("/d/images/sub/../x.jpg", "/d/images"),  # (a label file's path: relpath normalizes it)
+        ("/d/images/../other/x.jpg", "/d/images"),
+        ("/d/images/./c//x.jpg", "/d/images"),
+        ("data/c/1.png", "data/"),
+        ("/d/images/c/x.jpg", "/d/images/../images"),
+    ],
+)
+def test_sample_key_is_the_key_of_relpath(path: str, root: str) -> None:
+    from tltool.data.fingerprint import path_key, sample_key
+
+    assert sample_key(path, root) == path_key(os.path.relpath(path, root))
+
+
+def test_eval_scan_skips_the_bad_files_in_order(tmp_path: Path, monkeypatch, capsys) -> None:
+    from tltool.data.folders import scan_eval_folder
+
+    root = bad_dataset(tmp_path / "images")
+    monkeypatch.setattr(folders, "HEADER_CHUNK", 2)
+    samples = scan_eval_folder(root, ["class_2", "class_1", "class_0"])
+    assert len(samples) == 36 and {label for path, label in samples if "/class_0/" in path} == {2}
+    skipped = [line.split(": ")[1].rsplit("/", 1)[1] for line in capsys.readouterr().err.splitlines()]
+    assert skipped == ["004b.png", "000a.png", "007b.png", "010b.png", "011b.jpg"]
