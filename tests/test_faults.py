@@ -178,18 +178,20 @@ def test_stop_signals_request_a_stop_with_128_plus_n_and_a_second_one_only_a_not
 
 def test_a_signal_ignored_at_start_stays_ignored_as_under_nohup() -> None:
     """`nohup tltool finetune ...`: SIGHUP is ignored when the run starts, and closing the terminal must not stop
-    it; the other signals are still handled."""
+    it; the other signals are still handled, SIGINT too when ignored (a shell's background job: kill -INT)."""
     before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    before_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         stop = StopRequest()
         with stop.installed():
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
             os.kill(os.getpid(), signal.SIGHUP)
             assert not stop.requested
-            assert signal.getsignal(signal.SIGTERM) == stop.handler
-        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop.handler == signal.getsignal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, before)
+        signal.signal(signal.SIGINT, before_int)
 
 
 def test_dataloader_workers_ignore_the_stop_signals() -> None:

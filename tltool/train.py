@@ -118,11 +118,14 @@ class StopRequest:
     def installed(self) -> Iterator[StopRequest]:
         """The handlers of STOP_SIGNALS for the duration of the loop (only the main thread may set them).
 
-        A signal this process was started ignoring stays ignored: `nohup tltool finetune ...` asked to survive
-        the terminal's SIGHUP, so closing the terminal must not stop the run.
+        A SIGHUP this process was started ignoring stays ignored: `nohup tltool finetune ...` asked to survive
+        the terminal's hangup, so closing the terminal must not stop the run. (Only SIGHUP: a shell starts its
+        background jobs with SIGINT ignored, and a kill -INT to such a run must still save and stop it.)
         """
         main = threading.current_thread() is threading.main_thread()
-        wanted = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN] if main else []
+        hangup = getattr(signal, "SIGHUP", None)
+        ignored = {hangup} if hangup is not None and signal.getsignal(hangup) is signal.SIG_IGN else set()
+        wanted = [s for s in STOP_SIGNALS if s not in ignored] if main else []
         previous = {signum: signal.signal(signum, self.handler) for signum in wanted}
         try:
             yield self
