@@ -72,22 +72,24 @@ class TrainedModel:
             f"{self.path} records no usable {key} config ({reason})", "give the images to evaluate with --data DIR"
         )
 
-    def run_val_samples(self) -> list[Sample]:
-        """The run's val split, recomputed: a DataError when its dataset is gone or no longer has its classes.
+    def run_split(self, fix: str = "give the images to evaluate with --data DIR") -> tuple[list[Sample], list[Sample]]:
+        """The run's (train, val) split, recomputed: a DataError (with `fix`) when its dataset is gone or no
+        longer has its classes.
 
         With the checkpoint's data fingerprint, its own val split (a run continued with --resume-changed-data
         kept the split it started with: the stratified split of today's files may differ).
         """
         split = scan_data(self.data_config, self.seed)
         if split.class_names != self.class_names:
-            raise DataError(
-                "the dataset recorded in the checkpoint no longer has the checkpoint's classes",
-                "give the images to evaluate with --data DIR",
-            )
+            raise DataError("the dataset recorded in the checkpoint no longer has the checkpoint's classes", fix)
         saved = (self.checkpoint.data_fingerprint or {}).get("val_split")
         if saved is not None and split.split_from_train:
-            return keep_val_split(split.train, split.val, saved, split.root)[1]
-        return split.val
+            return keep_val_split(split.train, split.val, saved, split.root)
+        return split.train, split.val
+
+    def run_val_samples(self) -> list[Sample]:
+        """The run's val split, recomputed (`run_split`)."""
+        return self.run_split()[1]
 
     def samples(self, data: str | None = None, allow_empty: bool = False) -> tuple[list[Sample], str]:
         """The images to evaluate on and where they are: the `data` folder if given, else the run's val split.

@@ -26,8 +26,7 @@ from typing import Any
 
 import torch
 
-from tltool.data import Sample, image_files, load_image, scan_data
-from tltool.data.fingerprint import keep_val_split
+from tltool.data import Sample, image_files, load_image
 from tltool.errors import ExportError, TltoolError
 from tltool.export.parity import interleave_classes
 from tltool.export.spec import Echo, ExportJob, ExportSpec, Runner, first_line, sidecar_path, uint8_transform
@@ -116,17 +115,8 @@ def default_output(checkpoint_path: Path) -> Path:
 
 
 def run_train_samples(trained: TrainedModel) -> list[Sample]:
-    """The run's training split, recomputed as `TrainedModel.run_val_samples` recomputes its val split."""
-    split = scan_data(trained.data_config, trained.seed)
-    if split.class_names != trained.class_names:
-        raise ExportError(
-            "the dataset recorded in the checkpoint no longer has the checkpoint's classes",
-            "give calibration images with --calibration-data DIR",
-        )
-    saved = (trained.checkpoint.data_fingerprint or {}).get("val_split")
-    if saved is not None and split.split_from_train:
-        return keep_val_split(split.train, split.val, saved, split.root)[0]
-    return split.train
+    """The run's training split, recomputed with its val split (`TrainedModel.run_split`)."""
+    return trained.run_split("give calibration images with --calibration-data DIR")[0]
 
 
 def calibration_paths(trained: TrainedModel, options: Int8Options) -> tuple[list[str], str]:
