@@ -681,7 +681,7 @@ def extraction_table(quick: bool) -> dict:
     """(f): extraction through tltool's loader vs the backbone on in-memory batches; each engine's speed and diff."""
     from tltool.data import resolve_num_workers
     from tltool.engines import Engine
-    from tltool.features import extraction_threads
+    from tltool.features import extraction_schedule
 
     count, size = (200, 64) if quick else (1000, 96)
     weights = next((name for name, file in (("IMAGENET1K_V2", "mobilenet_v2-7ebf99e0"),
@@ -705,10 +705,9 @@ def extraction_table(quick: bool) -> dict:
             return count / (time.perf_counter() - start)
 
         def extraction(engine: Engine | None = None) -> tuple[float, torch.Tensor]:
-            with extraction_threads(device, loader.num_workers):  # (as features._extract_views runs it)
-                start = time.perf_counter()
-                features, _ = extract(backbone, loader, device, "fp32", engine)
-                return count / (time.perf_counter() - start), features
+            start = time.perf_counter()
+            features, _ = extract(backbone, loader, device, "fp32", engine)  # (on its extraction_schedule)
+            return count / (time.perf_counter() - start), features
 
         def forward_at(threads: int) -> float:
             before = torch.get_num_threads()
@@ -718,9 +717,8 @@ def extraction_table(quick: bool) -> dict:
             finally:
                 torch.set_num_threads(before)
 
-        with extraction_threads(device, loader.num_workers) as reduced:
-            pass
-        thread_counts = sorted({torch.get_num_threads(), reduced})
+        schedule = extraction_schedule(device, loader.num_workers)
+        thread_counts = sorted({1, torch.get_num_threads()})
         forward(), extraction()  # (warm-up: workers started, allocator and kernels warm)
         # The backbone's own speed is its best over the default and extraction's thread counts: the strict test.
         fractions, forward_rates, extract_rates = [], [], []
@@ -745,7 +743,8 @@ def extraction_table(quick: bool) -> dict:
         "images": count,
         "px": size,
         "workers": resolve_num_workers("auto"),
-        "threads": reduced,
+        "threads": schedule.threads,
+        "phase_batches": schedule.chunk,
         "forward_threads": thread_counts,
         "forward_img_s": max(forward_rates),
         "extraction_img_s": max(extract_rates),
@@ -754,10 +753,11 @@ def extraction_table(quick: bool) -> dict:
         "load_before": load,
         "load_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
     }
+    mode = f"phased by {schedule.chunk} batches" if schedule.chunk else "overlapped"
     print(
         f"mobilenet_v2 ({weights}) {count} images {size}px, batch 32, fp32 channels_last: in-memory forward "
         f"{row['forward_img_s']:.0f} img/s, extraction from files {row['extraction_img_s']:.0f} img/s "
-        f"({row['workers']} workers, {reduced} torch thread(s); forward best of {thread_counts} threads): fraction {row['fraction']:.2f} (median of {rounds})",
+        f"({row['workers']} workers, {schedule.threads} torch thread(s), {mode}; forward best of {thread_counts} threads): fraction {row['fraction']:.2f} (median of {rounds})",
         flush=True,
     )
     for name, e in engines.items():

@@ -181,3 +181,57 @@ def test_frozen_backbone_runs_without_autograd(dataset: Path, tmp_path: Path) ->
     out = model.train()(torch.randn(2, 3, 32, 32))
     out.sum().backward()
     assert states == [False] and model.head[1].weight.grad is not None
+
+
+def test_the_extraction_schedule_phases_only_where_workers_share_the_forwards_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(features_module, "usable_cpus", lambda: 2)
+    assert features_module.extraction_schedule(cpu, 2).chunk == features_module.PHASE_BATCHES
+    assert features_module.extraction_schedule(cpu, 1).chunk == features_module.PHASE_BATCHES
+    assert features_module.extraction_schedule(cpu, 0).chunk == 0  # (the main process decodes: no sharing)
+    assert features_module.extraction_schedule(cuda, 2).chunk == 0  # (the forward is the GPU's)
+    monkeypatch.setattr(features_module, "usable_cpus", lambda: 4)
+    assert features_module.extraction_schedule(cpu, 2).chunk == 0  # (2 cores left for 2 threads: overlap)
+    assert features_module.extraction_schedule(cpu, 3).chunk == features_module.PHASE_BATCHES
+    assert features_module.extraction_schedule(cpu, 2).threads == 2  # (torch's threads are never cut)
+
+
+def test_phases_decode_a_chunk_before_the_forward_runs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """in_phases takes `chunk` batches (or PHASE_BYTES of images) from the loader before handing out the first,
+    keeps their order and passes undecodable (None) batches on; extract's features equal a straight pass."""
+    events: list[str] = []
+    batches = [(torch.full((2, 3, 4, 4), float(k)), torch.tensor([k, k])) for k in range(7)]
+    batches[3] = None
+
+    def loader():
+        for k, batch in enumerate(batches):
+            events.append(f"read {k}")
+            yield batch
+
+    for k, batch in enumerate(features_module.in_phases(loader(), 3)):
+        assert batch is batches[k]
+        events.append(f"use {k}")
+    assert events == ["read 0", "read 1", "read 2", "use 0", "use 1", "use 2", "read 3", "read 4", "read 5",
+                      "use 3", "use 4", "use 5", "read 6", "use 6"]  # fmt: skip
+    monkeypatch.setattr(features_module, "PHASE_BYTES", 2 * batches[0][0].numel() * 4)
+    events.clear()
+    for k, _ in enumerate(features_module.in_phases(loader(), 100)):
+        events.append(f"use {k}")
+    assert events[:4] == ["read 0", "read 1", "use 0", "use 1"]  # (the bytes of 2 batches end a phase)
+    assert list(features_module.in_phases(loader(), 0)) == batches  # (0: straight through)
+
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.Flatten())
+    cpu = torch.device("cpu")
+    straight = features_module.extract(backbone, [b for b in batches], cpu, "fp32")
+    monkeypatch.setattr(features_module, "loader_workers", lambda loader: 2)
+    monkeypatch.setattr(features_module, "usable_cpus", lambda: 1)
+    calls = []
+    real = features_module.in_phases
+    monkeypatch.setattr(features_module, "in_phases", lambda b, chunk: calls.append(chunk) or real(b, chunk))
+    phased = features_module.extract(backbone, [b for b in batches], cpu, "fp32")
+    assert calls == [features_module.PHASE_BATCHES]
+    assert torch.equal(phased[0], straight[0]) and torch.equal(phased[1], straight[1])
+    assert phased[1].tolist() == [0, 0, 1, 1, 2, 2, 4, 4, 5, 5, 6, 6]

@@ -14,7 +14,6 @@ memory or in its run directory.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -243,15 +242,73 @@ class FeatureCache:
             part.view = epoch % part.features.shape[0]
 
 
+# Phased extraction (see `extraction_schedule`): at most this many batches, and this many bytes of images,
+# are decoded ahead of each run of forward passes.
+PHASE_BATCHES = 8
+PHASE_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class ExtractionSchedule:
+    """How decoding and the frozen backbone's forward share the CPUs: torch's intra-op `threads`, and `chunk`
+    (0: the loader's workers decode while the forward runs; k: the forward waits until k batches are decoded,
+    then runs them all while the workers only refill their prefetch, so each phase has every CPU)."""
+
+    threads: int
+    chunk: int
+
+
+def loader_workers(batches: Any) -> int:
+    """The worker processes of a DataLoader, or of the one a progress bar (tqdm) wraps; 0 for anything else."""
+    loader = getattr(batches, "iterable", batches)
+    return int(getattr(loader, "num_workers", 0) or 0)
+
+
+def extraction_schedule(device: torch.device, workers: int) -> ExtractionSchedule:
+    """The schedule of an extraction on `device` with `workers` loader workers, at torch's thread count.
+
+    On CPU, decoding workers and the forward's OpenMP threads must not share cores: a forward thread
+    descheduled by a worker stalls its partners at every barrier (2 workers beside 2 forward threads on 2 cores:
+    57 img/s, against 160-188 img/s with 1 thread; BENCHMARKS.md). Where the CPUs left by the workers hold
+    torch's threads (a GPU, no workers, or enough cores) the two overlap as usual. Where they do not, the
+    extraction is phased: decode a chunk of batches on every core, then run the forward on every core. Measured
+    on 2 cores (MobileNetV2, 96 px, 1,000 JPEGs, 2 workers, fraction of the backbone's in-memory speed):
+    0.63 overlapped on 1 thread, 0.80 phased on 2.
+    """
+    threads = torch.get_num_threads()
+    phased = device.type == "cpu" and workers > 0 and usable_cpus() - workers < threads
+    return ExtractionSchedule(threads, PHASE_BATCHES if phased else 0)
+
+
+def in_phases(batches: Any, chunk: int) -> Iterator[Any]:
+    """`batches` handed out in phases: each phase first takes up to `chunk` batches (at most PHASE_BYTES of
+    images) from the loader, waiting for the workers, then yields them; `chunk` 0: straight through."""
+    if not chunk:
+        yield from batches
+        return
+    iterator = iter(batches)
+    while True:
+        phase, size = [], 0
+        for batch in iterator:
+            phase.append(batch)
+            size += batch[0].numel() * batch[0].element_size() if batch is not None else 0
+            if len(phase) >= chunk or size >= PHASE_BYTES:
+                break
+        if not phase:
+            return
+        yield from phase
+
+
 @torch.inference_mode()
 def extract(
     backbone: nn.Module,
-    loader: DataLoader,
+    loader: Any,
     device: torch.device,
     precision: str,
     engine: Engine | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features (float32, on CPU) and labels of every image of `loader`, in order.
+    """Backbone features (float32, on CPU) and labels of every image of `loader` (a DataLoader, or a progress
+    bar over one), in order, on the loader's `extraction_schedule`.
 
     `engine` runs the backbone (engines.py: eager PyTorch when None). A batch whose images all failed to decode
     is skipped, so `labels` may be shorter than the dataset.
@@ -259,7 +316,7 @@ def extract(
     backbone.eval()
     engine = engine or eager_engine(backbone, device, precision)
     features, labels = [], []
-    for batch in loader:
+    for batch in in_phases(loader, extraction_schedule(device, loader_workers(loader)).chunk):
         if batch is None:
             continue
         images, targets = batch
@@ -268,23 +325,6 @@ def extract(
     if not features:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(features), torch.cat(labels)
-
-
-@contextlib.contextmanager
-def extraction_threads(device: torch.device, workers: int) -> Iterator[int]:
-    """Torch's intra-op threads while loader workers decode on CPU: the CPUs left by the workers (at least 1).
-
-    Two OpenMP threads of the forward plus decoding workers on 2 cores oversubscribe them: the forward's threads
-    wait on a descheduled partner. Measured on this project's loaded 2-core machine (MobileNetV2, 96 px, 2
-    workers): extraction at 57 img/s with 2 threads, 160-188 img/s with 1 (BENCHMARKS.md). Restored after.
-    """
-    before = torch.get_num_threads()
-    threads = max(1, min(before, usable_cpus() - workers)) if device.type == "cpu" and workers else before
-    torch.set_num_threads(threads)
-    try:
-        yield threads
-    finally:
-        torch.set_num_threads(before)
 
 
 def _extract_views(
@@ -317,8 +357,7 @@ def _extract_views(
             pin_memory=device.type == "cuda",
             seeded=True,
         )
-        with extraction_threads(device, loader.num_workers):
-            features, view_labels = extract(backbone, loader, device, precision, engine)
+        features, view_labels = extract(backbone, loader, device, precision, engine)
         if labels is None:
             labels = view_labels
         elif len(view_labels) != len(labels):  # an image that decoded once but not twice: be strict
