@@ -22,13 +22,15 @@ folder on local disk (skipped, with a message, when the disk lacks twice their b
 with the files in the OS cache (the generation just wrote them): `scan_data` (data.val_split 0.1) in total
 and in its parts (the walk: `scan_source`; the split; the header check: `check_images`, serial and with the
 thread pool, also with the files' pages dropped from the OS cache first, "cold"; the fingerprint:
-`folder_listing`), then `tltool doctor`'s `diagnose` (a size collision makes it
+`folder_listing`), `scan_data` again with the header check's verdicts remembered (a repeated run, sweep trial
+or eval on unchanged files: `tltool.data.verdicts`), then `tltool doctor`'s `diagnose` (a size collision makes it
 hash every file for duplicates: its worst case, timed apart as `find_duplicates`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -65,6 +67,19 @@ def write_images(root: Path, count: int, size: int, classes: int = 10) -> None:
                          128 + 90 * np.sin(2 * np.pi * (x + y))], axis=-1)  # fmt: skip
         base += rng.normal(0, 8, base.shape)
         Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
+
+
+@contextlib.contextmanager
+def patched_env(name: str, value: str):
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def timed(fn):
@@ -123,17 +138,21 @@ def scale_row(root: Path, count: int, workers: int) -> dict[str, float]:
     row: dict[str, float] = {}
     row["walk"], (classes, samples) = timed(lambda: scan_source(root, "data.train", cfg))
     row["split"], (train, val) = timed(lambda: stratified_split(samples, 0.1, 0))
-    row["header 1 thread"], _ = timed(lambda: check_images(train + val, workers=1))
-    row[f"header {workers} threads"], (_, bad) = timed(lambda: check_images(train + val, workers=workers))
+    # (memo=False: every row reads the headers; the verdicts memo is timed in its own row below)
+    row["header 1 thread"], _ = timed(lambda: check_images(train + val, workers=1, memo=False))
+    row[f"header {workers} threads"], (_, bad) = timed(lambda: check_images(train + val, workers=workers, memo=False))
     assert not bad, bad[:3]
     for threads in (1, workers):  # (the files' pages out of the OS cache: each header read goes to the disk)
         evict([path for path, _ in samples])
         row[f"header {threads} thread{'s' if threads > 1 else ''}, cold"], _ = timed(
-            lambda n=threads: check_images(train + val, workers=n)
+            lambda n=threads: check_images(train + val, workers=n, memo=False)
         )
     row["fingerprint"], _ = timed(lambda: folder_listing(str(root), classes, samples))
-    row["scan_data"], split = timed(lambda: scan_data(cfg, 0))
-    assert len(split.train) + len(split.val) == count
+    # (an empty verdicts memo: a first run, then a repeated one)
+    with tempfile.TemporaryDirectory() as memo, patched_env("TLTOOL_CACHE_DIR", memo):
+        row["scan_data"], split = timed(lambda: scan_data(cfg, 0))
+        row["scan_data, repeated (verdicts remembered)"], again = timed(lambda: scan_data(cfg, 0))
+    assert len(split.train) + len(split.val) == count and again.train == split.train
     row["doctor"], diagnosis = timed(lambda: diagnose(root, workers=workers))
     assert sum(diagnosis.splits[0].class_counts.values()) == count
     infos = [inspect_file(path) for path, _ in samples]

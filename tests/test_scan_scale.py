@@ -70,6 +70,7 @@ def bad_dataset(root: Path) -> Path:
 def test_threaded_check_finds_the_same_bad_files_in_the_same_order(tmp_path: Path, monkeypatch) -> None:
     _, samples = scan_folder(bad_dataset(tmp_path / "images"))
     monkeypatch.setattr(folders, "HEADER_CHUNK", 3)  # 14 chunks of the 41 files, finishing out of order
+    monkeypatch.setenv("TLTOOL_NO_CHECK_MEMO", "1")  # (each check reads: no verdicts remembered)
     threads: set[str] = set()
     original = folders.file_problem
 
@@ -93,6 +94,7 @@ def test_threaded_check_finds_the_same_bad_files_in_the_same_order(tmp_path: Pat
 def test_scan_data_checks_with_the_pool_and_stays_as_strict(tmp_path: Path, monkeypatch) -> None:
     root = bad_dataset(tmp_path / "images")
     monkeypatch.setattr(folders, "HEADER_CHUNK", 4)
+    monkeypatch.setenv("TLTOOL_NO_CHECK_MEMO", "1")  # (each check reads: no verdicts remembered)
     cfg = DataConfig(train=str(root), on_bad_image="skip", max_bad_fraction=0.5)
     split = scan_data(cfg, 0)
     assert len(split.bad) == 5 and len(split.train) + len(split.val) == 36
@@ -157,3 +159,67 @@ def test_eval_scan_skips_the_bad_files_in_order(tmp_path: Path, monkeypatch, cap
     assert len(samples) == 36 and {label for path, label in samples if "/class_0/" in path} == {2}
     skipped = [line.split(": ")[1].rsplit("/", 1)[1] for line in capsys.readouterr().err.splitlines()]
     assert skipped == ["004b.png", "000a.png", "007b.png", "010b.png", "011b.jpg"]
+
+
+def _counting_headers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    read: list[str] = []
+    real = folders.read_header
+    monkeypatch.setattr(folders, "read_header", lambda path: read.append(str(path)) or real(path))
+    return read
+
+
+def test_a_second_check_of_unchanged_files_reads_no_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The header check's verdicts are remembered by the files' identity (verdicts.py): a second check of the
+    same files reads no header and gives the same kept samples and the same reasons; a changed file makes the
+    next check read every header again and judge the new bytes."""
+    root = make_dataset(tmp_path / "data", classes=2, per_class=4, size=16)
+    broken = root / "class_1" / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    _, samples = scan_folder(root)
+    read = _counting_headers(monkeypatch)
+    first = check_images(samples, workers=1)
+    assert len(read) == 9 and first[1] == [(str(broken), "not an image")] and len(first[0]) == 8
+    assert list((tmp_path / "tltool_cache" / "checked").glob("*.json"))  # (conftest's TLTOOL_CACHE_DIR)
+    read.clear()
+    assert check_images(samples, workers=4) == first and read == []
+
+    good = root / "class_0" / "000.png"
+    good.write_bytes(b"garbage now, another size")  # (a new size: another identity)
+    read.clear()
+    kept, bad = check_images(samples, workers=1)
+    assert len(read) == 9 and bad == [(str(good), "not an image"), (str(broken), "not an image")] and len(kept) == 7
+    os.utime(broken, ns=(broken.stat().st_atime_ns, broken.stat().st_mtime_ns + 10**9))  # (only the mtime)
+    read.clear()
+    check_images(samples, workers=1)
+    assert len(read) == 9
+
+
+def test_the_memo_can_be_off_or_unusable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_dataset(tmp_path / "data", classes=2, per_class=3, size=16)
+    _, samples = scan_folder(root)
+    read = _counting_headers(monkeypatch)
+    for _ in range(2):
+        check_images(samples, memo=False)
+    assert len(read) == 12  # (doctor's way: every header each time)
+    monkeypatch.setenv("TLTOOL_NO_CHECK_MEMO", "1")
+    read.clear()
+    check_images(samples), check_images(samples)
+    assert len(read) == 12
+    monkeypatch.delenv("TLTOOL_NO_CHECK_MEMO")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    monkeypatch.setenv("TLTOOL_CACHE_DIR", str(blocker))  # (the memo folder cannot be made: not an error)
+    read.clear()
+    assert check_images(samples)[0] == samples and check_images(samples)[0] == samples
+    assert len(read) == 12
+
+
+def test_a_second_run_reads_no_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_dataset(tmp_path / "data", classes=2, per_class=6, size=16)
+    config = DataConfig(train=str(data), val_split=0.25)
+    first = scan_data(config, seed=0)
+    read = _counting_headers(monkeypatch)
+    second = scan_data(config, seed=0)
+    assert read == [] and (second.train, second.val) == (first.train, first.val)
+    scan_data(config, seed=1)  # (another split: other lists, checked again)
+    assert len(read) == 12

@@ -13,12 +13,13 @@ import random
 import stat
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tltool.config import DataConfig
+from tltool.data import verdicts
 from tltool.data.fingerprint import folder_listing, make_fingerprint, val_keys
 from tltool.data.images import HIDDEN_PREFIXES, IMAGE_EXTENSIONS, is_visible, read_header
 from tltool.data.labelfile import data_root, is_label_file, is_multi_hot, label_indices, scan_label_file
@@ -181,20 +182,40 @@ def _problems(paths: Sequence[str]) -> list[str | None]:
     return [file_problem(path) for path in paths]
 
 
-def check_images(samples: Sequence[Sample], workers: int | None = None) -> tuple[list[Sample], list[tuple[str, str]]]:
-    """The samples whose file passes `file_problem`, and (path, why) of those that do not, both in the order of
-    `samples`: the same result with any `workers` (1: in this thread; more, HEADER_WORKERS by default: chunks
-    of HEADER_CHUNK files checked by a thread pool, their results joined in order)."""
-    workers = HEADER_WORKERS if workers is None else workers
-    paths = [path for path, _ in samples]
+def _map_chunks(function: Callable[[Sequence[str]], list], paths: Sequence[str], workers: int) -> list:
+    """`function` over chunks of HEADER_CHUNK paths, on a pool of `workers` threads (1: in this one), joined in
+    order."""
     chunks = [paths[i : i + HEADER_CHUNK] for i in range(0, len(paths), HEADER_CHUNK)]
     if workers <= 1 or len(chunks) <= 1:
-        problems = _problems(paths)
+        return function(paths)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [item for chunk in pool.map(function, chunks) for item in chunk]
+
+
+def check_images(
+    samples: Sequence[Sample], workers: int | None = None, memo: bool = True
+) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """The samples whose file passes `file_problem`, and (path, why) of those that do not, both in the order of
+    `samples`: the same result with any `workers` (1: in this thread; more, HEADER_WORKERS by default: chunks
+    of HEADER_CHUNK files checked by a thread pool, their results joined in order).
+
+    `memo`: the verdicts of an identical list of unchanged files checked before are reused (`verdicts`: one stat
+    per file instead of a header read), and a new check's verdicts are kept for the next one."""
+    workers = HEADER_WORKERS if workers is None else workers
+    paths = [path for path, _ in samples]
+    key = recalled = None
+    if memo and paths and verdicts.memo_root() is not None:
+        key = verdicts.list_key(paths, lambda function, items: _map_chunks(function, items, workers))
+        recalled = verdicts.recall(key)
+    if recalled is not None:
+        why = dict(recalled)
+        problems = [why.get(path) for path in paths]
     else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            problems = [problem for chunk in pool.map(_problems, chunks) for problem in chunk]
+        problems = _map_chunks(_problems, paths, workers)
     kept = [sample for sample, problem in zip(samples, problems, strict=True) if problem is None]
     bad = [(path, problem) for path, problem in zip(paths, problems, strict=True) if problem is not None]
+    if key is not None and recalled is None:
+        verdicts.remember(key, bad)
     return kept, bad
 
 
