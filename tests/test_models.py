@@ -220,3 +220,58 @@ def test_safetensors_weights_file(tmp_path: Path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     with pytest.raises(CheckpointError, match="not a valid safetensors"):
         build("mobilenet_v3_small", str(tmp_path / "bad.safetensors"))
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "densenet121", "vit_b_16"])
+def test_weights_are_loaded_into_an_uninitialized_backbone(backbone: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backbone that weights fill is built without its random init (meta device, then empty storage), and
+    every tensor ends up the file's, bitwise; batch counters an old file lacks are zero, not left uninitialized."""
+    import tltool.models as models_module
+
+    state, path = fake_hub_weights(backbone)
+    if backbone == "densenet121":  # (torchvision's own DenseNet files lack num_batches_tracked)
+        torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)
+    built_uninitialized = []
+    real = models_module._uninitialized
+    monkeypatch.setattr(models_module, "_uninitialized", lambda f: built_uninitialized.append(1) or real(f))
+    built = build(backbone, "IMAGENET1K_V1", classes=4, size=32 if backbone != "vit_b_16" else 224)
+    assert built_uninitialized == [1]
+    loaded = built.model.backbone.state_dict()
+    for key, value in loaded.items():
+        if key.endswith("num_batches_tracked") and backbone == "densenet121":
+            assert value.item() == 0, key
+        else:
+            assert torch.equal(value, state[key]), key
+    assert not any(t.is_meta for t in built.model.state_dict().values())
+
+
+def test_a_tensor_the_weights_do_not_fill_gets_the_real_init(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module with a buffer outside its state_dict (non-persistent) cannot be left uninitialized: it is built
+    again with its real init and loaded the same way."""
+    import tltool.models as models_module
+
+    class WithTable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("table", torch.arange(6.0), persistent=False)
+
+    source = WithTable()
+    net = models_module._uninitialized(WithTable)
+    assert net.fc.weight.device.type == "cpu" and not net.fc.weight.is_meta
+    loaded = models_module._load_weights(net, WithTable, source.state_dict(), "a test file")
+    assert torch.equal(loaded.table, torch.arange(6.0)) and torch.equal(loaded.fc.weight, source.fc.weight)
+    assert loaded is not net  # (the fallback: built anew)
+    plain = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    again = models_module._uninitialized(lambda: nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+    state = {k: v for k, v in plain.state_dict().items() if not k.endswith("num_batches_tracked")}
+    again.load_state_dict(state, strict=False)
+    assert models_module._fill_unloaded(again, set(state)) and again[1].num_batches_tracked.item() == 0
+
+
+def test_a_checkpoint_loads_into_an_uninitialized_model(tmp_path: Path) -> None:
+    built = build("resnet18", "none", classes=3)
+    checkpoint = Checkpoint.from_dict(fake_checkpoint(built, ["a", "b", "c"]))
+    model = load_trained_model(checkpoint)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, checkpoint.model[key]), key

@@ -205,7 +205,7 @@ def check_images(
     paths = [path for path, _ in samples]
     key = recalled = None
     if memo and paths and verdicts.memo_root() is not None:
-        key = verdicts.list_key(paths, lambda function, items: _map_chunks(function, items, workers))
+        key = verdicts.list_key(paths)
         recalled = verdicts.recall(key)
     if recalled is not None:
         why = dict(recalled)

@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import PIL
@@ -55,12 +55,11 @@ def _identities(paths: Sequence[str]) -> list[str]:
     return rows
 
 
-def list_key(paths: Sequence[str], map_chunks: Callable | None = None) -> str:
-    """The key of checking `paths`, in their order: every file's identity (one stat each; `map_chunks` may spread
-    the stats over threads, as the check itself does)."""
+def list_key(paths: Sequence[str]) -> str:
+    """The key of checking `paths`, in their order: every file's identity (one stat each, in this thread: 0.1 s
+    per 20,000 cached files here, and no faster on a thread pool)."""
     digest = hashlib.sha256(f"tltool-header-check {VERSION} pillow {PIL.__version__}\n".encode())
-    rows = map_chunks(_identities, paths) if map_chunks else _identities(paths)
-    for row in rows:
+    for row in _identities(paths):
         digest.update(row.encode("utf-8", "surrogateescape") + b"\n")
     return digest.hexdigest()[:40]
 
