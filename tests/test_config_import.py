@@ -50,6 +50,12 @@ def test_field_docs_read_what_pydantic_reads_from_the_source() -> None:
     assert "undocumented" not in docs and docs["inherited"] == "From the base class."
 
 
+def test_a_model_without_source_has_no_field_docs() -> None:
+    namespace: dict = {"BaseModel": BaseModel, "__name__": "built_in_memory"}
+    exec('class Made(BaseModel):\n    x: int = 1\n    """Unreadable."""\n', namespace)
+    assert field_docs(namespace["Made"]) == {}
+
+
 def test_every_config_field_has_its_docstring_on_one_line() -> None:
     docs = {key: doc for key, _default, doc, _example in iter_fields()}
     assert docs["train.lr"] == "Peak learning rate (after warmup)."

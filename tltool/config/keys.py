@@ -23,9 +23,13 @@ from tltool.config.root import Config
 
 @functools.cache
 def _class_nodes(module: str) -> dict[str, ast.ClassDef]:
-    """The top-level class definitions of a module's source, by name (the source parsed once)."""
-    tree = ast.parse(inspect.getsource(sys.modules[module]))
-    return {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    """The top-level class definitions of a module's source, by name (the source parsed once); none when the
+    source cannot be read (no .py file: the docstrings are then empty, as pydantic leaves them)."""
+    try:
+        source = inspect.getsource(sys.modules[module])
+    except (KeyError, OSError, TypeError):
+        return {}
+    return {node.name: node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)}
 
 
 @functools.cache
