@@ -10,8 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import core_schema
 
-from tltool.config import Config, iter_fields
+from tltool.config import Config, field_docs, iter_fields
 
 
 def starter_yaml() -> str:
@@ -44,6 +46,19 @@ def reference_markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
+class _DocumentedSchema(GenerateJsonSchema):
+    """pydantic's JSON Schema with each field's docstring as its description (`keys.field_docs`: the models
+    leave `use_attribute_docstrings` off, which would parse them at every import)."""
+
+    def model_schema(self, schema: core_schema.ModelSchema) -> JsonSchemaValue:
+        json_schema = super().model_schema(schema)
+        properties = self.resolve_ref_schema(json_schema).get("properties", {})
+        for name, doc in field_docs(schema["cls"]).items():
+            if name in properties:
+                properties[name].setdefault("description", doc)
+        return json_schema
+
+
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of a config file (`tltool config schema`, `configs/schema.json`), for editors.
 
@@ -65,7 +80,7 @@ def json_schema() -> dict[str, Any]:
             return [tidy(item) for item in node]
         return node
 
-    schema = tidy(Config.model_json_schema())
+    schema = tidy(Config.model_json_schema(schema_generator=_DocumentedSchema))
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "tltool config",

@@ -1,8 +1,8 @@
 """Reading a config file: YAML through a strict safe loader, every problem one ConfigError line.
 
 `yaml.safe_load`'s loader never executes python tags; `StrictYamlLoader` also refuses what silently changes
-or floods a config (a key given twice, aliases that expand past a limit or into themselves). config.py
-validates what this returns.
+or floods a config (a key given twice, aliases that expand past a limit or into themselves).
+`tltool.config.load_config` validates what this returns.
 """
 
 from __future__ import annotations

@@ -1,76 +1,38 @@
-"""The config: a tree of frozen, validated pydantic models, loaded from YAML plus dotted overrides.
+"""The config's sections: one frozen pydantic model per YAML section, each field with its default and docstring.
 
-Every field has a default that works and a docstring; the docstrings are the reference that
-`tltool config init`, `tltool config show` and the README print. All problems of a config are
-reported at once, each with its dotted key, the bad value and an example of a valid one.
-
-Validating a config imports neither torch nor torchvision. Whether `model.backbone` and `model.weights`
-name a torchvision model and its weights is asked of `ModelNames` given to `load_config` (the CLI gives
-torchvision's, `tltool.catalog.TORCHVISION_NAMES`): the answer needs torchvision, ~3 s to import.
-
-Past 500 lines on purpose: this file is the contract of every config key, one section class per config
-section, each field with its docstring (the docs are generated from it, in config_docs.py); splitting the
-sections across files would scatter that one reference. Override parsing and validation are below it; the
-YAML file is read by config_yaml.py.
+Every field has a default that works, an example and a docstring; the docstrings are the reference that
+`tltool config init`, `tltool config keys`, the README and configs/schema.json print (read from the source
+on demand by `keys.field_docs`, not at import). Together the sections are the contract of every key, so
+they stay in one file; the whole run, `Config`, and the rules across sections are in root.py.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from tltool.config_yaml import read_yaml, yaml_text
+from tltool.config.values import model_names, parse_duration, weights_is_file
 from tltool.device import device_problem
-from tltool.errors import ConfigError
-
-WEIGHTS_FILE_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 
 
-DURATION_GRAMMAR = 'seconds, or hours/minutes/seconds like "3h30m", "90m", "1.5h", "45s"'
+class Section(BaseModel):
+    """The base of every section (and of `Config`): unknown keys refused, frozen, defaults validated too.
 
+    No `use_attribute_docstrings`: it would read every class's source at import (~50 ms of each command);
+    `keys.field_docs` reads the field docstrings when a document needs them.
+    """
 
-def parse_duration(value: float | int | str) -> float:
-    """The seconds of a duration (`run.time_limit`): a number of seconds, or "<n>h<n>m<n>s" with each part
-    optional but in that order ("3h30m", "90m", "1.5h", "45s"). Raises ValueError naming the grammar."""
-    import re
-
-    seconds = None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip().lower().replace(" ", "")
-        number = r"(\d+(?:\.\d*)?|\.\d+)"
-        match = re.fullmatch(rf"(?:{number}h)?(?:{number}m)?(?:{number}s)?", text)
-        if re.fullmatch(number, text):
-            seconds = float(text)
-        elif text and match is not None:
-            hours, minutes, secs = (float(part) if part else 0.0 for part in match.groups())
-            seconds = hours * 3600 + minutes * 60 + secs
-    if seconds is None:
-        raise ValueError(f"{value!r} is not a duration: give {DURATION_GRAMMAR}")
-    if not 0 < seconds < float("inf"):
-        raise ValueError(f"must be more than 0 seconds (got {value!r})")
-    return seconds
-
-
-class _Section(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         frozen=True,
-        use_attribute_docstrings=True,
         validate_default=True,
         coerce_numbers_to_str=True,
     )
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     name: str = Field("tltool-run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", examples=["flowers-resnet18"])
     """Name of the run; its files go to `runs/<name>/` unless `run.output_dir` is set."""
     output_dir: str | None = Field(None, examples=["runs/flowers-v2"])
@@ -106,7 +68,7 @@ class RunConfig(_Section):
         return None if self.time_limit is None else parse_duration(self.time_limit)
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     train: str | None = Field(None, examples=["data/flowers/train"])
     """Training images: a folder with one sub-folder per class (ImageFolder layout), a .csv/.tsv label file
     (`data.path_column`, `data.label_column`), or WebDataset .tar shards (`shards/train-{000000..000009}.tar`, a
@@ -190,7 +152,7 @@ class DataConfig(_Section):
         return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.mix_prob > 0
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     backbone: str = Field("resnet18", examples=["mobilenet_v3_small"])
     """A torchvision classification model name, or timm/<name>[.tag] (`tltool models`; timm: `tltool[timm]`)."""
     weights: str = Field("DEFAULT", examples=["IMAGENET1K_V1"])
@@ -201,7 +163,7 @@ class ModelConfig(_Section):
     @field_validator("backbone")
     @classmethod
     def _backbone(cls, value: str, info: ValidationInfo) -> str:
-        names = _model_names(info)
+        names = model_names(info)
         problem = names.backbone_problem(value) if names else None
         if problem is not None:
             raise ValueError(problem)
@@ -211,7 +173,7 @@ class ModelConfig(_Section):
     @classmethod
     def _weights(cls, value: str, info: ValidationInfo) -> str:
         backbone = info.data.get("backbone")
-        names = _model_names(info)
+        names = model_names(info)
         if names is None or backbone is None or weights_is_file(value) or value.lower() == "none":
             return value
         problem = names.weights_problem(backbone, value)
@@ -220,7 +182,7 @@ class ModelConfig(_Section):
         return value
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     epochs: int = Field(10, ge=1, le=100000, examples=[20])
     """Number of passes over the training set."""
     freeze: str | list[str] = Field("backbone", examples=["backbone"])
@@ -392,7 +354,7 @@ class TrainConfig(_Section):
         return self
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     monitor: Literal[
         "val_acc1", "val_acc5", "val_loss", "val_acc1_ema", "val_acc5_ema", "val_loss_ema", "val_map", "val_map_ema"
     ] = Field("val_acc1", examples=["val_loss"])
@@ -405,7 +367,7 @@ class CheckpointConfig(_Section):
     """Also save `last.pt` every this many optimizer steps within an epoch (a resume continues from that batch)."""
 
 
-class AdaptConfig(_Section):
+class AdaptConfig(Section):
     """Feature-based domain adaptation: unlabelled images of the target domain next to the labelled ones."""
 
     unlabeled: str | None = Field(None, examples=["data/target_unlabeled"])
@@ -435,7 +397,7 @@ class AdaptConfig(_Section):
         return self
 
 
-class SourceConfig(_Section):
+class SourceConfig(Section):
     """Instance-based transfer: a labelled source dataset trained on beside the target's (co-training)."""
 
     train: str | None = Field(None, examples=["data/source/train"])
@@ -460,7 +422,7 @@ class SourceConfig(_Section):
         return self
 
 
-class DistillConfig(_Section):
+class DistillConfig(Section):
     """Knowledge distillation (Hinton et al. 2015) from a trained model: relation-based transfer."""
 
     teacher: str | None = Field(None, examples=["runs/big/checkpoints/best.pt"])
@@ -472,7 +434,7 @@ class DistillConfig(_Section):
     """Softmax temperature of both models' predictions in the distillation term."""
 
 
-class LogConfig(_Section):
+class LogConfig(Section):
     progress: bool = Field(True, examples=[False])
     """Show a progress bar per epoch (never when the output is not a terminal, or with --quiet)."""
     tensorboard: bool = Field(False, examples=[True])
@@ -487,360 +449,3 @@ class LogConfig(_Section):
     """The MLflow experiment the run is logged in (created when missing); the MLflow run is named after `run.name`."""
     mlflow_checkpoints: bool = Field(False, examples=[True])
     """With `log.mlflow`, also upload checkpoints/last.pt, best.pt (and wise.pt) as artifacts at the end of the run."""
-
-
-class Config(_Section):
-    """A whole tltool run."""
-
-    run: RunConfig = Field(default_factory=RunConfig)
-    """Name, directory, seed and device of the run."""
-    data: DataConfig = Field(default_factory=DataConfig)
-    """Where the images are and how they are preprocessed."""
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    """The backbone, its pretrained weights and the new head."""
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    """The training loop."""
-    adapt: AdaptConfig = Field(default_factory=AdaptConfig)
-    """Domain adaptation from unlabelled target images."""
-    source: SourceConfig = Field(default_factory=SourceConfig)
-    """A labelled source dataset to co-train on."""
-    distill: DistillConfig = Field(default_factory=DistillConfig)
-    """Knowledge distillation from a trained tltool checkpoint."""
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    """What is kept of the run."""
-    log: LogConfig = Field(default_factory=LogConfig)
-    """What is shown while training."""
-
-    @model_validator(mode="after")
-    def _unlabeled_used(self) -> Config:
-        adapt = self.adapt
-        if adapt.unlabeled and adapt.method == "none" and adapt.bn_stats == "source" and not self.distill.teacher:
-            raise ValueError(
-                "adapt.unlabeled is set but nothing uses it: set adapt.method (mcc, dann), adapt.bn_stats or "
-                "distill.teacher"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _mixing_needs_images(self) -> Config:
-        if self.data.mixing and self.train.feature_cache == "on":
-            raise ValueError(
-                "train.feature_cache: on cannot serve data.mixup_alpha / data.cutmix_alpha (mixing blends images, "
-                "the cache holds features): set train.feature_cache to auto or off, or turn mixing off"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _shards_stream(self) -> Config:
-        data = self.data
-        if not (str(data.train or "").strip().lower().endswith(".tar")):  # (data.shards.is_shard_source)
-            return self
-        if not data.val:
-            raise ValueError(
-                "data.train is .tar shards, which stream: data.val_split cannot hold images out of them: set data.val "
-                "(tltool shard --val-split 0.2 writes val-*.tar)"
-            )
-        if data.sampler == "balanced":
-            raise ValueError("data.sampler: balanced needs random access, which .tar shards do not give: use shuffle")
-        if self.train.feature_cache == "on":
-            raise ValueError("train.feature_cache: on cannot cache streamed .tar shards: set it to auto or off")
-        return self
-
-    @model_validator(mode="after")
-    def _cotuning_weights(self) -> Config:
-        if self.train.cotuning_weight > 0 and self.model.weights.lower() == "none":
-            raise ValueError(
-                "train.cotuning_weight needs the pretrained classifier of model.weights, but model.weights is none: "
-                "set model.weights (e.g. DEFAULT) or train.cotuning_weight=0"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _ema_monitored(self) -> Config:
-        if self.checkpoint.monitor.endswith("_ema") and self.train.ema_decay is None:
-            raise ValueError(
-                f"checkpoint.monitor={self.checkpoint.monitor} needs train.ema_decay (e.g. 0.9998), or monitor "
-                f"{self.checkpoint.monitor.removesuffix('_ema')}"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _multilabel_keys(self) -> Config:
-        if self.data.task != "multilabel":
-            if self.checkpoint.monitor in ("val_map", "val_map_ema"):
-                raise ValueError(
-                    f"checkpoint.monitor={self.checkpoint.monitor} needs data.task: multilabel (or monitor "
-                    f"{self.checkpoint.monitor.replace('map', 'acc1')})"
-                )
-            return self
-        refused = [key for key, value in multilabel_refused(self).items() if value]
-        if refused:
-            raise ValueError(
-                f"data.task: multilabel does not work with {', '.join(refused)} (softmax-based or single-label "
-                "methods): unset them, or use data.task: multiclass"
-            )
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain, YAML/JSON-safe dict with every default filled in."""
-        return self.model_dump(mode="json")
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def multilabel_refused(cfg: Config) -> dict[str, bool]:
-    """The keys a multilabel run refuses (each True when set): they assume one class per image (softmax)."""
-    train = cfg.train
-    return {
-        "data.mixup_alpha/cutmix_alpha": cfg.data.mixing,
-        "data.sampler=balanced": cfg.data.sampler == "balanced",
-        "train.label_smoothing": train.label_smoothing > 0,
-        "train.cotuning_weight": train.cotuning_weight > 0,
-        "train.head_init=probe": train.head_init == "probe",
-        "train.wise_alpha": train.wise_alpha is not None,
-        "train.calibrate": train.calibrate,
-        "adapt.method": cfg.adapt.method != "none",
-        "adapt.unlabeled": bool(cfg.adapt.unlabeled),
-        "distill.teacher": bool(cfg.distill.teacher),
-        "source.train": bool(cfg.source.train),
-    }
-
-
-# --- model names ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelNames:
-    """The name checks of `model.backbone` and `model.weights`: each says why a name is wrong, or None."""
-
-    backbone_problem: Callable[[str], str | None]
-    """Why a backbone name is unknown (with the closest names), or None."""
-    weights_problem: Callable[[str, str], str | None]
-    """Why (backbone, weights name) is not one of the backbone's weights, or None (files and none not asked)."""
-
-
-def _model_names(info: ValidationInfo) -> ModelNames | None:
-    """The ModelNames this validation was given (`build_config(..., names=)`), or None: names unchecked."""
-    return (info.context or {}).get("model_names")
-
-
-def weights_is_file(weights: str) -> bool:
-    """True when `model.weights` names a file rather than `none` or a torchvision weights name."""
-    return weights.lower().endswith(WEIGHTS_FILE_SUFFIXES) or "/" in weights or "\\" in weights
-
-
-# --- loading ----------------------------------------------------------------------------------------
-
-
-def iter_fields(model: type[BaseModel] = Config, prefix: str = "") -> Iterator[tuple[str, Any, str, Any]]:
-    """Yield (dotted key, default, docstring, example) for every leaf field of the config."""
-    for name, info in model.model_fields.items():
-        key = f"{prefix}{name}"
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            yield from iter_fields(annotation, key + ".")
-        else:
-            example = info.examples[0] if info.examples else None
-            doc = " ".join((info.description or "").split())  # (a docstring over several lines: one line)
-            yield key, info.get_default(call_default_factory=True), doc, example
-
-
-def all_keys() -> list[str]:
-    return [key for key, *_ in iter_fields()]
-
-
-def _field_info(loc: Sequence[Any]):
-    """The FieldInfo of a (section, field) location, or None."""
-    model: type[BaseModel] = Config
-    info = None
-    for part in loc:
-        if not isinstance(part, str) or part not in model.model_fields:
-            return info
-        info = model.model_fields[part]
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-    return info
-
-
-def _did_you_mean(loc: Sequence[Any]) -> str:
-    """Suggestion for an unknown key at `loc` (same section first, then the same leaf name elsewhere)."""
-    keys = all_keys()
-    dotted = ".".join(str(p) for p in loc)
-    if len(loc) == 1:
-        candidates = list(Config.model_fields)
-    else:
-        parent = ".".join(str(p) for p in loc[:-1]) + "."
-        candidates = [k for k in keys if k.startswith(parent)]
-    close = difflib.get_close_matches(dotted, candidates, n=1, cutoff=0.6)
-    if not close:
-        leaf = str(loc[-1])
-        close = [k for k in keys if k.endswith("." + leaf)] or difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
-    return f"did you mean '{close[0]}'?" if close else "see `tltool config init` for every key"
-
-
-def did_you_mean(key: str) -> str:
-    """The suggestion for an unknown dotted key, e.g. "did you mean 'train.lr'?" (as the config's own errors say)."""
-    return _did_you_mean(key.split("."))
-
-
-def _format_errors(error: ValidationError) -> list[str]:
-    lines = []
-    for item in error.errors():
-        loc = [p for p in item["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function")))]
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            lines.append(f"{dotted}: unknown key; {_did_you_mean(loc)}")
-            continue
-        message = item["msg"].removeprefix("Value error, ")
-        info = _field_info(loc)
-        example = ""
-        if info is not None and info.examples:
-            example = f"; e.g. {loc[-1]}: {yaml.safe_dump(info.examples[0], default_flow_style=True).strip()}"
-            example = example.removesuffix("\n...").removesuffix(" ...")
-        got = item.get("input")
-        got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{dotted}: {message}{got_text}{example}")
-    return lines
-
-
-def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """Turn `a.b=value` strings into a nested dict; values are read as YAML (`3`, `1e-4`, `[a, b]`, `null`)."""
-    known = set(all_keys())
-    tree: dict[str, Any] = {}
-    problems = []
-    for text in overrides:
-        key, sep, raw = text.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            problems.append(f"{text!r}: an override is KEY=VALUE, e.g. train.epochs=3")
-            continue
-        if key not in known:
-            problems.append(f"{key}: unknown key; {_did_you_mean(key.split('.'))}")
-            continue
-        try:
-            value = yaml_text(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    if problems:
-        raise ConfigError(f"{len(problems)} bad override(s)", "fix them and run again", details=problems)
-    return tree
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _value_kinds(annotation: Any) -> set[str]:
-    """What a field's annotation accepts, coarsely: bool, number, str, none, literal, list, dict, model, any."""
-    origin = get_origin(annotation)
-    if origin in (Union, UnionType):
-        return set().union(*(_value_kinds(arg) for arg in get_args(annotation)))
-    if origin is Literal:
-        return {"literal"}
-    if origin in (list, tuple):
-        return {"list"}
-    if origin is dict:
-        return {"dict"}
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return {"model"}
-    return {bool: {"bool"}, int: {"number"}, float: {"number"}, str: {"str"}, type(None): {"none"}}.get(
-        annotation, {"any"}
-    )
-
-
-def _element_annotations(annotation: Any, value: Any) -> list[tuple[str, Any, Any]]:
-    """(index or key, annotation, item) of a list/tuple/dict value under a list/tuple/dict annotation."""
-    for member in get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,):
-        origin, args = get_origin(member), get_args(member)
-        if origin is list and isinstance(value, list) and args:
-            return [(f"[{i}]", args[0], item) for i, item in enumerate(value)]
-        if origin is tuple and isinstance(value, list | tuple) and args:
-            items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
-            return [(f"[{i}]", item_type, item) for i, (item_type, item) in enumerate(zip(items, value, strict=False))]
-        if origin is dict and isinstance(value, dict) and len(args) == 2:
-            return [(f"[{k}]", args[1], item) for k, item in value.items()]
-    return []
-
-
-def strict_scalar_problems(data: Any, model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str]]:
-    """(dotted key, problem) for booleans where numbers belong and numbers or strings where booleans belong.
-
-    pydantic's lax mode would take `epochs: true` as 1 and `save_best: 0` or `"no"` as false: a typo or a
-    YAML 1.1 surprise (`on`, `yes`) would run silently with a value nobody wrote.
-    """
-    if not isinstance(data, dict):
-        return []
-    problems: list[tuple[str, str]] = []
-    for name, info in model.model_fields.items():
-        if name in data:
-            problems += _scalar_problems(data[name], info.annotation, f"{prefix}{name}")
-    return problems
-
-
-def _scalar_problems(value: Any, annotation: Any, dotted: str) -> list[tuple[str, str]]:
-    kinds = _value_kinds(annotation)
-    if "any" in kinds:
-        return []
-    if "model" in kinds:
-        model = next(a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel))
-        return strict_scalar_problems(value, model, dotted + ".")
-    if isinstance(value, bool) and "bool" not in kinds and "number" in kinds:
-        return [(dotted, f"must be a number, not {str(value).lower()} (a YAML boolean)")]
-    if "bool" in kinds and kinds <= {"bool", "none"} and not isinstance(value, bool) and value is not None:
-        return [(dotted, f"must be true or false, not {value!r}")]
-    problems = []
-    for index, item_annotation, item in _element_annotations(annotation, value):
-        problems += _scalar_problems(item, item_annotation, f"{dotted}{index}")
-    return problems
-
-
-def build_config(data: dict[str, Any], source: str = "config", names: ModelNames | None = None) -> Config:
-    """Validate a plain dict into a Config, reporting every problem at once (the model names too, given `names`).
-
-    Booleans and numbers are strict (`strict_scalar_problems`): `epochs: true` is refused, not read as 1.
-    """
-    strict = strict_scalar_problems(data)
-    lines = [f"{dotted}: {problem}{_example(dotted)}" for dotted, problem in strict]
-    try:
-        config = Config.model_validate(data, context={"model_names": names})
-    except ValidationError as exc:
-        flagged = tuple(f"{dotted}:" for dotted, _ in strict)  # one line per key: the strict one
-        lines += [line for line in _format_errors(exc) if not line.startswith(flagged)]
-    if not lines:
-        return config
-    raise ConfigError(
-        f"{source} has {len(lines)} problem{'s' if len(lines) > 1 else ''}", "fix them and run again", details=lines
-    )
-
-
-def _example(dotted: str) -> str:
-    """ "; e.g. key: value" from the field's first example, as the other config problems end."""
-    info = _field_info(dotted.split("[")[0].split("."))
-    if info is None or not info.examples:
-        return ""
-    text = yaml.safe_dump(info.examples[0], default_flow_style=True).strip().removesuffix("\n...").removesuffix(" ...")
-    return f"; e.g. {dotted.split('[')[0].split('.')[-1]}: {text}"
-
-
-def load_config(path: str | Path | None, overrides: Sequence[str] = (), names: ModelNames | None = None) -> Config:
-    """Load a YAML file (or only defaults when `path` is None), apply dotted overrides and validate.
-
-    With `names` (e.g. `tltool.catalog.TORCHVISION_NAMES`) the backbone and weights names are checked too,
-    among the other problems; without, they are left to whoever builds the model.
-    """
-    data = read_yaml(path) if path is not None else {}
-    data = _merge(data, parse_overrides(overrides))
-    return build_config(data, source=str(path) if path is not None else "config", names=names)
