@@ -62,7 +62,7 @@ def cache_applies(cfg: Config) -> bool:
         return False
     if is_shard_source(cfg.data.train) or is_shard_source(cfg.data.val):  # (streamed: no random access to cache)
         return False
-    if mode == "on":  # (config.py refuses `on` with data.mixup_alpha / cutmix_alpha)
+    if mode == "on":  # (the config refuses `on` with data.mixup_alpha / cutmix_alpha)
         return True
     if cfg.data.mixing:  # auto: MixUp / CutMix blend images, which a cache of features cannot serve
         return False

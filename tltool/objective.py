@@ -6,7 +6,7 @@ scalar; the objective is their sum, each times its weight. The loop logs every t
 `ce` term's is the epoch's `train_loss`. A term that carries state across a resume (L2-SP's starting
 weights) saves it in the checkpoint through `Objective.state_dict()`.
 
-Adding a method's loss: one `Term` in `build_objective` and its config key in config.py (README,
+Adding a method's loss: one `Term` in `build_objective` and its config key in tltool/config/sections.py (README,
 "Add a loss term").
 """
 
@@ -124,7 +124,7 @@ def build_objective(
             return soft_cross_entropy(out.logits, out.targets, weight, train.label_smoothing)
         return F.cross_entropy(out.logits, out.labels, weight=weight, label_smoothing=train.label_smoothing)
 
-    if cfg.data.task == "multilabel":  # (config.py refuses the softmax-based keys: smoothing, mixing, ...)
+    if cfg.data.task == "multilabel":  # (the config refuses the softmax-based keys: smoothing, mixing, ...)
         pos_weight = pos_weight_tensor(train.class_weights, class_names, labels)
         pos_weight = pos_weight.to(device) if pos_weight is not None else None
 
