@@ -121,13 +121,17 @@ def test_a_second_run_reuses_the_stored_features_bitwise_and_runs_no_backbone(
     assert third[0] == 0 and other["feature_cache"]["reused"] == ["train", "val"]
 
 
+@pytest.mark.parametrize("engine", ["eager", "onnxruntime"])
 def test_tltool_baseline_and_finetune_share_entries(
-    tmp_path: Path, data: tuple[Path, Path], weights: Path, cli
+    tmp_path: Path, data: tuple[Path, Path], weights: Path, cli, engine: str
 ) -> None:
+    """Either order, with the engine train.feature_engine names (baseline extracts with it, as the run does)."""
+    if engine == "onnxruntime":
+        pytest.importorskip("onnxruntime")
     config = tmp_path / "c.yaml"
     from conftest import write_config
 
-    write_config(config, overrides(tmp_path / "run", data, weights))
+    write_config(config, overrides(tmp_path / "run", data, weights, f"train.feature_engine={engine}"))
     with conv_passes() as baseline_passes:
         result = cli.invoke(app, ["baseline", str(config), "--quiet"])
     assert result.exit_code == 0, result.output
@@ -139,6 +143,7 @@ def test_tltool_baseline_and_finetune_share_entries(
         second = cli.invoke(app, ["baseline", str(config), "--quiet"])
     timeless = [re.sub(r"[\d.]+ s\b", "", r.output) for r in (result, second)]
     assert again[0] == 0 and timeless[0] == timeless[1]  # the same features: the same read-outs
+    assert {json.loads(p.read_text())["engine"] for p in store_dir(tmp_path).glob("*.json")} == {engine}
 
 
 def test_a_changed_image_weights_file_or_image_size_misses(

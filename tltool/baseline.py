@@ -34,11 +34,17 @@ from torch import nn
 from tqdm import tqdm
 
 from tltool.config import Config
+from tltool.engines import Engine, choose_engine, eager_engine, engine_precision
 from tltool.errors import DataError
 from tltool.files import check_writable, write_text_atomic
 
 if TYPE_CHECKING:
     from tltool.data import Preprocess, Sample
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
 
 HOLDOUT_FRACTION = 0.2
 L2_GRID = (10.0, 1.0, 1e-1, 1e-2, 1e-3, 1e-4)  # strongest first: each fit warm-starts the next
@@ -88,9 +94,13 @@ def extract_features(cfg: Config, quiet: bool = False) -> FeatureSet:
     backbone = built.model.backbone.to(device).eval()
     if use_channels_last(cfg.train.channels_last, built.model):
         backbone.to(memory_format=torch.channels_last)
+    # train.feature_engine as `tltool finetune` chooses it for a frozen run on the same images (auto counts train
+    # and val), so the baseline and the run share the feature store's entries whichever ran first.
+    name = choose_engine(cfg.train.feature_engine, len(split.train) + len(split.val), device, precision)
+    engine = Engine(backbone, device, engine_precision(name, precision), name, cfg.train.feature_engine, _stderr)
     parts = {
         kind: frozen_features(
-            cfg, backbone, built.preprocess, samples, device, precision, kind, quiet, built.weights_source
+            cfg, backbone, built.preprocess, samples, device, precision, kind, quiet, built.weights_source, engine
         )
         for kind, samples in (("train", split.train), ("val", split.val))
     }
@@ -106,6 +116,7 @@ def extract_features(cfg: Config, quiet: bool = False) -> FeatureSet:
         "device": str(device),
         "precision": precision,
         "extract_seconds": seconds,
+        "engine": engine.describe(),
     }
     return FeatureSet(*parts["train"], *parts["val"], len(split.class_names), list(split.class_names), info)
 
@@ -120,8 +131,10 @@ def frozen_features(
     kind: str,
     quiet: bool = False,
     weights_source: str = "",
+    engine: Engine | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D) float32 on CPU, labels) of `samples` through `backbone` with the eval transform.
+    """(features (N, D) float32 on CPU, labels) of `samples` through `backbone` with the eval transform, run by
+    `engine` (train.feature_engine's; eager when None).
 
     What the read-outs fit (here) and what LP-FT's probe head is fitted on (tltool.lpft): one extraction,
     reused from (and kept in) the feature store as `tltool finetune`'s eval-transform features are: a
@@ -133,6 +146,8 @@ def frozen_features(
     from tltool.device import use_channels_last
     from tltool.features import cache_key, entry_meta, extract
     from tltool.featurestore import module_digest, open_store
+
+    engine = engine or eager_engine(backbone, device, precision)
 
     def build() -> dict[str, torch.Tensor]:
         loader = make_loader(
@@ -146,7 +161,7 @@ def frozen_features(
         )
         show = not quiet and cfg.log.progress
         bar = tqdm(loader, desc=f"features ({kind})", leave=False, disable=None if show else True, file=sys.stderr)
-        features, labels = extract(backbone, bar, device, precision)
+        features, labels = extract(backbone, bar, device, engine.precision, engine)
         if labels.numel() == 0:
             raise DataError(f"no {kind} image could be read", "check the dataset with `tltool doctor`")
         return {"features": features.flatten(1).unsqueeze(0), "labels": labels}
@@ -158,9 +173,9 @@ def frozen_features(
         stored = build()
     else:
         layout = use_channels_last(cfg.train.channels_last, backbone)
-        key = cache_key(cfg, module_digest(backbone), preprocess, samples, kind, precision, device.type, layout,
-                        augmented=False)  # fmt: skip
-        meta = entry_meta(cfg, weights_source, samples, kind, precision, augmented=False)
+        key = cache_key(cfg, module_digest(backbone), preprocess, samples, kind, engine.precision, device.type, layout,
+                        augmented=False, engine=engine.name)  # fmt: skip
+        meta = entry_meta(cfg, weights_source, samples, kind, engine.precision, augmented=False, engine=engine.name)
         stored = store.fetch(key, meta, build, memory_bytes=2**62).tensors
     # extract() runs in inference mode; a clone made outside it can take part in autograd (the probe).
     return stored["features"][0].clone(), stored["labels"].clone()
@@ -486,6 +501,7 @@ def run_baseline(
         echo(
             f"features: {info['backbone']} ({info['weights']}), {info['dim']}-d, {info['train_images']} train / "
             f"{info['val_images']} val images, {info['extract_seconds']:.1f} s on {info['device']} {info['precision']}"
+            + (f" ({info['engine']['used']})" if info["engine"]["used"] != "eager" else "")
         )
     device = torch.device(features.info["device"])
     # The read-outs are small dense algebra: on the run's device (fast on a GPU), in float32.
