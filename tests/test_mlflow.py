@@ -331,3 +331,25 @@ def test_without_mlflow_installed_the_run_is_one_line_naming_the_pip_command(
             "error: log.mlflow needs the mlflow package — pip install 'tltool[mlflow]' (or set log.mlflow=false)"
         )
     assert not (tmp_path / "g" / "metrics.jsonl").exists()
+
+
+def test_a_run_directory_that_cannot_keep_the_mlflow_id_leaves_no_mlflow_run(
+    tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path
+) -> None:
+    """mlflow.json is what lets a resume find its MLflow run: when it cannot be written (a full disk), the run
+    just created is deleted again instead of being left RUNNING with nothing that points at it."""
+    import tltool.tracking as tracking
+    from tltool.errors import TltoolError
+
+    def full_disk(path, text):
+        raise tracking.TrackingError("no space left on device", "free disk space")
+
+    monkeypatch.setattr(tracking, "write_text_atomic", full_disk)
+    run_dir = tmp_path / "d"
+    seed_store(run_dir, empty_store)
+    with pytest.raises(TltoolError, match="no space"):
+        run(run_dir, dataset)
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.parent / 'mlruns' / 'mlflow.db'}")
+    experiments = client.search_experiments()
+    runs = client.search_runs([e.experiment_id for e in experiments], run_view_type=3)  # (ALL: deleted too)
+    assert runs and all(r.info.lifecycle_stage == "deleted" for r in runs)

@@ -247,7 +247,12 @@ class MlflowTracker:
             experiment_id = experiment.experiment_id
         run = self.client.create_run(experiment_id, run_name=cfg.run.name)
         record = {"run_id": run.info.run_id, "tracking_uri": self.uri, "experiment_id": experiment_id}
-        write_text_atomic(saved_path, json.dumps(record, indent=2) + "\n")
+        try:
+            write_text_atomic(saved_path, json.dumps(record, indent=2) + "\n")
+        except BaseException:  # (a run directory that cannot keep the id: no MLflow run nobody can resume)
+            with contextlib.suppress(Exception):
+                self.client.delete_run(run.info.run_id)
+            raise
         return run
 
     def _log_params_and_tags(self, session: TrainingSession, existing: dict[str, str]) -> None:
