@@ -285,28 +285,15 @@ def export(
     """
     with user_errors():
         check_device(device, "--device")
-        from tltool.export import run_export
+        from tltool.export import ExportOptions, run_export
         from tltool.export.quantize import int8_options
 
         int8 = int8_options(quantize, calibration_images, max_drop, calibration_data)
-        run_export(
-            checkpoint,
-            format,
-            output,
-            data,
-            verify,
-            echo=typer.echo,
-            include_preprocessing=include_preprocessing,
-            input_layout=input_layout,
-            softmax=softmax,
-            dynamic_size=dynamic_size,
-            benchmark=benchmark,
-            device=device,
-            wise_alpha=wise_alpha,
-            force=force,
-            quantize=quantize,
-            int8=int8,
-        )
+        options = ExportOptions(format=format, output=output, data=data, verify=verify,
+                                include_preprocessing=include_preprocessing, input_layout=input_layout, softmax=softmax,
+                                dynamic_size=dynamic_size, benchmark=benchmark, device=device, wise_alpha=wise_alpha,
+                                force=force, quantize=quantize, int8=int8)  # fmt: skip
+        run_export(checkpoint, options, echo=typer.echo)
 
 
 @app.command(
