@@ -10,7 +10,7 @@ carries and how it is called is `spec.py`, the parity proof `parity.py`, the lat
 from __future__ import annotations
 
 from tltool.export.formats import EXPORTERS
-from tltool.export.run import default_output, run_export
+from tltool.export.run import ExportOptions, default_output, run_export
 from tltool.export.spec import ExportSpec, sidecar_path
 
-__all__ = ["EXPORTERS", "ExportSpec", "default_output", "run_export", "sidecar_path"]
+__all__ = ["EXPORTERS", "ExportOptions", "ExportSpec", "default_output", "run_export", "sidecar_path"]

@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -115,6 +116,29 @@ def check_overwrites(paths: dict[str, Path], force: bool) -> None:
 # --- options -------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `tltool export` was asked for besides the checkpoint: one field per flag, defaults as the command's.
+
+    `int8` holds `--quantize int8`'s own options (`quantize.int8_options` builds them from the flags).
+    """
+
+    format: str = "onnx"
+    output: str | Path | None = None
+    data: str | None = None
+    verify: bool = True
+    include_preprocessing: bool = False
+    input_layout: str | None = None
+    softmax: bool = False
+    dynamic_size: bool = False
+    benchmark: bool = False
+    device: str = "auto"
+    wise_alpha: float | None = None
+    force: bool = False
+    quantize: str | None = None
+    int8: Int8Options = field(default_factory=Int8Options)
+
+
 def formats_of(format: str) -> list[str]:
     """`--format` to the list of format names (`all` is every one, in the documented order)."""
     if format == "all":
@@ -124,10 +148,9 @@ def formats_of(format: str) -> list[str]:
     return [format]
 
 
-def _check_options(
-    formats: Sequence[str], include_preprocessing: bool, input_layout: str | None, softmax: bool, dynamic_size: bool
-) -> str:
+def _check_options(formats: Sequence[str], options: ExportOptions) -> str:
     """The input layout to use; ExportError for options that contradict each other."""
+    include_preprocessing, input_layout = options.include_preprocessing, options.input_layout
     if input_layout is not None and input_layout not in LAYOUTS:
         raise ExportError(f"unknown --input-layout {input_layout!r}", f"use one of: {', '.join(LAYOUTS)}")
     if input_layout is not None and not include_preprocessing:
@@ -138,8 +161,8 @@ def _check_options(
         flag
         for flag, given in (
             ("--include-preprocessing", include_preprocessing),
-            ("--softmax", softmax),
-            ("--dynamic-size", dynamic_size),
+            ("--softmax", options.softmax),
+            ("--dynamic-size", options.dynamic_size),
         )
         if given
     ]
@@ -259,57 +282,44 @@ def _predict_images(trained: TrainedModel, data: str | None) -> str:
 # --- the command ---------------------------------------------------------------------------------------
 
 
-def run_export(
-    checkpoint: str | Path,
-    format: str = "onnx",
-    output: str | Path | None = None,
-    data: str | None = None,
-    verify: bool = True,
-    echo: Echo = print,
-    *,
-    include_preprocessing: bool = False,
-    input_layout: str | None = None,
-    softmax: bool = False,
-    dynamic_size: bool = False,
-    benchmark: bool = False,
-    device: str = "auto",
-    wise_alpha: float | None = None,
-    force: bool = False,
-    quantize: str | None = None,
-    int8: Int8Options | None = None,
-) -> list[Path]:
-    """`tltool export`: write the checkpoint's model in `format` (or `all`), parity-checked unless not `verify`.
+@dataclass(frozen=True)
+class _Request:
+    """The checked options: the formats, the input layout, each format's file, the benchmark's device."""
 
-    `wise_alpha`: export WiSE-FT's theta(alpha) of the checkpoint (`trained.open_trained`).
-    Returns the paths written, in format order. On any failure nothing is left under a final name, and a
-    file that was there before is untouched (the exports live in temp files until all have passed). An
-    existing output that is not a tltool export of its format is refused before any work, unless `force`.
-    `quantize="int8"` (ONNX only, `int8` its options): the calibrated int8 file, accuracy-checked instead of
-    parity-checked (export/quantize.py), by default `<checkpoint stem>.int8.onnx`.
-    """
-    formats = formats_of(format)
-    layout = _check_options(formats, include_preprocessing, input_layout, softmax, dynamic_size)
-    int8 = int8 or Int8Options()
-    if quantize is not None:
-        check_int8_options(formats, quantize, int8)
+    formats: list[str]
+    layout: str
+    paths: dict[str, Path]
+    bench_device: torch.device | None
+
+
+def _check_request(checkpoint_path: Path, options: ExportOptions) -> _Request:
+    """Every check that needs no model, before any work: options, packages, device, outputs and what they replace."""
+    formats = formats_of(options.format)
+    layout = _check_options(formats, options)
+    if options.quantize is not None:
+        check_int8_options(formats, options.quantize, options.int8)
         require(("onnx", "onnxruntime"), "int8 quantization")
     for name in formats:
         exporter = EXPORTERS[name]
         install = "pip install safetensors" if name == "safetensors" else "pip install 'tltool[onnx]'"
-        require(exporter.needs + (exporter.run_needs if verify or benchmark else ()), f"{name} export", install)
-    bench_device = None
-    if benchmark:
-        bench_device = resolve_device(device, "--device")
-    checkpoint_path = Path(checkpoint)
-    if quantize is not None and not output:
+        runs = options.verify or options.benchmark
+        require(exporter.needs + (exporter.run_needs if runs else ()), f"{name} export", install)
+    bench_device = resolve_device(options.device, "--device") if options.benchmark else None
+    output = options.output
+    if options.quantize is not None and not output:
         output = default_int8_output(checkpoint_path)
     paths = resolve_outputs(checkpoint_path, formats, str(output) if output else None)
-    check_overwrites(paths, force)  # before any work: an export never silently replaces another file
-    trained = open_trained(checkpoint_path, torch.device("cpu"), wise_alpha)
-    model, preprocess = trained.model, trained.preprocess
+    check_overwrites(paths, options.force)  # before any work: an export never silently replaces another file
+    return _Request(formats, layout, paths, bench_device)
+
+
+def _build_specs(
+    trained: TrainedModel, checkpoint_path: Path, request: _Request, options: ExportOptions
+) -> tuple[ExportSpec, dict[str, ExportSpec]]:
+    """The job's spec (every graph option, the first format) and what each format's file holds and how it is called."""
     task, thresholds = "multiclass", None
     if trained.multilabel:  # (its thresholds chosen on the run's val split now, embedded in the metadata)
-        if softmax:
+        if options.softmax:
             raise ExportError(
                 f"--softmax is for multiclass models, but {checkpoint_path} is multilabel",
                 "leave --softmax out: its logits take a sigmoid per class",
@@ -317,67 +327,101 @@ def run_export(
         from tltool.evaluate import val_thresholds
 
         task, thresholds = "multilabel", tuple(val_thresholds(trained))
+    temperature = trained.model.temperature
     base = ExportSpec(
-        format=formats[0],
+        format=request.formats[0],
         class_names=tuple(trained.class_names),
-        preprocess=preprocess,
+        preprocess=trained.preprocess,
         backbone=trained.backbone,
-        include_preprocessing=include_preprocessing,
-        input_layout=layout,
-        softmax=softmax,
-        dynamic_size=dynamic_size,
-        temperature=float(model.temperature) if model.temperature != 1.0 else None,  # calibration.py
+        include_preprocessing=options.include_preprocessing,
+        input_layout=request.layout,
+        softmax=options.softmax,
+        dynamic_size=options.dynamic_size,
+        temperature=float(temperature) if temperature != 1.0 else None,  # calibration.py
         task=task,
         thresholds=thresholds,
     )
     specs = {}
-    for name in formats:
+    for name in request.formats:
         if EXPORTERS[name].is_graph:
             specs[name] = dataclasses.replace(base, format=name)
         else:  # weights only: the file describes the plain model that predict rebuilds from it
-            specs[name] = ExportSpec(name, base.class_names, preprocess, base.backbone, temperature=base.temperature,
-                                     task=task, thresholds=thresholds)  # fmt: skip
-    weights_only = [name for name in formats if not EXPORTERS[name].is_graph]
-    if len(formats) > 1 and weights_only and (include_preprocessing or softmax or dynamic_size):
-        echo(f"note: {', '.join(weights_only)} holds weights only; the graph options apply to the other formats")
-    job = ExportJob(model, base, dict(trained.checkpoint.arch), dict(trained.checkpoint.config))
-    options = (
-        (include_preprocessing, f"uint8 {layout.upper()} input"),
-        (softmax, "softmax"),
-        (dynamic_size, "any size"),
-        (wise_alpha is not None, f"WiSE-FT alpha {wise_alpha}"),
-        (base.temperature is not None, f"calibrated temperature {base.temperature or 1.0:.4g}"),
-        (quantize is not None, f"{quantize} quantization"),
-    )
-    extras = [text for given, text in options if given]
-    echo(
-        f"exporting {checkpoint_path} ({base.backbone}, {len(base.class_names)} classes) to {', '.join(formats)}"
-        + (f" with {', '.join(extras)}" if extras else "")
-    )
-    if quantize is not None:
-        path = paths["onnx"]
-        try:
-            write_int8(job, specs["onnx"], path, trained, data, int8, verify, echo, bench_device)
-        except (OSError, RuntimeError) as exc:  # as in _write_all: a full disk, a read-only folder
-            reason = failure_reason(exc, path)
-            if reason is None:
-                raise
-            raise ExportError(
-                f"cannot write {getattr(exc, 'filename', None) or path}: {reason}",
-                "free disk space or fix permissions; files that were there are untouched",
-            ) from None
-        echo(f"wrote {path} ({size_text(path.stat().st_size)}) and {sidecar_path(path).name}")
-        echo(f"next: tltool predict {shlex.quote(str(path))} {_predict_images(trained, data)}")
-        return [path]
-    images = parity_images(trained, data, dynamic_size, echo) if verify else None
-    _write_all(job, specs, paths, images, echo)
-    for name in formats:
-        echo(f"wrote {paths[name]} ({size_text(paths[name].stat().st_size)}) and {sidecar_path(paths[name]).name}")
-    if bench_device is not None:
-        from tltool.export.benchmark import run_benchmark
+            specs[name] = ExportSpec(name, base.class_names, base.preprocess, base.backbone,
+                                     temperature=base.temperature, task=task, thresholds=thresholds)  # fmt: skip
+    return base, specs
 
-        run_benchmark(model, [(specs[n], EXPORTERS[n], paths[n]) for n in formats], bench_device, echo)
-    images_arg = _predict_images(trained, data)
-    for name in formats:
+
+def _announce(checkpoint_path: Path, base: ExportSpec, request: _Request, options: ExportOptions, echo: Echo) -> None:
+    """The line that says what is exported, with which options (and a note when some cannot apply)."""
+    weights_only = [name for name in request.formats if not EXPORTERS[name].is_graph]
+    graph_options = options.include_preprocessing or options.softmax or options.dynamic_size
+    if len(request.formats) > 1 and weights_only and graph_options:
+        echo(f"note: {', '.join(weights_only)} holds weights only; the graph options apply to the other formats")
+    given = (
+        (options.include_preprocessing, f"uint8 {request.layout.upper()} input"),
+        (options.softmax, "softmax"),
+        (options.dynamic_size, "any size"),
+        (options.wise_alpha is not None, f"WiSE-FT alpha {options.wise_alpha}"),
+        (base.temperature is not None, f"calibrated temperature {base.temperature or 1.0:.4g}"),
+        (options.quantize is not None, f"{options.quantize} quantization"),
+    )
+    extras = [text for on, text in given if on]
+    echo(
+        f"exporting {checkpoint_path} ({base.backbone}, {len(base.class_names)} classes) to "
+        f"{', '.join(request.formats)}" + (f" with {', '.join(extras)}" if extras else "")
+    )
+
+
+def _write_quantized(
+    job: ExportJob, spec: ExportSpec, path: Path, trained: TrainedModel, request: _Request, options: ExportOptions,
+    echo: Echo,
+) -> None:  # fmt: skip
+    """`--quantize int8`: the calibrated, accuracy-checked file (export/quantize.py) under its name."""
+    try:
+        write_int8(job, spec, path, trained, options.data, options.int8, options.verify, echo, request.bench_device)
+    except (OSError, RuntimeError) as exc:  # as in _write_all: a full disk, a read-only folder
+        reason = failure_reason(exc, path)
+        if reason is None:
+            raise
+        raise ExportError(
+            f"cannot write {getattr(exc, 'filename', None) or path}: {reason}",
+            "free disk space or fix permissions; files that were there are untouched",
+        ) from None
+    echo(f"wrote {path} ({size_text(path.stat().st_size)}) and {sidecar_path(path).name}")
+
+
+def run_export(checkpoint: str | Path, options: ExportOptions | None = None, echo: Echo = print) -> list[Path]:
+    """`tltool export`: write the checkpoint's model in `options.format` (or `all`), parity-checked unless not
+    `options.verify`.
+
+    `options.wise_alpha`: export WiSE-FT's theta(alpha) of the checkpoint (`trained.open_trained`).
+    Returns the paths written, in format order. On any failure nothing is left under a final name, and a
+    file that was there before is untouched (the exports live in temp files until all have passed). An
+    existing output that is not a tltool export of its format is refused before any work, unless `options.force`.
+    `options.quantize="int8"` (ONNX only, `options.int8` its options): the calibrated int8 file,
+    accuracy-checked instead of parity-checked (export/quantize.py), by default `<checkpoint stem>.int8.onnx`.
+    """
+    options = options or ExportOptions()
+    checkpoint_path = Path(checkpoint)
+    request = _check_request(checkpoint_path, options)
+    trained = open_trained(checkpoint_path, torch.device("cpu"), options.wise_alpha)
+    base, specs = _build_specs(trained, checkpoint_path, request, options)
+    job = ExportJob(trained.model, base, dict(trained.checkpoint.arch), dict(trained.checkpoint.config))
+    _announce(checkpoint_path, base, request, options, echo)
+    paths = request.paths
+    if options.quantize is not None:
+        _write_quantized(job, specs["onnx"], paths["onnx"], trained, request, options, echo)
+    else:
+        images = parity_images(trained, options.data, options.dynamic_size, echo) if options.verify else None
+        _write_all(job, specs, paths, images, echo)
+        for name in request.formats:
+            echo(f"wrote {paths[name]} ({size_text(paths[name].stat().st_size)}) and {sidecar_path(paths[name]).name}")
+        if request.bench_device is not None:
+            from tltool.export.benchmark import run_benchmark
+
+            exports = [(specs[n], EXPORTERS[n], paths[n]) for n in request.formats]
+            run_benchmark(trained.model, exports, request.bench_device, echo)
+    images_arg = _predict_images(trained, options.data)
+    for name in request.formats:
         echo(f"next: tltool predict {shlex.quote(str(paths[name]))} {images_arg}")
-    return [paths[name] for name in formats]
+    return [paths[name] for name in request.formats]
