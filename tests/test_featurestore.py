@@ -121,6 +121,7 @@ def test_a_second_run_reuses_the_stored_features_bitwise_and_runs_no_backbone(
     assert third[0] == 0 and other["feature_cache"]["reused"] == ["train", "val"]
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # (conv_passes' hook, traced by the ONNX export)
 @pytest.mark.parametrize("engine", ["eager", "onnxruntime"])
 def test_tltool_baseline_and_finetune_share_entries(
     tmp_path: Path, data: tuple[Path, Path], weights: Path, cli, engine: str
