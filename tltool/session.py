@@ -1,16 +1,18 @@
 """The training session: everything a run trains with, built once from (config, resume).
 
-`build_session(cfg, resume)` scans the data (a wrong path fails before any weights are read), joins
-the torchrun job, opens the checkpoint it resumes, builds the model, the unfreeze plan, the optimizer,
-the schedule, the loss terms and the data streams, and restores each stateful part from the checkpoint.
+`build_session(cfg, resume)` is a sequence of builders, each deciding one thing, in a fixed order (each may
+draw from torch's random state): `_open_run` (the data split, scanned before any weights are read; the
+torchrun job; the checkpoint it resumes), `_build_model`, `_what_trains` (freeze, unfreeze plan, precision,
+placement), the weights' starting points (LP-FT's head, WiSE-FT's theta0, the EMA), `_data_streams`,
+`_build_objective` (the loss terms) and `_make_optimizer`; a resumed session then restores each stateful part.
 `TrainingSession` then holds them side by side, and each part saves and restores itself in one place:
 `checkpoint()` gathers what every part saves, `restore()` gives each its own (the way torchtitan's
 CheckpointManager gathers model, optimizers, schedulers and train state).
 
 The loop (train.py) asks the session for an epoch (`enter_epoch`: the epoch's seeds, what the unfreeze
 plan opens, feature cache on or off, each stream positioned), trains on its named `streams`, then
-`evaluate()` and `save_last()`. (Just past 500 lines: the session and the one function that builds it
-belong together; what a method adds lives in its own module: adapt, source, distill, lpft, wise_run.)
+`evaluate()` and `save_last()`. (Past 700 lines: the session and the builders of its parts belong together;
+what a method adds lives in its own module: adapt, source, distill, lpft, wise_run.)
 """
 
 from __future__ import annotations
@@ -438,21 +440,84 @@ def build_session(
     there is no obstacle.
 
     Raises RunFinished when the checkpoint already trained every epoch. Writes nothing: `start()` does.
+    The parts are built in a fixed order (each may draw from torch's random state): the run and its data,
+    the model and what trains, the weights' starting points (LP-FT's head, WiSE-FT's theta0, the EMA), the
+    data streams, the loss terms, the optimizer and schedule; a resumed run then restores their state.
     """
     wall_start = time.perf_counter()
+    run = _open_run(cfg, resume, quiet, dry_run, changed_data, read_only)
+    cfg, split, resumed, device = run.cfg, run.split, run.resumed, run.device
+    built = _build_model(run)
+    plan, groups, precision = _what_trains(cfg, built, device, run.quiet)
+    model = built.model
+    init_head_from_probe(
+        cfg, built, split, device, precision, resumed=resumed is not None, dry_run=dry_run, quiet=run.quiet
+    )
+    wise = start_wise(cfg, model, resumed, run.wise_held)  # theta0: after the head is set, before the first step
+    ema = build_ema(cfg, model, plan.backbone_ever_trains(), cfg.adapt.bn_stats == "target")
+    data = _data_streams(run, built, plan, precision)
+    objective = _build_objective(run, built, data.source)
+    optimizer = _make_optimizer(run, plan, groups + _term_groups(cfg, objective, device), model)
+    steps = math.ceil(len(data.streams["train"].loader) / cfg.train.accumulate_steps)
+    session = TrainingSession(
+        cfg=cfg,
+        world=run.world,
+        device=device,
+        precision=precision,
+        quiet=run.quiet,
+        split=split,
+        built=built,
+        plan=plan,
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, cfg.train, steps, plan.opened_steps()),
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        objective=objective,
+        state=TrainState(),
+        steps_per_epoch=steps,
+        image_streams=data.streams,
+        image_val=data.val,
+        unlabeled=data.unlabeled,
+        source=data.source,
+        bn_stats=data.bn_stats,
+        resumed=resumed,
+        wise=wise,
+        mixer=make_mixer(cfg.data, len(split.class_names), cfg.run.seed),
+        ema=ema,
+        wall_start=wall_start,
+        drops_single=data.drops_single,
+        data_fingerprint=split.fingerprint(),
+    )
+    if resumed is not None and not dry_run:
+        session.restore(resumed)
+    return session
+
+
+@dataclass
+class _Run:
+    """What `build_session` settles before any weights are read (`_open_run`)."""
+
+    cfg: Config  # paths absolute; a moved run directory: where its checkpoint is now
+    world: distributed.World
+    device: torch.device
+    quiet: bool  # (every rank but 0 is quiet)
+    split: DataSplit  # the data this run trains and evaluates on (a resumed run's: its checkpoint's)
+    resumed: Checkpoint | None
+    wise_held: list[Sample]  # train.wise_alpha=auto: train images kept out to choose alpha
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def _open_run(cfg: Config, resume: str | None, quiet: bool, dry_run: bool, changed_data: bool, read_only: bool) -> _Run:
+    """Which run this is, on which data: the config with absolute paths and the run directory its checkpoint is
+    in, the data split, the torchrun world and device, the checkpoint it resumes (config, classes and data must
+    match it) and WiSE-FT's held-out train images. Raises RunFinished when that checkpoint trained every epoch."""
     cfg = with_absolute_paths(cfg, BACKBONE_NAMES)
     cfg = resume_location(cfg, resume, quiet)  # a moved run directory: continue where the checkpoint is
     if cfg.data.task == "multilabel":
         multilabel.functional()  # (its metrics are torchmetrics': missing, one line with the pip command)
-    # Data first: a wrong path or class layout fails before any weights are read. Under torchrun: join the job
-    # (gloo on CPU, nccl on CUDA) and take this rank's GPU, then rank 0 scans and every rank gets its split (one
-    # walk and header check of the dataset, not one per process; a data error is every rank's one line).
-    if distributed.launched():
-        world, device = distributed.setup(cfg.run.device, cfg.run.dist_timeout_s)
-        split = distributed.main_computes(lambda: scan_data(cfg.data, cfg.run.seed))
-    else:
-        split = scan_data(cfg.data, cfg.run.seed)
-        world, device = distributed.setup(cfg.run.device, cfg.run.dist_timeout_s)
+    world, device, split = _scan_and_join(cfg)
     quiet = quiet or not world.is_main  # only rank 0 prints and writes
     configure_backends(device)
     resumed = open_resume(cfg, resume, split.class_names, world, dry_run or read_only, quiet)
@@ -467,23 +532,53 @@ def build_session(
             resumed.epoch,
             run_directory(cfg),
         )
+    return _Run(cfg, world, device, quiet, split, resumed, wise_held)
 
-    seed_everything(cfg.run.seed)
-    if resumed is not None:
-        built = built_from_checkpoint(resumed.resumable())  # (the trained weights, not an EMA saved as the model)
+
+def _scan_and_join(cfg: Config) -> tuple[distributed.World, torch.device, DataSplit]:
+    """The world, the device and the data split. Data first: a wrong path or class layout fails before any
+    weights are read. Under torchrun: join the job (gloo on CPU, nccl on CUDA) and take this rank's GPU, then
+    rank 0 scans and every rank gets its split (one walk and header check of the dataset, not one per process;
+    a data error is every rank's one line)."""
+    if distributed.launched():
+        world, device = distributed.setup(cfg.run.device, cfg.run.dist_timeout_s)
+        split = distributed.main_computes(lambda: scan_data(cfg.data, cfg.run.seed))
     else:
-        built = build_model(cfg.model, cfg.data, len(split.class_names), split.class_names,
+        split = scan_data(cfg.data, cfg.run.seed)
+        world, device = distributed.setup(cfg.run.device, cfg.run.dist_timeout_s)
+    return world, device, split
+
+
+def _build_model(run: _Run) -> BuiltModel:
+    """The network: the resumed checkpoint's (its trained weights, not an EMA saved as the model), or a new one
+    from model.* with its initialisation seeded by run.seed (Co-Tuning keeps the pretrained classifier); with
+    train.sync_batchnorm under torchrun, batch statistics over the global batch (CUDA only)."""
+    cfg = run.cfg
+    seed_everything(cfg.run.seed)
+    if run.resumed is not None:
+        built = built_from_checkpoint(run.resumed.resumable())
+    else:
+        built = build_model(cfg.model, cfg.data, len(run.split.class_names), run.split.class_names,
                             keep_source_head=cfg.train.cotuning_weight > 0)  # fmt: skip
-    model = built.model
-    if cfg.train.sync_batchnorm and world.enabled:
-        if device.type != "cuda":
+    if cfg.train.sync_batchnorm and run.world.enabled:
+        if run.device.type != "cuda":
             raise ConfigError(
                 "train.sync_batchnorm needs CUDA: torch's SyncBatchNorm does not run on CPU",
                 "set train.sync_batchnorm=false for CPU runs",
             )
         # Same parameters, batch statistics over the global batch (its state_dict keys are BatchNorm's).
-        model = built.model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    # What trains: train.freeze, then the plan that opens parts of the backbone as optimizer groups.
+        built.model = nn.SyncBatchNorm.convert_sync_batchnorm(built.model)
+    return built
+
+
+def _what_trains(
+    cfg: Config, built: BuiltModel, device: torch.device, quiet: bool
+) -> tuple[UnfreezePlan, list[dict[str, Any]], str]:
+    """What trains, and in which precision and layout: train.freeze, then the plan that opens parts of the
+    backbone as optimizer groups (its first groups; nothing to train, or a method that needs a training
+    backbone without one, is refused); the precision; the model on the device, in channels_last when it helps,
+    each backbone stage checkpointed with train.grad_checkpointing (before the EMA's copy, DDP and compile)."""
+    model = built.model
     plan = UnfreezePlan(cfg.train, model, freeze_modules(model, cfg.train.freeze), cfg.model.backbone)
     groups = plan.initial_groups()
     if not groups:
@@ -496,18 +591,32 @@ def build_session(
     if use_channels_last(cfg.train.channels_last, model):
         # Weights in NHWC; convolutions then run NHWC (the input is converted by the first one).
         model.to(memory_format=torch.channels_last)
-    if cfg.train.grad_checkpointing:  # (before the EMA's copy, before DDP and compile wrap the model)
+    if cfg.train.grad_checkpointing:
         if plan.backbone_ever_trains():
             enable_grad_checkpointing(model.backbone)
         else:
             say(quiet, "train.grad_checkpointing: the backbone never trains (frozen), nothing to checkpoint")
-    init_head_from_probe(
-        cfg, built, split, device, precision, resumed=resumed is not None, dry_run=dry_run, quiet=quiet
-    )
-    wise = start_wise(cfg, model, resumed, wise_held)  # theta0: after the head is set, before the first step
-    ema = build_ema(cfg, model, plan.backbone_ever_trains(), cfg.adapt.bn_stats == "target")
+    return plan, groups, precision
 
-    pin = device.type == "cuda"
+
+@dataclass
+class _Data:
+    """The image streams and the val loader (`_data_streams`)."""
+
+    streams: dict[str, Stream]
+    val: DataLoader
+    drops_single: bool
+    unlabeled: list[Sample] | None = None
+    bn_stats: dict[str, dict[str, torch.Tensor]] | None = None
+    source: SourceData | None = None
+
+
+def _data_streams(run: _Run, built: BuiltModel, plan: UnfreezePlan, precision: str) -> _Data:
+    """The image streams and the val loader: `train` (each draw's augmentation seeded, sharded over the ranks,
+    class-balanced with data.sampler=balanced), `unlabeled` (adapt.unlabeled, with AdaBN's target statistics)
+    and `source` (source.train after source.select), which draw one batch per train batch. Decides
+    `drops_single`: whether an epoch that would end in a batch of one image leaves it out."""
+    cfg, split, model = run.cfg, run.split, built.model
     augmented = train_transform(built.preprocess, cfg.data.augment, cfg.data.random_erasing)  # (every image stream)
     # Batch norm that trains (some epoch) cannot train on a batch of one image: an epoch that would end in one
     # leaves that image out, the same cut in every stream, epoch, rank and resume (EpochSampler.drop_single).
@@ -519,9 +628,9 @@ def build_session(
         cfg.data.num_workers,
         cfg.run.seed,
         shuffle=True,
-        pin_memory=pin,
+        pin_memory=run.pin_memory,
         balanced=cfg.data.sampler == "balanced",
-        shard=world.shard,
+        shard=run.world.shard,
         seeded=True,  # each draw's augmentation: a function of (seed, epoch, position), whatever the workers
         drop_single=drops_single,
         buffer=cfg.data.shuffle_buffer,
@@ -538,29 +647,39 @@ def build_session(
         cfg.data.num_workers,
         cfg.run.seed,
         shuffle=False,
-        pin_memory=pin,
-        shard=world.shard,
+        pin_memory=run.pin_memory,
+        shard=run.world.shard,
     )
-    streams = {"train": Stream("train", train_loader, cfg.data.batch_size)}
-    unlabeled, stats = None, None
+    data = _Data({"train": Stream("train", train_loader, cfg.data.batch_size)}, val_loader, drops_single)
     if cfg.adapt.unlabeled:
-        unlabeled = scan_unlabeled(cfg.adapt.unlabeled)
+        data.unlabeled = scan_unlabeled(cfg.adapt.unlabeled)
         seed = cfg.run.seed * 1_000_033 + 17  # (its own order, not the labelled stream's)
-        loader = make_loader(unlabeled, augmented, cfg.data.batch_size,
-                             cfg.data.num_workers, seed, shuffle=True, pin_memory=pin, shard=world.shard, seeded=True,
-                             draws=len(split.train), drop_single=drops_single)  # fmt: skip
-        streams["unlabeled"] = Stream("unlabeled", loader, cfg.data.batch_size, seed)
+        data.streams["unlabeled"] = _paired_stream(run, "unlabeled", data.unlabeled, seed, augmented, drops_single)
         if cfg.adapt.bn_stats == "target":
-            stats = adabn_stats(cfg, model, built, unlabeled, resumed, device, precision)
-    source = None
+            data.bn_stats = adabn_stats(cfg, model, built, data.unlabeled, run.resumed, run.device, precision)
     if cfg.source.train:
-        source = open_source(cfg, split, built, device, precision)
+        data.source = open_source(cfg, split, built, run.device, precision)
         seed = cfg.run.seed * 1_000_033 + 29
-        loader = make_loader(source.samples, augmented, cfg.data.batch_size,
-                             cfg.data.num_workers, seed, shuffle=True, pin_memory=pin, shard=world.shard, seeded=True,
-                             draws=len(split.train), drop_single=drops_single)  # fmt: skip
-        streams["source"] = Stream("source", loader, cfg.data.batch_size, seed)
-    steps = math.ceil(len(train_loader) / cfg.train.accumulate_steps)
+        data.streams["source"] = _paired_stream(run, "source", data.source.samples, seed, augmented, drops_single)
+    return data
+
+
+def _paired_stream(
+    run: _Run, name: str, samples: list[Sample], seed: int, transform: Any, drops_single: bool
+) -> Stream:
+    """A stream drawn beside `train`, one batch per train batch: its own seed (its own order), as many draws
+    as the train set has images (CyclingSampler), sharded and cut like `train`."""
+    data = run.cfg.data
+    loader = make_loader(samples, transform, data.batch_size, data.num_workers, seed, shuffle=True,
+                         pin_memory=run.pin_memory, shard=run.world.shard, seeded=True, draws=len(run.split.train),
+                         drop_single=drops_single)  # fmt: skip
+    return Stream(name, loader, data.batch_size, seed)
+
+
+def _build_objective(run: _Run, built: BuiltModel, source: SourceData | None) -> Objective:
+    """The loss terms (objective.build_objective decides which), given the state a resumed run saved for them
+    (L2-SP's reference weights, each term's own) and distill.teacher's model."""
+    cfg, split, resumed, device = run.cfg, run.split, run.resumed, run.device
     saved_terms = None
     if resumed is not None:
         saved_terms = dict(resumed.loss_terms or {})
@@ -570,9 +689,9 @@ def build_session(
     teacher = (
         open_teacher(cfg.distill.teacher, split.class_names, built.preprocess, device) if cfg.distill.teacher else None
     )
-    objective = build_objective(
+    return build_objective(
         cfg,
-        model,
+        built.model,
         split.class_names,
         labels,
         device,
@@ -582,50 +701,36 @@ def build_session(
         source,
         built.source_head,
     )
-    for name, module in objective.modules().items():  # (after the plan's groups, before any it opens later)
+
+
+def _term_groups(cfg: Config, objective: Objective, device: torch.device) -> list[dict[str, Any]]:
+    """An optimizer group for each loss term with parameters of its own (DANN's discriminator, a source head,
+    Co-Tuning's classifier), named after the term, at train.lr x its lr_scale (no weight decay under L2-SP);
+    each such term's module gets its DDP wrapper (`Term.forward`). They follow the plan's groups, before any
+    group the plan opens later."""
+    groups = []
+    for name, module in objective.modules().items():
         decay = 0.0 if cfg.train.regularization == "l2sp" else cfg.train.weight_decay
         lr = cfg.train.lr * objective.term(name).lr_scale
         groups.append({"params": list(module.parameters()), "name": name, "lr": lr,
                        "initial_lr": lr, "weight_decay": decay})  # fmt: skip
         objective.term(name).forward = distributed.wrap(module, device)
-    optimizer = make_optimizer(cfg.train, groups)
-    if resumed is not None:
-        # The same groups in the same order as when the checkpoint was written, before its state loads.
-        plan.restore(resumed.transfer, optimizer)
+    return groups
+
+
+def _make_optimizer(
+    run: _Run, plan: UnfreezePlan, groups: list[dict[str, Any]], model: nn.Module
+) -> torch.optim.Optimizer:
+    """The optimizer over `groups`. A resumed run's plan first reopens what had opened, so the groups are those,
+    in that order, of when the checkpoint was written (its state loads in `restore`), and the parameters that
+    train must be the checkpoint's."""
+    optimizer = make_optimizer(run.cfg.train, groups)
+    if run.resumed is not None:
+        plan.restore(run.resumed.transfer, optimizer)
         trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-        if trainable != list(resumed.trainable):
+        if trainable != list(run.resumed.trainable):
             raise CheckpointError(
                 "the checkpoint's trainable parameters differ from what its config and unfreeze record give",
                 "resume with the original config and tltool version",
             )
-    session = TrainingSession(
-        cfg=cfg,
-        world=world,
-        device=device,
-        precision=precision,
-        quiet=quiet,
-        split=split,
-        built=built,
-        plan=plan,
-        optimizer=optimizer,
-        scheduler=make_scheduler(optimizer, cfg.train, steps, plan.opened_steps()),
-        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-        objective=objective,
-        state=TrainState(),
-        steps_per_epoch=steps,
-        image_streams=streams,
-        image_val=val_loader,
-        unlabeled=unlabeled,
-        source=source,
-        bn_stats=stats,
-        resumed=resumed,
-        wise=wise,
-        mixer=make_mixer(cfg.data, len(split.class_names), cfg.run.seed),
-        ema=ema,
-        wall_start=wall_start,
-        drops_single=drops_single,
-        data_fingerprint=split.fingerprint(),
-    )
-    if resumed is not None and not dry_run:
-        session.restore(resumed)
-    return session
+    return optimizer

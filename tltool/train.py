@@ -157,33 +157,178 @@ def train_one_epoch(
     `save()` is called every `checkpoint.every_n_steps` optimizer steps and when a stop is requested.
     `on_batch(objective, ends_step)` sees each trained batch's objective before its backward; when it returns
     True the pass ends there, before that backward, and returns None (`tltool lr-find`'s range test, lrfind.py).
+    Each batch is `EpochSteps.train`'s; this is the loop, the progress bar and the epoch's figures.
     """
-    model, optimizer, scaler, state = session.model, session.optimizer, session.scaler, session.state
-    scheduler, forward, objective, device = session.scheduler, session.forward, session.objective, session.device
-    cfg, sums = session.cfg.train, state.in_epoch
-    stream = session.streams["train"]
-    num_batches = stream.num_batches()
-    sampler = epoch_draws(stream.loader)
-    drawn = sampler.shard_size() if hasattr(sampler, "shard_size") else None  # (None: given batches)
-    # adapt.unlabeled, source.train: one batch of each beside each labelled one (the loaders are positioned alike).
-    others = {name: iter(s.loader) for name, s in session.streams.items() if name != "train"}
-    wrapped = [forward, *(term.forward for term in objective.terms if term.forward is not None)]
-    for module in objective.modules().values():
-        module.train()
-    total_steps = max(1, session.cfg.train.epochs * session.steps_per_epoch)
-    every_n_steps = session.cfg.checkpoint.every_n_steps
-    distributed = session.world.enabled  # under torchrun: forward is DDP-wrapped and per-step flags are agreed on
-    set_train_mode(model, session.plan.frozen_modules())  # frozen modules stay in eval mode: BN statistics never move
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    accumulate = cfg.accumulate_steps
-    start = tick = time.perf_counter() - sums.seconds
-    # Per batch (objective, each loss term, top-1 hits) stay on the device until read: every batch on CPU,
-    # every host_read_interval batches on an accelerator (a read is a sync), and before any save.
-    read_every = host_read_interval(device)
-    pending: list[tuple[int, int, torch.Tensor]] = []  # (batch index, images, [objective, *terms, hits])
+    steps = EpochSteps(session, stop, save, on_batch)
+    sums = session.state.in_epoch
+    tick = steps.start
+    for index, batch in enumerate(steps.stream.loader, start=sums.batches_done):
+        sums.data_seconds += time.perf_counter() - tick
+        if not steps.train(index, batch):
+            return None
+        if progress is not None:
+            steps.show(progress)
+        tick = time.perf_counter()
+    return steps.epoch_figures()
 
-    def read_pending() -> None:
+
+class EpochSteps:
+    """The batches and optimizer steps of one pass over the session's `train` stream (`train_one_epoch`'s body).
+
+    `train(index, batch)` trains one batch: the other streams' batches beside it, the flags every rank agrees
+    on, the forward and loss terms, the batch's figures, the backward (accumulated under DDP's no_sync), and at
+    the end of each group of train.accumulate_steps batches the optimizer step, the EMA's update, the schedule,
+    and the mid-epoch save and stop checks. The figures (objective, terms, hits) stay on the device until
+    `read_pending` folds them into the epoch sums (`state.in_epoch`); `epoch_figures()` sums them over ranks.
+    """
+
+    def __init__(
+        self,
+        session: TrainingSession,
+        stop: StopRequest | None,
+        save: Callable[[], None] | None,
+        on_batch: Callable[[torch.Tensor, bool], bool] | None,
+    ) -> None:
+        self.session, self.stop, self.save, self.on_batch = session, stop, save, on_batch
+        self.model, self.optimizer, self.scaler = session.model, session.optimizer, session.scaler
+        self.state, self.sums = session.state, session.state.in_epoch
+        self.scheduler, self.forward, self.objective = session.scheduler, session.forward, session.objective
+        self.device, self.cfg = session.device, session.cfg.train
+        self.stream = session.streams["train"]
+        self.num_batches = self.stream.num_batches()
+        sampler = epoch_draws(self.stream.loader)
+        self.drawn = sampler.shard_size() if hasattr(sampler, "shard_size") else None  # (None: given batches)
+        # adapt.unlabeled, source.train: one batch of each beside each labelled one (the loaders are positioned
+        # alike). (Their iterators start before the train stream's: each start draws a seed from torch's state.)
+        self.others = {name: iter(s.loader) for name, s in session.streams.items() if name != "train"}
+        self.wrapped = [self.forward, *(term.forward for term in self.objective.terms if term.forward is not None)]
+        for module in self.objective.modules().values():
+            module.train()
+        self.total_steps = max(1, session.cfg.train.epochs * session.steps_per_epoch)
+        self.every_n_steps = session.cfg.checkpoint.every_n_steps
+        self.distributed = session.world.enabled  # under torchrun: forward is DDP-wrapped, per-step flags agreed on
+        set_train_mode(self.model, session.plan.frozen_modules())  # frozen modules stay in eval: BN statistics stay
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.accumulate = self.cfg.accumulate_steps
+        self.start = time.perf_counter() - self.sums.seconds
+        # Per batch (objective, each loss term, top-1 hits) stay on the device until read: every batch on CPU,
+        # every host_read_interval batches on an accelerator (a read is a sync), and before any save.
+        self.read_every = host_read_interval(self.device)
+        self.pending: list[tuple[int, int, torch.Tensor]] = []  # (batch index, images, [objective, *terms, hits])
+        # The gradients are dropped just before the first backward of each optimizer step, as in the textbook
+        # loop, not right after the step: freed after the step, their memory goes to the next forward's
+        # activations and the backward must fault in fresh pages (5-11% slower per step on CPU, BENCHMARKS.md).
+        self.stale = True  # the gradients held belong to an earlier step (or to none)
+        self.loop_start, self.first_step = time.perf_counter(), None
+        self.budget = stop.budget if stop is not None else None
+        if self.budget is not None:
+            self.budget.epoch_started()
+
+    def train(self, index: int, batch: Any) -> bool:
+        """Train on the epoch's `index`th batch (None: every image of it failed to decode, each reported); the
+        step when it ends a group of train.accumulate_steps. False: `on_batch` ended the pass before its backward."""
+        sums = self.sums
+        # The last group of an epoch may hold fewer batches: divide by its real size.
+        group_start = index - index % self.accumulate
+        group_size = min(self.accumulate, self.num_batches - group_start)
+        steps_now = index - group_start + 1 == group_size
+        missing = self.unusable(batch)
+        extra = {name: next(loader) for name, loader in self.others.items()}
+        absent = [name for name in self.others if self.unusable(extra[name])]
+        stopping = False
+        if self.distributed:  # every rank takes the same branch: none waits alone in a collective
+            # (before the forward: DDP broadcasts the batch-norm buffers in it)
+            missing, stopping, *flags = any_rank(missing, self.stop is not None and self.stop.requested,
+                                                 *(name in absent for name in self.others))  # fmt: skip
+            absent = [name for name, flag in zip(self.others, flags, strict=True) if flag]
+            if stopping:
+                self.stop.agree()  # (every rank: which signal, for the exit code)
+        read_now = (index + 1) % self.read_every == 0
+        if self.drawn is not None:  # the images this batch drew that are not trained on (decode failures)
+            expected = min(self.stream.batch_size, self.drawn - index * self.stream.batch_size)
+            sums.skipped += expected - (0 if missing else len(batch[1]))
+        # Under DDP the gradients of a micro-batch that only accumulates are not all-reduced yet.
+        with contextlib.ExitStack() as held:
+            for module in self.wrapped:
+                held.enter_context(no_sync(module, steps_now))
+            if not missing:
+                logits, labels, value, terms = self.outputs(index, batch, extra, absent)
+                if self.on_batch is not None and self.on_batch(value.detach(), steps_now):
+                    return False
+                self.record(index, logits, labels, value, terms)
+                if read_now:  # (on CPU: every batch, before its backward, so a non-finite loss never steps)
+                    self.read_pending()
+                self.backward(value, group_size)
+            elif read_now:
+                self.read_pending()  # (under torchrun every rank reads at the same batches)
+        sums.batches_done = index + 1
+        if steps_now:
+            self.step()
+            self.save_or_stop(stopping)
+        return True
+
+    def backward(self, value: torch.Tensor, group_size: int) -> None:
+        """The batch's backward of its share of the step (`group_size` batches); the gradients of the previous
+        step are dropped just before the first backward of a step."""
+        if self.stale:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.stale = False
+        self.scaler.scale(value / group_size).backward()
+
+    def unusable(self, batch: Any) -> bool:
+        """None (every image of it failed to decode, each reported), or a batch that decode failures left with
+        a single image while batch norm trains (it cannot train on one): skipped."""
+        return batch is None or (self.session.drops_single and len(batch[1]) < 2)
+
+    def outputs(
+        self, index: int, batch: Any, extra: dict[str, Any], absent: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """The forward of the named streams and the loss terms: (logits, labels, objective, terms). The labelled
+        batch is mixed first (data.mixup_alpha / cutmix_alpha, seeded by (seed, epoch, index, rank)); `labels`
+        are then its dominant ones. The other streams' batches go through the same forward (adapt.TrainForward)."""
+        session, device, state = self.session, self.device, self.state
+        images, labels = batch
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        targets = None  # data.mixup_alpha / cutmix_alpha: the batch mixed, seeded by (seed, epoch, index, rank)
+        if session.mixer is not None and not session.inputs.cached:
+            images, targets, labels = session.mixer(images, labels, state.epoch, index, session.world.rank)
+        with autocast(device, session.precision):
+            if session.multi_stream:
+                inputs = {name: None if name in absent else [t.to(device, non_blocking=True) for t in b]
+                          for name, b in extra.items()}  # fmt: skip
+                unlabeled, source = inputs.get("unlabeled"), inputs.get("source")
+                logits, features, u_logits, u_features, s_logits, s_features = self.forward(
+                    images, unlabeled[0] if unlabeled else None, source[0] if source else None
+                )
+                outputs = StepOutputs(
+                    logits.float(), labels, features, u_logits.float() if u_logits is not None else None,
+                    u_features, progress=state.global_step / self.total_steps, images=images,
+                    unlabeled_images=unlabeled[0] if unlabeled else None,
+                    source_logits=s_logits, source_features=s_features,
+                    source_labels=source[1] if source else None,
+                )  # fmt: skip
+            else:
+                logits = self.forward(images)
+                outputs = StepOutputs(logits.float(), labels, images=images)
+            outputs.targets = targets
+            value, terms = self.objective(outputs)
+        return logits, labels, value, terms
+
+    def record(
+        self, index: int, logits: torch.Tensor, labels: torch.Tensor, value: torch.Tensor, terms: list[torch.Tensor]
+    ) -> None:
+        """The batch's objective, terms and hits, kept on the device until `read_pending`."""
+        if labels.is_floating_point():  # multilabel: an exact match (every class right at p 0.5)
+            hits = ((logits >= 0) == (labels > 0.5)).all(dim=1).sum()
+        else:
+            hits = (logits.argmax(dim=1) == labels).sum()
+        values = torch.stack([value.detach(), *(term.detach() for term in terms), hits]).to(sum_dtype(self.device))
+        self.pending.append((index, labels.shape[0], values))
+
+    def read_pending(self) -> None:
         """Fold the pending batches into the epoch sums; a non-finite loss raises (on every rank)."""
+        sums, pending = self.sums, self.pending
         rows = torch.stack([values for _, _, values in pending]).tolist() if pending else []
         bad = None
         for (index, count, _), (value, *terms, hits) in zip(pending, rows, strict=True):
@@ -191,159 +336,94 @@ def train_one_epoch(
                 bad = (f", batch {index + 1}", value)
                 break
             sums.loss_sum += terms[0] * count  # (train_loss: the ce term, the labelled batch's loss)
-            for name, term in zip(objective.names, terms, strict=True):
+            for name, term in zip(self.objective.names, terms, strict=True):
                 sums.term_sums[name] = sums.term_sums.get(name, 0.0) + term * count
             sums.correct += int(hits)
             sums.seen += count
-        if distributed and any_rank(bad is not None)[0] and bad is None:
+        if self.distributed and any_rank(bad is not None)[0] and bad is None:
             bad = ("", "non-finite on another process")
         if bad is not None:
             raise TrainingError(
-                f"the loss became {bad[1]} at epoch {state.epoch + 1}{bad[0]}",
+                f"the loss became {bad[1]} at epoch {self.state.epoch + 1}{bad[0]}",
                 "lower train.lr or set train.grad_clip_norm (the last finite checkpoint is kept)",
             )
         pending.clear()
 
-    # The gradients are dropped just before the first backward of each optimizer step, as in the textbook
-    # loop, not right after the step: freed after the step, their memory goes to the next forward's
-    # activations and the backward must fault in fresh pages (5-11% slower per step on CPU, BENCHMARKS.md).
-    stale = True  # the gradients held belong to an earlier step (or to none)
-    loop_start, first_step = time.perf_counter(), None
-    budget = stop.budget if stop is not None else None
-    if budget is not None:
-        budget.epoch_started()
-    for index, batch in enumerate(stream.loader, start=sums.batches_done):
-        sums.data_seconds += time.perf_counter() - tick
-        # The last group of an epoch may hold fewer batches: divide by its real size.
-        group_start = index - index % accumulate
-        group_size = min(accumulate, num_batches - group_start)
-        steps_now = index - group_start + 1 == group_size
-        # None: every image of this batch failed to decode (each was reported); the batch is skipped. So is one
-        # that decode failures left with a single image while batch norm trains (it cannot train on one).
-        missing = batch is None or (session.drops_single and len(batch[1]) < 2)
-        extra = {name: next(loader) for name, loader in others.items()}
-        absent = [name for name in others if extra[name] is None or (session.drops_single and len(extra[name][1]) < 2)]
-        if distributed:  # every rank takes the same branch: none waits alone in a collective
-            # (before the forward: DDP broadcasts the batch-norm buffers in it)
-            missing, stopping, *flags = any_rank(missing, stop is not None and stop.requested,
-                                                 *(name in absent for name in others))  # fmt: skip
-            absent = [name for name, flag in zip(others, flags, strict=True) if flag]
-            if stopping:
-                stop.agree()  # (every rank: which signal, for the exit code)
-        read_now = (index + 1) % read_every == 0
-        if drawn is not None:  # the images this batch drew that are not trained on (decode failures)
-            expected = min(stream.batch_size, drawn - index * stream.batch_size)
-            sums.skipped += expected - (0 if missing else len(batch[1]))
-        # Under DDP the gradients of a micro-batch that only accumulates are not all-reduced yet.
-        with contextlib.ExitStack() as held:
-            for module in wrapped:
-                held.enter_context(no_sync(module, steps_now))
-            if not missing:
-                images, labels = batch
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                targets = None  # data.mixup_alpha / cutmix_alpha: the batch mixed, seeded by (seed, epoch, index, rank)
-                if session.mixer is not None and not session.inputs.cached:
-                    images, targets, labels = session.mixer(images, labels, state.epoch, index, session.world.rank)
-                with autocast(device, session.precision):
-                    if session.multi_stream:
-                        inputs = {name: None if name in absent else [t.to(device, non_blocking=True) for t in b]
-                                  for name, b in extra.items()}  # fmt: skip
-                        unlabeled, source = inputs.get("unlabeled"), inputs.get("source")
-                        logits, features, u_logits, u_features, s_logits, s_features = forward(
-                            images, unlabeled[0] if unlabeled else None, source[0] if source else None
-                        )
-                        outputs = StepOutputs(
-                            logits.float(), labels, features, u_logits.float() if u_logits is not None else None,
-                            u_features, progress=state.global_step / total_steps, images=images,
-                            unlabeled_images=unlabeled[0] if unlabeled else None,
-                            source_logits=s_logits, source_features=s_features,
-                            source_labels=source[1] if source else None,
-                        )  # fmt: skip
-                    else:
-                        logits = forward(images)
-                        outputs = StepOutputs(logits.float(), labels, images=images)
-                    outputs.targets = targets
-                    value, terms = objective(outputs)
-                if on_batch is not None and on_batch(value.detach(), steps_now):
-                    return None
-                if labels.is_floating_point():  # multilabel: an exact match (every class right at p 0.5)
-                    hits = ((logits >= 0) == (labels > 0.5)).all(dim=1).sum()
-                else:
-                    hits = (logits.argmax(dim=1) == labels).sum()
-                values = torch.stack([value.detach(), *(term.detach() for term in terms), hits]).to(sum_dtype(device))
-                pending.append((index, labels.shape[0], values))
-                if read_now:  # (on CPU: every batch, before its backward, so a non-finite loss never steps)
-                    read_pending()
-                if stale:
-                    optimizer.zero_grad(set_to_none=True)
-                    stale = False
-                scaler.scale(value / group_size).backward()
-            elif read_now:
-                read_pending()  # (under torchrun every rank reads at the same batches)
-        sums.batches_done = index + 1
-        if steps_now:
-            if stale:  # every batch of this step was unreadable: step with no gradients, as torch skips them
-                optimizer.zero_grad(set_to_none=True)
-            stale = True
-            if cfg.grad_clip_norm is not None:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            state.global_step += 1
-            if session.ema is not None:  # (once per optimizer step, whatever train.accumulate_steps)
-                session.ema.update()
-            if first_step is None:  # (with run.compile, the first step compiles the graph)
-                first_step = time.perf_counter() - loop_start
-            # Between optimizer steps the state is whole (no half-accumulated gradients): save here.
-            last_batch = sums.batches_done == num_batches
-            wants_save = every_n_steps is not None and state.global_step % every_n_steps == 0
-            # Under torchrun, the stop request all ranks agreed on at this step (a signal may reach one first).
-            if not distributed:
-                stopping = stop is not None and stop.requested
-            if budget is not None:
-                budget.step_done()
-            if budget is not None and not last_batch:  # run.time_limit: room for one more step and its save?
-                next_ends_epoch = sums.batches_done + accumulate >= num_batches
-                if any_rank(budget.exhausted(next_ends_epoch))[0]:
-                    stop.out_of_time()
-                    stopping = True
-            if save is not None and not last_batch and (wants_save or stopping):
-                read_pending()  # the sums saved are whole, and no non-finite step is ever saved
-                sums.seconds = time.perf_counter() - start
-                save()
-            if stopping and not last_batch:
-                raise Interrupted(f"stopped at epoch {state.epoch + 1}, batch {sums.batches_done}", "")
-        if progress is not None:
-            if not pending:  # (the figures are read: showing them costs no sync)
-                elapsed = time.perf_counter() - start
-                running = sums.loss_sum / max(sums.seen, 1)
-                img_s = f"{sums.seen / max(elapsed, 1e-9):.0f}"
-                progress.set_postfix(loss=f"{running:.4f}", img_s=img_s, refresh=False)
-            progress.update(1)
-        tick = time.perf_counter()
-    read_pending()  # (every rank: the epoch's last batches)
-    sums.seconds = time.perf_counter() - start
-    # The epoch's figures over all ranks (sums of counts; the slowest rank's times).
-    term_sums = [sums.term_sums.get(name, 0.0) for name in objective.names]
-    totals = torch.tensor([sums.loss_sum, sums.correct, sums.seen, sums.skipped, *term_sums], dtype=torch.float64)
-    loss_sum, correct, seen, skipped, *term_totals = all_reduce_sum(totals).tolist()
-    seconds, data_seconds = all_reduce_max([sums.seconds, sums.data_seconds])
-    if seen == 0:
-        raise TrainingError("no training image of this epoch could be read", "check the dataset")
-    return {
-        "train_loss": loss_sum / seen,
-        "train_acc": correct / seen,
-        "loss_terms": {name: total / seen for name, total in zip(objective.names, term_totals, strict=True)},
-        "train_images": int(seen),
-        "skipped_images": int(skipped),
-        "train_seconds": seconds,
-        "data_seconds": data_seconds,
-        "images_per_second": seen / max(seconds, 1e-9),
-        "first_step_seconds": first_step,
-    }
+    def step(self) -> None:
+        """The optimizer step of the gradients accumulated: (unscale and clip to train.grad_clip_norm), the
+        scaler's step and update, the schedule, the EMA's update (once per step, whatever accumulate_steps)."""
+        optimizer, scaler = self.optimizer, self.scaler
+        if self.stale:  # every batch of this step was unreadable: step with no gradients, as torch skips them
+            optimizer.zero_grad(set_to_none=True)
+        self.stale = True
+        if self.cfg.grad_clip_norm is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        self.scheduler.step()
+        self.state.global_step += 1
+        if self.session.ema is not None:
+            self.session.ema.update()
+        if self.first_step is None:  # (with run.compile, the first step compiles the graph)
+            self.first_step = time.perf_counter() - self.loop_start
+
+    def save_or_stop(self, stopping: bool) -> None:
+        """After a step (the state is whole: no half-accumulated gradients) and before the epoch's last one:
+        save every checkpoint.every_n_steps steps, and save and stop (Interrupted) on a stop request or when
+        run.time_limit leaves no room for another step. `stopping`: the request all ranks agreed on at this
+        step under torchrun (a signal may reach one first)."""
+        sums, state, stop, budget = self.sums, self.state, self.stop, self.budget
+        last_batch = sums.batches_done == self.num_batches
+        wants_save = self.every_n_steps is not None and state.global_step % self.every_n_steps == 0
+        if not self.distributed:
+            stopping = stop is not None and stop.requested
+        if budget is not None:
+            budget.step_done()
+        if budget is not None and not last_batch:  # run.time_limit: room for one more step and its save?
+            next_ends_epoch = sums.batches_done + self.accumulate >= self.num_batches
+            if any_rank(budget.exhausted(next_ends_epoch))[0]:
+                stop.out_of_time()
+                stopping = True
+        if self.save is not None and not last_batch and (wants_save or stopping):
+            self.read_pending()  # the sums saved are whole, and no non-finite step is ever saved
+            sums.seconds = time.perf_counter() - self.start
+            self.save()
+        if stopping and not last_batch:
+            raise Interrupted(f"stopped at epoch {state.epoch + 1}, batch {sums.batches_done}", "")
+
+    def show(self, progress: tqdm) -> None:
+        """Advance the progress bar; the running loss and speed when the figures are read (no sync)."""
+        sums = self.sums
+        if not self.pending:
+            elapsed = time.perf_counter() - self.start
+            running = sums.loss_sum / max(sums.seen, 1)
+            img_s = f"{sums.seen / max(elapsed, 1e-9):.0f}"
+            progress.set_postfix(loss=f"{running:.4f}", img_s=img_s, refresh=False)
+        progress.update(1)
+
+    def epoch_figures(self) -> dict[str, Any]:
+        """The epoch's figures over all ranks (sums of counts; the slowest rank's times), after the last read."""
+        self.read_pending()  # (every rank: the epoch's last batches)
+        sums, names = self.sums, self.objective.names
+        sums.seconds = time.perf_counter() - self.start
+        term_sums = [sums.term_sums.get(name, 0.0) for name in names]
+        totals = torch.tensor([sums.loss_sum, sums.correct, sums.seen, sums.skipped, *term_sums], dtype=torch.float64)
+        loss_sum, correct, seen, skipped, *term_totals = all_reduce_sum(totals).tolist()
+        seconds, data_seconds = all_reduce_max([sums.seconds, sums.data_seconds])
+        if seen == 0:
+            raise TrainingError("no training image of this epoch could be read", "check the dataset")
+        return {
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "loss_terms": {name: total / seen for name, total in zip(names, term_totals, strict=True)},
+            "train_images": int(seen),
+            "skipped_images": int(skipped),
+            "train_seconds": seconds,
+            "data_seconds": data_seconds,
+            "images_per_second": seen / max(seconds, 1e-9),
+            "first_step_seconds": self.first_step,
+        }
 
 
 def calibrate_checkpoints(session: TrainingSession) -> dict[str, Any]:
@@ -407,7 +487,7 @@ def finetune(
             if distributed.current().is_main:
                 print(done, flush=True)
             return {"finished": True, "epochs_completed": done.epochs, "run_dir": str(done.run_dir)}
-        cfg, state, quiet, is_main = session.cfg, session.state, session.quiet, session.world.is_main
+        cfg, state, is_main = session.cfg, session.state, session.world.is_main
         if dry_run:
             if is_main:
                 print(describe(session))
@@ -421,7 +501,6 @@ def finetune(
             from tltool.report import require_matplotlib
 
             require_matplotlib()  # fail now, not after hours of training
-        stopped_early, stop_reason = False, None
         limit = cfg.run.time_limit_seconds()
         budget = None
         if limit is not None:
@@ -430,87 +509,10 @@ def finetune(
         stop = StopRequest(budget)
         try:
             with stop.installed():
-                for epoch in range(state.epoch, cfg.train.epochs):
-                    record = train_and_evaluate(session, epoch, stop)
-                    is_best = state.end_epoch(record, cfg.checkpoint.monitor)
-                    if writer is not None:
-                        log_tensorboard(writer, record)
-                    # metrics first, then the checkpoint: a crash in between re-runs this epoch and rewrites its line.
-                    if is_main:
-                        append_metrics(session.run_dir, record)
-                    stop.timed("save", session.save_last)()
-                    if is_best:
-                        session.save_best()
-                    if tracker is not None:  # (after the save: a logged epoch is never run again)
-                        tracker.log_epoch(record)
-                    # A signal that reached one rank during evaluation stops them all; every rank decides on
-                    # the agreed flag (one that arrives after this is seen at the next step).
-                    stopping = stop.requested
-                    if session.world.enabled:
-                        stopping = distributed.any_rank(stop.requested)[0]
-                        if stopping:
-                            stop.agree()
-                    # run.time_limit: room for the next epoch's first step and its save?
-                    next_ends_epoch = session.steps_per_epoch == 1
-                    if budget is not None and distributed.any_rank(budget.exhausted(next_ends_epoch))[0]:
-                        stop.out_of_time()
-                        stopping = True
-                    say(quiet, epoch_line(record, cfg.train.epochs, is_best))
-                    stop_reason = on_epoch(record) if on_epoch is not None else None
-                    if session.world.enabled and distributed.any_rank(stop_reason is not None)[0]:
-                        stop_reason = stop_reason or "stopped by another process"
-                    if stop_reason is not None and state.epoch < cfg.train.epochs:
-                        say(quiet, f"stopped after epoch {state.epoch}: {stop_reason}")
-                        break
-                    stop_reason = None
-                    patience = cfg.train.early_stopping_patience
-                    if patience is not None and state.bad_epochs >= patience and state.epoch < cfg.train.epochs:
-                        say(quiet, f"early stopping: {cfg.checkpoint.monitor} did not improve for {patience} epochs")
-                        stopped_early = True
-                        break
-                    if stopping and state.epoch < cfg.train.epochs:
-                        raise Interrupted(f"stopped after epoch {state.epoch}", "")
+                stopped_early, stop_reason = _run_epochs(session, stop, writer, tracker, on_epoch)
         except Interrupted as exc:
-            reason = stop.reason or "SIGINT"
-            if is_main:  # (the state is saved: summary.json says how far the run got and why it stopped)
-                stopped = {**run_summary(session, False), "stop_reason": reason}
-                if tracker is not None:
-                    stopped["mlflow"] = tracker.describe()
-                write_text_atomic(session.run_dir / "summary.json", json.dumps(stopped, indent=2) + "\n")
-                if tracker is not None:  # (a resume reopens it)
-                    tracker.finish(cfg, session.run_dir, "KILLED")
-            why = f"run.time_limit {cfg.run.time_limit} reached" if reason == "time_limit" else reason
-            raise Interrupted(
-                f"{why}: {exc.what}; {session.checkpoint_dir / 'last.pt'} holds the state",
-                f"continue with: {resume_command(config_path, overrides, session.world.world_size)}",
-                stop.exit_code,
-            ) from None
-        summary = {
-            **run_summary(session, stopped_early),
-            "stop_reason": stop_reason or ("early_stopping" if stopped_early else "finished"),
-        }
-        if tracker is not None:
-            summary["mlflow"] = tracker.describe()
-        if cfg.train.wise_alpha is not None:  # (every rank: its evaluations are sharded)
-            summary["wise"] = finish_wise(session)
-        if cfg.train.calibrate:  # (every rank, after wise.pt: T belongs to last.pt's and best.pt's weights only)
-            summary["calibration"] = calibrate_checkpoints(session)
-        if not is_main:
-            return {**summary, "rank": session.world.rank}  # (the CLI prints rank 0's only)
-        write_text_atomic(session.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        if writer is not None and summary["final"]:
-            with open_tensorboard(cfg, session.run_dir, 0) as hparams_writer:
-                final = {f"hparam/{k}": summary["final"][k] for k in ("val_acc1", "val_acc5", "val_loss", "train_loss")}
-                hparams_writer.add_hparams(hparams(cfg), final, run_name="hparams")
-        if cfg.log.report:
-            from tltool.report import write_report
-
-            summary["report"] = str(write_report(session.run_dir, device=cfg.run.device))
-            say(quiet, f"report written to {summary['report']}")
-        if tracker is not None:
-            report = Path(summary["report"]).parent if "report" in summary else None
-            tracker.finish(cfg, session.run_dir, "FINISHED", report)
-        return summary
+            raise _stopped(session, stop, tracker, exc, config_path, overrides) from None
+        return _finish(session, tracker, writer, stopped_early, stop_reason)
     finally:
         if tracker is not None:
             tracker.close()
@@ -519,6 +521,128 @@ def finetune(
         distributed.teardown()
         if lock is not None:
             lock.release()
+
+
+def _run_epochs(
+    session: TrainingSession,
+    stop: StopRequest,
+    writer: Any,
+    tracker: MlflowTracker | None,
+    on_epoch: Callable[[dict[str, Any]], str | None] | None,
+) -> tuple[bool, str | None]:
+    """The epochs from the session's next one to train.epochs, each trained, evaluated and recorded
+    (`_end_epoch`), then the stops between epochs in this order: `on_epoch`'s reason, early stopping, a
+    requested stop (Interrupted). Returns (stopped early, on_epoch's reason)."""
+    cfg, state, quiet = session.cfg, session.state, session.quiet
+    for epoch in range(state.epoch, cfg.train.epochs):
+        record = train_and_evaluate(session, epoch, stop)
+        stopping = _end_epoch(session, record, stop, writer, tracker)
+        stop_reason = on_epoch(record) if on_epoch is not None else None
+        if session.world.enabled and distributed.any_rank(stop_reason is not None)[0]:
+            stop_reason = stop_reason or "stopped by another process"
+        if stop_reason is not None and state.epoch < cfg.train.epochs:
+            say(quiet, f"stopped after epoch {state.epoch}: {stop_reason}")
+            return False, stop_reason
+        patience = cfg.train.early_stopping_patience
+        if patience is not None and state.bad_epochs >= patience and state.epoch < cfg.train.epochs:
+            say(quiet, f"early stopping: {cfg.checkpoint.monitor} did not improve for {patience} epochs")
+            return True, None
+        if stopping and state.epoch < cfg.train.epochs:
+            raise Interrupted(f"stopped after epoch {state.epoch}", "")
+    return False, None
+
+
+def _end_epoch(
+    session: TrainingSession, record: dict[str, Any], stop: StopRequest, writer: Any, tracker: MlflowTracker | None
+) -> bool:
+    """An epoch's end: the best metric and early-stopping count (TrainState.end_epoch), TensorBoard, the
+    metrics.jsonl line, then last.pt (and best.pt), then MLflow; the epoch line. True: the run stops now (a
+    signal, agreed over ranks, or run.time_limit without room for the next epoch's first step and its save)."""
+    cfg, state = session.cfg, session.state
+    is_best = state.end_epoch(record, cfg.checkpoint.monitor)
+    if writer is not None:
+        log_tensorboard(writer, record)
+    # metrics first, then the checkpoint: a crash in between re-runs this epoch and rewrites its line.
+    if session.world.is_main:
+        append_metrics(session.run_dir, record)
+    stop.timed("save", session.save_last)()
+    if is_best:
+        session.save_best()
+    if tracker is not None:  # (after the save: a logged epoch is never run again)
+        tracker.log_epoch(record)
+    # A signal that reached one rank during evaluation stops them all; every rank decides on the agreed flag
+    # (one that arrives after this is seen at the next step).
+    stopping = stop.requested
+    if session.world.enabled:
+        stopping = distributed.any_rank(stop.requested)[0]
+        if stopping:
+            stop.agree()
+    next_ends_epoch = session.steps_per_epoch == 1  # run.time_limit: room for the next epoch's first step and its save?
+    if stop.budget is not None and distributed.any_rank(stop.budget.exhausted(next_ends_epoch))[0]:
+        stop.out_of_time()
+        stopping = True
+    say(session.quiet, epoch_line(record, cfg.train.epochs, is_best))
+    return stopping
+
+
+def _stopped(
+    session: TrainingSession,
+    stop: StopRequest,
+    tracker: MlflowTracker | None,
+    exc: Interrupted,
+    config_path: str,
+    overrides: list[str] | None,
+) -> Interrupted:
+    """A run stopped on request, its state saved: summary.json says how far it got and why (rank 0), its MLflow
+    run is KILLED (a resume reopens it); the one line to raise, with the command that continues the run."""
+    cfg, reason = session.cfg, stop.reason or "SIGINT"
+    if session.world.is_main:
+        stopped = {**run_summary(session, False), "stop_reason": reason}
+        if tracker is not None:
+            stopped["mlflow"] = tracker.describe()
+        write_text_atomic(session.run_dir / "summary.json", json.dumps(stopped, indent=2) + "\n")
+        if tracker is not None:
+            tracker.finish(cfg, session.run_dir, "KILLED")
+    why = f"run.time_limit {cfg.run.time_limit} reached" if reason == "time_limit" else reason
+    return Interrupted(
+        f"{why}: {exc.what}; {session.checkpoint_dir / 'last.pt'} holds the state",
+        f"continue with: {resume_command(config_path, overrides, session.world.world_size)}",
+        stop.exit_code,
+    )
+
+
+def _finish(
+    session: TrainingSession, tracker: MlflowTracker | None, writer: Any, stopped_early: bool, stop_reason: str | None
+) -> dict[str, Any]:
+    """After the last epoch: the summary, WiSE-FT's wise.pt and train.calibrate's T (every rank: their
+    evaluations are sharded), then on rank 0 summary.json, TensorBoard's hparams, the report, MLflow's artifacts."""
+    cfg, quiet = session.cfg, session.quiet
+    summary = {
+        **run_summary(session, stopped_early),
+        "stop_reason": stop_reason or ("early_stopping" if stopped_early else "finished"),
+    }
+    if tracker is not None:
+        summary["mlflow"] = tracker.describe()
+    if cfg.train.wise_alpha is not None:
+        summary["wise"] = finish_wise(session)
+    if cfg.train.calibrate:  # (after wise.pt: T belongs to last.pt's and best.pt's weights only)
+        summary["calibration"] = calibrate_checkpoints(session)
+    if not session.world.is_main:
+        return {**summary, "rank": session.world.rank}  # (the CLI prints rank 0's only)
+    write_text_atomic(session.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if writer is not None and summary["final"]:
+        with open_tensorboard(cfg, session.run_dir, 0) as hparams_writer:
+            final = {f"hparam/{k}": summary["final"][k] for k in ("val_acc1", "val_acc5", "val_loss", "train_loss")}
+            hparams_writer.add_hparams(hparams(cfg), final, run_name="hparams")
+    if cfg.log.report:
+        from tltool.report import write_report
+
+        summary["report"] = str(write_report(session.run_dir, device=cfg.run.device))
+        say(quiet, f"report written to {summary['report']}")
+    if tracker is not None:
+        report = Path(summary["report"]).parent if "report" in summary else None
+        tracker.finish(cfg, session.run_dir, "FINISHED", report)
+    return summary
 
 
 def train_and_evaluate(session: TrainingSession, epoch: int, stop: StopRequest) -> dict[str, Any]:
