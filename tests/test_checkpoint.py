@@ -147,6 +147,7 @@ def test_the_file_has_the_26_keys_of_format_1_and_the_later_ones() -> None:
     assert len(set(OLD_KEYS)) == 26
     later = {"loss_terms", "initial_model", "bn_stats", "ema", "weights", "raw_model", "data_fingerprint"}
     later.add("temperature")  # calibration.py
+    later.add("thresholds")  # multilabel.threshold_run
     assert set(full_checkpoint().to_dict()) == {*OLD_KEYS, *later}
 
 
@@ -158,7 +159,7 @@ def test_a_checkpoint_written_before_loss_terms_loads_with_its_default(tmp_path:
     loaded = load_checkpoint(tmp_path / "old.pt")
     assert loaded.loss_terms is None and loaded.initial_model is None and loaded.bn_stats is None
     assert loaded.ema is None and loaded.weights == "raw" and loaded.resumable() is loaded
-    assert loaded.data_fingerprint is None and loaded.temperature is None
+    assert loaded.data_fingerprint is None and loaded.temperature is None and loaded.thresholds is None
     assert_same({key: value for key, value in loaded.to_dict().items() if key in OLD_KEYS}, old)
 
 

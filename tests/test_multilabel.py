@@ -504,3 +504,41 @@ def test_val_map_ema_needs_multilabel_and_ema(tmp_path: Path, cli, dataset: Path
     assert "val_map_ema needs data.task: multilabel" in config_problem(finetune_cli(cli, tmp_path, items))
     items = overrides(tmp_path / "r2", labels, "checkpoint.monitor=val_map_ema")
     assert "needs train.ema_decay" in config_problem(finetune_cli(cli, tmp_path, items))
+
+
+def test_the_run_keeps_its_val_chosen_thresholds_in_its_checkpoints(tmp_path: Path, cli) -> None:
+    """At the end of a multilabel run each checkpoint holds the per-class thresholds chosen on the val split for
+    its weights (what val_thresholds computes from the images), so eval --data, predict and export decide the
+    same way once the run's data is gone; a checkpoint without them (mid-run, older) still chooses them."""
+    import dataclasses
+    import shutil
+
+    from tltool.evaluate import val_thresholds
+    from tltool.trained import open_trained
+
+    data = make_multilabel(tmp_path / "data", per=6, size=16, seed=3)
+    run_dir = tmp_path / "run"
+    summary = finetune(load_config(None, overrides(run_dir, data, "train.epochs=2")), quiet=True)
+    assert set(summary["thresholds"]) == {"last.pt", "best.pt"}
+    for name in ("last.pt", "best.pt"):
+        trained = open_trained(run_dir / "checkpoints" / name)
+        stored = trained.checkpoint.thresholds
+        assert stored is not None and len(stored) == 4 and summary["thresholds"][name]["thresholds"] == stored
+        unkept = dataclasses.replace(trained.checkpoint, thresholds=None)
+        fresh = val_thresholds(dataclasses.replace(trained, checkpoint=unkept))
+        assert stored == pytest.approx(fresh, abs=1e-6)
+        assert val_thresholds(trained) == stored
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    files = [str(shutil.copy(data.parent / "img" / f"{i:03d}.png", keep)) for i in (0, 7, 13, 20)]
+    before = cli.invoke(app, ["predict", str(run_dir / "checkpoints" / "best.pt"), *files, "--json"])
+    assert before.exit_code == 0, before.output
+    shutil.rmtree(data.parent)  # the run's train and val images are gone
+    after = cli.invoke(app, ["predict", str(run_dir / "checkpoints" / "best.pt"), *files, "--json"])
+    assert after.exit_code == 0, after.output
+    assert json.loads(after.stdout) == json.loads(before.stdout)
+    stripped = tmp_path / "old.pt"  # (as a checkpoint saved before the end of a run)
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    torch.save(dataclasses.replace(checkpoint, thresholds=None).to_dict(), stripped)
+    result = cli.invoke(app, ["predict", str(stripped), *files])
+    assert result.exit_code == 2 and "val" in result.output  # (choosing them needs the images: one line)

@@ -284,27 +284,12 @@ def calibrate_run(
     it (the val pass is sharded) and only the rank with `write` writes. Returns summary.json's
     `calibration`: one entry per checkpoint file name; `echo` gets one line per file.
     """
-    from tltool.checkpoint import copy_atomic
-    from tltool.distributed import barrier
+    from tltool.checkpoint import rewrite_checkpoints
 
-    # Which files are one (best.pt a hard link of last.pt), decided by every rank before anything is rewritten.
-    groups: dict[tuple[int, int], list[Path]] = {}
-    for path in paths:
-        if path.is_file():
-            stat = path.stat()
-            groups.setdefault((stat.st_dev, stat.st_ino), []).append(path)
-    barrier()
-    entries: dict[str, Any] = {}
-    for first, *links in groups.values():
-        checkpoint, logits, labels = logits_of(first)
+    def fit(path: Path) -> tuple[Any, dict[str, Any]]:
+        checkpoint, logits, labels = logits_of(path)
         result = calibrate_logits(logits, labels, None, data)
-        if write:
-            save_temperature(checkpoint, result.temperature, first)
-        entries[first.name] = result.to_dict()
-        echo("calibrated " + result.line(first.name))
-        for link in links:  # the same weights, the same T: linked again to the rewritten file
-            if write:
-                copy_atomic(first, link)
-            entries[link.name] = {**result.to_dict(), "same_as": first.name}
-    barrier()
-    return entries
+        echo("calibrated " + result.line(path.name))
+        return dataclasses.replace(checkpoint, temperature=result.temperature), result.to_dict()
+
+    return rewrite_checkpoints(paths, fit, write)

@@ -14,7 +14,7 @@ import random
 import re
 import shutil
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from tltool import __version__
-from tltool.distributed import current
+from tltool.distributed import barrier, current
 from tltool.errors import CheckpointError
 from tltool.files import TEMP_MARKER as TEMP_MARKER  # re-exported: where checkpoint temp files are recognised
 from tltool.files import clean_stale_temps as clean_stale_temps
@@ -261,6 +261,9 @@ class Checkpoint:
     data_fingerprint: dict[str, Any] | None = None
     # Temperature scaling (tltool.calibration): inference divides `model`'s logits by it. None: not calibrated.
     temperature: float | None = None
+    # A multilabel run's per-class decision thresholds for `model`, chosen on its val split at the end of training
+    # (multilabel.threshold_run). None: a multiclass model, or one saved before the run ended (chosen when needed).
+    thresholds: list[float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The dict that goes into the file (`torch.save`); read back by `from_dict`."""
@@ -428,3 +431,30 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def versions() -> dict[str, str]:
     return {"tltool_version": __version__, "torch_version": str(torch.__version__)}
+
+
+def rewrite_checkpoints(
+    paths: Sequence[Path], fit: Callable[[Path], tuple[Checkpoint, dict[str, Any]]], write: bool
+) -> dict[str, Any]:
+    """Rewrite each checkpoint file of `paths` that exists with what `fit(path)` gives: (the updated Checkpoint,
+    its summary entry). A file that is a hard link of an earlier one (best.pt of last.pt) is fitted once and
+    linked again to the rewritten file (entry `same_as`). Under torchrun every rank calls `fit` (its evaluation
+    is sharded) and only the rank with `write` writes, atomically. Returns {file name: entry}."""
+    groups: dict[tuple[int, int], list[Path]] = {}  # (decided by every rank before anything is rewritten)
+    for path in paths:
+        if path.is_file():
+            info = path.stat()
+            groups.setdefault((info.st_dev, info.st_ino), []).append(path)
+    barrier()
+    entries: dict[str, Any] = {}
+    for first, *links in groups.values():
+        checkpoint, entry = fit(first)
+        if write:
+            save_atomic(checkpoint.to_dict(), first)
+        entries[first.name] = entry
+        for link in links:
+            if write:
+                copy_atomic(first, link)
+            entries[link.name] = {**entry, "same_as": first.name}
+    barrier()
+    return entries

@@ -270,9 +270,13 @@ def apply_thresholds(metrics: dict[str, Any], thresholds: Sequence[float], chose
 
 
 def val_thresholds(trained: TrainedModel, batch_size: int | None = None, num_workers: int | None = None) -> list[float]:
-    """A multilabel checkpoint's per-class thresholds chosen on its run's val split (each maximizes F1 there)."""
+    """A multilabel checkpoint's per-class thresholds chosen on its run's val split (each maximizes F1 there): the
+    ones the run kept in the checkpoint when it ended (`Checkpoint.thresholds`), else chosen now, which needs the
+    run's val images (a checkpoint saved mid-run, or by an older tltool)."""
     from tltool.multilabel import choose_thresholds
 
+    if trained.checkpoint.thresholds is not None:
+        return [float(t) for t in trained.checkpoint.thresholds]
     samples, _source = trained.samples(None)
     outputs = evaluate_trained(trained, samples, batch_size, num_workers, per_sample=True)["outputs"]
     return choose_thresholds(outputs.probabilities(), outputs.labels)

@@ -15,8 +15,10 @@ The arithmetic is torchmetrics' (the optional `metrics` extra, required by a mul
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,3 +107,26 @@ def choose_thresholds(probabilities: torch.Tensor, targets: torch.Tensor) -> lis
         f1 = torch.where(p + r > 0, 2 * p * r / (p + r), torch.zeros_like(p))
         chosen.append(float(candidates[c][int(torch.argmax(f1))]))  # (ascending thresholds: the first best)
     return chosen
+
+
+def threshold_run(
+    paths: Sequence[Path],
+    logits_of: Callable[[Path], tuple[Any, torch.Tensor, torch.Tensor]],
+    data: str,
+    write: bool,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    """The end of a multilabel run: each checkpoint's per-class thresholds (`choose_thresholds` on its val logits)
+    written into it (`Checkpoint.thresholds`), so `tltool eval --data`, `predict` and `export` decide as chosen
+    on the run's val split without reading those images again. `logits_of(path)` gives (Checkpoint, val logits,
+    multi-hot labels); every rank calls it, only the rank with `write` writes (`checkpoint.rewrite_checkpoints`).
+    Returns summary.json's `thresholds`: {file name: {"thresholds", "chosen_on"}}."""
+    from tltool.checkpoint import rewrite_checkpoints
+
+    def fit(path: Path) -> tuple[Any, dict[str, Any]]:
+        checkpoint, logits, labels = logits_of(path)
+        chosen = choose_thresholds(logits.sigmoid(), labels)
+        echo(f"thresholds of {path.name}: chosen on the {data} (F1 per class), kept in the checkpoint")
+        return dataclasses.replace(checkpoint, thresholds=chosen), {"thresholds": chosen, "chosen_on": data}
+
+    return rewrite_checkpoints(paths, fit, write)

@@ -426,13 +426,9 @@ class EpochSteps:
         }
 
 
-def calibrate_checkpoints(session: TrainingSession) -> dict[str, Any]:
-    """`train.calibrate`: temperature scaling of last.pt and best.pt on the val split (calibration.py).
-
-    Every rank evaluates its shard of the val split with the checkpoint's uncalibrated model in fp32; the
-    logits are gathered, every rank fits the same T, rank 0 writes it into the checkpoint.
-    """
-    from tltool.calibration import calibrate_run
+def _val_logits(session: TrainingSession) -> Callable[[Path], tuple[Any, torch.Tensor, torch.Tensor]]:
+    """(Checkpoint, val logits, labels) of a checkpoint file of this run: every rank evaluates its shard of the
+    val split with the checkpoint's raw model (no temperature) in fp32, and the logits are gathered."""
     from tltool.checkpoint import load_checkpoint
     from tltool.device import resolve_precision
     from tltool.evaluate import evaluate
@@ -440,7 +436,7 @@ def calibrate_checkpoints(session: TrainingSession) -> dict[str, Any]:
 
     device, num_classes = session.device, len(session.split.class_names)
 
-    def logits_of(path: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    def logits_of(path: Path) -> tuple[Any, torch.Tensor, torch.Tensor]:
         checkpoint = load_checkpoint(path)
         model = load_trained_model(checkpoint).to(device)  # temperature 1: the raw logits
         precision = resolve_precision("fp32", device)
@@ -448,11 +444,36 @@ def calibrate_checkpoints(session: TrainingSession) -> dict[str, Any]:
         parts = distributed.all_gather_objects((outputs.logits, outputs.labels))
         return checkpoint, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    data = session.cfg.data
-    paths = [session.checkpoint_dir / "last.pt", session.checkpoint_dir / "best.pt"]
-    distributed.barrier()  # rank 0 wrote them
-    where = f"val split of {data.val or data.train}"
-    return calibrate_run(paths, logits_of, where, session.world.is_main, lambda line: say(session.quiet, line))
+    return logits_of
+
+
+def _end_of_run_checkpoints(session: TrainingSession) -> tuple[list[Path], str]:
+    """last.pt and best.pt (after rank 0 wrote them) and the words for the val split they are fitted on."""
+    distributed.barrier()
+    data, folder = session.cfg.data, session.checkpoint_dir
+    return [folder / "last.pt", folder / "best.pt"], f"val split of {data.val or data.train}"
+
+
+def _echo(session: TrainingSession) -> Callable[[str], None]:
+    return lambda line: say(session.quiet, line)
+
+
+def calibrate_checkpoints(session: TrainingSession) -> dict[str, Any]:
+    """`train.calibrate`: temperature scaling of last.pt and best.pt on the val split (calibration.py); every rank
+    fits the same T from the gathered logits, rank 0 writes it into the checkpoint."""
+    from tltool.calibration import calibrate_run
+
+    paths, where = _end_of_run_checkpoints(session)
+    return calibrate_run(paths, _val_logits(session), where, session.world.is_main, _echo(session))
+
+
+def threshold_checkpoints(session: TrainingSession) -> dict[str, Any]:
+    """data.task multilabel: the per-class decision thresholds of last.pt and best.pt chosen on the val split
+    and kept in each (multilabel.threshold_run)."""
+    from tltool.multilabel import threshold_run
+
+    paths, where = _end_of_run_checkpoints(session)
+    return threshold_run(paths, _val_logits(session), where, session.world.is_main, _echo(session))
 
 
 def finetune(
@@ -627,6 +648,8 @@ def _finish(
         summary["wise"] = finish_wise(session)
     if cfg.train.calibrate:  # (after wise.pt: T belongs to last.pt's and best.pt's weights only)
         summary["calibration"] = calibrate_checkpoints(session)
+    if cfg.data.task == "multilabel":  # (likewise: the thresholds of last.pt's and best.pt's weights)
+        summary["thresholds"] = threshold_checkpoints(session)
     if not session.world.is_main:
         return {**summary, "rank": session.world.rank}  # (the CLI prints rank 0's only)
     write_text_atomic(session.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

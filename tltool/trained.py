@@ -131,7 +131,8 @@ def open_trained(
     """
     checkpoint = load_checkpoint(path)
     if wise_alpha is not None:
-        checkpoint = dataclasses.replace(checkpoint, model=wise_weights(checkpoint, wise_alpha, path))
+        # (the run's T and thresholds belong to the checkpoint's weights, not to theta(alpha))
+        checkpoint = dataclasses.replace(checkpoint, model=wise_weights(checkpoint, wise_alpha, path), thresholds=None)
     device = torch.device(device)
     model = load_trained_model(checkpoint).to(device)
     if calibrated and wise_alpha is None and checkpoint.temperature is not None:
