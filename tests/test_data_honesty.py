@@ -291,3 +291,40 @@ def test_resume_on_changed_data_is_refused_or_keeps_the_val_split(tmp_path: Path
     save_atomic(payload, last)
     result = cli.invoke(app, ["finetune", str(config), "train.epochs=5", "--resume", "auto"])
     assert result.exit_code == 0 and "has no data fingerprint" in result.output, result.output
+
+
+def test_resume_checks_the_unlabeled_and_source_folders_too(tmp_path: Path, cli: CliRunner) -> None:
+    """adapt.unlabeled and source.train are in the checkpoint's fingerprint: an image added to either since is
+    refused on resume in one line naming the folder (nothing written); --resume-changed-data goes on with it;
+    a checkpoint that never recorded them (older) resumes unchecked as before."""
+    from conftest import tree_checksum
+
+    data = make_dataset(tmp_path / "images", classes=2, per_class=6, size=16)
+    unlabeled = make_dataset(tmp_path / "target", classes=2, per_class=3, size=16, seed=4)
+    source = make_dataset(tmp_path / "source", classes=2, per_class=4, size=16, seed=5)
+    extra = ("train.epochs=1", "data.image_size=16", "data.resize_size=16", f"adapt.unlabeled={unlabeled}",
+             "adapt.method=mcc", f"source.train={source}")  # fmt: skip
+    config = write_config(tmp_path / "c.yaml", run_overrides(tmp_path / "run", data, *extra))
+    assert cli.invoke(app, ["finetune", str(config)]).exit_code == 0
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    streams = load_checkpoint(last).data_fingerprint["streams"]
+    assert sorted(streams) == ["adapt.unlabeled", "source.train"]
+    assert streams["adapt.unlabeled"]["*"]["paths"].numel() == 6 and sorted(streams["source.train"]) == [
+        "class_0", "class_1"]  # fmt: skip
+    assert cli.invoke(app, ["finetune", str(config), "train.epochs=2", "--resume", "auto"]).exit_code == 0
+    shutil.copy(unlabeled / "class_0" / "000.png", unlabeled / "new.png")
+    (source / "class_1" / "000.png").unlink()
+    before = tree_checksum(tmp_path / "run")
+    line = one_line(cli.invoke(app, ["finetune", str(config), "train.epochs=3", "--resume", "auto"]))
+    assert "the data changed since" in line and "1 image added in adapt.unlabeled/*" in line
+    assert "1 image removed in source.train/class_1" in line and "--resume-changed-data" in line
+    assert tree_checksum(tmp_path / "run") == before
+    args = ["finetune", str(config), "train.epochs=3", "--resume", "auto", "--resume-changed-data"]
+    result = cli.invoke(app, args)
+    assert result.exit_code == 0 and "going on with those folders as they are now" in result.output, result.output
+    assert load_checkpoint(last).data_fingerprint["streams"]["adapt.unlabeled"]["*"]["paths"].numel() == 7
+    shutil.copy(unlabeled / "class_0" / "001.png", unlabeled / "newer.png")  # (and an older checkpoint's format:)
+    payload = load_checkpoint(last).to_dict()
+    payload["data_fingerprint"] = {k: v for k, v in payload["data_fingerprint"].items() if not k.startswith("streams")}
+    torch.save(payload, last)
+    assert cli.invoke(app, ["finetune", str(config), "train.epochs=4", "--resume", "auto"]).exit_code == 0

@@ -48,6 +48,7 @@ from tltool.data import (
     scan_data,
     train_transform,
 )
+from tltool.data.fingerprint import stream_change, stream_listing, with_streams
 from tltool.data.mixing import BatchMixer, make_mixer
 from tltool.device import autocast, configure_backends, resolve_precision, use_channels_last
 from tltool.distill import open_teacher
@@ -62,6 +63,7 @@ from tltool.objective import Objective, build_objective
 from tltool.optim import make_optimizer, make_scheduler
 from tltool.runlog import say
 from tltool.runstate import (
+    CHANGED_DATA_FIX,
     EpochProgress,
     TrainState,
     check_run_directory,
@@ -485,7 +487,7 @@ def build_session(
         ema=ema,
         wall_start=wall_start,
         drops_single=data.drops_single,
-        data_fingerprint=split.fingerprint(),
+        data_fingerprint=data.fingerprint,
     )
     if resumed is not None and not dry_run:
         session.restore(resumed)
@@ -503,6 +505,8 @@ class _Run:
     split: DataSplit  # the data this run trains and evaluates on (a resumed run's: its checkpoint's)
     resumed: Checkpoint | None
     wise_held: list[Sample]  # train.wise_alpha=auto: train images kept out to choose alpha
+    where: str = ""  # the resumed checkpoint, in messages
+    changed_data: bool = False  # --resume-changed-data
 
     @property
     def pin_memory(self) -> bool:
@@ -532,7 +536,7 @@ def _open_run(cfg: Config, resume: str | None, quiet: bool, dry_run: bool, chang
             resumed.epoch,
             run_directory(cfg),
         )
-    return _Run(cfg, world, device, quiet, split, resumed, wise_held)
+    return _Run(cfg, world, device, quiet, split, resumed, wise_held, str(where), changed_data)
 
 
 def _scan_and_join(cfg: Config) -> tuple[distributed.World, torch.device, DataSplit]:
@@ -609,6 +613,7 @@ class _Data:
     unlabeled: list[Sample] | None = None
     bn_stats: dict[str, dict[str, torch.Tensor]] | None = None
     source: SourceData | None = None
+    fingerprint: dict[str, Any] | None = None  # the split's and the other streams' (checked against a resumed run's)
 
 
 def _data_streams(run: _Run, built: BuiltModel, plan: UnfreezePlan, precision: str) -> _Data:
@@ -661,7 +666,26 @@ def _data_streams(run: _Run, built: BuiltModel, plan: UnfreezePlan, precision: s
         data.source = open_source(cfg, split, built, run.device, precision)
         seed = cfg.run.seed * 1_000_033 + 29
         data.streams["source"] = _paired_stream(run, "source", data.source.samples, seed, augmented, drops_single)
+    data.fingerprint = _streams_fingerprint(run, data)
     return data
+
+
+def _streams_fingerprint(run: _Run, data: _Data) -> dict[str, Any]:
+    """The checkpoint's data fingerprint: the split's, with the folders of adapt.unlabeled and source.train. A
+    resumed run whose checkpoint recorded them refuses, in one line, folders that changed since (as it does for
+    data.train and data.val; --resume-changed-data goes on with them as they are now)."""
+    streams = {}
+    if data.unlabeled is not None:
+        streams["adapt.unlabeled"] = stream_listing(run.cfg.adapt.unlabeled, data.unlabeled)
+    if data.source is not None:
+        streams["source.train"] = data.source.listing
+    fingerprint = with_streams(run.split.fingerprint(), streams)
+    change = stream_change(run.resumed.data_fingerprint, fingerprint) if run.resumed is not None else None
+    if change is not None and change.changed:
+        if not run.changed_data:
+            raise DataError(f"the data changed since {run.where}: {change.text()}", CHANGED_DATA_FIX)
+        say(run.quiet, f"--resume-changed-data: {change.text()}; going on with those folders as they are now")
+    return fingerprint
 
 
 def _paired_stream(

@@ -15,13 +15,14 @@ head of their own (the term's module: its own optimizer group, saved with the ru
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from tltool.config import Config
 from tltool.data import DataSplit, Sample, eval_transform, make_loader, scan_folder
+from tltool.data.fingerprint import stream_listing
 from tltool.errors import DataError
 from tltool.features import extract
 from tltool.models import BuiltModel
@@ -35,6 +36,7 @@ class SourceData:
     samples: list[Sample]  # after selection
     shares_head: bool  # the same classes as the target, in the same order
     scanned: int  # source images before selection
+    listing: dict = field(default_factory=dict)  # the data fingerprint's listing of the folder (before selection)
 
 
 def select_nearest(target: torch.Tensor, source: torch.Tensor, k: int) -> list[int]:
@@ -57,6 +59,7 @@ def open_source(cfg: Config, split: DataSplit, built: BuiltModel, device: torch.
     """Scan source.train and apply source.select (with the backbone as built: pretrained, untrained yet)."""
     class_names, samples = scan_folder(cfg.source.train, key="source.train")
     scanned = len(samples)
+    listing = stream_listing(cfg.source.train, samples, class_names)
     if cfg.source.select == "nearest":
         features = []
         for items in (split.train, samples):
@@ -69,4 +72,4 @@ def open_source(cfg: Config, split: DataSplit, built: BuiltModel, device: torch.
                     "run tltool doctor on data.train and source.train and remove the broken files",
                 )
         samples = [samples[i] for i in select_nearest(features[0], features[1], cfg.source.select_k)]
-    return SourceData(class_names, samples, class_names == split.class_names, scanned)
+    return SourceData(class_names, samples, class_names == split.class_names, scanned, listing)

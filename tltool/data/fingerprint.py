@@ -24,6 +24,7 @@ from tltool.data.labelfile import label_indices
 Sample = tuple[str, int]  # (as tltool.data.folders.Sample, which imports this module)
 
 FINGERPRINT_VERSION = 1
+STREAM_ALL = "*"  # the one "class" of a stream without classes (adapt.unlabeled)
 SHOWN_CLASSES = 4  # classes a change message names before "..."
 
 
@@ -155,3 +156,26 @@ def keep_val_split(
     new_val = [s for s in everything if sample_key(s[0], root) in keep]
     new_train = [s for s in everything if sample_key(s[0], root) not in keep]
     return new_train, new_val, len(keep) - len(new_val)
+
+
+def stream_listing(root: str, samples: Sequence[Sample], class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The listing of another stream's folder (adapt.unlabeled: every image under one name, `STREAM_ALL`;
+    source.train: per class), as `folder_listing` has data.train's."""
+    if class_names is None:
+        return folder_listing(root, [STREAM_ALL], [(path, 0) for path, _ in samples])
+    return folder_listing(root, class_names, samples)
+
+
+def with_streams(fingerprint: dict[str, Any], streams: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`fingerprint` with the other streams' listings by config key ("adapt.unlabeled", "source.train") and their
+    own digest. Kept apart from "digest" and "folders": a checkpoint written before streams were fingerprinted
+    compares its data as before, and its streams are not checked (`stream_change`)."""
+    return {**fingerprint, "streams": streams, "streams_digest": digest(streams, None)}
+
+
+def stream_change(saved: dict[str, Any] | None, now: dict[str, Any]) -> DataChange | None:
+    """What changed in the other streams' folders since `saved`, or None (the same, or not recorded there)."""
+    if not saved or "streams" not in saved or saved.get("streams_digest") == now.get("streams_digest"):
+        return None
+    keys = {key: key for key in set(saved["streams"]) | set(now.get("streams", {}))}
+    return compare({"folders": saved["streams"]}, {"folders": now.get("streams", {})}, keys)
