@@ -143,3 +143,14 @@ def test_a_session_built_from_the_python_api_checks_the_model_names(tmp_path: Pa
     with pytest.raises(ConfigError, match="resnet18"):  # (did you mean resnet18?)
         build_session(config(tmp_path, dataset, "model.backbone=resnet81"), quiet=True)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_resumed_epochs_earlier_seconds_are_not_counted_as_data_wait(tmp_path: Path, dataset: Path) -> None:
+    """An epoch resumed mid-way carries its earlier seconds (sums.seconds); the first batch's wait for data is
+    timed from the loop's start, not from that earlier start."""
+    session = build_session(config(tmp_path, dataset), quiet=True)
+    session.start()
+    session.enter_epoch(0)
+    session.state.in_epoch.seconds = 1000.0  # (as a checkpoint of an epoch that ran 1000 s before the stop)
+    figures = train_one_epoch(session)
+    assert figures["train_seconds"] >= 1000.0 and figures["data_seconds"] < 100.0

@@ -161,7 +161,7 @@ def train_one_epoch(
     """
     steps = EpochSteps(session, stop, save, on_batch)
     sums = session.state.in_epoch
-    tick = steps.start
+    tick = time.perf_counter()  # (not steps.start: a resumed epoch's earlier seconds are no data wait)
     for index, batch in enumerate(steps.stream.loader, start=sums.batches_done):
         sums.data_seconds += time.perf_counter() - tick
         if not steps.train(index, batch):
