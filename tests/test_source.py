@@ -137,3 +137,41 @@ def test_source_bad_inputs_are_one_line_errors(tmp_path: Path, dataset: Path, cl
         result = cli.invoke(app, ["finetune", str(config)])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
         assert not run_dir.exists()
+
+
+def test_a_resumed_run_keeps_the_source_images_it_selected(
+    tmp_path: Path, dataset: Path, source_other: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """source.select=nearest chooses with the backbone as built at the start; a resumed run whose backbone has
+    trained since reuses that choice (kept in the checkpoint's fingerprint) instead of choosing again, and ends
+    bitwise where the uninterrupted run does."""
+    import tltool.source as source_module
+
+    extra = (f"source.train={source_other}", "source.select=nearest", "source.select_k=1", "train.freeze=none",
+             "train.lr=0.05")  # fmt: skip
+    straight = run(tmp_path, "straight", dataset, *extra, "train.epochs=2")
+    calls = []
+    real = source_module.select_nearest
+    monkeypatch.setattr(source_module, "select_nearest", lambda *a: calls.append(1) or real(*a))
+    real_save = session_module.save_atomic
+
+    def crash(payload, path):  # (stopped after its first epoch's checkpoint: the backbone has trained since)
+        real_save(payload, path)
+        if payload["epoch"] == 1:
+            raise Crash()
+
+    monkeypatch.setattr(session_module, "save_atomic", crash)
+    with pytest.raises(Crash):
+        run(tmp_path, "resumed", dataset, *extra, "train.epochs=2")
+    monkeypatch.setattr(session_module, "save_atomic", real_save)
+    assert calls == [1]
+    chosen = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt").data_fingerprint["source_selection"]
+    assert 0 < chosen.numel() < 20 and chosen.dtype == torch.int64  # (k=1 of the 20 source images per target)
+    resumed = run(tmp_path, "resumed", dataset, *extra, "train.epochs=2", resume="auto")
+    assert calls == [1]  # (not chosen again by the trained backbone)
+    assert resumed["source"] == straight["source"]
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert torch.equal(b.data_fingerprint["source_selection"], chosen)
+    for key, value in a.model.items():
+        assert torch.equal(b.model[key], value), key

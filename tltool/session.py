@@ -663,7 +663,9 @@ def _data_streams(run: _Run, built: BuiltModel, plan: UnfreezePlan, precision: s
         if cfg.adapt.bn_stats == "target":
             data.bn_stats = adabn_stats(cfg, model, built, data.unlabeled, run.resumed, run.device, precision)
     if cfg.source.train:
-        data.source = open_source(cfg, split, built, run.device, precision)
+        saved = run.resumed.data_fingerprint if run.resumed is not None else None
+        kept = saved.get("source_selection") if saved else None  # (a resumed run: the images it chose at start)
+        data.source = open_source(cfg, split, built, run.device, precision, kept)
         seed = cfg.run.seed * 1_000_033 + 29
         data.streams["source"] = _paired_stream(run, "source", data.source.samples, seed, augmented, drops_single)
     data.fingerprint = _streams_fingerprint(run, data)
@@ -680,6 +682,8 @@ def _streams_fingerprint(run: _Run, data: _Data) -> dict[str, Any]:
     if data.source is not None:
         streams["source.train"] = data.source.listing
     fingerprint = with_streams(run.split.fingerprint(), streams)
+    if data.source is not None and data.source.selection is not None:
+        fingerprint["source_selection"] = data.source.selection  # (source.select=nearest: kept for a resume)
     change = stream_change(run.resumed.data_fingerprint, fingerprint) if run.resumed is not None else None
     if change is not None and change.changed:
         if not run.changed_data:

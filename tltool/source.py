@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from tltool.config import Config
 from tltool.data import DataSplit, Sample, eval_transform, make_loader, scan_folder
-from tltool.data.fingerprint import stream_listing
+from tltool.data.fingerprint import sample_key, stream_listing
 from tltool.errors import DataError
 from tltool.features import extract
 from tltool.models import BuiltModel
@@ -37,6 +37,7 @@ class SourceData:
     shares_head: bool  # the same classes as the target, in the same order
     scanned: int  # source images before selection
     listing: dict = field(default_factory=dict)  # the data fingerprint's listing of the folder (before selection)
+    selection: torch.Tensor | None = None  # source.select=nearest: the kept images' keys (fingerprint.sample_key)
 
 
 def select_nearest(target: torch.Tensor, source: torch.Tensor, k: int) -> list[int]:
@@ -55,12 +56,26 @@ def target_prior(probabilities: torch.Tensor) -> torch.Tensor:
     return prior / prior.max().clamp_min(1e-12)
 
 
-def open_source(cfg: Config, split: DataSplit, built: BuiltModel, device: torch.device, precision: str) -> SourceData:
-    """Scan source.train and apply source.select (with the backbone as built: pretrained, untrained yet)."""
+def open_source(
+    cfg: Config,
+    split: DataSplit,
+    built: BuiltModel,
+    device: torch.device,
+    precision: str,
+    selection: torch.Tensor | None = None,
+) -> SourceData:
+    """Scan source.train and apply source.select (with the backbone as built: pretrained, untrained yet).
+
+    `selection`: a resumed run's kept images (its checkpoint's `SourceData.selection`): the same images again,
+    not a new choice by the backbone it has trained since."""
     class_names, samples = scan_folder(cfg.source.train, key="source.train")
     scanned = len(samples)
     listing = stream_listing(cfg.source.train, samples, class_names)
-    if cfg.source.select == "nearest":
+    root = str(cfg.source.train)
+    if cfg.source.select == "nearest" and selection is not None:
+        keep = set(selection.tolist())
+        samples = [sample for sample in samples if sample_key(sample[0], root) in keep]
+    elif cfg.source.select == "nearest":
         features = []
         for items in (split.train, samples):
             loader = make_loader(items, eval_transform(built.preprocess), cfg.data.batch_size,
@@ -72,4 +87,7 @@ def open_source(cfg: Config, split: DataSplit, built: BuiltModel, device: torch.
                     "run tltool doctor on data.train and source.train and remove the broken files",
                 )
         samples = [samples[i] for i in select_nearest(features[0], features[1], cfg.source.select_k)]
-    return SourceData(class_names, samples, class_names == split.class_names, scanned, listing)
+    chosen = None
+    if cfg.source.select == "nearest":
+        chosen = torch.tensor(sorted(sample_key(path, root) for path, _ in samples), dtype=torch.int64)
+    return SourceData(class_names, samples, class_names == split.class_names, scanned, listing, chosen)
