@@ -258,6 +258,10 @@ def test_two_processes_give_the_one_process_metrics(labels: Path, tmp_path: Path
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
     for key in ("train_loss", "val_loss", "val_map", "val_f1_micro", "val_f1_macro", "val_acc1", "val_acc5"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-6), key
+    # The thresholds kept at the end are chosen on the val logits gathered from both ranks: the same as one's.
+    for name in ("last.pt", "best.pt"):
+        kept = [load_checkpoint(tmp_path / run / "checkpoints" / name).thresholds for run in ("one", "two")]
+        assert kept[0] is not None and kept[1] == pytest.approx(kept[0], abs=1e-5), name
 
 
 def test_mid_epoch_resume_is_bitwise(labels: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
