@@ -8,6 +8,7 @@ the hybrid `test_coatnet`), whose pretrained weights the tests write into a Hugg
 from __future__ import annotations
 
 import json
+import math
 import re
 import socket
 import sys
@@ -411,9 +412,45 @@ def test_models_lists_timm_tags_and_parameter_counts(cli: CliRunner, monkeypatch
     assert unknown.exit_code == 2 and "did you mean timm/convnext_atto" in unknown.stderr
 
 
-def test_cotuning_is_refused_for_a_timm_backbone() -> None:
-    # timm_models drops the pretrained classifier while it loads: Co-Tuning would train without its source head.
-    cfg = load_config(None, ["model.backbone=timm/test_convnext", "model.weights=none", "data.image_size=32"],
-                      names=BACKBONE_NAMES)  # fmt: skip
-    with pytest.raises(ConfigError, match="only for torchvision backbones, not for timm/test_convnext"):
+@pytest.mark.parametrize("backbone", ["timm/test_convnext", "timm/test_vit"])
+def test_cotuning_keeps_timms_pretrained_classifier_as_its_source_head(backbone: str, tmp_path: Path) -> None:
+    """Co-Tuning on a timm backbone: the weights' own classifier is the source head, and on the backbone's
+    features (timm's pre-logits) it gives the pretrained model's logits; without a classifier, one line."""
+    source = timm.create_model(backbone.removeprefix("timm/"), pretrained=False, num_classes=7)
+    torch.nn.init.normal_(source.get_classifier().weight)
+    path = tmp_path / "w.pth"
+    torch.save(source.state_dict(), path)
+    cfg = load_config(None, [f"model.backbone={backbone}", f"model.weights={path}", "data.image_size=32",
+                             "data.resize_size=32"], names=BACKBONE_NAMES)  # fmt: skip
+    result = build_model(cfg.model, cfg.data, 3, keep_source_head=True)
+    head = result.source_head
+    assert isinstance(head, torch.nn.Linear) and head.out_features == 7
+    assert torch.equal(head.weight, source.get_classifier().weight)
+    assert not any(p is q for p in result.model.parameters() for q in head.parameters())
+    source.eval(), result.model.eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(head(result.model.backbone(images)), source(images), rtol=1e-4, atol=1e-5)
+    for weights, message in (("none", "model.weights is none"),):
+        cfg = load_config(None, [f"model.backbone={backbone}", f"model.weights={weights}", "data.image_size=32"],
+                          names=BACKBONE_NAMES)  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            build_model(cfg.model, cfg.data, 3, keep_source_head=True)
+    headless = timm.create_model(backbone.removeprefix("timm/"), pretrained=False, num_classes=0)
+    torch.save(headless.state_dict(), tmp_path / "headless.pth")
+    cfg = load_config(None, [f"model.backbone={backbone}", f"model.weights={tmp_path / 'headless.pth'}",
+                             "data.image_size=32"], names=BACKBONE_NAMES)  # fmt: skip
+    with pytest.raises(ConfigError, match="the file has no classifier"):
         build_model(cfg.model, cfg.data, 3, keep_source_head=True)
+
+
+def test_a_cotuning_run_on_a_timm_backbone_trains(tmp_path: Path, dataset: Path) -> None:
+    source = timm.create_model("test_resnet", pretrained=False, num_classes=5)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    overrides = run_overrides(tmp_path / "run", dataset, "model.backbone=timm/test_resnet",
+                              f"model.weights={tmp_path / 'w.pth'}", "train.freeze=none", "train.cotuning_weight=2",
+                              "data.image_size=32")  # fmt: skip
+    summary = finetune(load_config(None, overrides, names=BACKBONE_NAMES), quiet=True)
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(record["loss_terms"]) == {"ce", "cotuning"} and math.isfinite(record["loss_terms"]["cotuning"])
+    assert summary["final"]["val_acc1"] is not None

@@ -298,13 +298,7 @@ def build_model(
     if cfg.backbone.startswith("timm/"):
         from tltool import timm_models
 
-        if keep_source_head:  # (timm_models drops the pretrained classifier while it loads the weights)
-            raise ConfigError(
-                f"train.cotuning_weight needs the pretrained classifier, which tltool keeps only for torchvision "
-                f"backbones, not for {cfg.backbone}",
-                "use a torchvision backbone for Co-Tuning, or set train.cotuning_weight=0",
-            )
-        return timm_models.build_model(cfg, data_cfg, num_classes, class_names)
+        return timm_models.build_model(cfg, data_cfg, num_classes, class_names, keep_source_head)
     backbone = cfg.backbone
     weights_name = cfg.weights
     enum = None

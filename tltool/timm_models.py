@@ -19,6 +19,7 @@ the error names the repository and the command that puts the file there.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import fnmatch
 import math
@@ -262,8 +263,11 @@ def create(backbone: str, kwargs: dict[str, Any], num_classes: int = 0, **load: 
         raise
 
 
-def _load_pretrained(backbone: str, kwargs: dict[str, Any], path: Path, state_dict: dict | None, custom: bool):
-    """The timm network with the file's weights, loaded strictly by timm (its filter, e.g. a resampled pos_embed).
+def _load_pretrained(
+    backbone: str, kwargs: dict[str, Any], path: Path, state_dict: dict | None, custom: bool
+) -> tuple[nn.Module, nn.Module]:
+    """The timm network with the file's weights, loaded strictly by timm (its filter, e.g. a resampled pos_embed),
+    and the file's own classifier taken off it (`get_classifier()`; Co-Tuning's source head).
 
     The network is built with the file's own classifier (as many classes as the file has, 0 without one), so
     timm loads strictly, then the classifier is removed: a file of another architecture fails here.
@@ -283,8 +287,9 @@ def _load_pretrained(backbone: str, kwargs: dict[str, Any], path: Path, state_di
         raise ModelError(
             f"{path} does not fit {backbone}: {reason}", "check model.backbone matches the weights file"
         ) from None
+    classifier = copy.deepcopy(net.get_classifier())
     net.reset_classifier(0)
-    return net
+    return net, classifier
 
 
 def _key_difference(net: nn.Module, state_dict: dict[str, torch.Tensor]) -> str | None:
@@ -318,8 +323,17 @@ def _feature_size(net: nn.Module, backbone: str, image_size: int) -> int:
     return int(out.shape[1])
 
 
-def build_model(cfg: ModelConfig, data_cfg: DataConfig, num_classes: int, class_names: list[str] | None) -> BuiltModel:
-    """`models.build_model` for a `timm/` backbone: the same weights sources, the same BuiltModel."""
+def build_model(
+    cfg: ModelConfig,
+    data_cfg: DataConfig,
+    num_classes: int,
+    class_names: list[str] | None,
+    keep_source_head: bool = False,
+) -> BuiltModel:
+    """`models.build_model` for a `timm/` backbone: the same weights sources, the same BuiltModel.
+
+    `keep_source_head` (Co-Tuning): the weights' own classifier becomes `BuiltModel.source_head`; it takes the
+    features the backbone gives (timm's pre-logits), as the pretrained model did."""
     import_timm()
     problem = backbone_problem(cfg.backbone)
     if problem is not None:
@@ -367,12 +381,14 @@ def build_model(cfg: ModelConfig, data_cfg: DataConfig, num_classes: int, class_
         kwargs = dict(source_ckpt.arch["kwargs"])
     else:
         kwargs = _size_kwargs(cfg.backbone, pretrained_cfg(cfg.backbone), preprocess.image_size)
+    classifier = None
     if pretrained is not None:
-        net = _load_pretrained(cfg.backbone, kwargs, pretrained[0], file_state, pretrained[1])
+        net, classifier = _load_pretrained(cfg.backbone, kwargs, pretrained[0], file_state, pretrained[1])
         if weights_is_file(weights):
             notes.append(f"loaded backbone weights from {weights}")
     else:
         net = create(cfg.backbone, kwargs)
+    source_head = _source_head(cfg, classifier, source_ckpt) if keep_source_head else None
     in_features = _feature_size(net, cfg.backbone, preprocess.image_size)
     model = TransferModel(net, make_head(in_features, num_classes, cfg.head_dropout))
 
@@ -385,7 +401,26 @@ def build_model(cfg: ModelConfig, data_cfg: DataConfig, num_classes: int, class_
         "head_dropout": cfg.head_dropout,
         "in_features": in_features,
     }
-    return BuiltModel(model, arch, preprocess, weights_source, notes)
+    return BuiltModel(model, arch, preprocess, weights_source, notes, source_head)
+
+
+def _source_head(cfg: ModelConfig, classifier: nn.Module | None, source_ckpt: Checkpoint | None) -> nn.Linear:
+    """The pretrained classifier Co-Tuning needs, or a ConfigError saying why there is none."""
+    need, fix = "train.cotuning_weight needs the pretrained classifier", "or set train.cotuning_weight=0"
+    if source_ckpt is not None:
+        raise ConfigError(
+            f"{need}, but model.weights {cfg.weights} is a tltool checkpoint, which keeps only its own head",
+            f"set model.weights to the backbone's pretrained weights (DEFAULT) {fix}",
+        )
+    if classifier is None:
+        raise ConfigError(f"{need}, but model.weights is none", f"set model.weights (e.g. DEFAULT) {fix}")
+    if not isinstance(classifier, nn.Linear):
+        what = "none (the file has no classifier)" if isinstance(classifier, nn.Identity) else type(classifier).__name__
+        raise ConfigError(
+            f"{need}, but {cfg.backbone}'s is {what}, not a Linear layer",
+            f"give weights with their classifier, or a backbone whose classifier is a Linear layer {fix}",
+        )
+    return classifier
 
 
 def _reuse_checkpoint(
