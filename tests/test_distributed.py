@@ -354,3 +354,35 @@ def test_a_second_stream_trains_with_two_processes_as_with_one_at_twice_the_batc
     two_model = load_checkpoint(root / "two" / "checkpoints" / "last.pt").model
     for key, value in load_checkpoint(one / "checkpoints" / "last.pt").model.items():
         torch.testing.assert_close(two_model[key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_cotuning_trains_with_two_processes_as_with_one_at_twice_the_batch(
+    tmp_path_factory: pytest.TempPathFactory, data: Path
+) -> None:
+    """Co-Tuning under torchrun: every rank estimates the same relation (from all training images) and the source
+    head's loss is averaged over the global batch, so 2 x 4 trains as 1 x 8."""
+    import torchvision
+
+    root = tmp_path_factory.mktemp("cotuning")
+    torch.manual_seed(3)
+    net = torchvision.models.resnet18(num_classes=7)
+    with torch.no_grad():
+        net.fc.weight.mul_(20)
+    torch.save(net.state_dict(), root / "w.pt")
+    # (train.bn_policy=frozen: batch norm statistics of 4 images per rank are not those of 8; the rest must agree)
+    extra = (f"model.weights={root / 'w.pt'}", "train.freeze=none", "train.cotuning_weight=2",
+             "train.bn_policy=frozen", "data.image_size=16", "data.resize_size=16")  # fmt: skip
+    one = root / "one"
+    finetune(load_config(None, run_overrides(one, data, *ONE, *extra)), quiet=True)
+    config = write_config(root / "ddp.yaml", run_overrides(root / "two", data, *DDP, *extra))
+    result = torchrun("-m", "tltool", "finetune", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = lines(root / "two"), lines(one)
+    for key in ("train_loss", "val_loss", "val_acc1"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4, abs=1e-5), key
+    cot = [[r["loss_terms"]["cotuning"] for r in x] for x in (a, b)]
+    assert cot[0] == pytest.approx(cot[1], rel=1e-4)
+    relation = [load_checkpoint(run / "checkpoints" / "last.pt").loss_terms["cotuning"]["relation"]
+                for run in (root / "two", one)]  # fmt: skip
+    torch.testing.assert_close(relation[0], relation[1], rtol=1e-5, atol=1e-6)
