@@ -15,7 +15,7 @@ import pytest
 from conftest import make_dataset, run_overrides
 from tltool import distributed
 from tltool.config import DataConfig
-from tltool.data import folders
+from tltool.data import folders, verdicts
 from tltool.data.folders import check_images, scan_data, scan_folder
 from tltool.errors import DataError
 
@@ -162,6 +162,7 @@ def test_eval_scan_skips_the_bad_files_in_order(tmp_path: Path, monkeypatch, cap
 
 
 def _counting_headers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    monkeypatch.setattr(verdicts, "MIN_FILES", 1)  # (these lists are small: remembered all the same)
     read: list[str] = []
     real = folders.read_header
     monkeypatch.setattr(folders, "read_header", lambda path: read.append(str(path)) or real(path))
@@ -216,6 +217,7 @@ def test_the_memo_can_be_off_or_unusable(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_a_second_run_reads_no_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = make_dataset(tmp_path / "data", classes=2, per_class=6, size=16)
+    monkeypatch.setattr(verdicts, "MIN_FILES", 1)
     config = DataConfig(train=str(data), val_split=0.25)
     first = scan_data(config, seed=0)
     read = _counting_headers(monkeypatch)
@@ -223,3 +225,22 @@ def test_a_second_run_reads_no_header(tmp_path: Path, monkeypatch: pytest.Monkey
     assert read == [] and (second.train, second.val) == (first.train, first.val)
     scan_data(config, seed=1)  # (another split: other lists, checked again)
     assert len(read) == 12
+
+
+def test_small_lists_are_not_recorded_and_old_records_are_pruned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = make_dataset(tmp_path / "data", classes=2, per_class=3, size=16)
+    _, samples = scan_folder(root)
+    records = tmp_path / "tltool_cache" / "checked"
+    check_images(samples)  # (6 files: fewer than MIN_FILES)
+    assert not records.exists() or not list(records.iterdir())
+    monkeypatch.setattr(verdicts, "MIN_FILES", 1)
+    monkeypatch.setattr(verdicts, "MAX_RECORDS", 3)
+    for count in range(1, 7):  # six different lists: six records written, the three newest kept
+        check_images(samples[:count])
+        os.utime(next(iter(sorted(records.iterdir(), key=lambda p: p.stat().st_mtime_ns)[-1:])),
+                 ns=(10**18 + count, 10**18 + count))  # fmt: skip
+    kept = sorted(records.iterdir())
+    assert len(kept) == 3
+    assert {verdicts.list_key([p for p, _ in samples[:n]]) + ".json" for n in (4, 5, 6)} == {p.name for p in kept}

@@ -204,7 +204,7 @@ def check_images(
     workers = HEADER_WORKERS if workers is None else workers
     paths = [path for path, _ in samples]
     key = recalled = None
-    if memo and paths and verdicts.memo_root() is not None:
+    if memo and len(paths) >= verdicts.MIN_FILES and verdicts.memo_root() is not None:
         key = verdicts.list_key(paths)
         recalled = verdicts.recall(key)
     if recalled is not None:

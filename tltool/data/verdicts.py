@@ -10,7 +10,8 @@ is read again. What it cannot see is a file rewritten in place to the same size 
 timestamp granularity (the feature store's keys share that limit).
 
 Where: `$TLTOOL_CACHE_DIR/checked`, else `$XDG_CACHE_HOME/tltool/checked`, else `~/.cache/tltool/checked`: one
-small JSON file per checked list (the paths found bad and why; usually empty). It is a cache: a folder that
+small JSON file per checked list of at least MIN_FILES files (the paths found bad and why; usually empty), the
+newest MAX_RECORDS kept. It is a cache: a folder that
 cannot be read or written only means the headers are read, never an error. `TLTOOL_NO_CHECK_MEMO=1` turns it
 off; `tltool doctor` never uses it (reading every header is its job).
 """
@@ -30,6 +31,8 @@ from tltool import files
 
 VERSION = 1
 OFF_ENV = "TLTOOL_NO_CHECK_MEMO"
+MIN_FILES = 256  # shorter lists are read again each time (0.1 s at most): no record for every small eval or predict
+MAX_RECORDS = 1000  # the newest kept; older records are removed when a new one is written
 Verdicts = list[tuple[str, str]]  # (path, why) of the files found unusable
 
 
@@ -86,3 +89,15 @@ def remember(key: str, bad: Verdicts) -> None:
     text = json.dumps({"version": VERSION, "bad": [list(item) for item in bad]}).encode()
     with contextlib.suppress(Exception):
         files.write_atomic(root / f"{key}.json", lambda handle: handle.write(text))
+        _prune(root)
+
+
+def _prune(root: Path) -> None:
+    """Remove the oldest records past MAX_RECORDS (by modification time: a record is written once)."""
+    records = [entry for entry in os.scandir(root) if entry.name.endswith(".json")]
+    if len(records) <= MAX_RECORDS:
+        return
+    records.sort(key=lambda entry: entry.stat().st_mtime_ns)
+    for entry in records[: len(records) - MAX_RECORDS]:
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
