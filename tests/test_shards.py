@@ -333,3 +333,36 @@ def test_shards_without_data_val_or_with_a_balanced_sampler_are_config_errors(
     result = cli.invoke(app, ["finetune", str(config), val, "data.sampler=balanced"])
     assert result.exit_code == 2 and "data.sampler: balanced needs random access" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_loader_worker_reads_only_its_own_samples_images(
+    shards: Path, monkeypatch: pytest.MonkeyPatch, one_thread
+) -> None:
+    """Each of 2 workers reads the image bytes of its own batches' samples only (the others' are seeked past),
+    and the batches are those of one worker reading everything."""
+    import tltool.data.shards as shards_module
+
+    _, samples = scan_shards(str(shards / PATTERN), "data.train")
+    transform = eval_transform(Preprocess(image_size=16, resize_size=16))
+    read: list[str] = []
+    real = tarfile.TarFile.extractfile
+
+    def counted(self, member):
+        read.append(member.name)
+        return real(self, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", counted)
+    stream = ShardStream(samples, transform, 5, seed=0, shuffle=True, buffer=6)
+    batches = {}
+    for worker, workers in ((0, 1), (0, 2), (1, 2)):
+        info = type("Info", (), {"id": worker, "num_workers": workers})()
+        monkeypatch.setattr(shards_module, "get_worker_info", lambda info=info: info)
+        read.clear()
+        batches[worker, workers] = list(stream)
+        images = [name for name in read if not name.endswith(".cls")]
+        drawn = sum(len(batch[1]) for batch in batches[worker, workers])
+        assert len(images) == drawn, (worker, workers)  # (one image member per sample drawn, none other)
+    assert len(batches[0, 2]) + len(batches[1, 2]) == len(batches[0, 1])
+    merged = [b for pair in zip(batches[0, 2], batches[1, 2] + [None], strict=False) for b in pair if b is not None]
+    for (x, y), (x1, y1) in zip(merged, batches[0, 1], strict=True):
+        assert torch.equal(x, x1) and torch.equal(y, y1)

@@ -347,10 +347,29 @@ class ShardStream(IterableDataset):
 
     # --- reading -------------------------------------------------------------------------------------
 
-    def _read(self, shard: int) -> Iterator[dict]:
-        wds = webdataset()
+    def _read(self, shard: int, wanted: set[int] | None = None) -> Iterator[dict]:
+        """The shard's samples in order, one dict each ({ext: bytes}). A local shard's members are read only for
+        the samples at the positions in `wanted` (the others' data is seeked past: each loader worker reads its
+        own batches' images, not its rank's whole shards); a URL streams through webdataset whole."""
         url = self.shards[shard][0]
-        yield from wds.tariterators.tarfile_samples([{"url": url}])
+        if is_remote(url):
+            yield from webdataset().tariterators.tarfile_samples([{"url": url}])
+            return
+        with tarfile.open(url, "r:*") as tar:
+            sample: dict | None = None
+            position = -1
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = split_key(member.name)
+                if sample is None or sample["__key__"] != key:
+                    if sample is not None:
+                        yield sample
+                    sample, position = {"__key__": key}, position + 1
+                if wanted is None or position in wanted:
+                    sample[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
+            if sample is not None:
+                yield sample
 
     def _decode(self, index: int, sample: dict, draw_seed: int | None):
         name = self.names[index]
@@ -408,7 +427,8 @@ class ShardStream(IterableDataset):
                         "restart the run",
                     )
                 count = 0
-                for offset, sample in enumerate(self._read(s)):
+                wanted = {i - starts[s] for i in uses if starts[s] <= i < starts[s + 1]}
+                for offset, sample in enumerate(self._read(s, wanted)):
                     count += 1
                     if starts[s] + offset in uses:
                         loaded[starts[s] + offset] = sample
