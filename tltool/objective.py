@@ -112,18 +112,30 @@ def build_objective(
 ) -> Objective:
     """The run's loss terms, from the config; `saved` is the state of a resumed run's terms; `in_features`
     the width of the backbone's features (DANN's discriminator input); `teacher` distill.teacher's model;
-    `source_head` Co-Tuning's pretrained classifier (a resumed run's is rebuilt from `saved`)."""
+    `source_head` Co-Tuning's pretrained classifier (a resumed run's is rebuilt from `saved`). One builder per
+    term, in the order the terms are summed and logged."""
     saved = saved or {}
+    supervised, weight = _supervised_term(cfg, class_names, labels, device)
+    terms = [supervised]
+    if cfg.train.regularization == "l2sp":
+        terms.append(_l2sp_term(cfg, model, saved, device))
+    if cfg.adapt.method != "none":
+        terms.append(_adaptation_term(cfg, saved, in_features, device))
+    if source is not None:
+        terms.append(_source_term(cfg, source, saved, in_features, device))
+    if teacher is not None:
+        terms.append(_distill_term(cfg, teacher))
+    if cfg.train.cotuning_weight > 0:  # (cotuning.py; the relation of a new run is estimated in session.start)
+        terms.append(_cotuning_term(cfg, saved, source_head, device))
+    return Objective(terms, class_weight=weight)
+
+
+def _supervised_term(
+    cfg: Config, class_names: list[str], labels: Sequence[int], device: torch.device
+) -> tuple[Term, torch.Tensor | None]:
+    """`ce` (train.class_weights, label smoothing; soft targets under MixUp/CutMix) or, multilabel, `bce` (the
+    class weights as positive weights); with the weight tensor the objective keeps."""
     train = cfg.train
-    multilabel = cfg.data.task == "multilabel"
-    weight = None if multilabel else class_weight_tensor(train.class_weights, class_names, labels)
-    weight = weight.to(device) if weight is not None else None
-
-    def cross_entropy(out: StepOutputs) -> torch.Tensor:
-        if out.targets is not None:  # data.mixup_alpha / cutmix_alpha: the soft form of the same loss
-            return soft_cross_entropy(out.logits, out.targets, weight, train.label_smoothing)
-        return F.cross_entropy(out.logits, out.labels, weight=weight, label_smoothing=train.label_smoothing)
-
     if cfg.data.task == "multilabel":  # (the config refuses the softmax-based keys: smoothing, mixing, ...)
         pos_weight = pos_weight_tensor(train.class_weights, class_names, labels)
         pos_weight = pos_weight.to(device) if pos_weight is not None else None
@@ -131,18 +143,32 @@ def build_objective(
         def bce(out: StepOutputs) -> torch.Tensor:
             return multilabel_bce(out.logits, out.labels, pos_weight)
 
-        terms = [Term("bce", bce)]
-        weight = pos_weight
-    else:
-        terms = [Term("ce", cross_entropy)]
-    if train.regularization == "l2sp":
-        reference = saved.get("l2sp", {}).get("reference") or l2sp_reference(model)
-        reference = {name: value.to(device) for name, value in reference.items()}
+        return Term("bce", bce), pos_weight
+    weight = class_weight_tensor(train.class_weights, class_names, labels)
+    weight = weight.to(device) if weight is not None else None
 
-        def l2sp(out: StepOutputs) -> torch.Tensor:
-            return l2sp_penalty(model, reference, train.l2sp_alpha, train.l2sp_beta)
+    def cross_entropy(out: StepOutputs) -> torch.Tensor:
+        if out.targets is not None:  # data.mixup_alpha / cutmix_alpha: the soft form of the same loss
+            return soft_cross_entropy(out.logits, out.targets, weight, train.label_smoothing)
+        return F.cross_entropy(out.logits, out.labels, weight=weight, label_smoothing=train.label_smoothing)
 
-        terms.append(Term("l2sp", l2sp, state={"reference": reference}))
+    return Term("ce", cross_entropy), weight
+
+
+def _l2sp_term(cfg: Config, model: TransferModel, saved: dict[str, Any], device: torch.device) -> Term:
+    """`l2sp`: the distance to the starting backbone (a resumed run's reference is its checkpoint's)."""
+    train = cfg.train
+    reference = saved.get("l2sp", {}).get("reference") or l2sp_reference(model)
+    reference = {name: value.to(device) for name, value in reference.items()}
+
+    def l2sp(out: StepOutputs) -> torch.Tensor:
+        return l2sp_penalty(model, reference, train.l2sp_alpha, train.l2sp_beta)
+
+    return Term("l2sp", l2sp, state={"reference": reference})
+
+
+def _adaptation_term(cfg: Config, saved: dict[str, Any], in_features: int, device: torch.device) -> Term:
+    """`mcc` or `dann` on the unlabelled target batch, ramped in by adapt.warmup."""
     adapt = cfg.adapt
     ramp = ganin_ramp if adapt.warmup == "ganin" else (lambda progress: 1.0)
     if adapt.method == "mcc":
@@ -153,79 +179,89 @@ def build_objective(
             # (over the global batch under torchrun: a class confusion is not a mean over samples)
             return ramp(out.progress) * mcc_loss(gather_rows(out.unlabeled_logits), adapt.mcc_temperature)
 
-        terms.append(Term("mcc", mcc, adapt.weight))
-    elif adapt.method == "dann":
-        discriminator = DomainDiscriminator(in_features, adapt.dann_hidden).to(device)
-        if "module" in saved.get("dann", {}):
-            discriminator.load_state_dict(saved["dann"]["module"])
-        term = Term("dann", lambda out: out.logits.new_zeros(()), adapt.weight, module=discriminator)
+        return Term("mcc", mcc, adapt.weight)
+    discriminator = DomainDiscriminator(in_features, adapt.dann_hidden).to(device)
+    if "module" in saved.get("dann", {}):
+        discriminator.load_state_dict(saved["dann"]["module"])
+    term = Term("dann", lambda out: out.logits.new_zeros(()), adapt.weight, module=discriminator)
 
-        def dann(out: StepOutputs) -> torch.Tensor:
-            if out.unlabeled_features is None or not out.unlabeled_features.numel():
-                return out.logits.new_zeros(())
-            # (one discriminator pass over both domains: its batch norm sees them together, as in TLlib)
-            both = reverse_gradient(torch.cat([out.features, out.unlabeled_features]), ramp(out.progress))
-            domain = (term.forward or term.module)(both)
-            count = out.features.shape[0]
-            return domain_adversarial_loss(domain[:count], domain[count:])
+    def dann(out: StepOutputs) -> torch.Tensor:
+        if out.unlabeled_features is None or not out.unlabeled_features.numel():
+            return out.logits.new_zeros(())
+        # (one discriminator pass over both domains: its batch norm sees them together, as in TLlib)
+        both = reverse_gradient(torch.cat([out.features, out.unlabeled_features]), ramp(out.progress))
+        domain = (term.forward or term.module)(both)
+        count = out.features.shape[0]
+        return domain_adversarial_loss(domain[:count], domain[count:])
 
-        term.compute = dann
-        terms.append(term)
-    if source is not None:
-        own_head = (
-            None if source.shares_head else make_head(in_features, len(source.class_names), cfg.model.head_dropout)
-        )
-        if own_head is not None:
-            own_head = own_head.to(device)
-            if "module" in saved.get("source", {}):
-                own_head.load_state_dict(saved["source"]["module"])
-        state = {}
-        if cfg.source.class_weights == "target_prior":  # (re-estimated each epoch by the session)
-            prior = saved.get("source", {}).get("class_weights")
-            state["class_weights"] = (prior if prior is not None else torch.ones(len(source.class_names))).to(device)
-        source_term = Term("source", lambda out: out.logits.new_zeros(()), cfg.source.weight, state, own_head)
+    term.compute = dann
+    return term
 
-        def source_loss(out: StepOutputs) -> torch.Tensor:
-            if out.source_labels is None or not out.source_labels.numel():
-                return out.logits.new_zeros(())
-            logits = out.source_logits if own_head is None else (source_term.forward or own_head)(out.source_features)
-            weight = source_term.state.get("class_weights")
-            return F.cross_entropy(logits.float(), out.source_labels, weight=weight)
 
-        source_term.compute = source_loss
-        terms.append(source_term)
-    if teacher is not None:
-        temperature = cfg.distill.temperature
+def _source_term(
+    cfg: Config, source: SourceData, saved: dict[str, Any], in_features: int, device: torch.device
+) -> Term:
+    """`source`: cross-entropy on the labelled source batch, through the target head (the same classes) or a
+    head of its own, weighted per class by source.class_weights (target_prior: re-estimated each epoch)."""
+    own_head = None if source.shares_head else make_head(in_features, len(source.class_names), cfg.model.head_dropout)
+    if own_head is not None:
+        own_head = own_head.to(device)
+        if "module" in saved.get("source", {}):
+            own_head.load_state_dict(saved["source"]["module"])
+    state = {}
+    if cfg.source.class_weights == "target_prior":  # (re-estimated each epoch by the session)
+        prior = saved.get("source", {}).get("class_weights")
+        state["class_weights"] = (prior if prior is not None else torch.ones(len(source.class_names))).to(device)
+    term = Term("source", lambda out: out.logits.new_zeros(()), cfg.source.weight, state, own_head)
 
-        def distill(out: StepOutputs) -> torch.Tensor:
-            # On every image of the step, labelled and unlabelled alike: the teacher needs no label.
-            student, images = out.logits, out.images
-            if out.unlabeled_logits is not None and out.unlabeled_images is not None:
-                student = torch.cat([student, out.unlabeled_logits])
-                images = torch.cat([images, out.unlabeled_images])
-            return distillation_loss(student, teacher(images), temperature)
+    def source_loss(out: StepOutputs) -> torch.Tensor:
+        if out.source_labels is None or not out.source_labels.numel():
+            return out.logits.new_zeros(())
+        logits = out.source_logits if own_head is None else (term.forward or own_head)(out.source_features)
+        weight = term.state.get("class_weights")
+        return F.cross_entropy(logits.float(), out.source_labels, weight=weight)
 
-        terms.append(Term("distill", distill, cfg.distill.weight))
-    if train.cotuning_weight > 0:  # (cotuning.py; the relation of a new run is estimated in session.start)
-        kept = saved.get("cotuning", {})
-        head = restore_source_head(kept["module"]) if "module" in kept else source_head
-        if head is None:
-            raise ValueError("train.cotuning_weight without a source head (build_model(keep_source_head=True))")
-        head = head.to(device)
-        if "module" in kept:
-            head.load_state_dict(kept["module"])
-        relation = kept.get("relation")
-        state = {"relation": relation.to(device) if relation is not None else None}
-        cotuning_term = Term("cotuning", lambda out: out.logits.new_zeros(()), train.cotuning_weight, state, head,
-                             lr_scale=train.backbone_lr_mult)  # fmt: skip
+    term.compute = source_loss
+    return term
 
-        def cotuning(out: StepOutputs) -> torch.Tensor:
-            soft_targets = cotuning_term.state["relation"][out.labels]
-            return cotuning_loss((cotuning_term.forward or head)(out.features), soft_targets)
 
-        cotuning_term.compute = cotuning
-        terms.append(cotuning_term)
-    return Objective(terms, class_weight=weight)
+def _distill_term(cfg: Config, teacher: nn.Module) -> Term:
+    """`distill`: the teacher's softened predictions on every image of the step."""
+    temperature = cfg.distill.temperature
+
+    def distill(out: StepOutputs) -> torch.Tensor:
+        # On every image of the step, labelled and unlabelled alike: the teacher needs no label.
+        student, images = out.logits, out.images
+        if out.unlabeled_logits is not None and out.unlabeled_images is not None:
+            student = torch.cat([student, out.unlabeled_logits])
+            images = torch.cat([images, out.unlabeled_images])
+        return distillation_loss(student, teacher(images), temperature)
+
+    return Term("distill", distill, cfg.distill.weight)
+
+
+def _cotuning_term(cfg: Config, saved: dict[str, Any], source_head: nn.Module | None, device: torch.device) -> Term:
+    """`cotuning`: the pretrained classifier against the relation's row of each label (a resumed run's head and
+    relation from its checkpoint), at the backbone's LR."""
+    train = cfg.train
+    kept = saved.get("cotuning", {})
+    head = restore_source_head(kept["module"]) if "module" in kept else source_head
+    if head is None:
+        raise ValueError("train.cotuning_weight without a source head (build_model(keep_source_head=True))")
+    head = head.to(device)
+    if "module" in kept:
+        head.load_state_dict(kept["module"])
+    relation = kept.get("relation")
+    state = {"relation": relation.to(device) if relation is not None else None}
+    term = Term("cotuning", lambda out: out.logits.new_zeros(()), train.cotuning_weight, state, head,
+                lr_scale=train.backbone_lr_mult)  # fmt: skip
+
+    def cotuning(out: StepOutputs) -> torch.Tensor:
+        soft_targets = term.state["relation"][out.labels]
+        return cotuning_loss((term.forward or head)(out.features), soft_targets)
+
+    term.compute = cotuning
+    return term
 
 
 # --- soft targets (MixUp / CutMix) ----------------------------------------------------------------------
