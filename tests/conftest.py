@@ -8,8 +8,13 @@ session (`export_all`, `export_uint8_all`, `trained_checkpoint`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -240,3 +245,56 @@ def export_uint8_all(factory: pytest.TempPathFactory) -> ExportRun:
         return ExportRun(checkpoint, result.output, result.exit_code, paths)
 
     return shared("export-uint8-all", make)
+
+
+def run_torchrun(
+    command: list[str], env: dict[str, str], timeout: float = 240, processes: int = 2
+) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone --nproc-per-node=N *command`, its output captured.
+
+    A run that outlives `timeout` fails the test with where every process of it was: each rank and each of
+    their loader workers is sent SIGABRT with Python's faulthandler on (PYTHONFAULTHANDLER), which prints
+    every thread's stack to stderr (torchrun's), before they and torchrun are killed. (A hang
+    under torchrun is otherwise a bare TimeoutExpired: nothing says which collective or worker waits.)
+    """
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    process = subprocess.Popen(
+        [*launcher, *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**env, "PYTHONFAULTHANDLER": "1"},
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    except subprocess.TimeoutExpired:
+        pass
+    os.kill(process.pid, signal.SIGSTOP)  # (torchrun must not stop the ranks before they print)
+    ranks = _descendants(process.pid)  # (each rank is in a session of its own)
+    for pid in ranks:  # one at a time: their stacks are not interleaved
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGABRT)
+        time.sleep(1)
+    for pid in [process.pid, *ranks]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    stdout, stderr = process.communicate()
+    pytest.fail(f"torchrun ran past {timeout} s; its processes' stacks:\n{stderr[-12000:]}\nstdout: {stdout[-2000:]}")
+
+
+def _descendants(root: int) -> list[int]:
+    """The processes below `root` (children first), from /proc/PID/stat's parent field: torchrun's ranks and
+    their loader workers."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    found, queue = [], [root]
+    while queue:
+        for child in children.get(queue.pop(0), []):
+            found.append(child)
+            queue.append(child)
+    return found

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_dataset, run_overrides, write_config
+from conftest import make_dataset, run_overrides, run_torchrun, write_config
 from tltool.checkpoint import load_checkpoint, save_atomic
 from tltool.cli import app
 from tltool.config import load_config
@@ -120,8 +120,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def torchrun(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env or _env())
+    return run_torchrun(list(args), env or _env(), timeout)
 
 
 def lines(run_dir: Path) -> list[dict]:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import make_dataset, run_overrides
+from conftest import make_dataset, run_overrides, run_torchrun
 from tltool import distributed
 from tltool.config import DataConfig
 from tltool.data import folders, verdicts
@@ -121,9 +119,8 @@ def test_under_torchrun_rank_0_scans_and_every_rank_gets_its_split(tmp_path: Pat
     launcher.write_text(LAUNCHER)
     out.mkdir()
     overrides = run_overrides(tmp_path / "run", data, "data.on_bad_image=skip", "data.max_bad_fraction=0.5")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(launcher)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SCAN_MARKER": str(marker)}
-    result = subprocess.run([*command, str(out), *overrides], capture_output=True, text=True, timeout=120, env=env)
+    result = run_torchrun([str(launcher), str(out), *overrides], env, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert marker.read_text().split() == ["0"]  # one scan, by rank 0
     rank0, rank1 = (json.loads((out / f"{rank}.json").read_text()) for rank in (0, 1))

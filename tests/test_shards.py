@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import sys
 import tarfile
 from collections import Counter
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 import tltool.session as session_module
-from conftest import make_dataset, run_overrides, write_config
+from conftest import make_dataset, run_overrides, run_torchrun, write_config
 from tltool.checkpoint import load_checkpoint
 from tltool.cli import app
 from tltool.config import load_config
@@ -213,9 +212,8 @@ def test_two_ranks_under_torchrun_draw_each_sample_once_per_epoch(shards: Path, 
         tmp_path / "ddp.yaml",
         shard_overrides(tmp_path / "run", shards, "data.batch_size=4", "data.num_workers=1", "train.epochs=2"),
     )
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(wrapper)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*command, "finetune", str(config)], capture_output=True, text=True, env=env, timeout=240)
+    result = run_torchrun([str(wrapper), "finetune", str(config)], env)
     assert result.returncode == 0, result.stderr[-3000:]
     _, samples = scan_shards(str(shards / PATTERN), "data.train")
     seen = draws(log)
