@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sys
 import tarfile
 from collections import Counter
@@ -213,7 +214,12 @@ def test_two_ranks_under_torchrun_draw_each_sample_once_per_epoch(shards: Path, 
         shard_overrides(tmp_path / "run", shards, "data.batch_size=4", "data.num_workers=1", "train.epochs=2"),
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = run_torchrun([str(wrapper), "finetune", str(config)], env)
+
+    def reset() -> None:  # (a second attempt, after a hang: see run_torchrun)
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)
+        log.unlink(missing_ok=True)
+
+    result = run_torchrun([str(wrapper), "finetune", str(config)], env, timeout=120, attempts=2, reset=reset)
     assert result.returncode == 0, result.stderr[-3000:]
     _, samples = scan_shards(str(shards / PATTERN), "data.train")
     seen = draws(log)
