@@ -273,3 +273,34 @@ def test_a_fifo_named_like_an_image_is_reported_as_one_and_never_opened(tmp_path
     os.mkfifo(tmp_path / "pipe")
     with pytest.raises(DataError, match=r"data.train folder .*pipe is a FIFO \(named pipe\), not a folder"):
         scan_folder(tmp_path / "pipe")
+
+
+EXIT_WITH_LIVE_WORKERS = """
+import sys
+from tltool.data import eval_transform, make_loader, scan_folder
+from tltool.data.transforms import Preprocess
+_, samples = scan_folder(sys.argv[1])
+loader = make_loader(samples, eval_transform(Preprocess(16, 16)), 4, 2, seed=0, shuffle=True)
+next(iter(loader))
+cycle = {"loader": loader}
+cycle["self"] = cycle  # (kept alive until a collection: its persistent workers still run at exit)
+del loader
+print(" ".join(str(p.pid) for p in cycle["loader"]._iterator._workers), flush=True)
+"""
+
+
+def test_a_process_exits_with_its_loader_workers_still_running(tmp_path: Path) -> None:
+    # multiprocessing's exit handler sends the workers SIGTERM, which they ignore, and waits for them:
+    # without tltool's exit hook the process never ends.
+    import subprocess
+    import sys
+
+    data = make_dataset(tmp_path / "images", classes=2, per_class=4, size=16)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", EXIT_WITH_LIVE_WORKERS, str(data)], capture_output=True,
+                          text=True, timeout=60, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    workers = [int(pid) for pid in done.stdout.split()]
+    assert len(workers) == 2
+    for pid in workers:  # killed and reaped, not left running
+        assert not Path(f"/proc/{pid}").exists()

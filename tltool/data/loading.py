@@ -229,6 +229,45 @@ def _init_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+_EXIT_HOOK: list[bool] = []
+
+
+def _stop_workers_at_exit() -> None:
+    """Register (once) `_kill_leftover_workers` to run at exit before multiprocessing's own exit handler."""
+    if not _EXIT_HOOK:
+        import atexit
+        import multiprocessing.util  # noqa: F401  (its handler first: atexit runs the last registered first)
+
+        atexit.register(_kill_leftover_workers)
+        _EXIT_HOOK.append(True)
+
+
+def _kill_leftover_workers() -> None:
+    """At exit, stop the daemonic children still running: loader workers of a loader in a reference cycle not yet
+    collected.
+
+    multiprocessing's exit handler stops a daemonic child with SIGTERM and then waits for it without a limit; a
+    loader worker ignores SIGTERM (`_init_worker`) and only exits once its parent has, so the process would
+    wait forever. Here each gets SIGTERM first (as multiprocessing would), and SIGKILL if it is still there
+    2 s later: a worker left at exit has no batch anyone will read. (Only at exit, only when such children are
+    left: a normal run has freed its loaders by then and pays nothing.)
+    """
+    import multiprocessing
+
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    if not children:
+        return
+    if hasattr(signal, "SIGCHLD"):  # (torch's loader handler would raise on a killed worker, mid-way)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for process in children:
+        process.terminate()
+    for process in children:
+        process.join(timeout=2)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=5)
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask, e.g. under taskset, Slurm or a container)."""
     try:
@@ -276,8 +315,10 @@ def make_loader(
     `draws` do not apply to shards (the config refuses them).
     """
     single = batch_size if drop_single else 0
+    workers = resolve_num_workers(num_workers)
+    if workers:
+        _stop_workers_at_exit()
     if isinstance(samples, ShardSamples):
-        workers = resolve_num_workers(num_workers)
         stream = ShardStream(samples, transform, batch_size, seed, shuffle, shard, buffer, seeded, single)
         return DataLoader(
             stream,
@@ -294,7 +335,6 @@ def make_loader(
         sampler = BalancedSampler([label for _, label in samples], seed, shard, seeded, drop_single=single)
     else:
         sampler = EpochSampler(len(samples), seed, shuffle, shard, pad=shuffle, seeded=seeded, drop_single=single)
-    workers = resolve_num_workers(num_workers)
     return DataLoader(
         ImageDataset(samples, transform),
         batch_size=batch_size,
