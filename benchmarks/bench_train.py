@@ -71,6 +71,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -421,26 +422,28 @@ def frozen_plain_run(data: Path, backbone: str, size: int, epochs: int, weights:
     return {"seconds": time.perf_counter() - start, "val_acc1": accuracy}
 
 
+def frozen_overrides(data: Path, backbone: str, size: int, epochs: int, run_dir: Path, weights: str) -> list[str]:
+    """The frozen tltool run's settings (the plain loop's: no augmentation, no schedule, batch 32, CPU)."""
+    return [
+        f"data.train={data / 'train'}",
+        f"data.val={data / 'val'}",
+        f"model.backbone={backbone}",
+        f"model.weights={weights}",
+        f"data.image_size={size}",
+        f"data.resize_size={size}",
+        "data.augment=none",
+        f"train.epochs={epochs}",
+        "run.device=cpu",
+        "data.batch_size=32",
+        f"run.output_dir={run_dir}",
+        "train.scheduler=none",
+        "log.progress=false",
+    ]
+
+
 def frozen_tltool_run(data: Path, backbone: str, size: int, epochs: int, run_dir: Path, weights: str = "none") -> dict:
     start = time.perf_counter()
-    cfg = load_config(
-        None,
-        [
-            f"data.train={data / 'train'}",
-            f"data.val={data / 'val'}",
-            f"model.backbone={backbone}",
-            f"model.weights={weights}",
-            f"data.image_size={size}",
-            f"data.resize_size={size}",
-            "data.augment=none",
-            f"train.epochs={epochs}",
-            "run.device=cpu",
-            "data.batch_size=32",
-            f"run.output_dir={run_dir}",
-            "train.scheduler=none",
-            "log.progress=false",
-        ],
-    )
+    cfg = load_config(None, frozen_overrides(data, backbone, size, epochs, run_dir, weights))
     summary = finetune(cfg, quiet=True)
     cache = summary["feature_cache"] or {}
     return {
@@ -632,15 +635,27 @@ def second_run_table(quick: bool) -> dict:
         make_images(root / "data" / "val", 10, val_per_class, source, seed=1)
         env = {**os.environ, "TLTOOL_CACHE_DIR": str(root / "store")}  # (empty: the first run extracts)
 
-        def worker(kind: str, run: str) -> list[str]:
-            return [sys.executable, __file__, "--worker", kind, "--data", str(root / "data"), "--model",
-                    "mobilenet_v2", "--size", str(size), "--epochs", "10", "--run-dir", str(root / run),
-                    "--weights", weights]  # fmt: skip
+        plain_worker = [sys.executable, __file__, "--worker", "plain", "--data", str(root / "data"), "--model",
+                        "mobilenet_v2", "--size", str(size), "--epochs", "10", "--weights", weights]  # fmt: skip
+
+        def cli_run(run: str) -> tuple[float, dict]:
+            """`tltool finetune` as a user runs it (the console script's process, exit included)."""
+            config: dict = {}
+            for item in frozen_overrides(root / "data", "mobilenet_v2", size, 10, root / run, weights):
+                key, value = item.split("=", 1)
+                section, name = key.split(".")
+                config.setdefault(section, {})[name] = yaml.safe_load(value)
+            (root / f"{run}.yaml").write_text(yaml.safe_dump(config))
+            seconds, _ = timed_process([sys.executable, "-m", "tltool", "finetune", str(root / f"{run}.yaml")], env)
+            summary = json.loads((root / run / "summary.json").read_text())
+            cache = summary["feature_cache"] or {}
+            return seconds, {"val_acc1": summary["final"]["val_acc1"], "extract_seconds": cache.get("extract_seconds"),
+                             "reused": cache.get("reused")}  # fmt: skip
 
         imports, _ = timed_process([sys.executable, "-c", "import torch, torchvision"], env)
-        plain, plain_result = timed_process(worker("plain", "plain"), env)
-        first, first_result = timed_process(worker("tltool", "first"), env)
-        second, second_result = timed_process(worker("tltool", "second"), env)
+        plain, plain_result = timed_process(plain_worker, env)
+        first, first_result = cli_run("first")
+        second, second_result = cli_run("second")
     if second_result.get("reused") != ["train", "val"]:
         raise SystemExit(f"the second run did not reuse the stored features: {second_result}")
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

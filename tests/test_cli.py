@@ -175,3 +175,26 @@ def test_readme_config_reference_is_current() -> None:
     table = readme.split(start, 1)[1].split(end, 1)[0]
     assert table == reference_markdown(), "run `tltool config keys` and paste it into README.md"
     assert "make demo" in readme and "make test" in readme
+
+
+@pytest.mark.parametrize("outcome", ["returns", "exits"])
+def test_main_freezes_what_is_alive_before_the_interpreter_exits(monkeypatch: pytest.MonkeyPatch, outcome: str) -> None:
+    # (the last garbage collections of the exit then skip torch's objects: about 1 s of every command)
+    import gc
+
+    import tltool.cli as cli_module
+
+    frozen = []
+
+    def command() -> None:
+        if outcome == "exits":
+            sys.exit(2)  # (an error line's exit, as typer's)
+
+    monkeypatch.setattr(cli_module, "app", command)
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    if outcome == "exits":
+        with pytest.raises(SystemExit):
+            cli_module.main()
+    else:
+        cli_module.main()
+    assert frozen == [True]

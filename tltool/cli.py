@@ -7,6 +7,7 @@ The commands themselves are thin Typer functions over the stage functions, one m
 
 from __future__ import annotations
 
+import gc
 import sys
 from typing import TYPE_CHECKING, Annotated
 
@@ -79,12 +80,21 @@ def _main(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    On the way out every object still alive is frozen (`gc.freeze`): the interpreter's last garbage
+    collections then skip them instead of walking torch's and torchvision's hundreds of thousands of objects,
+    which took about 1 s of every command's exit (measured on 2 cores: 1.1 s -> 0.2 s after `import torch,
+    torchvision`). Nothing tltool holds needs a collection to be finalized: files, locks, loader workers
+    and process groups are closed explicitly, and atexit handlers still run.
+    """
     try:
         app()
     except BrokenPipeError:  # `tltool config init | head`
         sys.stderr.close()
         sys.exit(0)
+    finally:
+        gc.freeze()
 
 
 if __name__ == "__main__":
