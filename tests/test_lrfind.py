@@ -188,3 +188,17 @@ def test_the_figure_is_log_x_with_the_suggestion_marked(cli: CliRunner) -> None:
     assert bottom < 0.7 and 2.0 < top < 3.0
     result = cli.invoke(app, ["lr-find", "--help"])
     assert result.exit_code == 0 and "Example: tltool lr-find" in result.output
+
+
+def test_under_torchrun_it_is_one_line_exit_2(
+    cli: CliRunner, tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = write_config(tmp_path / "c.yaml", run_overrides(tmp_path / "run", dataset))
+    result = cli.invoke(app, ["lr-find", str(config)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: tltool lr-find runs in one process, not under torchrun — run it without torchrun"
+    ]
+    assert not (tmp_path / "run").exists()

@@ -325,3 +325,17 @@ def test_trials_after_the_first_reuse_the_frozen_features(tmp_path: Path, base, 
     assert len(extracted) == 2 and sum(extracted) == summaries[0]["train_images"] + summaries[0]["val_images"]
     assert "features extracted in" in lines[0] and "features reused from the cache: train, val" in lines[1]
     assert "features reused from the cache: train, val" in lines[2]
+
+
+def test_under_torchrun_it_is_one_line_exit_2_nothing_written(
+    cli, tmp_path: Path, base, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = write_config(tmp_path / "base.yaml", base)
+    result = cli.invoke(app, ["tune", str(config), "train.lr=loguniform(1e-4,1e-1)", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: tltool tune runs its trials in one process, not under torchrun — run it without torchrun"
+    ]
+    assert not (tmp_path / "s").exists()

@@ -354,9 +354,12 @@ def run_tune(
 
     `pruner`: an Optuna pruner (default `MedianPruner()`, Optuna's defaults: no pruning before 5 finished trials).
     """
+    from tltool.distributed import launched
     from tltool.runlock import acquire
     from tltool.train import Interrupted, finetune
 
+    if launched():  # (every rank would run its own study on one SQLite file, and a trial is a whole run)
+        raise ConfigError("tltool tune runs its trials in one process, not under torchrun", "run it without torchrun")
     optuna = import_optuna()
     if trials < 1:
         raise ConfigError(f"--trials {trials}: a sweep needs at least one trial", "e.g. --trials 20")
