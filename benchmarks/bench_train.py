@@ -71,7 +71,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -640,12 +639,8 @@ def second_run_table(quick: bool) -> dict:
 
         def cli_run(run: str) -> tuple[float, dict]:
             """`tltool finetune` as a user runs it (the console script's process, exit included)."""
-            config: dict = {}
-            for item in frozen_overrides(root / "data", "mobilenet_v2", size, 10, root / run, weights):
-                key, value = item.split("=", 1)
-                section, name = key.split(".")
-                config.setdefault(section, {})[name] = yaml.safe_load(value)
-            (root / f"{run}.yaml").write_text(yaml.safe_dump(config))
+            cfg = load_config(None, frozen_overrides(root / "data", "mobilenet_v2", size, 10, root / run, weights))
+            (root / f"{run}.yaml").write_text(cfg.to_yaml())
             seconds, _ = timed_process([sys.executable, "-m", "tltool", "finetune", str(root / f"{run}.yaml")], env)
             summary = json.loads((root / run / "summary.json").read_text())
             cache = summary["feature_cache"] or {}

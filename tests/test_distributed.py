@@ -127,6 +127,16 @@ def lines(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def one_and_two_processes(root: Path, data: Path, *extra: str) -> tuple[list[dict], list[dict]]:
+    """The same run as one process at batch 8 (root/one) and under torchrun as 2 x 4 (root/two): their
+    metrics.jsonl lines (two, one)."""
+    finetune(load_config(None, run_overrides(root / "one", data, *ONE, *extra)), quiet=True)
+    config = write_config(root / "ddp.yaml", run_overrides(root / "two", data, *DDP, *extra))
+    result = torchrun("-m", "tltool", "finetune", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return lines(root / "two"), lines(root / "one")
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("ddp") / "images")
@@ -341,12 +351,8 @@ def test_a_second_stream_trains_with_two_processes_as_with_one_at_twice_the_batc
     root = tmp_path_factory.mktemp("adapt")
     target = make_dataset(root / "target", classes=3, per_class=4, size=24, seed=5)
     extra = (f"adapt.unlabeled={target}", "adapt.method=mcc", "adapt.warmup=none")
+    a, b = one_and_two_processes(root, data, *extra)
     one = root / "one"
-    finetune(load_config(None, run_overrides(one, data, *ONE, *extra)), quiet=True)
-    config = write_config(root / "ddp.yaml", run_overrides(root / "two", data, *DDP, *extra))
-    result = torchrun("-m", "tltool", "finetune", str(config))
-    assert result.returncode == 0, result.stderr[-3000:]
-    a, b = lines(root / "two"), lines(one)
     for key in ("train_loss", "val_loss", "val_acc1"):
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5, abs=1e-6), key
     assert [r["loss_terms"]["mcc"] for r in a] == pytest.approx([r["loss_terms"]["mcc"] for r in b], rel=1e-5)
@@ -372,12 +378,8 @@ def test_cotuning_trains_with_two_processes_as_with_one_at_twice_the_batch(
     # (train.bn_policy=frozen: batch norm statistics of 4 images per rank are not those of 8; the rest must agree)
     extra = (f"model.weights={root / 'w.pt'}", "train.freeze=none", "train.cotuning_weight=2",
              "train.bn_policy=frozen", "data.image_size=16", "data.resize_size=16")  # fmt: skip
+    a, b = one_and_two_processes(root, data, *extra)
     one = root / "one"
-    finetune(load_config(None, run_overrides(one, data, *ONE, *extra)), quiet=True)
-    config = write_config(root / "ddp.yaml", run_overrides(root / "two", data, *DDP, *extra))
-    result = torchrun("-m", "tltool", "finetune", str(config))
-    assert result.returncode == 0, result.stderr[-3000:]
-    a, b = lines(root / "two"), lines(one)
     for key in ("train_loss", "val_loss", "val_acc1"):
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4, abs=1e-5), key
     cot = [[r["loss_terms"]["cotuning"] for r in x] for x in (a, b)]

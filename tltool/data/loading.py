@@ -5,6 +5,7 @@ An image that fails to decode mid-epoch (a truncated JPEG) is dropped from its b
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -229,17 +230,13 @@ def _init_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-_EXIT_HOOK: list[bool] = []
-
-
+@functools.cache
 def _stop_workers_at_exit() -> None:
     """Register (once) `_kill_leftover_workers` to run at exit before multiprocessing's own exit handler."""
-    if not _EXIT_HOOK:
-        import atexit
-        import multiprocessing.util  # noqa: F401  (its handler first: atexit runs the last registered first)
+    import atexit
+    import multiprocessing.util  # noqa: F401  (its handler first: atexit runs the last registered first)
 
-        atexit.register(_kill_leftover_workers)
-        _EXIT_HOOK.append(True)
+    atexit.register(_kill_leftover_workers)
 
 
 def _kill_leftover_workers() -> None:
