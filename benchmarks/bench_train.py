@@ -40,10 +40,12 @@
     plain loop's time over each; the time of `import torch, torchvision` alone is shown beside them.
 
 (f) feature extraction (issue #18 parts 2-3): MobileNetV2 (weights as (e)), 1,000 JPEG images of 120 px to 96 px
-    (--quick: 200 of 80 px to 64 px), batch 32, fp32, channels_last (tltool's defaults for it on CPU), in one
-    process: the backbone's own forward on the same images already decoded and held in memory as batches, against
+    (--quick: 200 of 80 px to 64 px), batch 32, fp32, channels_last (tltool's defaults for it on CPU): the
+    backbone's own forward on the same images already decoded and held in memory as batches, at its best of one
+    process (1 thread or torch's default) and the loader's worker count of processes at 1 thread each, against
     `features.extract` over tltool's loader (data.num_workers auto) reading the files; their throughputs' ratio
-    (median over paired rounds) is extraction_fraction. Then each train.feature_engine (eager, onnxruntime,
+    (median over paired rounds) is extraction_fraction (extraction_fraction_one_process: against the one-process
+    forward alone, a plain in-memory loop). Then each train.feature_engine (eager, onnxruntime,
     compile; compile left out by --quick: its first batch compiles for 40+ s) through the same loader: images/s
     after its build, build seconds, and the max abs difference of all its features from eager's.
 
@@ -51,7 +53,7 @@ It ends with one machine-readable line:
     bench: full_ratio=... full_auto_ratio=... frozen10_speedup=... peak_rss_mb=... mcc_step_ratio=...
     dann_step_ratio=... adabn_startup_passes=... source_startup_passes=... gradckpt_rss_ratio=...
     gradckpt_step_ratio=... first_run_speedup=... second_run_speedup=... extraction_fraction=...
-    engine_<name>_img_s=... engine_<name>_max_diff=...
+    extraction_fraction_one_process=... engine_<name>_img_s=... engine_<name>_max_diff=...
 """
 
 from __future__ import annotations
@@ -689,9 +691,11 @@ def second_run_table(quick: bool) -> dict:
 
 def extraction_table(quick: bool) -> dict:
     """(f): extraction through tltool's loader vs the backbone on in-memory batches; each engine's speed and diff."""
+    from torch.utils.data import DataLoader
+
     from tltool.data import resolve_num_workers
-    from tltool.engines import Engine
-    from tltool.features import extraction_schedule
+    from tltool.engines import Engine, eager_engine
+    from tltool.features import extraction_schedule, forward_in_workers
 
     count, size = (200, 64) if quick else (1000, 96)
     weights = next((name for name, file in (("IMAGENET1K_V2", "mobilenet_v2-7ebf99e0"),
@@ -727,15 +731,29 @@ def extraction_table(quick: bool) -> dict:
             finally:
                 torch.set_num_threads(before)
 
+        # The same in-memory batches, each forward in one of the loader's worker processes at 1 thread (the
+        # layout an extraction in workers uses): the backbone's own speed over processes instead of threads.
+        spread = DataLoader(in_memory, batch_size=None, num_workers=loader.num_workers)
+
+        def forward_in_processes() -> float:
+            start = time.perf_counter()
+            for _ in forward_in_workers(spread, eager_engine(backbone, device, "fp32")):
+                pass
+            return count / (time.perf_counter() - start)
+
         schedule = extraction_schedule(device, loader.num_workers)
         thread_counts = sorted({1, torch.get_num_threads()})
         forward(), extraction()  # (warm-up: workers started, allocator and kernels warm)
-        # The backbone's own speed is its best over the default and extraction's thread counts: the strict test.
-        fractions, forward_rates, extract_rates = [], [], []
+        # The backbone's own speed is its best over one process at the default and extraction's thread counts
+        # and over the loader's worker processes at 1 thread each: the strict test. The fraction against one
+        # process alone (a plain in-memory loop) is printed beside it.
+        fractions, single, forward_rates, process_rates, extract_rates = [], [], [], [], []
         for _ in range(rounds):
             a = max(forward_at(threads) for threads in thread_counts)
+            p = forward_in_processes() if loader.num_workers else 0.0
             b = extraction()[0]
-            forward_rates.append(a), extract_rates.append(b), fractions.append(b / a)
+            forward_rates.append(a), process_rates.append(p), extract_rates.append(b)
+            fractions.append(b / max(a, p)), single.append(b / a)
         reference = extraction()[1]
         engines = {}
         for name in ("eager", "onnxruntime") + (() if quick else ("compile",)):
@@ -757,17 +775,22 @@ def extraction_table(quick: bool) -> dict:
         "phase_batches": schedule.chunk,
         "forward_threads": thread_counts,
         "forward_img_s": max(forward_rates),
+        "forward_processes_img_s": max(process_rates),
         "extraction_img_s": max(extract_rates),
         "fraction": statistics.median(fractions),
+        "fraction_one_process": statistics.median(single),
         "engines": engines,
         "load_before": load,
         "load_after": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
     }
-    mode = f"phased by {schedule.chunk} batches" if schedule.chunk else "overlapped"
+    mode = ("forward in the workers" if schedule.in_workers
+            else f"phased by {schedule.chunk} batches" if schedule.chunk else "overlapped")  # fmt: skip
     print(
         f"mobilenet_v2 ({weights}) {count} images {size}px, batch 32, fp32 channels_last: in-memory forward "
-        f"{row['forward_img_s']:.0f} img/s, extraction from files {row['extraction_img_s']:.0f} img/s "
-        f"({row['workers']} workers, {schedule.threads} torch thread(s), {mode}; forward best of {thread_counts} threads): fraction {row['fraction']:.2f} (median of {rounds})",
+        f"{row['forward_img_s']:.0f} img/s in one process (best of {thread_counts} threads), "
+        f"{row['forward_processes_img_s']:.0f} img/s over {row['workers']} processes at 1 thread; extraction from "
+        f"files {row['extraction_img_s']:.0f} img/s ({row['workers']} workers, {mode}): fraction "
+        f"{row['fraction']:.2f} of the best, {row['fraction_one_process']:.2f} of one process (medians of {rounds})",
         flush=True,
     )
     for name, e in engines.items():
@@ -778,7 +801,8 @@ def extraction_table(quick: bool) -> dict:
 
 
 def extraction_figures(row: dict) -> str:
-    figures = [f"extraction_fraction={row['fraction']:.2f}"]
+    figures = [f"extraction_fraction={row['fraction']:.2f}",
+               f"extraction_fraction_one_process={row['fraction_one_process']:.2f}"]  # fmt: skip
     for name, e in row["engines"].items():
         figures.append(f"engine_{name}_img_s={e['img_s']:.0f} engine_{name}_max_diff={e['max_diff']:.2g}")
     return " ".join(figures)

@@ -304,3 +304,32 @@ def test_a_process_exits_with_its_loader_workers_still_running(tmp_path: Path) -
     assert len(workers) == 2
     for pid in workers:  # killed and reaped, not left running
         assert not Path(f"/proc/{pid}").exists()
+
+
+def test_the_transforms_normalization_runs_once_per_batch_with_the_per_image_values(tmp_path: Path) -> None:
+    """make_loader runs the transform's trailing ToDtype / Normalize on each collated batch: the dataset yields
+    uint8 images, and the batches are bitwise those of the whole transform applied to each image (the eval
+    transform, and a seeded augmenting one); random erasing, after Normalize and random per image, keeps the
+    whole transform per image."""
+    from torch.utils.data import DataLoader
+
+    from tltool.data import make_loader
+    from tltool.data.transforms import split_batch_tail
+
+    _, samples = scan_folder(make_dataset(tmp_path / "d", classes=2, per_class=5, size=30, suffix=".jpg"))
+    pre = Preprocess(24, 28)
+    each, tail = split_batch_tail(eval_transform(pre))
+    assert [type(step).__name__ for step in tail.transforms] == ["ToDtype", "Normalize"]
+    assert [type(step).__name__ for step in each.transforms] == ["Resize", "CenterCrop", "ToImage"]
+    assert split_batch_tail(train_transform(pre, "light", random_erasing=0.5))[1] is None
+    assert split_batch_tail(each) == (each, None)
+    for transform, seeded in ((eval_transform(pre), False), (train_transform(pre, "trivialaugment"), True)):
+        loader = make_loader(samples, transform, 4, 0, seed=3, shuffle=True, seeded=seeded)
+        assert loader.dataset[0][0].dtype == torch.uint8  # (the per-image part stops before ToDtype)
+        whole = ImageDataset(samples, transform)
+        reference = DataLoader(whole, batch_size=4, sampler=loader.sampler, collate_fn=collate_skip_bad)
+        pairs = list(zip(loader, reference, strict=True))
+        assert len(pairs) == 3
+        for (images, labels), (expected, expected_labels) in pairs:
+            assert images.dtype == torch.float32 and torch.equal(images, expected)
+            assert torch.equal(labels, expected_labels)

@@ -115,6 +115,11 @@ def test_auto_rule(monkeypatch) -> None:
     assert choose_engine("auto", large, cpu, "bf16") == "eager"  # (ORT runs fp32: not what was asked)
     assert choose_engine("auto", large, cpu, "fp32", distributed=True) == "eager"
     assert choose_engine("compile", 1, cpu, "fp32") == "compile"  # a named engine is used as named
+    many = engines.AUTO_ONNX_MIN_IMAGES_IN_WORKERS
+    assert many > large  # (eager in the loader's workers is faster: the export pays off later)
+    assert choose_engine("auto", large, cpu, "fp32", eager_in_workers=True) == "eager"
+    assert choose_engine("auto", many - 1, cpu, "fp32", eager_in_workers=True) == "eager"
+    assert choose_engine("auto", many, cpu, "fp32", eager_in_workers=True) == "onnxruntime"
     monkeypatch.setattr(engines, "onnxruntime_available", lambda: False)
     assert choose_engine("auto", large, cpu, "fp32") == "eager"
 
@@ -158,8 +163,31 @@ def test_engine_is_part_of_the_key(one_thread, tmp_path) -> None:
 def test_auto_fallback_in_a_run(one_thread, tmp_path, monkeypatch, capsys) -> None:
     _wrong_engine(monkeypatch)
     monkeypatch.setattr(engines, "AUTO_ONNX_MIN_IMAGES", 1)
+    monkeypatch.setattr(engines, "AUTO_ONNX_MIN_IMAGES_IN_WORKERS", 1)
     data = make_dataset(tmp_path / "data", per_class=4, size=24)
     cfg = load_config(None, run_overrides(tmp_path / "run", data, "train.epochs=1"))
     engine = finetune(cfg, quiet=True)["feature_cache"]["engine"]
     assert engine == {**engine, "requested": "auto", "chosen": "onnxruntime", "used": "eager"}
     assert "extracting with eager PyTorch instead" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_auto_weighs_onnxruntime_against_eager_as_it_would_run_here(one_thread, tmp_path, monkeypatch, workers) -> None:
+    """finetune and baseline tell auto whether eager would extract in the loader's workers (a worker per CPU)."""
+    import tltool.baseline as baseline_module
+    import tltool.features as features_module
+
+    monkeypatch.setattr(features_module, "usable_cpus", lambda: 2)
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("eager_in_workers", args[5] if len(args) > 5 else False))
+        return choose_engine(*args, **kwargs)
+
+    monkeypatch.setattr(features_module, "choose_engine", recording)
+    monkeypatch.setattr(baseline_module, "choose_engine", recording)
+    data = make_dataset(tmp_path / "data", per_class=4, size=24)
+    cfg = load_config(None, run_overrides(tmp_path / "run", data, "train.epochs=1", f"data.num_workers={workers}"))
+    finetune(cfg, quiet=True)
+    baseline_module.extract_features(cfg, quiet=True)
+    assert seen == [workers == 2] * 2

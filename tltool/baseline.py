@@ -81,6 +81,7 @@ def extract_features(cfg: Config, quiet: bool = False) -> FeatureSet:
     """
     from tltool.data import scan_data
     from tltool.device import resolve_device, resolve_precision, use_channels_last
+    from tltool.features import eager_in_workers
     from tltool.models import build_model
 
     start = time.perf_counter()
@@ -96,7 +97,8 @@ def extract_features(cfg: Config, quiet: bool = False) -> FeatureSet:
         backbone.to(memory_format=torch.channels_last)
     # train.feature_engine as `tltool finetune` chooses it for a frozen run on the same images (auto counts train
     # and val), so the baseline and the run share the feature store's entries whichever ran first.
-    name = choose_engine(cfg.train.feature_engine, len(split.train) + len(split.val), device, precision)
+    name = choose_engine(cfg.train.feature_engine, len(split.train) + len(split.val), device, precision,
+                         eager_in_workers=eager_in_workers(cfg, device))  # fmt: skip
     engine = Engine(backbone, device, engine_precision(name, precision), name, cfg.train.feature_engine, _stderr)
     parts = {
         kind: frozen_features(

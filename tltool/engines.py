@@ -8,10 +8,14 @@
   `train.precision` says (its key records fp32). Export + session: about 3 s for MobileNetV2; then 3-4x
   eager channels_last's speed on this CPU machine (BENCHMARKS.md).
 - `auto` (`choose_engine`): onnxruntime on CPU for at least `AUTO_ONNX_MIN_IMAGES` images at fp32 when
-  onnxruntime is installed and not under torchrun, else eager. On CUDA eager: no engine was measured on a GPU.
-  The parity batches double as a measurement: under auto the engine is kept only when its last parity batch
-  ran at least `AUTO_MIN_SPEEDUP` x faster than eager's on the same images, else eager runs on (measured at
-  1 thread, batch 32, 96 px: ONNX Runtime 2.3x eager channels_last for MobileNetV2 but 0.94x for ResNet-18).
+  onnxruntime is installed and not under torchrun, else eager; `AUTO_ONNX_MIN_IMAGES_IN_WORKERS` where eager
+  would run in the loader's workers (`features.extraction_schedule`), about 1.2x faster than phased eager: there
+  the export + session's ~2 s pays for itself later (measured whole first runs, MobileNetV2 96 px, 2 cores:
+  eager 0.3-0.8 s faster at 1,500 images, ONNX Runtime 0-1.9 s faster at 3,750). On CUDA eager: no engine was
+  measured on a GPU. The parity batches double as a measurement: under auto the engine is kept only when its
+  last parity batch ran at least `AUTO_MIN_SPEEDUP` x faster than eager's on the same images, else eager runs
+  on (measured at 1 thread, batch 32, 96 px: ONNX Runtime 2.3x eager channels_last for MobileNetV2 but 0.94x
+  for ResNet-18).
 
 Parity: before an engine's features are used, its first `PARITY_BATCHES` batches are also run by eager
 PyTorch and compared (max abs diff within `parity_limit`: export's tolerance, PARITY_TOLERANCE x max(1, max
@@ -39,6 +43,7 @@ from tltool.errors import ConfigError, TltoolError
 
 ENGINES = ("auto", "eager", "compile", "onnxruntime")
 AUTO_ONNX_MIN_IMAGES = 1000  # export + session (~3 s) pays for itself past a few hundred images on CPU
+AUTO_ONNX_MIN_IMAGES_IN_WORKERS = 2500  # against eager in the loader's workers (see the module)
 PARITY_BATCHES = 2
 AUTO_MIN_SPEEDUP = 1.1  # under auto, an engine slower than this x eager on its last parity batch is dropped
 PARITY_TOLERANCE = 1e-4  # as tltool export's parity check (export/parity.py)
@@ -57,11 +62,20 @@ def onnxruntime_available() -> bool:
     return True
 
 
-def choose_engine(setting: str, images: int, device: torch.device, precision: str, distributed: bool = False) -> str:
-    """The engine `train.feature_engine` names; for `auto`, the one the measured rule picks (see the module)."""
+def choose_engine(
+    setting: str,
+    images: int,
+    device: torch.device,
+    precision: str,
+    distributed: bool = False,
+    eager_in_workers: bool = False,
+) -> str:
+    """The engine `train.feature_engine` names; for `auto`, the one the measured rule picks (see the module).
+    `eager_in_workers`: whether eager would run in the loader's workers (`features.eager_in_workers`)."""
     if setting != "auto":
         return setting
-    if device.type == "cpu" and precision == "fp32" and not distributed and images >= AUTO_ONNX_MIN_IMAGES:
+    least = AUTO_ONNX_MIN_IMAGES_IN_WORKERS if eager_in_workers else AUTO_ONNX_MIN_IMAGES
+    if device.type == "cpu" and precision == "fp32" and not distributed and images >= least:
         return "onnxruntime" if onnxruntime_available() else "eager"
     return "eager"
 

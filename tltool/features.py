@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -42,8 +43,10 @@ from tltool.data import (
     eval_transform,
     is_shard_source,
     make_loader,
+    resolve_num_workers,
     train_transform,
     usable_cpus,
+    with_worker_step,
 )
 from tltool.device import use_channels_last
 from tltool.distributed import all_gather_objects, any_rank, barrier, current, shard_bounds
@@ -250,12 +253,15 @@ PHASE_BYTES = 256 * 2**20
 
 @dataclass(frozen=True)
 class ExtractionSchedule:
-    """How decoding and the frozen backbone's forward share the CPUs: torch's intra-op `threads`, and `chunk`
-    (0: the loader's workers decode while the forward runs; k: the forward waits until k batches are decoded,
-    then runs them all while the workers only refill their prefetch, so each phase has every CPU)."""
+    """How decoding and the frozen backbone's forward share the CPUs: torch's intra-op `threads` of the process
+    that runs the forward, and `chunk` (0: the loader's workers decode while the forward runs; k: the forward
+    waits until k batches are decoded, then runs them all while the workers only refill their prefetch, so each
+    phase has every CPU). `in_workers`: each loader worker runs the forward on the batches it decoded, at 1
+    thread, and the main process only gathers the features."""
 
     threads: int
     chunk: int
+    in_workers: bool = False
 
 
 def loader_workers(batches: Any) -> int:
@@ -264,20 +270,36 @@ def loader_workers(batches: Any) -> int:
     return int(getattr(loader, "num_workers", 0) or 0)
 
 
-def extraction_schedule(device: torch.device, workers: int) -> ExtractionSchedule:
-    """The schedule of an extraction on `device` with `workers` loader workers, at torch's thread count.
+def extraction_schedule(device: torch.device, workers: int, engine: str = "eager") -> ExtractionSchedule:
+    """The schedule of an extraction on `device` with `workers` loader workers, at torch's thread count, where
+    `engine` runs the backbone.
 
     On CPU, decoding workers and the forward's OpenMP threads must not share cores: a forward thread
     descheduled by a worker stalls its partners at every barrier (2 workers beside 2 forward threads on 2 cores:
-    57 img/s, against 160-188 img/s with 1 thread; BENCHMARKS.md). Where the CPUs left by the workers hold
-    torch's threads (a GPU, no workers, or enough cores) the two overlap as usual. Where they do not, the
-    extraction is phased: decode a chunk of batches on every core, then run the forward on every core. Measured
-    on 2 cores (MobileNetV2, 96 px, 1,000 JPEGs, 2 workers, fraction of the backbone's in-memory speed):
-    0.63 overlapped on 1 thread, 0.80 phased on 2.
+    57 img/s, against 160-188 img/s with 1 thread; BENCHMARKS.md). Where every CPU has a worker and eager
+    PyTorch runs the backbone, the workers run it too: each decodes a batch and runs its forward at 1 thread,
+    processes in parallel with no barrier to stall, as the backbone runs fastest here on in-memory tensors
+    (2 processes at 1 thread 550-600 img/s against 340-510 for 1 process at 2 threads, MobileNetV2 96 px;
+    measured on 2 cores: 0.87 of that speed from files, 0.69 phased). At 1 thread because OpenMP does not
+    survive a fork: a worker forked from a process whose forward ran at 2 threads hangs in its first forward at
+    2 threads (at 1 it uses no thread pool); and only where the start method is fork, which shares the
+    backbone with the workers instead of copying it into each. Where the CPUs left by the workers hold torch's
+    threads (a GPU, no workers, or enough cores) the two overlap as usual. Elsewhere (more CPUs than workers,
+    or another engine) the extraction is phased: decode a chunk of batches on every core, then run the forward
+    on every core (0.80 of the single process's speed on 2 cores, against 0.63 overlapped on 1 thread).
     """
     threads = torch.get_num_threads()
-    phased = device.type == "cpu" and workers > 0 and usable_cpus() - workers < threads
+    if device.type != "cpu" or workers == 0:
+        return ExtractionSchedule(threads, 0)
+    if engine == "eager" and workers >= usable_cpus() and multiprocessing.get_start_method() == "fork":
+        return ExtractionSchedule(1, 0, in_workers=True)
+    phased = usable_cpus() - workers < threads
     return ExtractionSchedule(threads, PHASE_BATCHES if phased else 0)
+
+
+def eager_in_workers(cfg: Config, device: torch.device) -> bool:
+    """Whether eager PyTorch would extract this config's features in the loader's workers (`choose_engine`)."""
+    return extraction_schedule(device, resolve_num_workers(cfg.data.num_workers)).in_workers
 
 
 def in_phases(batches: Any, chunk: int) -> Iterator[Any]:
@@ -315,16 +337,42 @@ def extract(
     """
     backbone.eval()
     engine = engine or eager_engine(backbone, device, precision)
+    schedule = extraction_schedule(device, loader_workers(loader), engine.used)
+    if schedule.in_workers:  # (the batches come out of the workers as features: the engine ran there)
+        loader, run = forward_in_workers(loader, engine), None
+    else:
+        run = engine
     features, labels = [], []
-    for batch in in_phases(loader, extraction_schedule(device, loader_workers(loader)).chunk):
+    for batch in in_phases(loader, schedule.chunk):
         if batch is None:
             continue
         images, targets = batch
-        features.append(engine(images))
+        features.append(run(images) if run else images)
         labels.append(targets)
     if not features:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(features), torch.cat(labels)
+
+
+class _Forward:
+    """A worker's step of an extraction in workers: the engine on the batch's images."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.engine(batch[0]), batch[1]
+
+
+def forward_in_workers(batches: Any, engine: Engine) -> Any:
+    """`batches` (a DataLoader, or a progress bar over one) whose workers also run `engine` on each batch they
+    collate, so each yields (features, labels); the workers are forked for this pass and see the backbone as
+    it is now."""
+    loader = with_worker_step(getattr(batches, "iterable", batches), _Forward(engine))
+    if hasattr(batches, "iterable"):  # (a progress bar: it counts the same batches from the new loader)
+        batches.iterable = loader
+        return batches
+    return loader
 
 
 def _extract_views(
@@ -491,7 +539,8 @@ def build_cache(
     # train.feature_engine: one engine for the parts the backbone's own statistics extract (AdaBN's parts run
     # eager: an exported graph holds the backbone's statistics); auto chooses by how many images it would run.
     images = sum(len(samples) * count for _, samples, _, count, stats in kinds if stats is None)
-    name = choose_engine(cfg.train.feature_engine, images, device, precision, current().enabled)
+    name = choose_engine(cfg.train.feature_engine, images, device, precision, current().enabled,
+                         eager_in_workers(cfg, device))  # fmt: skip
     engine = Engine(model.backbone, device, engine_precision(name, precision), name, cfg.train.feature_engine,
                     warn)  # fmt: skip
     reused = []

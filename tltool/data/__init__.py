@@ -38,6 +38,7 @@ from tltool.data.loading import (
     resolve_num_workers,
     set_loader_epoch,
     usable_cpus,
+    with_worker_step,
 )
 from tltool.data.shards import ShardSamples, ShardStream, is_shard_source, scan_shards, write_shards
 from tltool.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, eval_transform, train_transform
@@ -83,5 +84,6 @@ __all__ = [
     "to_rgb",
     "train_transform",
     "usable_cpus",
+    "with_worker_step",
     "write_shards",
 ]

@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from tltool.data.folders import Sample
 from tltool.data.images import load_image
 from tltool.data.shards import ShardSamples, ShardStream
+from tltool.data.transforms import split_batch_tail
 
 
 class ImageDataset(Dataset):
@@ -77,6 +78,53 @@ def collate_skip_bad(batch: list[Any]):
     multi_hot = isinstance(batch[0][1], tuple)
     labels = torch.tensor([item[1] for item in batch], dtype=torch.float32 if multi_hot else torch.long)
     return images, labels
+
+
+class Collate:
+    """`collate_skip_bad`, then the transform's batch part (`split_batch_tail`) on the images, in the worker."""
+
+    def __init__(self, tail: Any = None) -> None:
+        self.tail = tail
+
+    def __call__(self, batch: list[Any]):
+        out = collate_skip_bad(batch)
+        if out is None or self.tail is None:
+            return out
+        return self.tail(out[0]), out[1]
+
+
+class Then:
+    """A loader's collate function followed by `step` on each collated batch that is not None."""
+
+    def __init__(self, collate: Any, step: Any) -> None:
+        self.collate, self.step = collate, step
+
+    def __call__(self, batch: Any):
+        out = self.collate(batch)
+        return None if out is None else self.step(out)
+
+
+def with_worker_step(loader: DataLoader, step: Any) -> DataLoader:
+    """`loader`'s batches, in its order and from its dataset, with `step` applied to each in the worker that
+    collated it (in the main process without workers). Its workers last one pass (not persistent)."""
+    options: dict[str, Any] = {
+        "num_workers": loader.num_workers,
+        "collate_fn": Then(loader.collate_fn, step),
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "multiprocessing_context": loader.multiprocessing_context,
+        "generator": loader.generator,
+    }
+    if loader.num_workers:
+        options["prefetch_factor"] = loader.prefetch_factor
+    if isinstance(loader.dataset, IterableDataset):
+        options.update(batch_size=loader.batch_size, drop_last=loader.drop_last)
+    elif loader.batch_sampler is not None:
+        options["batch_sampler"] = loader.batch_sampler
+    else:
+        options.update(batch_size=None, sampler=loader.sampler)
+    return DataLoader(loader.dataset, **options)
 
 
 class EpochSampler(Sampler[int]):
@@ -304,7 +352,8 @@ def make_loader(
     `shard=(rank, world)`: this rank's part of each epoch (training loaders, `shuffle`, are padded to
     equal parts; evaluation loaders see each sample exactly once over all ranks). `seeded`: every draw's
     random transform is seeded by the sampler (training and augmented-view loaders). Workers persist
-    across epochs (no fork and dataset copy per epoch) and prefetch two batches each. `drop_single`: an
+    across epochs (no fork and dataset copy per epoch) and prefetch two batches each; the transform's trailing
+    ToDtype / Normalize run once per batch there (`split_batch_tail`: bitwise the same). `drop_single`: an
     epoch part that would end in a batch of one sample leaves it out (training with batch norm; `EpochSampler`).
 
     Samples of a shard source (`ShardSamples`) are streamed by a `ShardStream` (its order: `tltool.data.shards`;
@@ -332,12 +381,13 @@ def make_loader(
         sampler = BalancedSampler([label for _, label in samples], seed, shard, seeded, drop_single=single)
     else:
         sampler = EpochSampler(len(samples), seed, shuffle, shard, pad=shuffle, seeded=seeded, drop_single=single)
+    each, tail = split_batch_tail(transform)
     return DataLoader(
-        ImageDataset(samples, transform),
+        ImageDataset(samples, each),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=collate_skip_bad,
+        collate_fn=Collate(tail),
         pin_memory=pin_memory,
         worker_init_fn=_init_worker if workers else None,
         generator=torch.Generator().manual_seed(seed),
