@@ -278,15 +278,15 @@ def extraction_schedule(device: torch.device, workers: int, engine: str = "eager
     descheduled by a worker stalls its partners at every barrier (2 workers beside 2 forward threads on 2 cores:
     57 img/s, against 160-188 img/s with 1 thread; BENCHMARKS.md). Where every CPU has a worker and eager
     PyTorch runs the backbone, the workers run it too: each decodes a batch and runs its forward at 1 thread,
-    processes in parallel with no barrier to stall, as the backbone runs fastest here on in-memory tensors
-    (2 processes at 1 thread 550-600 img/s against 340-510 for 1 process at 2 threads, MobileNetV2 96 px;
-    measured on 2 cores: 0.87 of that speed from files, 0.69 phased). At 1 thread because OpenMP does not
-    survive a fork: a worker forked from a process whose forward ran at 2 threads hangs in its first forward at
-    2 threads (at 1 it uses no thread pool); and only where the start method is fork, which shares the
-    backbone with the workers instead of copying it into each. Where the CPUs left by the workers hold torch's
-    threads (a GPU, no workers, or enough cores) the two overlap as usual. Elsewhere (more CPUs than workers,
-    or another engine) the extraction is phased: decode a chunk of batches on every core, then run the forward
-    on every core (0.80 of the single process's speed on 2 cores, against 0.63 overlapped on 1 thread).
+    processes in parallel with no barrier to stall (MobileNetV2 96 px on 2 cores, in memory: 2 processes at 1
+    thread 530-570 img/s, 1 process at 2 threads 340-660 from run to run; from files: 459-489 img/s in the
+    workers, 410-445 phased; BENCHMARKS.md). At 1 thread because OpenMP does not survive a fork: a worker forked
+    from a process whose forward ran at 2 threads hangs in its first forward at 2 threads (at 1 it uses no
+    thread pool); and only where the start method is fork, which shares the backbone with the workers instead
+    of copying it into each. Where the CPUs left by the workers hold torch's threads (a GPU, no workers, or
+    enough cores) the two overlap as usual. Elsewhere (more CPUs than workers, or another engine) the
+    extraction is phased: decode a chunk of batches on every core, then run the forward on every core (0.80 of
+    the single process's speed on 2 cores, against 0.63 overlapped on 1 thread).
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or workers == 0:
