@@ -24,7 +24,7 @@
       and interleaved as in (a), median over rounds;
     - the start-up (build_session + start: AdaBN's estimate, the feature cache) of a frozen, cached run with
       `adapt.bn_stats: target` and of one with `source.train` (co-training), minus that of the same run without
-      them, in units of one extraction pass over the extra images (features.extract, eval transform), measured
+      them, in units of one extraction pass over the extra images (extraction.extract, eval transform), measured
       in the same rounds.
 
 (d) train.grad_checkpointing: a full fine-tune of mobilenet_v2 (no pretrained weights needed: the cost is the
@@ -43,7 +43,7 @@
     (--quick: 200 of 80 px to 64 px), batch 32, fp32, channels_last (tltool's defaults for it on CPU): the
     backbone's own forward on the same images already decoded and held in memory as batches, at its best of one
     process (1 thread or torch's default) and the loader's worker count of processes at 1 thread each, against
-    `features.extract` over tltool's loader (data.num_workers auto) reading the files; their throughputs' ratio
+    `extraction.extract` over tltool's loader (data.num_workers auto) reading the files; their throughputs' ratio
     (median over paired rounds) is extraction_fraction (extraction_fraction_one_process: against the one-process
     forward alone, a plain in-memory loop). Then each train.feature_engine (eager, onnxruntime,
     compile; compile left out by --quick: its first batch compiles for 40+ s) through the same loader: images/s
@@ -80,7 +80,7 @@ sys.path.insert(0, str(REPO))
 
 from tltool.config import load_config  # noqa: E402
 from tltool.data import Preprocess, Stream, eval_transform, make_loader, scan_folder  # noqa: E402
-from tltool.features import extract  # noqa: E402
+from tltool.extraction import extract  # noqa: E402
 from tltool.models import build_model  # noqa: E402
 from tltool.runstate import EpochProgress  # noqa: E402
 from tltool.session import build_session  # noqa: E402
@@ -314,7 +314,7 @@ def adapt_step_ratios(quick: bool, workdir: Path) -> dict[str, float]:
 
 def startup_costs(quick: bool, workdir: Path) -> dict[str, float]:
     """Start-up of a frozen, cached run with AdaBN or source co-training, minus the plain one's, in passes over
-    the extra images (one pass: features.extract of the pretrained backbone over them)."""
+    the extra images (one pass: extraction.extract of the pretrained backbone over them)."""
     rounds = 2 if quick else 3
     root = workdir / "cost"
     unlabeled_dir, source_dir = root / "unlabeled", root / "source"
@@ -695,7 +695,7 @@ def extraction_table(quick: bool) -> dict:
 
     from tltool.data import resolve_num_workers
     from tltool.engines import Engine, eager_engine
-    from tltool.features import extraction_schedule, forward_in_workers
+    from tltool.extraction import extraction_schedule, forward_in_workers
 
     count, size = (200, 64) if quick else (1000, 96)
     weights = next((name for name, file in (("IMAGENET1K_V2", "mobilenet_v2-7ebf99e0"),

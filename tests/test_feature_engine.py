@@ -16,7 +16,7 @@ from tltool.config import load_config
 from tltool.data import Preprocess, eval_transform, make_loader, scan_folder
 from tltool.engines import Engine, EngineError, choose_engine, parity_limit
 from tltool.errors import ConfigError
-from tltool.features import extract
+from tltool.extraction import extract
 from tltool.models import build_model
 from tltool.train import finetune
 
@@ -175,9 +175,10 @@ def test_auto_fallback_in_a_run(one_thread, tmp_path, monkeypatch, capsys) -> No
 def test_auto_weighs_onnxruntime_against_eager_as_it_would_run_here(one_thread, tmp_path, monkeypatch, workers) -> None:
     """finetune and baseline tell auto whether eager would extract in the loader's workers (a worker per CPU)."""
     import tltool.baseline as baseline_module
+    import tltool.extraction as extraction_module
     import tltool.features as features_module
 
-    monkeypatch.setattr(features_module, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(extraction_module, "usable_cpus", lambda: 2)
     seen = []
 
     def recording(*args, **kwargs):

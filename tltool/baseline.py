@@ -76,12 +76,12 @@ class FeatureSet:
 def extract_features(cfg: Config, quiet: bool = False) -> FeatureSet:
     """Scan the data, build the configured backbone and run it over train and val (eval transform).
 
-    The same pieces as the feature cache (`tltool.features.extract` over `make_loader`), but both splits
+    The same pieces as the feature cache (`tltool.extraction.extract` over `make_loader`), but both splits
     use the eval transform: a baseline of augmented views would measure the augmentation, not the features.
     """
     from tltool.data import scan_data
     from tltool.device import resolve_device, resolve_precision, use_channels_last
-    from tltool.features import eager_in_workers
+    from tltool.extraction import eager_in_workers
     from tltool.models import build_model
 
     start = time.perf_counter()
@@ -146,7 +146,8 @@ def frozen_features(
     """
     from tltool.data import eval_transform, make_loader
     from tltool.device import use_channels_last
-    from tltool.features import cache_key, entry_meta, extract
+    from tltool.extraction import extract
+    from tltool.features import cache_key, entry_meta
     from tltool.featurestore import module_digest, open_store
 
     engine = engine or eager_engine(backbone, device, precision)

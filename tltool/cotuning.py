@@ -30,7 +30,8 @@ from torch import nn
 from tltool.config import Config
 from tltool.data import Sample, eval_transform, make_loader
 from tltool.errors import ConfigError
-from tltool.features import FeatureDataset, extract
+from tltool.extraction import extract
+from tltool.features import FeatureDataset
 from tltool.models import BuiltModel
 from tltool.transfer import UnfreezePlan
 

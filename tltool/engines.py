@@ -9,7 +9,7 @@
   eager channels_last's speed on this CPU machine (BENCHMARKS.md).
 - `auto` (`choose_engine`): onnxruntime on CPU for at least `AUTO_ONNX_MIN_IMAGES` images at fp32 when
   onnxruntime is installed and not under torchrun, else eager; `AUTO_ONNX_MIN_IMAGES_IN_WORKERS` where eager
-  would run in the loader's workers (`features.extraction_schedule`), about 1.2x faster than phased eager: there
+  would run in the loader's workers (`extraction.extraction_schedule`), about 1.2x faster than phased eager: there
   the export + session's ~2 s pays for itself later (measured whole first runs, MobileNetV2 96 px, 2 cores:
   eager 0.3-0.8 s faster at 1,500 images, ONNX Runtime 0-1.9 s faster at 3,750). On CUDA eager: no engine was
   measured on a GPU. The parity batches double as a measurement: under auto the engine is kept only when its

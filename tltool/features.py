@@ -17,11 +17,10 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,14 +42,12 @@ from tltool.data import (
     eval_transform,
     is_shard_source,
     make_loader,
-    resolve_num_workers,
     train_transform,
-    usable_cpus,
-    with_worker_step,
 )
 from tltool.device import use_channels_last
 from tltool.distributed import all_gather_objects, any_rank, barrier, current, shard_bounds
 from tltool.engines import Engine, choose_engine, eager_engine, engine_precision
+from tltool.extraction import eager_in_workers, extract
 from tltool.featurestore import FeatureStore, Warn, module_digest, open_store, tensor_digest
 from tltool.transfer import freezes_backbone
 
@@ -243,136 +240,6 @@ class FeatureCache:
     def set_epoch(self, epoch: int) -> None:
         for part in (self.train, *self.extras.values()):
             part.view = epoch % part.features.shape[0]
-
-
-# Phased extraction (see `extraction_schedule`): at most this many batches, and this many bytes of images,
-# are decoded ahead of each run of forward passes.
-PHASE_BATCHES = 8
-PHASE_BYTES = 256 * 2**20
-
-
-@dataclass(frozen=True)
-class ExtractionSchedule:
-    """How decoding and the frozen backbone's forward share the CPUs: torch's intra-op `threads` of the process
-    that runs the forward, and `chunk` (0: the loader's workers decode while the forward runs; k: the forward
-    waits until k batches are decoded, then runs them all while the workers only refill their prefetch, so each
-    phase has every CPU). `in_workers`: each loader worker runs the forward on the batches it decoded, at 1
-    thread, and the main process only gathers the features."""
-
-    threads: int
-    chunk: int
-    in_workers: bool = False
-
-
-def loader_workers(batches: Any) -> int:
-    """The worker processes of a DataLoader, or of the one a progress bar (tqdm) wraps; 0 for anything else."""
-    loader = getattr(batches, "iterable", batches)
-    return int(getattr(loader, "num_workers", 0) or 0)
-
-
-def extraction_schedule(device: torch.device, workers: int, engine: str = "eager") -> ExtractionSchedule:
-    """The schedule of an extraction on `device` with `workers` loader workers, at torch's thread count, where
-    `engine` runs the backbone.
-
-    On CPU, decoding workers and the forward's OpenMP threads must not share cores: a forward thread
-    descheduled by a worker stalls its partners at every barrier (2 workers beside 2 forward threads on 2 cores:
-    57 img/s, against 160-188 img/s with 1 thread; BENCHMARKS.md). Where every CPU has a worker and eager
-    PyTorch runs the backbone, the workers run it too: each decodes a batch and runs its forward at 1 thread,
-    processes in parallel with no barrier to stall (MobileNetV2 96 px on 2 cores, in memory: 2 processes at 1
-    thread 530-570 img/s, 1 process at 2 threads 340-660 from run to run; from files: 459-489 img/s in the
-    workers, 410-445 phased; BENCHMARKS.md). At 1 thread because OpenMP does not survive a fork: a worker forked
-    from a process whose forward ran at 2 threads hangs in its first forward at 2 threads (at 1 it uses no
-    thread pool); and only where the start method is fork, which shares the backbone with the workers instead
-    of copying it into each. Where the CPUs left by the workers hold torch's threads (a GPU, no workers, or
-    enough cores) the two overlap as usual. Elsewhere (more CPUs than workers, or another engine) the
-    extraction is phased: decode a chunk of batches on every core, then run the forward on every core (0.80 of
-    the single process's speed on 2 cores, against 0.63 overlapped on 1 thread).
-    """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or workers == 0:
-        return ExtractionSchedule(threads, 0)
-    if engine == "eager" and workers >= usable_cpus() and multiprocessing.get_start_method() == "fork":
-        return ExtractionSchedule(1, 0, in_workers=True)
-    phased = usable_cpus() - workers < threads
-    return ExtractionSchedule(threads, PHASE_BATCHES if phased else 0)
-
-
-def eager_in_workers(cfg: Config, device: torch.device) -> bool:
-    """Whether eager PyTorch would extract this config's features in the loader's workers (`choose_engine`)."""
-    return extraction_schedule(device, resolve_num_workers(cfg.data.num_workers)).in_workers
-
-
-def in_phases(batches: Any, chunk: int) -> Iterator[Any]:
-    """`batches` handed out in phases: each phase first takes up to `chunk` batches (at most PHASE_BYTES of
-    images) from the loader, waiting for the workers, then yields them; `chunk` 0: straight through."""
-    if not chunk:
-        yield from batches
-        return
-    iterator = iter(batches)
-    while True:
-        phase, size = [], 0
-        for batch in iterator:
-            phase.append(batch)
-            size += batch[0].numel() * batch[0].element_size() if batch is not None else 0
-            if len(phase) >= chunk or size >= PHASE_BYTES:
-                break
-        if not phase:
-            return
-        yield from phase
-
-
-@torch.inference_mode()
-def extract(
-    backbone: nn.Module,
-    loader: Any,
-    device: torch.device,
-    precision: str,
-    engine: Engine | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features (float32, on CPU) and labels of every image of `loader` (a DataLoader, or a progress
-    bar over one), in order, on the loader's `extraction_schedule`.
-
-    `engine` runs the backbone (engines.py: eager PyTorch when None). A batch whose images all failed to decode
-    is skipped, so `labels` may be shorter than the dataset.
-    """
-    backbone.eval()
-    engine = engine or eager_engine(backbone, device, precision)
-    schedule = extraction_schedule(device, loader_workers(loader), engine.used)
-    if schedule.in_workers:  # (the batches come out of the workers as features: the engine ran there)
-        loader, run = forward_in_workers(loader, engine), None
-    else:
-        run = engine
-    features, labels = [], []
-    for batch in in_phases(loader, schedule.chunk):
-        if batch is None:
-            continue
-        images, targets = batch
-        features.append(run(images) if run else images)
-        labels.append(targets)
-    if not features:
-        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
-    return torch.cat(features), torch.cat(labels)
-
-
-class _Forward:
-    """A worker's step of an extraction in workers: the engine on the batch's images."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.engine(batch[0]), batch[1]
-
-
-def forward_in_workers(batches: Any, engine: Engine) -> Any:
-    """`batches` (a DataLoader, or a progress bar over one) whose workers also run `engine` on each batch they
-    collate, so each yields (features, labels); the workers are forked for this pass and see the backbone as
-    it is now."""
-    loader = with_worker_step(getattr(batches, "iterable", batches), _Forward(engine))
-    if hasattr(batches, "iterable"):  # (a progress bar: it counts the same batches from the new loader)
-        batches.iterable = loader
-        return batches
-    return loader
 
 
 def _extract_views(

@@ -24,7 +24,7 @@ from tltool.config import Config
 from tltool.data import DataSplit, Sample, eval_transform, make_loader, scan_folder
 from tltool.data.fingerprint import sample_key, stream_listing
 from tltool.errors import DataError
-from tltool.features import extract
+from tltool.extraction import extract
 from tltool.models import BuiltModel
 
 

@@ -1,0 +1,117 @@
+"""Extraction: where the frozen backbone's forward runs (the workers, phases, overlapped) and what comes out."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import tltool.extraction as extraction_module
+from tltool.data import Preprocess
+
+
+def test_the_extraction_schedule_puts_the_forward_in_the_workers_or_phases_where_they_share_its_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    schedule = extraction_module.extraction_schedule
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(extraction_module, "usable_cpus", lambda: 2)
+    assert schedule(cpu, 2) == extraction_module.ExtractionSchedule(1, 0, in_workers=True)  # (a worker per CPU)
+    assert schedule(cpu, 3).in_workers
+    assert schedule(cpu, 2, "onnxruntime").chunk == extraction_module.PHASE_BATCHES  # (the engine runs in the main)
+    assert schedule(cpu, 1).chunk == extraction_module.PHASE_BATCHES  # (a CPU without a worker: phased)
+    assert schedule(cpu, 0) == extraction_module.ExtractionSchedule(2, 0)  # (the main process decodes: no sharing)
+    assert schedule(cuda, 2) == extraction_module.ExtractionSchedule(2, 0)  # (the forward is the GPU's)
+    monkeypatch.setattr(extraction_module.multiprocessing, "get_start_method", lambda *args, **kwargs: "spawn")
+    assert schedule(cpu, 2).chunk == extraction_module.PHASE_BATCHES  # (spawn would copy the backbone per worker)
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(extraction_module, "usable_cpus", lambda: 4)
+    assert schedule(cpu, 2, "onnxruntime").chunk == 0  # (2 cores left for 2 threads: overlap)
+    assert schedule(cpu, 2).chunk == 0 and not schedule(cpu, 2).in_workers
+    assert schedule(cpu, 3).chunk == extraction_module.PHASE_BATCHES
+    assert schedule(cpu, 3).threads == 2  # (torch's threads are never cut)
+
+
+class PidNet(torch.nn.Module):
+    """A backbone whose last feature is the id of the process that ran it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pid = torch.full((len(x), 1), float(os.getpid()))
+        return torch.cat([self.conv(x).mean((2, 3)), pid], 1)
+
+
+def test_workers_run_the_forward_on_the_backbone_as_it_is_at_each_extraction(
+    dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a worker per CPU, each worker runs the backbone on the batches it decoded (features and labels as
+    the main process computes them, in order), on the weights of the moment: its workers are forked per pass."""
+    import io
+
+    from tqdm import tqdm
+
+    from tltool.data import eval_transform, make_loader, scan_folder
+
+    monkeypatch.setattr(extraction_module, "usable_cpus", lambda: 2)
+    _, samples = scan_folder(dataset)
+    transform = eval_transform(Preprocess(32, 32))
+    net, cpu = PidNet().eval(), torch.device("cpu")
+    for scale in (1.0, 3.0):
+        net.conv.weight.data.mul_(scale)
+        main_loader = make_loader(samples, transform, 4, 0, seed=0, shuffle=False)
+        in_main = extraction_module.extract(net, main_loader, cpu, "fp32")
+        loader = make_loader(samples, transform, 4, 2, seed=0, shuffle=False)
+        bar = tqdm(loader, file=io.StringIO(), mininterval=0)
+        in_workers = extraction_module.extract(net, bar, cpu, "fp32")
+        assert bar.n == len(loader) == 9  # (the progress bar counted the batches the workers' loader gave)
+        assert set(in_main[0][:, -1].tolist()) == {os.getpid()}
+        workers = set(in_workers[0][:, -1].tolist())
+        assert len(workers) == 2 and os.getpid() not in workers
+        torch.testing.assert_close(in_workers[0][:, :-1], in_main[0][:, :-1], rtol=1e-5, atol=1e-6)
+        assert torch.equal(in_workers[1], in_main[1]) and len(in_main[1]) == len(samples)
+
+
+def test_phases_decode_a_chunk_before_the_forward_runs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """in_phases takes `chunk` batches (or PHASE_BYTES of images) from the loader before handing out the first,
+    keeps their order and passes undecodable (None) batches on; extract's features equal a straight pass."""
+    events: list[str] = []
+    batches = [(torch.full((2, 3, 4, 4), float(k)), torch.tensor([k, k])) for k in range(7)]
+    batches[3] = None
+
+    def loader():
+        for k, batch in enumerate(batches):
+            events.append(f"read {k}")
+            yield batch
+
+    for k, batch in enumerate(extraction_module.in_phases(loader(), 3)):
+        assert batch is batches[k]
+        events.append(f"use {k}")
+    assert events == ["read 0", "read 1", "read 2", "use 0", "use 1", "use 2", "read 3", "read 4", "read 5",
+                      "use 3", "use 4", "use 5", "read 6", "use 6"]  # fmt: skip
+    monkeypatch.setattr(extraction_module, "PHASE_BYTES", 2 * batches[0][0].numel() * 4)
+    events.clear()
+    for k, _ in enumerate(extraction_module.in_phases(loader(), 100)):
+        events.append(f"use {k}")
+    assert events[:4] == ["read 0", "read 1", "use 0", "use 1"]  # (the bytes of 2 batches end a phase)
+    assert list(extraction_module.in_phases(loader(), 0)) == batches  # (0: straight through)
+
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.Flatten())
+    cpu = torch.device("cpu")
+    straight = extraction_module.extract(backbone, [b for b in batches], cpu, "fp32")
+    monkeypatch.setattr(extraction_module, "loader_workers", lambda loader: 2)
+    monkeypatch.setattr(extraction_module, "usable_cpus", lambda: 3)  # (a CPU without a worker: phased)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    calls = []
+    real = extraction_module.in_phases
+    monkeypatch.setattr(extraction_module, "in_phases", lambda b, chunk: calls.append(chunk) or real(b, chunk))
+    phased = extraction_module.extract(backbone, [b for b in batches], cpu, "fp32")
+    assert calls == [extraction_module.PHASE_BATCHES]
+    assert torch.equal(phased[0], straight[0]) and torch.equal(phased[1], straight[1])
+    assert phased[1].tolist() == [0, 0, 1, 1, 2, 2, 4, 4, 5, 5, 6, 6]
