@@ -250,3 +250,16 @@ def test_a_fifo_as_config_is_named_as_such(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "pipe.yaml")
     with pytest.raises(ConfigError, match=r"pipe.yaml is a FIFO \(named pipe\), not a file"):
         load_config(tmp_path / "pipe.yaml")
+
+
+def test_another_tools_name_for_a_key_points_at_tltools() -> None:
+    """timm / Lightning / Keras names (and typos of them) are pointed at tltool's key, not at the nearest string."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["train.learnign_rate=0.1", "train.max_epochs=3", "data.img_size=64", "model.pretrained=x"])
+    text = problems(exc)
+    assert "train.learnign_rate: unknown key; did you mean 'train.lr'?" in text  # (not train.calibrate)
+    assert "did you mean 'train.epochs'?" in text and "did you mean 'data.image_size'?" in text
+    assert "did you mean 'model.weights'?" in text
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["train.optimzer=sgd"])
+    assert "did you mean 'train.optimizer'?" in problems(exc)  # (a plain typo still finds its key)

@@ -98,10 +98,33 @@ def field_info(loc: Sequence[Any]) -> FieldInfo | None:
     return info
 
 
+# The names other tools give tltool's keys (timm's train.py, Lightning, Keras, torchvision's references): an
+# unknown key close to one of them is pointed at tltool's (learning_rate -> train.lr, not train.calibrate).
+ALIASES = {
+    "learning_rate": "lr", "base_lr": "lr", "max_lr": "lr", "init_lr": "lr",
+    "num_epochs": "epochs", "max_epochs": "epochs", "n_epochs": "epochs",
+    "lr_scheduler": "scheduler", "sched": "scheduler", "optim": "optimizer", "opt": "optimizer",
+    "wd": "weight_decay", "batchsize": "batch_size", "workers": "num_workers",
+    "img_size": "image_size", "input_size": "image_size", "arch": "backbone", "model_name": "backbone",
+    "pretrained": "weights", "clip_grad": "grad_clip_norm", "gradient_clip_val": "grad_clip_norm",
+    "smoothing": "label_smoothing", "warmup": "warmup_epochs", "accumulate_grad_batches": "accumulate_steps",
+    "patience": "early_stopping_patience", "model_ema_decay": "ema_decay", "amp": "precision",
+}  # fmt: skip
+
+
 def suggestion(loc: Sequence[Any]) -> str:
-    """Suggestion for an unknown key at `loc` (same section first, then the same leaf name elsewhere)."""
+    """Suggestion for an unknown key at `loc` (another tool's name for a key first, then the same section, then
+    the same leaf name elsewhere)."""
     keys = all_keys()
     dotted = ".".join(str(p) for p in loc)
+    alias = difflib.get_close_matches(str(loc[-1]), list(ALIASES), n=1, cutoff=0.8)
+    if alias:
+        leaf = "." + ALIASES[alias[0]]
+        section = str(loc[0]) + "." if len(loc) > 1 else ""
+        named = [k for k in keys if k.endswith(leaf)]
+        named = [k for k in named if k.startswith(section)] or named
+        if named:
+            return f"did you mean '{named[0]}'?"
     if len(loc) == 1:
         candidates = list(Config.model_fields)
     else:
