@@ -78,6 +78,40 @@ def test_workers_run_the_forward_on_the_backbone_as_it_is_at_each_extraction(
         assert torch.equal(in_workers[1], in_main[1]) and len(in_main[1]) == len(samples)
 
 
+def test_a_workers_forward_runs_micro_batches_by_the_input_size_only(
+    dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers run each batch in micro-batches of about MICRO_BATCH_PIXELS input pixels (a power of two, at
+    most the batch), in order; a rule of the input's size alone, so the features never depend on timing."""
+    from tltool.data import eval_transform, make_loader, scan_folder
+
+    def images(n: int, px: int) -> torch.Tensor:
+        return torch.zeros(n, 3, px, px)
+
+    rule = extraction_module.micro_batch
+    assert [rule(images(32, px)) for px in (32, 64, 96, 128, 160, 224, 299, 384)] == [32, 32, 16, 8, 8, 4, 2, 1]
+    assert rule(images(5, 96)) == 5 and rule(images(1, 1024)) == 1
+
+    class SizeNet(torch.nn.Module):
+        """Features: the size of the batch each image was run in, and the image's first value."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([torch.full((len(x), 1), float(len(x))), x[:, :1, 0, 0]], 1)
+
+    monkeypatch.setattr(extraction_module, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(extraction_module, "MICRO_BATCH_PIXELS", 3 * 32 * 32)  # (32 px images: 2 at a time)
+    _, samples = scan_folder(dataset)
+    transform, cpu = eval_transform(Preprocess(32, 32)), torch.device("cpu")
+    whole = extraction_module.extract(
+        SizeNet(), make_loader(samples, transform, 4, 0, seed=0, shuffle=False), cpu, "fp32"
+    )
+    micro = extraction_module.extract(
+        SizeNet(), make_loader(samples, transform, 4, 2, seed=0, shuffle=False), cpu, "fp32"
+    )
+    assert set(whole[0][:, 0].tolist()) == {4.0} and set(micro[0][:, 0].tolist()) == {2.0}
+    assert torch.equal(micro[0][:, 1], whole[0][:, 1]) and torch.equal(micro[1], whole[1])
+
+
 def test_phases_decode_a_chunk_before_the_forward_runs_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """in_phases takes `chunk` batches (or PHASE_BYTES of images) from the loader before handing out the first,
     keeps their order and passes undecodable (None) batches on; extract's features equal a straight pass."""
