@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tltool.config import Config
-from tltool.data import resolve_num_workers, usable_cpus, with_worker_step
+from tltool.data import OnImages, resolve_num_workers, usable_cpus, with_worker_step
 from tltool.engines import Engine, eager_engine
 
 # Phased extraction (see `extraction_schedule`): at most this many batches, and this many bytes of images,
@@ -114,7 +114,7 @@ def extract(
     engine = engine or eager_engine(backbone, device, precision)
     schedule = extraction_schedule(device, loader_workers(loader), engine.used)
     if schedule.in_workers:  # (the batches come out of the workers as features: the engine ran there)
-        loader, run = forward_in_workers(loader, engine), None
+        loader, run = forward_in_workers(loader, engine), _features_already
     else:
         run = engine
     features, labels = [], []
@@ -122,7 +122,7 @@ def extract(
         if batch is None:
             continue
         images, targets = batch
-        features.append(run(images) if run else images)
+        features.append(run(images))
         labels.append(targets)
     if not features:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
@@ -144,25 +144,28 @@ def micro_batch(images: torch.Tensor) -> int:
     return max(1, min(len(images), 1 << (fits.bit_length() - 1)))
 
 
-class _Forward:
-    """A worker's step of an extraction in workers: the engine on the batch's images, a micro-batch at a time."""
+def _features_already(features: torch.Tensor) -> torch.Tensor:
+    return features
+
+
+class _MicroBatched:
+    """The engine on a batch's images, a `micro_batch` at a time (a worker's forward in an extraction in workers)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = batch[0]
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
         step = micro_batch(images)
         if step >= len(images):
-            return self.engine(images), batch[1]
-        return torch.cat([self.engine(images[i : i + step]) for i in range(0, len(images), step)]), batch[1]
+            return self.engine(images)
+        return torch.cat([self.engine(images[i : i + step]) for i in range(0, len(images), step)])
 
 
 def forward_in_workers(batches: Any, engine: Engine) -> Any:
     """`batches` (a DataLoader, or a progress bar over one) whose workers also run `engine` on each batch they
     collate, so each yields (features, labels); the workers are forked for this pass and see the backbone as
     it is now."""
-    loader = with_worker_step(getattr(batches, "iterable", batches), _Forward(engine))
+    loader = with_worker_step(getattr(batches, "iterable", batches), OnImages(_MicroBatched(engine)))
     if hasattr(batches, "iterable"):  # (a progress bar: it counts the same batches from the new loader)
         batches.iterable = loader
         return batches

@@ -80,19 +80,6 @@ def collate_skip_bad(batch: list[Any]):
     return images, labels
 
 
-class Collate:
-    """`collate_skip_bad`, then the transform's batch part (`split_batch_tail`) on the images, in the worker."""
-
-    def __init__(self, tail: Any = None) -> None:
-        self.tail = tail
-
-    def __call__(self, batch: list[Any]):
-        out = collate_skip_bad(batch)
-        if out is None or self.tail is None:
-            return out
-        return self.tail(out[0]), out[1]
-
-
 class Then:
     """A loader's collate function followed by `step` on each collated batch that is not None."""
 
@@ -102,6 +89,16 @@ class Then:
     def __call__(self, batch: Any):
         out = self.collate(batch)
         return None if out is None else self.step(out)
+
+
+class OnImages:
+    """A step of a collated (images, labels) batch: `fn` on its images, the labels passed on."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, batch: tuple[Any, Any]) -> tuple[Any, Any]:
+        return self.fn(batch[0]), batch[1]
 
 
 def with_worker_step(loader: DataLoader, step: Any) -> DataLoader:
@@ -387,7 +384,7 @@ def make_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=Collate(tail),
+        collate_fn=collate_skip_bad if tail is None else Then(collate_skip_bad, OnImages(tail)),  # (in the worker)
         pin_memory=pin_memory,
         worker_init_fn=_init_worker if workers else None,
         generator=torch.Generator().manual_seed(seed),
