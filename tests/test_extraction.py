@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,81 @@ def test_a_workers_forward_runs_micro_batches_by_the_input_size_only(
     )
     assert set(whole[0][:, 0].tolist()) == {4.0} and set(micro[0][:, 0].tolist()) == {2.0}
     assert torch.equal(micro[0][:, 1], whole[0][:, 1]) and torch.equal(micro[1], whole[1])
+
+
+# A fresh process whose loader workers run an engine that reports what malloc did with a 30 MiB block (an
+# activation's size) in each call: how much of it was mapped for itself (mallinfo2's hblkhd) and how much of the
+# heap it grew was kept once freed. The workers inherit their parent's malloc state, so the parent is a fresh
+# process whose earlier frees are known, not the test's.
+MALLOC_SCRIPT = """
+import ctypes, json, os
+import torch
+from torch.utils.data import DataLoader
+import tltool.extraction as extraction
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+
+def a_forward(images):
+    before = mallinfo2()
+    block = torch.ones(30 * 2**18)
+    mapped = mallinfo2().hblkhd - before.hblkhd
+    del block
+    kept = mallinfo2().arena - before.arena
+    return torch.tensor([[float(mapped), float(kept), float(os.getpid())]]).expand(len(images), 3)
+
+def calls():
+    batches = [(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long)) for _ in range(4)]
+    loader = DataLoader(batches, batch_size=None, num_workers=2)
+    rows = [features[0].tolist() for features, _ in extraction.forward_in_workers(loader, a_forward)]
+    assert len({row[2] for row in rows}) == 2, rows
+    return [row[:2] for row in rows]
+
+kept = calls()
+extraction.keep_freed_memory = lambda: False  # (the control: glibc's default)
+control = calls()
+applied = []
+extraction.keep_freed_memory = lambda: applied.append(os.getpid()) or True
+step = extraction._MicroBatched(a_forward)
+step(torch.zeros(2, 3, 8, 8)), step(torch.zeros(2, 3, 8, 8))
+print(json.dumps({"kept": kept, "control": control, "in_main": applied}))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mallopt is glibc's")
+def test_extraction_workers_keep_the_memory_a_forward_frees() -> None:
+    """Each worker's first forward sets its malloc to keep freed memory (keep_freed_memory): a block of an
+    activation's size comes from the heap, not a mapping of its own, and the heap keeps it once freed, so the next
+    forward reuses those pages instead of faulting them in again. Without it (the control: glibc's default) the
+    block is mapped and unmapped at every call. Never in the main process: a user's own process keeps glibc's
+    default."""
+    import json
+    import subprocess
+
+    if not _keeps_memory_in_a_child():
+        pytest.skip("malloc is not glibc's: mallopt is not there")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", MALLOC_SCRIPT], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    block = 30 * 2**20
+    # (the rows in the loader's order: the first two are each worker's first call)
+    assert all(mapped == 0 for mapped, _ in result["kept"]), result
+    assert all(kept > block // 2 for _, kept in result["kept"][:2]), result  # (the heap grew by it, less its free top)
+    assert all(mapped >= block and kept < block // 2 for mapped, kept in result["control"][:2]), result
+    assert result["in_main"] == []
+
+
+def _keeps_memory_in_a_child() -> bool:
+    """Whether keep_freed_memory applies here (run in a child: the test process keeps its malloc as it is)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        return pool.apply(extraction_module.keep_freed_memory)
 
 
 def test_phases_decode_a_chunk_before_the_forward_runs_it(monkeypatch: pytest.MonkeyPatch) -> None:
