@@ -161,15 +161,14 @@ def keep_freed_memory() -> bool:
     A forward's activations are blocks of megabytes, freed when it ends. By default glibc maps each block over
     its mmap threshold (128 KiB, raised up to 32 MiB by the blocks freed) afresh and returns the top of its heap
     once more than twice that is free, so a worker whose forward follows such a pattern touches every page of
-    its activations anew each time. Measured in the extraction workers (MobileNetV2, 96 px, 2 cores): 130,000-
-    330,000 page faults per worker and pass, 406-495 img/s, where the forking process had freed no large block
-    or held many models; 15,000-23,000 faults and 506-601 img/s with this set, whatever the parent's state
-    (BENCHMARKS.md). Blocks of more than 32 MiB are still mapped for themselves; the rest stays with the process
-    up to its peak, which is what its forward needs anyway. Called in a short-lived extraction worker, never in
-    the user's process."""
+    its activations anew each time. Measured in the extraction workers (MobileNetV2, 96 px, 2 cores), forked from
+    a process holding 20 ResNet-18: 231,000-245,000 page faults per worker and pass, 308-416 img/s; with this
+    set 19,000-26,000 faults (decoding's) and 448-529 img/s, as from a light process (BENCHMARKS.md). Blocks
+    of more than 32 MiB are still mapped for themselves; the rest stays with the process up to its peak, which
+    is what its forward needs anyway. Called in a short-lived extraction worker, never in the user's process."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # (not glibc: macOS, Windows)
+    except (OSError, AttributeError, TypeError):  # (not glibc: macOS, Windows)
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
 
