@@ -805,7 +805,7 @@ def extraction_in_a_fresh_process(quick: bool) -> dict:
     """(f) run by this script in a new process, as a user's run extracts: right after its start. In this process,
     after the sections before it, the loader's workers fork from a heap that training filled and freed: they take
     about twice the page faults and run at 0.68-0.75 of a plain loop measured beside them, while in a fresh
-    process, the state a `tltool finetune` extracts in, the same code runs at 1.07-1.20 of it (BENCHMARKS.md)."""
+    process, the state a `tltool finetune` extracts in, the same code runs at 1.07-1.25 of it (BENCHMARKS.md)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "extraction.json"
         command = [sys.executable, __file__, "--extraction", "--json", str(out)] + (["--quick"] if quick else [])

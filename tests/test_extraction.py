@@ -168,7 +168,9 @@ def test_extraction_workers_keep_the_memory_a_forward_frees() -> None:
 
     if not _keeps_memory_in_a_child():
         pytest.skip("malloc is not glibc's: mallopt is not there")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # (glibc's defaults: without the environment's own malloc settings)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    env["OMP_NUM_THREADS"] = "1"
     done = subprocess.run([sys.executable, "-c", MALLOC_SCRIPT], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
