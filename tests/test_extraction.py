@@ -158,7 +158,7 @@ print(json.dumps({"kept": kept, "control": control, "in_main": applied}))
 
 @pytest.mark.skipif(sys.platform != "linux", reason="mallopt is glibc's")
 def test_extraction_workers_keep_the_memory_a_forward_frees() -> None:
-    """Each worker's first forward sets its malloc to keep freed memory (keep_freed_memory): a block of an
+    """Each worker, as it starts, sets its malloc to keep freed memory (keep_freed_memory): a block of an
     activation's size comes from the heap, not a mapping of its own, and the heap keeps it once freed, so the next
     forward reuses those pages instead of faulting them in again. Without it (the control: glibc's default) the
     block is mapped and unmapped at every call. Never in the main process: a user's own process keeps glibc's

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import get_worker_info
 
 from tltool.config import Config
 from tltool.data import OnImages, resolve_num_workers, usable_cpus, with_worker_step
@@ -174,17 +173,12 @@ def keep_freed_memory() -> bool:
 
 
 class _MicroBatched:
-    """The engine on a batch's images, a `micro_batch` at a time (a worker's forward in an extraction in workers).
-    In a loader worker its first call has that process `keep_freed_memory` (each worker forks its own copy)."""
+    """The engine on a batch's images, a `micro_batch` at a time (a worker's forward in an extraction in workers)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.memory_kept = False
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if not self.memory_kept and get_worker_info() is not None:
-            keep_freed_memory()
-            self.memory_kept = True
         step = micro_batch(images)
         if step >= len(images):
             return self.engine(images)
@@ -194,8 +188,10 @@ class _MicroBatched:
 def forward_in_workers(batches: Any, engine: Engine) -> Any:
     """`batches` (a DataLoader, or a progress bar over one) whose workers also run `engine` on each batch they
     collate, so each yields (features, labels); the workers are forked for this pass and see the backbone as
-    it is now."""
-    loader = with_worker_step(getattr(batches, "iterable", batches), OnImages(_MicroBatched(engine)))
+    it is now. Each worker keeps the memory its forward frees (`keep_freed_memory`), set as it starts."""
+    loader = with_worker_step(
+        getattr(batches, "iterable", batches), OnImages(_MicroBatched(engine)), worker_setup=keep_freed_memory
+    )
     if hasattr(batches, "iterable"):  # (a progress bar: it counts the same batches from the new loader)
         batches.iterable = loader
         return batches

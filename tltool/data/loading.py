@@ -101,15 +101,29 @@ class OnImages:
         return self.fn(batch[0]), batch[1]
 
 
-def with_worker_step(loader: DataLoader, step: Any) -> DataLoader:
+class InitThen:
+    """A loader's worker_init_fn (or none) followed by `then()` in each worker."""
+
+    def __init__(self, init: Any, then: Any) -> None:
+        self.init, self.then = init, then
+
+    def __call__(self, worker_id: int) -> None:
+        if self.init is not None:
+            self.init(worker_id)
+        self.then()
+
+
+def with_worker_step(loader: DataLoader, step: Any, worker_setup: Any = None) -> DataLoader:
     """`loader`'s batches, in its order and from its dataset, with `step` applied to each in the worker that
-    collated it (in the main process without workers). Its workers last one pass (not persistent)."""
+    collated it (in the main process without workers). Its workers last one pass (not persistent); each first
+    runs `loader`'s worker_init_fn, then `worker_setup()` where given (never in the main process)."""
+    init = loader.worker_init_fn if worker_setup is None else InitThen(loader.worker_init_fn, worker_setup)
     options: dict[str, Any] = {
         "num_workers": loader.num_workers,
         "collate_fn": Then(loader.collate_fn, step),
         "pin_memory": loader.pin_memory,
         "timeout": loader.timeout,
-        "worker_init_fn": loader.worker_init_fn,
+        "worker_init_fn": init,
         "multiprocessing_context": loader.multiprocessing_context,
         "generator": loader.generator,
     }
