@@ -55,7 +55,8 @@ def initial_weights(run_dir: Path, train: Path, *extra: str) -> dict[str, torch.
 
 
 def record_epoch_weights(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, torch.Tensor]]:
-    """The model of every checkpoint a run saves (one per epoch unless checkpoint.every_n_steps)."""
+    """The model of every checkpoint a run saves (one per epoch with checkpoint.max_save_overhead=null, more with
+    checkpoint.every_n_steps)."""
     saved: list[dict[str, torch.Tensor]] = []
     real = session_module.save_atomic
 
@@ -163,7 +164,7 @@ def test_gradual_unfreezing_opens_stages_at_their_epochs_with_their_lr(
 ) -> None:
     initial = initial_weights(tmp_path / "r", dataset)
     saved = record_epoch_weights(monkeypatch)
-    summary = run(tmp_path / "r", dataset, *GRADUAL, "checkpoint.save_best=false")
+    summary = run(tmp_path / "r", dataset, *GRADUAL, "checkpoint.save_best=false", "checkpoint.max_save_overhead=null")
     after = dict(enumerate(saved, start=1))
     assert len(saved) == 3
     # Bitwise unchanged until its epoch (weights and batch-norm statistics), changed from it on.
@@ -202,7 +203,7 @@ def test_two_phase_with_the_feature_cache_equals_without(
     tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     extra = ("train.unfreeze_at_epoch=2", "train.bn_policy=frozen", "train.optimizer=sgd", "model.head_dropout=0.3",
-             "checkpoint.save_best=false")  # fmt: skip
+             "checkpoint.save_best=false", "checkpoint.max_save_overhead=null")  # fmt: skip
     initial = initial_weights(tmp_path / "cached", dataset)
     saved = record_epoch_weights(monkeypatch)
     cached = run(tmp_path / "cached", dataset, *extra)

@@ -299,6 +299,7 @@ def run_summary(session: TrainingSession, stopped_early: bool) -> dict[str, Any]
         "checkpoints": {
             "last": str(session.checkpoint_dir / "last.pt"),
             "best": str(session.checkpoint_dir / "best.pt") if cfg.checkpoint.save_best else None,
+            "deferred_epoch_saves": session.saves.deferred,  # (in this process; checkpoint.max_save_overhead)
         },
     }
     if session.world.enabled:

@@ -39,6 +39,7 @@ RESUMABLE_CHANGES = (
     "run.compile",
     "train.optimizer_impl",
     "data.num_workers",
+    "checkpoint.max_save_overhead",  # (when last.pt is written, not what it holds)
     "train.feature_cache_dir",  # (where features are kept, not what they are: a moved cache extracts again)
     "train.feature_cache_max_mb",
     "log.progress",

@@ -53,6 +53,7 @@ from tltool.data.mixing import BatchMixer, make_mixer
 from tltool.device import autocast, configure_backends, resolve_precision, use_channels_last
 from tltool.distill import open_teacher
 from tltool.ema import WeightEMA, build_ema
+from tltool.epochsaves import EpochSaves
 from tltool.errors import CheckpointError, ConfigError, DataError
 from tltool.evaluate import evaluate
 from tltool.features import FeatureCache, build_cache, cache_applies, cache_reuse, mixing_turns_cache_off
@@ -141,6 +142,7 @@ class TrainingSession:
     data_fingerprint: dict[str, Any] | None = None  # the samples' fingerprint (split.fingerprint()), saved
     compile_seconds: float = 0.0
     wall_start: float = field(default_factory=time.perf_counter)
+    saves: EpochSaves = field(default_factory=lambda: EpochSaves(None))  # checkpoint.max_save_overhead's state
 
     # --- what it holds ---
 
@@ -180,6 +182,8 @@ class TrainingSession:
         """Write the run directory (config.yaml, classes.json, metrics.jsonl of the epochs kept) and pick the
         first epoch's inputs: cached backbone features when the backbone is frozen then, else images."""
         cfg, split = self.cfg, self.split
+        # (checkpoint.every_n_steps: the user chose how often to save, and every epoch's end saves too)
+        self.saves = EpochSaves(None if cfg.checkpoint.every_n_steps else cfg.checkpoint.max_save_overhead)
         if self.world.is_main:  # one line now, not a failed save hours later
             check_run_directory(self.run_dir, self.checkpoint_bytes(), copies=2)
         self.state.history = prepare_run_directory(cfg, split.class_names, self.state.epoch, self.world.is_main)
@@ -390,16 +394,35 @@ class TrainingSession:
         if self.ema is not None:
             self.ema.restore(checkpoint.ema)
 
-    def save_last(self) -> None:
-        """checkpoints/last.pt. Every rank calls this at the same step: the RNG and epoch sums of all ranks go
-        into rank 0's file, and no rank runs ahead of the save (the barrier)."""
+    def _rank_states(self) -> list[dict[str, Any]]:
+        """Each rank's RNG and epoch sums, gathered (a collective: every rank calls it at the same step)."""
         state = self.state
         mine = {"rng": rng_state(), "epoch_progress": state.in_epoch.to_dict() if state.in_epoch else None}
-        rank_states = distributed.all_gather_objects(mine)
+        return distributed.all_gather_objects(mine)
+
+    def save_last(self) -> None:
+        """checkpoints/last.pt, and best.pt when a deferred best epoch waits (epochsaves.py). Every rank calls
+        this at the same step: the RNG and epoch sums of all ranks go into rank 0's file, and no rank runs ahead
+        of the save (the barrier)."""
+        started = self.saves.clock()
+        rank_states = self._rank_states()
         if self.world.is_main:
-            check_run_directory(self.run_dir, self.checkpoint_bytes(), copies=1)
+            best = self.saves.best
+            check_run_directory(self.run_dir, self.checkpoint_bytes(), copies=1 if best is None else 2)
             save_atomic(self.checkpoint(rank_states).to_dict(), self.checkpoint_dir / "last.pt")
+            if best is not None and best[0] == self.state.epoch and self.state.in_epoch is None:
+                copy_atomic(self.checkpoint_dir / "last.pt", self.checkpoint_dir / "best.pt")  # (that epoch's end)
+            elif best is not None:
+                save_atomic(best[1], self.checkpoint_dir / "best.pt")
         distributed.barrier()
+        self.saves.saved(started)
+
+    def defer_save(self, is_best: bool) -> None:
+        """The epoch that just ended is not saved now (epochsaves.py); a best one is kept for best.pt."""
+        keep = is_best and self.cfg.checkpoint.save_best
+        rank_states = self._rank_states() if keep else None
+        best = self.checkpoint(rank_states).to_dict() if keep and self.world.is_main else None
+        self.saves.defer(self.state.epoch, best)
 
     def checkpoint_bytes(self) -> int:
         """A checkpoint's size: the last one's on disk, or before any, the model's tensors three times (the

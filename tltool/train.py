@@ -30,6 +30,7 @@ from tltool.data import epoch_draws
 from tltool.device import autocast, host_read_interval, sum_dtype
 from tltool.distributed import all_reduce_max, all_reduce_sum, any_rank, no_sync
 from tltool.ema import ema_metrics
+from tltool.epochsaves import SNAPSHOT_LIMIT
 from tltool.errors import TrainingError
 from tltool.multilabel import MULTILABEL_METRICS
 from tltool.objective import StepOutputs
@@ -44,7 +45,7 @@ from tltool.runlog import (
     run_summary,
     say,
 )
-from tltool.runstate import append_metrics, resume_location, run_directory, write_text_atomic
+from tltool.runstate import TrainState, append_metrics, resume_location, run_directory, write_text_atomic
 from tltool.session import RunFinished, TrainingSession, build_session
 from tltool.timelimit import TimeBudget
 from tltool.tracking import MlflowTracker, require_mlflow
@@ -517,6 +518,7 @@ def finetune(
         session.start()
         if tracker is not None:
             tracker.start(session)
+            session.saves.log_epoch = tracker.log_epoch
         writer = open_tensorboard(cfg, session.run_dir, state.epoch) if cfg.log.tensorboard and is_main else None
         if cfg.log.report and is_main:
             from tltool.report import require_matplotlib
@@ -562,10 +564,12 @@ def _run_epochs(
         if session.world.enabled and distributed.any_rank(stop_reason is not None)[0]:
             stop_reason = stop_reason or "stopped by another process"
         if stop_reason is not None and state.epoch < cfg.train.epochs:
+            if session.saves.unsaved:  # (a deferred end-of-epoch save: the run stops here)
+                _save_epoch(session, stop, is_best=False)
             say(quiet, f"stopped after epoch {state.epoch}: {stop_reason}")
             return False, stop_reason
-        patience = cfg.train.early_stopping_patience
-        if patience is not None and state.bad_epochs >= patience and state.epoch < cfg.train.epochs:
+        if _out_of_patience(cfg, state) and state.epoch < cfg.train.epochs:
+            patience = cfg.train.early_stopping_patience
             say(quiet, f"early stopping: {cfg.checkpoint.monitor} did not improve for {patience} epochs")
             return True, None
         if stopping and state.epoch < cfg.train.epochs:
@@ -586,11 +590,14 @@ def _end_epoch(
     # metrics first, then the checkpoint: a crash in between re-runs this epoch and rewrites its line.
     if session.world.is_main:
         append_metrics(session.run_dir, record)
-    stop.timed("save", session.save_last)()
-    if is_best:
-        session.save_best()
-    if tracker is not None:  # (after the save: a logged epoch is never run again)
-        tracker.log_epoch(record)
+    session.saves.log(record)  # (MLflow logs it with the save that holds it: a logged epoch is never run again)
+    # The save, unless checkpoint.max_save_overhead defers it (epochsaves.py): never the last epoch's.
+    last = state.epoch >= cfg.train.epochs or _out_of_patience(cfg, state)
+    big = is_best and cfg.checkpoint.save_best and session.checkpoint_bytes() > SNAPSHOT_LIMIT
+    if last or any_rank(session.saves.due() or big)[0]:
+        _save_epoch(session, stop, is_best)
+    else:
+        session.defer_save(is_best)
     # A signal that reached one rank during evaluation stops them all; every rank decides on the agreed flag
     # (one that arrives after this is seen at the next step).
     stopping = stop.requested
@@ -602,8 +609,24 @@ def _end_epoch(
     if stop.budget is not None and distributed.any_rank(stop.budget.exhausted(next_ends_epoch))[0]:
         stop.out_of_time()
         stopping = True
+    if stopping and session.saves.unsaved:
+        _save_epoch(session, stop, is_best=False)
     say(session.quiet, epoch_line(record, cfg.train.epochs, is_best))
     return stopping
+
+
+def _save_epoch(session: TrainingSession, stop: StopRequest, is_best: bool) -> None:
+    """The epoch's end into last.pt (and best.pt: `is_best`, or a deferred best epoch that waits)."""
+    if is_best:
+        session.saves.best = None  # (an earlier deferred best is no longer the best)
+    stop.timed("save", session.save_last)()
+    if is_best:
+        session.save_best()
+
+
+def _out_of_patience(cfg: Config, state: TrainState) -> bool:
+    patience = cfg.train.early_stopping_patience
+    return patience is not None and state.bad_epochs >= patience
 
 
 def _stopped(

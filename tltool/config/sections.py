@@ -365,6 +365,12 @@ class CheckpointConfig(Section):
     """Keep `checkpoints/best.pt`, the epoch with the best monitored metric."""
     every_n_steps: int | None = Field(None, ge=1, examples=[500])
     """Also save `last.pt` every this many optimizer steps within an epoch (a resume continues from that batch)."""
+    max_save_overhead: float | None = Field(0.1, gt=0.0, le=1.0, examples=[0.25])
+    """At most about this share of the run goes to end-of-epoch saves: an epoch's end writes last.pt only when the
+    time since the last save is at least (1 - f) / f times that save's (0.1: 9 times). Epochs longer than that save
+    every time; a frozen backbone's head epochs on cached features (milliseconds, a save tens) save every few
+    epochs. The final epoch and a stop always save (every epoch does when every_n_steps is set), best.pt always
+    holds the best epoch, and a crash loses at most the epochs since the last save. null: every epoch's end."""
 
 
 class AdaptConfig(Section):
