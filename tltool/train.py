@@ -532,7 +532,7 @@ def finetune(
         stop = StopRequest(budget)
         try:
             with stop.installed():
-                stopped_early, stop_reason = _run_epochs(session, stop, writer, tracker, on_epoch)
+                stopped_early, stop_reason = _run_epochs(session, stop, writer, on_epoch)
         except Interrupted as exc:
             raise _stopped(session, stop, tracker, exc, config_path, overrides) from None
         return _finish(session, tracker, writer, stopped_early, stop_reason)
@@ -550,7 +550,6 @@ def _run_epochs(
     session: TrainingSession,
     stop: StopRequest,
     writer: Any,
-    tracker: MlflowTracker | None,
     on_epoch: Callable[[dict[str, Any]], str | None] | None,
 ) -> tuple[bool, str | None]:
     """The epochs from the session's next one to train.epochs, each trained, evaluated and recorded
@@ -559,7 +558,7 @@ def _run_epochs(
     cfg, state, quiet = session.cfg, session.state, session.quiet
     for epoch in range(state.epoch, cfg.train.epochs):
         record = train_and_evaluate(session, epoch, stop)
-        stopping = _end_epoch(session, record, stop, writer, tracker)
+        stopping = _end_epoch(session, record, stop, writer)
         stop_reason = on_epoch(record) if on_epoch is not None else None
         if session.world.enabled and distributed.any_rank(stop_reason is not None)[0]:
             stop_reason = stop_reason or "stopped by another process"
@@ -577,12 +576,11 @@ def _run_epochs(
     return False, None
 
 
-def _end_epoch(
-    session: TrainingSession, record: dict[str, Any], stop: StopRequest, writer: Any, tracker: MlflowTracker | None
-) -> bool:
+def _end_epoch(session: TrainingSession, record: dict[str, Any], stop: StopRequest, writer: Any) -> bool:
     """An epoch's end: the best metric and early-stopping count (TrainState.end_epoch), TensorBoard, the
-    metrics.jsonl line, then last.pt (and best.pt), then MLflow; the epoch line. True: the run stops now (a
-    signal, agreed over ranks, or run.time_limit without room for the next epoch's first step and its save)."""
+    metrics.jsonl line, then last.pt and best.pt, unless checkpoint.max_save_overhead defers them (MLflow logs the
+    record with the save that holds it: session.saves); the epoch line. True: the run stops now (a signal, agreed
+    over ranks, or run.time_limit without room for the next epoch's first step and its save), its epoch saved."""
     cfg, state = session.cfg, session.state
     is_best = state.end_epoch(record, cfg.checkpoint.monitor)
     if writer is not None:
