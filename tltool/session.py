@@ -11,8 +11,9 @@ CheckpointManager gathers model, optimizers, schedulers and train state).
 
 The loop (train.py) asks the session for an epoch (`enter_epoch`: the epoch's seeds, what the unfreeze
 plan opens, feature cache on or off, each stream positioned), trains on its named `streams`, then
-`evaluate()` and `save_last()`. (Past 700 lines: the session and the builders of its parts belong together;
-what a method adds lives in its own module: adapt, source, distill, lpft, wise_run.)
+`evaluate()` and `save_last()` (or `defer_save()`: checkpoint.max_save_overhead, epochsaves.py). (Past 700
+lines: the session and the builders of its parts belong together; what a method adds lives in its own module:
+adapt, source, distill, lpft, wise_run, epochsaves.)
 """
 
 from __future__ import annotations
