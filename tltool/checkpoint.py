@@ -393,6 +393,18 @@ def copy_atomic(source: str | Path, target: str | Path) -> None:
         fsync_dir(target.parent)
 
 
+def map_tensors(value: Any, change: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`value` (a checkpoint's dict or a part of it) with `change` applied to every tensor: dicts, lists and
+    tuples rebuilt around them, everything else shared."""
+    if isinstance(value, torch.Tensor):
+        return change(value)
+    if isinstance(value, dict):
+        return {key: map_tensors(item, change) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(map_tensors(item, change) for item in value)
+    return value
+
+
 # --- RNG state, as plain tensors and lists ----------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
+from tltool.checkpoint import map_tensors
 
 SNAPSHOT_LIMIT = 2**30  # bytes: a best epoch whose checkpoint is larger saves at once instead of a copy in memory
 
@@ -41,13 +41,7 @@ def save_due(since_save: float, save_seconds: float | None, max_overhead: float 
 def snapshot(value: Any) -> Any:
     """A copy of a checkpoint's dict whose tensors no longer change with training (containers rebuilt, tensors
     cloned, everything else shared: config, names and numbers are never changed in place)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {key: snapshot(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(snapshot(item) for item in value)
-    return value
+    return map_tensors(value, lambda tensor: tensor.detach().clone())
 
 
 class EpochSaves:

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from tltool import distributed, multilabel
 from tltool.adapt import TrainForward, adabn_stats, batch_norms, bn_stats, check_adaptation, scan_unlabeled
 from tltool.catalog import BACKBONE_NAMES
-from tltool.checkpoint import Checkpoint, copy_atomic, restore_rng, rng_state, save_atomic, versions
+from tltool.checkpoint import Checkpoint, copy_atomic, map_tensors, restore_rng, rng_state, save_atomic, versions
 from tltool.config import Config
 from tltool.cotuning import check_cotuning, estimate_relation
 from tltool.data import (
@@ -441,13 +441,7 @@ class TrainingSession:
 
 
 def _to_cpu(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {key: _to_cpu(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_to_cpu(item) for item in value]
-    return value
+    return map_tensors(value, lambda tensor: tensor.detach().cpu())
 
 
 def build_session(
